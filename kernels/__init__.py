@@ -1,0 +1,1 @@
+"""Triton kernels of moerun (installed as ``moerun.kernels``); each kernel sits beside its launch config."""

@@ -1,0 +1,1 @@
+"""Bundled policies (installed as ``moerun.policies``): ``policy="balanced.moe"`` finds them here."""
