@@ -74,6 +74,12 @@ class MoeAdapter(ABC):
     def expert_inter_size(self) -> int:
         return self.config.moe_intermediate_size
 
+    def kv_elems_per_token(self) -> int:
+        """Key + value elements one token adds to the KV cache of one decoder layer."""
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * cfg.num_key_value_heads * head_dim
+
     def moe_layers(self) -> list[int]:
         """Indices of the decoder layers whose MLP is a routed MoE block."""
         return list(range(self.num_layers))

@@ -18,6 +18,11 @@ class DeepseekV2Adapter(MoeAdapter):
     def num_experts(self) -> int:
         return self.config.n_routed_experts
 
+    def kv_elems_per_token(self) -> int:
+        # transformers caches MLA keys/values expanded per head (not the compressed latent).
+        cfg = self.config
+        return cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+
     def moe_layers(self) -> list[int]:
         return list(range(self.config.first_k_dense_replace, self.num_layers))
 
