@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # moerun.load is imported on first use: `import moerun` stays light (no transformers import).
-    if name == "load":
-        from .loader import load
+    if name in ("load", "memory_plan"):
+        from . import loader
 
-        return load
+        return getattr(loader, name)
     raise AttributeError(f"module 'moerun' has no attribute {name!r}")

@@ -59,34 +59,12 @@ def load(
     Returns:
         A transformers ``PreTrainedModel`` (``generate()`` works) with a ``model.moerun`` handle.
     """
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if max_context < 1 or max_batch < 1:
-        raise ValueError(f"max_context and max_batch must be >= 1, got {max_context} and {max_batch}")
-
-    path = resolve_checkpoint(model, revision=revision)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json; is it a transformers checkpoint directory?")
-    config = AutoConfig.from_pretrained(path)
-    adapter = adapter_for(config)
-    ckpt = Checkpoint(path)
-    _check_expert_tensors(ckpt, adapter)
-    dtype = _pick_dtype(dtype, config, ckpt, adapter)
-
+    device = _pick_device(device)
+    path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
     compiled = _compile_policy(policy)
     moe_layers = adapter.moe_layers()
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
-    plan = plan_memory(
-        adapter,
-        skeleton_bytes=_skeleton_bytes(ckpt, non_expert, dtype),
-        dtype=dtype,
-        budget_bytes=_budget_bytes(vram_budget, device),
-        max_context=max_context,
-        max_batch=max_batch,
-        max_slots=len(moe_layers) * adapter.num_experts,
-    )
+    plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
     pool_bytes = len(moe_layers) * adapter.num_experts * plan.slot_bytes
     if host_budget is not None and parse_bytes(host_budget, "host_budget") < pool_bytes:
         raise BudgetError(
@@ -119,6 +97,62 @@ def load(
     )
     bar.update(); bar.close()
     return hf_model
+
+
+def memory_plan(
+    model: str | os.PathLike,
+    vram_budget: str | int = "auto",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    max_context: int = 4096,
+    max_batch: int = 1,
+    revision: str = "main",
+) -> MemoryPlan:
+    """How :func:`load` would split ``vram_budget`` for ``model``, without loading anything.
+
+    ``plan.min_budget_bytes`` is the smallest budget that works; ``plan.num_slots`` the expert
+    slots this budget gives.
+    """
+    device = _pick_device(device)
+    _, _, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
+    non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
+    return _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
+
+
+def _pick_device(device) -> torch.device:
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be a CUDA device or 'cpu', not {device}")
+    return device
+
+
+def _open_checkpoint(model, revision: str, dtype):
+    path = resolve_checkpoint(model, revision=revision)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a transformers checkpoint directory?")
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_for(config)
+    ckpt = Checkpoint(path)
+    _check_expert_tensors(ckpt, adapter)
+    return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter)
+
+
+def _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch) -> MemoryPlan:
+    if max_context < 1 or max_batch < 1:
+        raise ValueError(f"max_context and max_batch must be >= 1, got {max_context} and {max_batch}")
+    return plan_memory(
+        adapter,
+        skeleton_bytes=_skeleton_bytes(ckpt, non_expert, dtype),
+        dtype=dtype,
+        budget_bytes=_budget_bytes(vram_budget, device),
+        max_context=max_context,
+        max_batch=max_batch,
+        max_slots=len(adapter.moe_layers()) * adapter.num_experts,
+    )
 
 
 # -- checks -----------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-COUNTER_NAMES = ("steps", "pairs", "hits", "fetches", "prefetches", "cpu_experts", "fetch_bytes",
-                 "prefetch_bytes")
+COUNTER_NAMES = ("steps", "pairs", "hits", "fetches", "prefetches", "evictions", "cpu_experts",
+                 "fetch_bytes", "prefetch_bytes")
 
 
 @dataclass
@@ -20,6 +20,7 @@ class LayerCounters:
     hits: int = 0             # unique experts found resident
     fetches: int = 0          # unique experts copied on demand
     prefetches: int = 0       # copies issued ahead of demand (for later layers)
+    evictions: int = 0        # copies that replaced a resident expert
     cpu_experts: int = 0      # unique experts computed on the CPU
     fetch_bytes: int = 0
     prefetch_bytes: int = 0
@@ -30,6 +31,8 @@ class LayerCounters:
         self.hits += len(plan.hits)
         self.fetches += len(plan.fetches)
         self.prefetches += len(plan.prefetches)
+        self.evictions += sum(1 for f in plan.fetches if f[2] >= 0)
+        self.evictions += sum(1 for p in plan.prefetches if p[3] >= 0)
         self.cpu_experts += len(plan.cpu)
         self.fetch_bytes += len(plan.fetches) * slot_bytes
         self.prefetch_bytes += len(plan.prefetches) * slot_bytes
