@@ -20,6 +20,8 @@ about transformers modules (see moe_layer.py).
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .stats import LayerCounters
@@ -70,6 +72,9 @@ class OffloadRuntime:
         self.lookahead = lookahead
         self.counters = [LayerCounters() for _ in range(num_layers)]
         self.recorder: TraceRecorder | None = None
+        # Imported here, not at module import: on the CPU the loader first puts Triton in
+        # interpreter mode, which Triton reads when the kernel module is imported.
+        self._fused_moe = importlib.import_module("moerun.kernels.fused_moe").fused_moe
         on_cuda = device.type == "cuda"
         self._ids_host = _PinnedBuffer(torch.int64, on_cuda)
         self._weights_host = _PinnedBuffer(torch.float32, on_cuda)
@@ -110,9 +115,7 @@ class OffloadRuntime:
 
         slots = [slot for _, slot in plan.hits] + [slot for _, slot, _, _ in plan.fetches]
         self.transfer.wait_slots(slots)
-        from moerun.kernels.fused_moe import fused_moe  # imported late: Triton mode is set at load
-
-        y = fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights, self.inter_size)
+        y = self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights, self.inter_size)
         self.transfer.release_slots(slots)
         if cpu_experts:
             y = self._add_cpu(y)
