@@ -113,7 +113,7 @@ def plan_memory(
     """
     itemsize = torch.tensor([], dtype=dtype).element_size()
     tokens = max_batch * max_context
-    kv = len(range(adapter.num_layers)) * adapter.kv_elems_per_token() * itemsize * tokens
+    kv = adapter.num_layers * adapter.kv_elems_per_token() * itemsize * tokens
     work = workspace_bytes(adapter, itemsize, tokens)
     slot = slot_elems(adapter) * itemsize
     min_slots = min(adapter.top_k, max_slots)

@@ -79,6 +79,7 @@ class OffloadRuntime:
         self._ids_host = _PinnedBuffer(torch.int64, on_cuda)
         self._weights_host = _PinnedBuffer(torch.float32, on_cuda)
         self._pred_host = _PinnedBuffer(torch.int64, on_cuda)
+        self._x_host: dict[torch.dtype, _PinnedBuffer] = {}
 
     # -- the step -------------------------------------------------------------------------------
     def run(
@@ -94,7 +95,7 @@ class OffloadRuntime:
         ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device;
         ``predicted`` = (next layer, its predicted ids ``[T, K]``) feeds lookahead prefetch.
         """
-        ids_host, weights_host, pred_host = self._to_host(ids, weights, predicted)  # the one sync
+        x_host, ids_host, weights_host, pred_host = self._to_host(x, ids, weights, predicted)  # the one sync
         expert_ids = ids_host.view(-1).tolist()  # the layer's T*K routed ids
         if pred_host is not None:
             self.engine.observe_prediction(predicted[0], pred_host.view(-1).tolist())
@@ -111,7 +112,7 @@ class OffloadRuntime:
 
         cpu_experts = list(plan.cpu)
         if cpu_experts:
-            self._start_cpu(layer, x, ids, weights, ids_host, cpu_experts)
+            self._start_cpu(layer, x_host, ids_host, weights_host, cpu_experts)
 
         slots = [slot for _, slot in plan.hits] + [slot for _, slot, _, _ in plan.fetches]
         self.transfer.wait_slots(slots)
@@ -122,9 +123,19 @@ class OffloadRuntime:
         self.counters[layer].add_plan(plan, num_pairs=len(expert_ids), slot_bytes=self.slot_bytes)
         return y
 
-    def _to_host(self, ids, weights, predicted):
-        """Copy ids/weights (and predicted ids) into pinned buffers; wait for the copies once."""
+    def _to_host(self, x, ids, weights, predicted):
+        """Copy x, ids, weights (and predicted ids) into pinned buffers; wait for the copies once.
+
+        x comes along every step (T*H elements, small at decode) so that experts the plan sends
+        to the CPU need no second sync.
+        """
         t, k = ids.shape
+        if self.device.type == "cuda":
+            buf = self._x_host.setdefault(x.dtype, _PinnedBuffer(x.dtype, True))
+            x_host = buf.take(x.numel()).view(x.shape)
+            x_host.copy_(x, non_blocking=True)
+        else:
+            x_host = x
         ids_host = self._ids_host.take(t * k).view(t, k)
         weights_host = self._weights_host.take(t * k).view(t, k)
         ids_host.copy_(ids, non_blocking=True)
@@ -136,11 +147,11 @@ class OffloadRuntime:
             pred_host.copy_(pred, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return ids_host, weights_host, pred_host
+        return x_host, ids_host, weights_host, pred_host
 
-    def _start_cpu(self, layer, x, ids, weights, ids_host, cpu_experts) -> None:
+    def _start_cpu(self, layer, x_host, ids_host, weights_host, cpu_experts) -> None:
         """Start the CPU executor on the (token, expert) pairs whose expert runs on the CPU."""
-        self.cpu_executor.submit(layer, x, ids_host, weights, cpu_experts)
+        self.cpu_executor.submit(layer, x_host, ids_host, weights_host, cpu_experts)
 
     def _add_cpu(self, y: torch.Tensor) -> torch.Tensor:
         partial = self.cpu_executor.wait()  # [T, H] fp32 on the host

@@ -17,7 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 import moerun
 from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic_config
 
-NEW_TOKENS = 12
+NEW_TOKENS = 8
 LRU_AUTO = "policy tight { cache { eviction = lru } }"
 
 
