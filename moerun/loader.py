@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from .models import MoeAdapter, adapter_for
+from .policy.config import CompiledPolicy
 from .runtime.handle import MoerunHandle
 from .runtime.memory import AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, parse_bytes, plan_memory, slot_elems
 from .runtime.moe_layer import OffloadedMoE
@@ -32,7 +33,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def load(
     model: str | os.PathLike,
-    policy: str | os.PathLike = "balanced.moe",
+    policy: str | os.PathLike | CompiledPolicy = "balanced.moe",
     vram_budget: str | int = "auto",
     host_budget: str | int | None = None,
     device: str | torch.device | None = None,
@@ -49,7 +50,7 @@ def load(
 
     Args:
         model: a checkpoint directory or a hub id already in the local Hugging Face cache.
-        policy: ``.moe`` text, a path to a ``.moe`` file, or a bundled policy name.
+        policy: ``.moe`` text, a path to a ``.moe`` file, a bundled policy name, or a CompiledPolicy.
         vram_budget: device bytes for everything moerun and the model allocate (int, ``"10GiB"``),
             or ``"auto"`` (free device memory minus a margin).
         host_budget: host bytes for the expert pool; None = no limit.
@@ -193,7 +194,9 @@ def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter) -> torch.d
     return dtype
 
 
-def _compile_policy(policy):
+def _compile_policy(policy) -> CompiledPolicy:
+    if isinstance(policy, CompiledPolicy):
+        return policy
     from .policy import compile_policy
 
     return compile_policy(policy)

@@ -47,9 +47,9 @@ class MoerunHandle:
 
         Resident experts stay; the next step plans under the new policy.
         """
-        from ..policy import compile_policy
+        from ..loader import _compile_policy
 
-        compiled = policy if not isinstance(policy, (str, Path)) else compile_policy(policy)
+        compiled = _compile_policy(policy)
         self.runtime.set_policy(compiled)
         self.policy = compiled
 

@@ -177,3 +177,19 @@ def test_hot_swap_during_generation_loses_nothing(checkpoints, references):
                          logits_processor=LogitsProcessorList([swapper]))
     assert swapper.calls == NEW_TOKENS
     assert torch.equal(out, ref_tokens)
+
+
+def test_lookahead_prefetch_feeds_predictions_and_matches(checkpoints, references):
+    from moerun.policy.config import CacheConfig, CompiledPolicy, PrefetchConfig
+
+    arch = "deepseek_v2"
+    policy = CompiledPolicy(name="ahead", cache=CacheConfig(eviction="lru"),
+                            prefetch=PrefetchConfig(strategy="lookahead", budget=2))
+    path = checkpoints[arch]
+    model = moerun.load(path, policy=policy, device="cpu", max_context=64,
+                        vram_budget=_budget_for(path, 6), progress=False)
+    assert model.moerun.runtime.lookahead
+    prompt, ref_tokens, _ = references[arch]
+    tokens, _ = _generate(model, prompt)
+    assert torch.equal(tokens, ref_tokens)
+    assert model.moerun.stats()["prefetches"] > 0
