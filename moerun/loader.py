@@ -305,7 +305,9 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
     num_layers, num_experts, elems = len(moe_layers), adapter.num_experts, slot_elems(adapter)
     engine = PolicyEngine(compiled, num_layers=num_layers, num_experts=num_experts, top_k=adapter.top_k,
                           num_slots=plan.num_slots, expert_bytes=plan.slot_bytes)
-    pool = HostPool(num_layers, num_experts, elems, dtype)
+    # Pinned only when copies go to a GPU: pinning host memory for a CPU-only run buys nothing.
+    pool = HostPool(num_layers, num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
+                    pinned=device.type == "cuda")
     bar.set_postfix_str("experts -> host pool")
     for index, layer in enumerate(tqdm(moe_layers, desc="experts -> host pool", unit="layer",
                                        disable=bar.disable, leave=False)):
@@ -313,7 +315,7 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
         for expert in range(num_experts):
             keys = adapter.expert_keys(layer, expert)
             entries.append((index, expert, *[(str(ckpt.tensors[k].file), k) for k in (keys.gate, keys.up, keys.down)]))
-        pool.fill(entries)
+        pool.fill(entries, num_threads=cpu_threads)
     arena = ExpertArena(plan.num_slots, elems, dtype, device, num_layers, num_experts)
     transfer = TransferEngine(arena, pool, copy_streams)
     cpu_executor = CpuExecutor(cpu_threads)

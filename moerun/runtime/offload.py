@@ -80,6 +80,8 @@ class OffloadRuntime:
         self._weights_host = _PinnedBuffer(torch.float32, on_cuda)
         self._pred_host = _PinnedBuffer(torch.int64, on_cuda)
         self._x_host: dict[torch.dtype, _PinnedBuffer] = {}
+        self._cpu_out_buf = _PinnedBuffer(torch.float32, on_cuda)
+        self._cpu_out: torch.Tensor | None = None
 
     # -- the step -------------------------------------------------------------------------------
     def run(
@@ -103,12 +105,11 @@ class OffloadRuntime:
         if self.recorder is not None:
             self.recorder.record(layer, ids_host, weights_host)
 
+        # fetch() also records the new occupant in the arena's slot table (stream-ordered).
         for expert, slot, _, _ in plan.fetches:
             self.transfer.fetch(layer, expert, slot, True)
-            self.arena.assign(slot, layer, expert)
         for p_layer, p_expert, slot, _, _ in plan.prefetches:
             self.transfer.fetch(p_layer, p_expert, slot, False)
-            self.arena.assign(slot, p_layer, p_expert)
 
         cpu_experts = list(plan.cpu)
         if cpu_experts:
@@ -151,11 +152,13 @@ class OffloadRuntime:
 
     def _start_cpu(self, layer, x_host, ids_host, weights_host, cpu_experts) -> None:
         """Start the CPU executor on the (token, expert) pairs whose expert runs on the CPU."""
-        self.cpu_executor.submit(layer, x_host, ids_host, weights_host, cpu_experts)
+        self._cpu_out = self._cpu_out_buf.take(x_host.numel()).view(x_host.shape)  # [T, H] fp32
+        self.cpu_executor.submit(self.pool, layer, x_host, ids_host, weights_host, cpu_experts, self._cpu_out)
 
     def _add_cpu(self, y: torch.Tensor) -> torch.Tensor:
-        partial = self.cpu_executor.wait()  # [T, H] fp32 on the host
-        return (y.float() + partial.to(y.device, non_blocking=True)).to(y.dtype)
+        self.cpu_executor.wait()
+        partial = self._cpu_out.to(y.device, non_blocking=True)  # [T, H] fp32
+        return (y.float() + partial).to(y.dtype)
 
     # -- control --------------------------------------------------------------------------------
     def set_policy(self, policy) -> None:
