@@ -26,7 +26,7 @@ from .policy.config import CompiledPolicy
 from .runtime.handle import MoerunHandle
 from .runtime.memory import AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, parse_bytes, plan_memory, slot_elems
 from .runtime.moe_layer import OffloadedMoE
-from .runtime.offload import OffloadRuntime
+from .runtime.offload import OffloadRuntime, uses_cost_model, uses_lookahead
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -323,5 +323,5 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
         engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=cpu_executor,
         inter_size=adapter.expert_inter_size, num_layers=num_layers, num_experts=num_experts,
         slot_bytes=plan.slot_bytes, device=device,
-        lookahead=compiled.prefetch.strategy == "lookahead",
+        lookahead=uses_lookahead(compiled), observe_timings=uses_cost_model(compiled),
     )

@@ -21,6 +21,7 @@ about transformers modules (see moe_layer.py).
 from __future__ import annotations
 
 import importlib
+import time
 
 import torch
 
@@ -58,6 +59,7 @@ class OffloadRuntime:
         slot_bytes: int,
         device: torch.device,
         lookahead: bool,
+        observe_timings: bool,
     ):
         self.engine = engine
         self.arena = arena
@@ -82,6 +84,8 @@ class OffloadRuntime:
         self._x_host: dict[torch.dtype, _PinnedBuffer] = {}
         self._cpu_out_buf = _PinnedBuffer(torch.float32, on_cuda)
         self._cpu_out: torch.Tensor | None = None
+        self.observe_timings = observe_timings
+        self._last_copy = (0.0, 0)
 
     # -- the step -------------------------------------------------------------------------------
     def run(
@@ -97,7 +101,9 @@ class OffloadRuntime:
         ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device;
         ``predicted`` = (next layer, its predicted ids ``[T, K]``) feeds lookahead prefetch.
         """
+        start = time.perf_counter()
         x_host, ids_host, weights_host, pred_host = self._to_host(x, ids, weights, predicted)  # the one sync
+        self.transfer.poll()  # issue prefetches queued behind the in-flight limit
         expert_ids = ids_host.view(-1).tolist()  # the layer's T*K routed ids
         if pred_host is not None:
             self.engine.observe_prediction(predicted[0], pred_host.view(-1).tolist())
@@ -112,6 +118,7 @@ class OffloadRuntime:
             self.transfer.fetch(p_layer, p_expert, slot, False)
 
         cpu_experts = list(plan.cpu)
+        cpu_start = time.perf_counter()
         if cpu_experts:
             self._start_cpu(layer, x_host, ids_host, weights_host, cpu_experts)
 
@@ -119,10 +126,31 @@ class OffloadRuntime:
         self.transfer.wait_slots(slots)
         y = self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights, self.inter_size)
         self.transfer.release_slots(slots)
+        # Staging slots (misses the policy does not keep) leave the table after the kernel.
+        for slot, _, _ in plan.releases:
+            self.arena.evict(slot)
+        cpu_us, cpu_pairs = 0.0, 0
         if cpu_experts:
             y = self._add_cpu(y)
+            cpu_us = (time.perf_counter() - cpu_start) * 1e6
+            cpu_set = set(cpu_experts)
+            cpu_pairs = sum(1 for e in expert_ids if e in cpu_set)
         self.counters[layer].add_plan(plan, num_pairs=len(expert_ids), slot_bytes=self.slot_bytes)
+        if self.observe_timings:
+            self._observe_timing(layer, (time.perf_counter() - start) * 1e6, cpu_us, cpu_pairs)
         return y
+
+    def _observe_timing(self, layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
+        """Feed measured copy and CPU times to the engine's cost model (hybrid scheduling).
+
+        Copy time is the transfer engine's GPU-clock total since the last call; layer time is the
+        host's view of the step (it includes the wait for the previous layer's GPU work).
+        """
+        t = self.transfer.stats()
+        copy_us = t["copy_time_us"] - self._last_copy[0]
+        copy_bytes = t["demand_bytes"] + t["prefetch_bytes"] - self._last_copy[1]
+        self._last_copy = (t["copy_time_us"], t["demand_bytes"] + t["prefetch_bytes"])
+        self.engine.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_pairs)
 
     def _to_host(self, x, ids, weights, predicted):
         """Copy x, ids, weights (and predicted ids) into pinned buffers; wait for the copies once.
@@ -164,3 +192,14 @@ class OffloadRuntime:
     def set_policy(self, policy) -> None:
         """Swap the engine's policy between steps; resident experts stay where they are."""
         self.engine.set_policy(policy)
+        self.lookahead, self.observe_timings = uses_lookahead(policy), uses_cost_model(policy)
+
+
+def uses_lookahead(policy) -> bool:
+    """Whether ``policy`` wants the next layer's router applied to the current hidden state."""
+    return policy.prefetch.strategy == "lookahead"
+
+
+def uses_cost_model(policy) -> bool:
+    """Whether ``policy``'s scheduling needs measured copy/CPU timings."""
+    return policy.schedule.mode == "hybrid"
