@@ -62,8 +62,8 @@ def load(
     """
     device = _pick_device(device)
     path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
-    compiled = _compile_policy(policy)
     moe_layers = adapter.moe_layers()
+    compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
     pool_bytes = len(moe_layers) * adapter.num_experts * plan.slot_bytes
@@ -90,7 +90,7 @@ def load(
         hf_model.generation_config = GenerationConfig.from_pretrained(path)
     hf_model.eval()
     hf_model.moerun = MoerunHandle(
-        runtime=runtime, plan=plan, moe_layers=moe_layers, checkpoint_path=path, pool_bytes=pool_bytes,
+        model=hf_model, runtime=runtime, plan=plan, moe_layers=moe_layers, checkpoint_path=path, pool_bytes=pool_bytes,
         policy=compiled,
         model_info={"model_type": config.model_type, "path": str(path), "hidden_size": adapter.hidden_size,
                     "inter_size": adapter.expert_inter_size, "num_experts": adapter.num_experts,
@@ -194,12 +194,13 @@ def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter) -> torch.d
     return dtype
 
 
-def _compile_policy(policy) -> CompiledPolicy:
+def _compile_policy(policy, num_layers: int | None = None, num_experts: int | None = None) -> CompiledPolicy:
+    """A CompiledPolicy from text, a path or a bundled name (checked against the model's shape)."""
     if isinstance(policy, CompiledPolicy):
         return policy
     from .policy import compile_policy
 
-    return compile_policy(policy)
+    return compile_policy(policy, num_layers=num_layers, num_experts=num_experts)
 
 
 def _budget_bytes(vram_budget, device: torch.device) -> int:

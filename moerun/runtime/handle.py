@@ -9,6 +9,7 @@ checkpoint's tokenizer when it has one.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -21,8 +22,9 @@ from .trace_recorder import TraceRecorder
 class MoerunHandle:
     """Offloading controls of one model returned by :func:`moerun.load`."""
 
-    def __init__(self, *, runtime: OffloadRuntime, plan: MemoryPlan, moe_layers: list[int],
+    def __init__(self, *, model, runtime: OffloadRuntime, plan: MemoryPlan, moe_layers: list[int],
                  checkpoint_path: Path, pool_bytes: int, policy, model_info: dict):
+        self._model = weakref.ref(model)  # the model holds this handle: no reference cycle
         self.runtime = runtime
         self.plan = plan
         self.moe_layers = list(moe_layers)
@@ -49,7 +51,7 @@ class MoerunHandle:
         """
         from ..loader import _compile_policy
 
-        compiled = _compile_policy(policy)
+        compiled = _compile_policy(policy, len(self.moe_layers), self.model_info["num_experts"])
         self.runtime.set_policy(compiled)
         self.policy = compiled
 
@@ -95,3 +97,17 @@ class MoerunHandle:
                     "directory to use text."
                 ) from exc
         return self._tokenizer
+
+
+def _prompt_marker(recorder: TraceRecorder):
+    """Forward pre-hook of the decoder: a pass with an empty KV cache starts new prompts."""
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = kwargs.get("inputs_embeds")
+            batch, seq_len = (ids if ids is not None else embeds).shape[:2]
+            recorder.start_prompts(batch, seq_len)
+
+    return hook

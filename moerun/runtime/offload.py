@@ -150,7 +150,8 @@ class OffloadRuntime:
         copy_us = t["copy_time_us"] - self._last_copy[0]
         copy_bytes = t["demand_bytes"] + t["prefetch_bytes"] - self._last_copy[1]
         self._last_copy = (t["copy_time_us"], t["demand_bytes"] + t["prefetch_bytes"])
-        self.engine.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_pairs)
+        self.engine.observe_timing(layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
+                                   cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
 
     def _to_host(self, x, ids, weights, predicted):
         """Copy x, ids, weights (and predicted ids) into pinned buffers; wait for the copies once.

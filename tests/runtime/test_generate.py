@@ -193,3 +193,30 @@ def test_lookahead_prefetch_feeds_predictions_and_matches(checkpoints, reference
     tokens, _ = _generate(model, prompt)
     assert torch.equal(tokens, ref_tokens)
     assert model.moerun.stats()["prefetches"] > 0
+
+
+def test_record_trace_writes_what_the_router_chose(checkpoints, references, tmp_path):
+    from moerun.models import adapter_for
+    from moerun.trace.format import read_trace
+
+    arch = "qwen2_moe"
+    path = checkpoints[arch]
+    ref_model = AutoModelForCausalLM.from_pretrained(path)
+    adapter = adapter_for(ref_model.config)
+    seen = {layer: [] for layer in adapter.moe_layers()}
+    for layer in seen:
+        gate = ref_model.get_submodule(adapter.block_path(layer)).gate
+        gate.register_forward_hook(lambda m, i, out, layer=layer: seen[layer].append(out[2]))
+    prompt = references[arch][0]
+    ref_model.generate(prompt, max_new_tokens=4, do_sample=False)
+    expected = torch.stack([torch.cat(seen[layer]) for layer in sorted(seen)], dim=1)  # [N, L, K]
+
+    model = moerun.load(path, policy=LRU_AUTO, device="cpu", max_context=64, progress=False)
+    with model.moerun.record_trace(tmp_path / "run.npz"):
+        model.generate(prompt, max_new_tokens=4, do_sample=False)
+    trace = read_trace(tmp_path / "run.npz")
+    assert trace.expert_ids.shape == tuple(expected.shape)
+    assert torch.equal(torch.from_numpy(trace.expert_ids).long().sort(-1).values, expected.sort(-1).values)
+    assert trace.step_starts.tolist() == [0, 6, 7, 8, 9] and trace.prompt_starts.tolist() == [0]
+    assert trace.num_experts == 8 and trace.expert_bytes == model.moerun.plan.slot_bytes
+    assert model.moerun.runtime.recorder is None
