@@ -57,19 +57,31 @@ class MoerunHandle:
 
     @contextlib.contextmanager
     def record_trace(self, path: str | Path) -> Iterator[TraceRecorder]:
-        """Record every MoE step while open; write the trace to ``path`` on exit."""
+        """Record every MoE step while open; write the trace (moerun.trace.format) to ``path`` on exit.
+
+        Each forward pass is one step of the trace; a pass that starts with an empty KV cache starts
+        one prompt per sequence of its batch.
+        """
         if self.runtime.recorder is not None:
             raise RuntimeError("record_trace is already open on this model; close it before opening another")
         recorder = TraceRecorder(len(self.moe_layers))
+        hook = self._model().get_decoder().register_forward_pre_hook(_prompt_marker(recorder), with_kwargs=True)
         self.runtime.recorder = recorder
         try:
             yield recorder
         finally:
             self.runtime.recorder = None
-        self._write_trace(Path(path), recorder)
+            hook.remove()
+        from ..trace.format import Trace, write_trace
 
-    def _write_trace(self, path: Path, recorder: TraceRecorder) -> None:
-        raise RuntimeError("trace format not wired yet")
+        ids, weights, step_starts, prompt_starts = recorder.arrays()
+        info = self.model_info
+        write_trace(path, Trace(
+            expert_ids=ids, gate_weights=weights, step_starts=step_starts, prompt_starts=prompt_starts,
+            num_experts=info["num_experts"], model=info["path"], arch=info["model_type"],
+            expert_bytes=self.plan.slot_bytes,
+            extra={"moe_layers": self.moe_layers, "policy": getattr(self.policy, "name", "")},
+        ))
 
     def memory(self) -> dict:
         """Bytes: device ``{skeleton, kv_cache_reserve, workspace_reserve, arena, budget}``, host ``{pool}``."""

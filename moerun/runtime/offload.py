@@ -117,7 +117,7 @@ class OffloadRuntime:
         for p_layer, p_expert, slot, _, _ in plan.prefetches:
             self.transfer.fetch(p_layer, p_expert, slot, False)
 
-        cpu_experts = list(plan.cpu)
+        cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
         cpu_start = time.perf_counter()
         if cpu_experts:
             self._start_cpu(layer, x_host, ids_host, weights_host, cpu_experts)
