@@ -55,6 +55,9 @@ class _Checker:
         self.error = sink.error
         self.num_layers = num_layers
         self.num_experts = num_experts
+        # Blocks with an unknown key or a bad value: rules that depend on their choices are
+        # skipped, so one typo yields one error rather than a cascade.
+        self.broken: set[str] = set()
 
     # -- file ----------------------------------------------------------------------------------------
     def file(self, f: ir.PolicyFile) -> None:
@@ -75,6 +78,7 @@ class _Checker:
 
     # -- one policy ----------------------------------------------------------------------------------
     def policy(self, policy: ir.Policy) -> None:
+        self.broken = set()
         values: dict[tuple[str, str], object] = {}      # (block, key) -> checked value
         spans: dict[tuple[str, str], ir.Span] = {}
         seen_sections: dict[str, ir.Section] = {}
@@ -106,6 +110,7 @@ class _Checker:
             if setting.key not in params:
                 self.error(f"unknown key '{setting.key}' in block '{block.name}'", setting.span,
                            did_you_mean(setting.key, params))
+                self.broken.add(block.name)
                 continue
             where = (block.name, setting.key)
             if where in spans:
@@ -116,6 +121,8 @@ class _Checker:
             checked = self.value(params[setting.key], setting.value, f"{block.name}.{setting.key}")
             if checked is not None:
                 values[where] = checked
+            else:
+                self.broken.add(block.name)
 
     # -- values --------------------------------------------------------------------------------------
     def value(self, param: schema.Param, value: ir.Value, what: str):
@@ -292,7 +299,7 @@ class _Checker:
             return values.get((block, key), default)
 
         for where, (chooser, allowed) in REQUIRES.items():
-            if where not in values:
+            if where not in values or chooser[0] in self.broken:
                 continue
             reachable = {get(*chooser, DEFAULTS[chooser])} | adapted.get(chooser, set())
             if not reachable & set(allowed):
@@ -312,10 +319,12 @@ class _Checker:
                                "set memory_budget_gb > 0, or remove it")
 
         strategy, budget = get("prefetch", "strategy", "none"), get("prefetch", "budget")
+        if "prefetch" in self.broken:
+            strategy = None  # unknown: neither budget rule applies
         if strategy == "none" and budget and not adapted.get(("prefetch", "strategy")):
             self.error(f"prefetch budget {budget} is unused with strategy = none", spans[("prefetch", "budget")],
                        "choose a strategy (history, affinity, lookahead, learned) or remove the budget")
-        if strategy != "none" and budget == 0:
+        if strategy not in (None, "none") and budget == 0:
             self.error(f"prefetch strategy {strategy} with budget 0 never prefetches", spans[("prefetch", "budget")],
                        "give a budget >= 1, or set strategy = none")
 
