@@ -95,7 +95,7 @@ class DiagnosticSink:
 
     def __init__(self, filename: str, source: str):
         self.filename = filename
-        self._lines = source.splitlines()
+        self._lines = source.split("\n")  # lark counts lines by newlines only
         self.diagnostics: list[Diagnostic] = []
 
     def error(self, message: str, span: Span = NOWHERE, hint: str = "") -> None:

@@ -116,7 +116,7 @@ class _Builder:
         self._next = 0
         self.filename = filename
         self.source = source
-        self._lines = source.splitlines()
+        self._lines = source.split("\n")  # lark counts lines by newlines only
 
     # comments --------------------------------------------------------------------------------------
     def _leading(self, line: int) -> tuple[str, ...]:
