@@ -81,9 +81,9 @@ def _decode_down_kernel(
     table_ptr,  # [E] int32
     arena_ptr,  # [N, S]
     out_ptr,  # [T, H]
-    H, I, K,
+    H, I,
     stride_out, stride_slot,
-    BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr,
+    K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     token = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -92,19 +92,21 @@ def _decode_down_kernel(
     cols0 = tl.arange(0, BLOCK_I)
     acc = tl.zeros((BLOCK_OUT, BLOCK_I), dtype=tl.float32)
     down_off = 2 * I.to(tl.int64) * H
-    for k in range(0, K):
-        pair = token * K + k
-        expert = tl.load(ids_ptr + pair)
-        slot = tl.load(table_ptr + expert)
-        if slot >= 0:
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + cols0
+        # K unrolled with masks instead of branches, so the loads of all K experts are in flight at once;
+        # a non-resident expert's loads are fully masked (no memory traffic).
+        for k in tl.static_range(K):
+            pair = token * K + k
+            slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
+            i_end = tl.where(slot >= 0, I, 0)  # a non-resident expert masks every column
             w = tl.load(weights_ptr + pair).to(tl.float32)
-            down_rows = arena_ptr + slot.to(tl.int64) * stride_slot + down_off + rows[:, None].to(tl.int64) * I
-            for i0 in range(0, I, BLOCK_I):
-                cols = i0 + cols0
-                col_ok = cols < I
-                hv = tl.load(h_ptr + pair.to(tl.int64) * I + cols, mask=col_ok, other=0.0) * w  # [BI]
-                wd = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                acc += wd.to(tl.float32) * hv[None, :]
+            down_rows = arena_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot + down_off \
+                + rows[:, None].to(tl.int64) * I  # [BO, 1]
+            cols_k_ok = cols < i_end
+            hv = tl.load(h_ptr + pair.to(tl.int64) * I + cols, mask=cols_k_ok, other=0.0) * w  # [BI]
+            wd = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & cols_k_ok[None, :], other=0.0)
+            acc += wd.to(tl.float32) * hv[None, :]
     y = tl.sum(acc, axis=1)  # [BO]
     tl.store(out_ptr + token * stride_out + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -122,7 +124,7 @@ def _prefill_gate_up_kernel(
     h_ptr,  # [P, I] x.dtype out
     H, I, K, P, E,
     stride_x, stride_slot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -149,8 +151,8 @@ def _prefill_gate_up_kernel(
             bmask = k_ok[:, None] & row_ok[None, :]
             bg = tl.load(gate_cols + ks[:, None], mask=bmask, other=0.0)  # [BK, BN]
             bu = tl.load(up_cols + ks[:, None], mask=bmask, other=0.0)
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
         h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN]
         out = h_ptr + pairs[:, None].to(tl.int64) * I + rows[None, :]
         tl.store(out, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & row_ok[None, :])
@@ -167,7 +169,7 @@ def _prefill_down_kernel(
     y_ptr,  # [P, H] fp32 out: w * down(h) per pair
     H, I, P, E,
     stride_slot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -189,7 +191,7 @@ def _prefill_down_kernel(
             k_ok = ks < I
             a = tl.load(h_rows + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
             b = tl.load(down_cols + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)  # [BK, BN]
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         w = tl.load(weights_ptr + safe_pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
         acc = acc * w[:, None]
         tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc, mask=pair_ok[:, None] & row_ok[None, :])
@@ -276,8 +278,8 @@ def _fused_moe_decode(x, ids, weights, slot_table, arena, inter_size, out, cfg) 
     )
     _decode_down_kernel[(tokens, triton.cdiv(hidden, cfg.block_out))](
         h, ids, weights, slot_table, arena, out,
-        hidden, inter_size, top_k, out.stride(0), arena.stride(0),
-        BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps,
+        hidden, inter_size, out.stride(0), arena.stride(0),
+        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps,
     )
 
 
@@ -322,6 +324,8 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     top_k = ids.shape[1]
     pairs = tokens * top_k
     num_experts = slot_table.shape[0]
+    # fp32 models get full fp32 products (as torch's default matmul does), not tf32
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     sorted_pairs, block_expert = sort_pairs_by_expert(ids, slot_table, cfg.block_m)
     num_blocks = block_expert.shape[0]
     h = torch.empty((pairs, inter_size), dtype=x.dtype, device=x.device)  # [P, I]
@@ -329,13 +333,13 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     _prefill_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
         x, sorted_pairs, block_expert, slot_table, arena, h,
         hidden, inter_size, top_k, pairs, num_experts, x.stride(0), arena.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _prefill_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
         h, sorted_pairs, block_expert, weights, slot_table, arena, y,
         hidden, inter_size, pairs, num_experts, arena.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_h = 512

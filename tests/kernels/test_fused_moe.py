@@ -11,6 +11,8 @@ from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
 from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, PrefillConfig
 
 # small blocks so tiny shapes still cover several blocks and the masked edges
+# the interpreter on CPU in CI; real kernels where a GPU exists
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = FusedMoeConfig(DecodeConfig(block_n=16, block_h=32, block_out=8, block_i=16),
                       PrefillConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2))
 
@@ -79,19 +81,19 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("path,tokens", [("decode", 1), ("decode", 5), ("prefill", 21)])
 def test_fused_moe_matches_reference_interpreter(dtype, path, tokens):
-    p = make_problem(tokens, hidden=40, inter=24, experts=7, top_k=3, slots=6, dtype=dtype, device="cpu")
+    p = make_problem(tokens, hidden=40, inter=24, experts=7, top_k=3, slots=6, dtype=dtype, device=DEVICE)
     assert rel_err(run(p, path), reference(p)) < TOL[dtype]
 
 
 def test_both_paths_agree_with_int64_ids_and_odd_sizes():
-    p = make_problem(9, hidden=33, inter=17, experts=5, top_k=2, slots=5, dtype=torch.float32, device="cpu")
+    p = make_problem(9, hidden=33, inter=17, experts=5, top_k=2, slots=5, dtype=torch.float32, device=DEVICE)
     ref = reference(p)
     for path in ("decode", "prefill"):
         assert rel_err(run(p, path, ids_dtype=torch.int64), ref) < TOL[torch.float32]
 
 
 def test_no_resident_expert_gives_zeros():
-    p = make_problem(3, hidden=32, inter=16, experts=4, top_k=2, slots=2, dtype=torch.float32, device="cpu")
+    p = make_problem(3, hidden=32, inter=16, experts=4, top_k=2, slots=2, dtype=torch.float32, device=DEVICE)
     p["table"].fill_(-1)
     for path in ("decode", "prefill"):
         assert torch.equal(run(p, path), torch.zeros_like(p["x"]))
@@ -100,7 +102,8 @@ def test_no_resident_expert_gives_zeros():
 def test_sort_pairs_by_expert_groups_resident_pairs_in_blocks():
     ids = torch.tensor([[0, 2], [2, 3], [1, 0], [3, 2]], dtype=torch.int32)  # P = 8
     table = torch.tensor([5, -1, 0, 1], dtype=torch.int32)  # expert 1 not resident
-    sorted_pairs, block_expert = sort_pairs_by_expert(ids, table, block_m=4)
+    sorted_pairs, block_expert = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=4)
+    sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
     blocks = sorted_pairs.view(-1, 4)
     seen = []
     for b, e in enumerate(block_expert.tolist()):
@@ -114,13 +117,13 @@ def test_sort_pairs_by_expert_groups_resident_pairs_in_blocks():
 
 
 def test_rejects_mismatched_arena_dtype():
-    p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device="cpu")
+    p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
     with pytest.raises(TypeError, match="arena dtype"):
         fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"].half(), p["inter"])
 
 
 def test_rejects_slots_too_small_for_the_expert():
-    p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device="cpu")
+    p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="3\\*I\\*H"):
         fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], 32)
 

@@ -65,7 +65,9 @@ def test_route_matches_transformers_router(arch, cfg):
     with torch.no_grad():
         logits, ref_w, ref_ids = router(x)
     bias = router.e_score_correction_bias if arch == "deepseek_v3" else None
-    w, ids = route(logits, RoutingSpec.from_config(config), bias)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU in CI
+    w, ids = route(logits.to(device), RoutingSpec.from_config(config), None if bias is None else bias.to(device))
+    w, ids = w.cpu(), ids.cpu()
     assert ids.dtype == torch.int32 and w.dtype == torch.float32 and ids.shape == ref_ids.shape
     # transformers' DeepSeek routers return the top-k unsorted: compare as sets ordered by id
     ref_order, order = ref_ids.argsort(-1), ids.long().argsort(-1)
