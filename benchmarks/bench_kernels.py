@@ -2,7 +2,8 @@
 
 For each shape it writes down the two floors first (bytes to move, flops to do), measures the two
 ceilings of this device in the same run (a large device-to-device copy; a dense bf16 matmul),
-times ``fused_moe`` with every expert resident, and times transformers' own experts
+times ``fused_moe`` with every expert resident (CUDA-graph replays, so launch gaps stay out; decode
+rotates 16 input sets so the experts are not served from L2), and times transformers' own experts
 implementations (grouped_mm, batched_mm, eager) and a per-expert torch loop on the same inputs.
 With ``--tune`` it sweeps launch configs and writes the best per shape to ``--config-out``
 (the format of ``kernels/fused_moe_configs.json``).
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from moerun.kernels.fused_moe import fused_moe
+from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
 from moerun.kernels.fused_moe_config import (
     DecodeConfig, FusedMoeConfig, PrefillConfig, device_key, get_config, shape_key,
 )
@@ -219,6 +220,8 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
             row[f"prefill_hf_{impl}_us"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         torch.cuda.empty_cache()
     row["prefill_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w), reps=10)
+    # share of the prefill time spent grouping pairs by expert (device-side torch ops)
+    row["prefill_sort_us"] = graph_us([lambda: sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m)])
     # the same call launched eagerly (host launch cost included, unlike the graph replays above)
     row["prefill_eager_launch_us"] = median_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out,
                                                                  config=cfg), reps=10)
@@ -267,7 +270,7 @@ def main() -> None:
               f"{fmt(r['decode_torch_loop_us'])} | {r['prefill_us']:8.1f} {r['prefill_floor_us']:6.1f} "
               f"{r['prefill_TFLOPs']:6.0f} {100 * r['prefill_frac_of_matmul']:4.1f}% |"
               f"{fmt(r['prefill_hf_grouped_mm_us'])}{fmt(r['prefill_torch_loop_us'])}")
-        print(f"{'':18s}   err decode {r['decode_rel_err_vs_torch_loop']:.1e} prefill {r['prefill_rel_err_vs_torch_loop']:.1e}"
+        print(f"{'':18s}   sort {r['prefill_sort_us']:.1f} us;  err decode {r['decode_rel_err_vs_torch_loop']:.1e} prefill {r['prefill_rel_err_vs_torch_loop']:.1e}"
               f"  eager-launched: decode {r['decode_eager_launch_us']:.1f} us, prefill {r['prefill_eager_launch_us']:.1f} us")
 
 
