@@ -21,6 +21,8 @@ This module knows nothing about which experts should be resident or how they got
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -223,6 +225,11 @@ def _sum_pairs_kernel(
 # launchers
 # --------------------------------------------------------------------------------------------
 def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, inter_size, out) -> None:
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"fused_moe runs Triton kernels and x is on {x.device}: use a CUDA device, or set TRITON_INTERPRET=1 "
+            "before triton is imported to run them (slowly) on the CPU"
+        )
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}; flatten batch and sequence first")
     tokens, hidden = x.shape

@@ -25,10 +25,10 @@ DECODE_MAX_TOKENS = 16
 class DecodeConfig:
     """Weight-streaming path: one program per (token, expert) pair and block of intermediate rows."""
 
-    block_n: int = 16  # gate_up: intermediate rows per program
-    block_h: int = 256  # gate_up: hidden columns per load
-    block_out: int = 8  # down: output (hidden) rows per program
-    block_i: int = 256  # down: intermediate columns per load
+    block_n: int = 8  # gate_up: intermediate rows per program
+    block_h: int = 512  # gate_up: hidden columns per load
+    block_out: int = 4  # down: output (hidden) rows per program
+    block_i: int = 512  # down: intermediate columns per load
     num_warps: int = 4
 
 
@@ -36,10 +36,10 @@ class DecodeConfig:
 class PrefillConfig:
     """Grouped-GEMM path: tokens sorted by expert into blocks of ``block_m`` pairs."""
 
-    block_m: int = 64
+    block_m: int = 128
     block_n: int = 128
     block_k: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
 
 

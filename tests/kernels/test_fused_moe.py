@@ -149,3 +149,15 @@ def test_fused_moe_bf16_real_shapes_gpu(shape, tokens):
     fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], inter, out)  # tuned default config
     torch.cuda.synchronize()
     assert rel_err(out, reference(p)) < TOL[torch.bfloat16]
+
+
+def test_tuned_config_table_loads_and_names_known_fields():
+    import json
+    from moerun.kernels.fused_moe_config import CONFIG_FILE
+
+    table = json.loads(CONFIG_FILE.read_text())
+    for device, shapes in table.items():
+        for key, entry in shapes.items():
+            hidden, inter = map(int, key.split(","))
+            cfg = FusedMoeConfig.from_dict(entry)  # raises on an unknown field
+            assert cfg.prefill.block_m >= 16 and cfg.decode.block_n >= 1, (device, hidden, inter)
