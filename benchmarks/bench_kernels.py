@@ -13,7 +13,6 @@ With ``--tune`` it sweeps launch configs and writes the best per shape to ``--co
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import time
@@ -146,6 +145,11 @@ class Problem:
         return out.to(x.dtype)
 
 
+def floor_us(floors: dict, ceilings: dict) -> float:
+    """The larger of bytes / copy rate and flops / matmul rate, in µs."""
+    return max(floors["bytes"] / (ceilings["copy_GBps"] * 1e3), floors["flops"] / (ceilings["matmul_TFLOPs"] * 1e6))
+
+
 def check(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -161,7 +165,7 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
     outs = [torch.empty_like(s[0]) for s in sets]
     fl = prob.floors(decode_tokens, sets[0][1])
     row["decode_floor_bytes"], row["decode_floor_flops"] = fl["bytes"], fl["flops"]
-    row["decode_floor_us"] = max(fl["bytes"] / (ceilings["copy_GBps"] * 1e3), fl["flops"] / (ceilings["matmul_TFLOPs"] * 1e6))
+    row["decode_floor_us"] = floor_us(fl, ceilings)
     sweep = DECODE_SWEEP if tune else [best["decode"]]
     decode_times = {}
     for dc in sweep:
@@ -192,7 +196,7 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
     out = torch.empty_like(x)
     fl = prob.floors(prefill_tokens, ids)
     row["prefill_floor_bytes"], row["prefill_floor_flops"] = fl["bytes"], fl["flops"]
-    row["prefill_floor_us"] = max(fl["bytes"] / (ceilings["copy_GBps"] * 1e3), fl["flops"] / (ceilings["matmul_TFLOPs"] * 1e6))
+    row["prefill_floor_us"] = floor_us(fl, ceilings)
     sweep = PREFILL_SWEEP if tune else [best["prefill"]]
     prefill_times = {}
     for pc in sweep:
@@ -265,13 +269,15 @@ def main() -> None:
     print("\nshape              | decode us  floor  %copyBW | HF grouped batched  eager  loop "
           "| prefill us floor TFLOP/s %mm | HF grouped  loop")
     for r in rows:
-        print(f"{r['shape']:18s} | {r['decode_us']:8.1f} {r['decode_floor_us']:6.1f} {100 * r['decode_frac_of_copy_bw']:6.1f}% |"
+        print(f"{r['shape']:18s} | {r['decode_us']:8.1f} {r['decode_floor_us']:6.1f} "
+              f"{100 * r['decode_frac_of_copy_bw']:6.1f}% |"
               f"{fmt(r['decode_hf_grouped_mm_us'])}{fmt(r['decode_hf_batched_mm_us'])}{fmt(r['decode_hf_eager_us'])}"
               f"{fmt(r['decode_torch_loop_us'])} | {r['prefill_us']:8.1f} {r['prefill_floor_us']:6.1f} "
               f"{r['prefill_TFLOPs']:6.0f} {100 * r['prefill_frac_of_matmul']:4.1f}% |"
               f"{fmt(r['prefill_hf_grouped_mm_us'])}{fmt(r['prefill_torch_loop_us'])}")
-        print(f"{'':18s}   sort {r['prefill_sort_us']:.1f} us;  err decode {r['decode_rel_err_vs_torch_loop']:.1e} prefill {r['prefill_rel_err_vs_torch_loop']:.1e}"
-              f"  eager-launched: decode {r['decode_eager_launch_us']:.1f} us, prefill {r['prefill_eager_launch_us']:.1f} us")
+        print(f"{'':18s}   sort {r['prefill_sort_us']:.1f} us;  err decode {r['decode_rel_err_vs_torch_loop']:.1e} "
+              f"prefill {r['prefill_rel_err_vs_torch_loop']:.1e}  eager-launched: "
+              f"decode {r['decode_eager_launch_us']:.1f} us, prefill {r['prefill_eager_launch_us']:.1f} us")
 
 
 if __name__ == "__main__":
