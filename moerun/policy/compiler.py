@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import config, ir, schema
+from .errors import PolicyError, did_you_mean
 from .validator import validate
 
 # Prefetch budget when a strategy is chosen without one (MoE-PolicyLang files often omit it).
@@ -28,8 +29,6 @@ def compile_ir(policy_file: ir.PolicyFile, name: str | None = None, *, num_layer
 
 def select(policy_file: ir.PolicyFile, name: str | None) -> ir.Policy:
     """The policy called ``name``, or the first; PolicyError listing the names otherwise."""
-    from .errors import PolicyError, did_you_mean
-
     if name is None:
         return policy_file.policies[0]
     for policy in policy_file.policies:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from importlib import resources
-from typing import Iterator
 
 import lark
 from lark import Lark, Token, Tree
@@ -227,7 +226,3 @@ class _Builder:
         return node(str(target), comments, self._trailing(tree.meta.end_line, tree.meta.end_column),
                     _token_span(target))
 
-
-def iter_settings(section: ir.Section) -> Iterator[ir.Setting]:
-    """The settings of a block (none for an adapt block)."""
-    return iter(section.settings) if isinstance(section, ir.Block) else iter(())

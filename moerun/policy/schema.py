@@ -62,7 +62,8 @@ BLOCKS: dict[str, dict[str, Param]] = {
         "credit_decay": Param("float", **_FRACTION, doc="watermark: credit decay per access"),
         "memory_budget_gb": Param("float", lo=0.0, doc="memory trigger budget (0 = off)"),
         "memory_threshold": Param("float", **_FRACTION, doc="memory trigger fires above this share of the budget"),
-        "memory_headroom": Param("float", lo=0.0, hi=1.0, hi_open=True, doc="memory trigger frees down to 1 - headroom"),
+        "memory_headroom": Param("float", lo=0.0, hi=1.0, hi_open=True,
+                                 doc="memory trigger frees down to 1 - headroom"),
         "expert_size_gb": Param("float", lo=0.0, doc="size of one expert (0 = from the model)"),
     },
     "prefetch": {

@@ -4,7 +4,8 @@ import sys
 
 from moerun.cli import main
 
-GOOD = "policy good {\n  cache { capacity = 4 eviction = lfu frequency_decay = 0.5 }  # small\n  schedule { mode = hybrid }\n}\n"
+GOOD = ("policy good {\n  cache { capacity = 4 eviction = lfu frequency_decay = 0.5 }  # small\n"
+        "  schedule { mode = hybrid }\n}\n")
 BAD = "policy bad {\n    cache { capacity = 0 eviction = lruu }\n}\n"
 
 
