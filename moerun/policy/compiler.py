@@ -78,7 +78,7 @@ def _python_value(param: schema.Param, value: ir.Value):
     if param.kind == "enum":
         return value.text
     if param.kind == "metrics":
-        return tuple(item.text for item in value.items)
+        return tuple(schema.resolve_metric(item.text) for item in value.items)
     return tuple((item.first.value, item.second.value) if isinstance(item, ir.Pair) else (-1, item.value)
                  for item in value.items)
 
@@ -87,14 +87,14 @@ def _rule(rule: ir.Rule, default_window: int) -> config.AdaptRule:
     assignments, triggers, rebalances = [], [], []
     for action in rule.actions:
         if isinstance(action, ir.Trigger):
-            triggers.append(action.target)
+            triggers.append(schema.TRIGGER_ALIASES.get(action.target, action.target))
         elif isinstance(action, ir.Rebalance):
-            rebalances.append(action.target)
+            rebalances.append(schema.REBALANCE_ALIASES.get(action.target, action.target))
         else:
             qualified = schema.resolve_adapt_key(action.key)
             assignments.append((qualified, _python_value(schema.ADAPTABLE[qualified], action.value)))
     window = rule.window.length.value if rule.window is not None else default_window
-    return config.AdaptRule(rule.metric, rule.op, float(rule.threshold.value), int(window),
+    return config.AdaptRule(schema.resolve_metric(rule.metric), rule.op, float(rule.threshold.value), int(window),
                             tuple(assignments), tuple(triggers), tuple(rebalances))
 
 

@@ -110,7 +110,19 @@ ADAPT_ALIASES = {
     "prefetch_strategy": "prefetch.strategy",
     "prefetch_budget": "prefetch.budget",
     "schedule_mode": "schedule.mode",
+    "lfu_decay": "cache.frequency_decay",
 }
+# MoE-PolicyLang's action targets: `trigger memory_pressure`, `rebalance entropy` (its runtime
+# rebalances the per-layer budget whatever the word).
+TRIGGER_ALIASES = {"memory_pressure": "evict_memory"}
+REBALANCE_ALIASES = {"entropy": "per_layer", "uniform": "per_layer"}
+# MoE-PolicyLang's monitor metric `latency` is the per-layer step time.
+METRIC_ALIASES = {"latency": "layer_latency_ms"}
+
+
+def resolve_metric(name: str) -> str:
+    """The config.METRICS name for ``name`` (which may be an alias)."""
+    return METRIC_ALIASES.get(name, name)
 
 ADAPTABLE: dict[str, Param] = {
     f"{block}.{key}": p for block, params in BLOCKS.items() for key, p in params.items() if p.adaptable

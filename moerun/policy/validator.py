@@ -14,7 +14,8 @@ from collections import defaultdict
 from . import config, ir, schema
 from .errors import DiagnosticSink, did_you_mean
 
-SUPPORTED_VERSIONS = (1,)
+# MoE-PolicyLang files say `version 0.6`, `0.7`, ...: every version up to 1 is this language.
+MAX_VERSION = 1
 # Metrics that are fractions, so an adapt threshold outside [0, 1] can never be crossed.
 RATE_METRICS = ("hit_rate", "miss_rate", "eviction_rate", "prefetch_accuracy", "cpu_share")
 WINDOW_UNITS = ("accesses",)
@@ -29,8 +30,6 @@ REQUIRES = {
     ("cache", "high_watermark"): (("cache", "eviction"), ("watermark",)),
     ("cache", "low_watermark"): (("cache", "eviction"), ("watermark",)),
     ("cache", "credit_decay"): (("cache", "eviction"), ("watermark",)),
-    ("prefetch", "affinity_threshold"): (("prefetch", "strategy"), ("affinity",)),
-    ("prefetch", "history_window"): (("prefetch", "strategy"), ("history",)),
     ("schedule", "offload_threshold_ms"): (("schedule", "mode"), ("hybrid",)),
 }
 DEFAULTS = {("cache", "eviction"): "lru", ("prefetch", "strategy"): "none", ("schedule", "mode"): "gpu_only"}
@@ -63,9 +62,9 @@ class _Checker:
     def file(self, f: ir.PolicyFile) -> None:
         if f.version is not None:
             number = f.version.number
-            if number.value not in SUPPORTED_VERSIONS or not isinstance(number.value, int):
+            if not 0 < number.value <= MAX_VERSION:
                 self.error(f"unsupported language version {number.value}", f.version.span,
-                           f"this moerun reads version {', '.join(map(str, SUPPORTED_VERSIONS))}")
+                           f"this moerun reads versions up to {MAX_VERSION}")
         if not f.policies:
             self.error("the file defines no policy", hint="write: policy NAME { cache { capacity = auto } }")
         seen: dict[str, ir.Policy] = {}
@@ -182,12 +181,12 @@ class _Checker:
             if not isinstance(item, ir.Word):
                 self.error(f"'{what}' lists metric names, not numbers", item.span,
                            "expected one of: " + ", ".join(config.METRICS))
-            elif item.text not in config.METRICS:
+            elif schema.resolve_metric(item.text) not in config.METRICS:
                 self.error(f"unknown metric '{item.text}'", item.span, did_you_mean(item.text, config.METRICS))
-            elif item.text in names:
+            elif schema.resolve_metric(item.text) in names:
                 self.error(f"metric '{item.text}' is listed twice", item.span, "list each metric once")
             else:
-                names.append(item.text)
+                names.append(schema.resolve_metric(item.text))
         return tuple(names)
 
     def pin_list(self, value: ir.Value, what: str):
@@ -226,12 +225,13 @@ class _Checker:
             self.error("adapt block has no rules", block.span,
                        "write: when hit_rate < 0.4 for 100 accesses { eviction = lru }")
         for rule in block.rules:
-            if rule.metric not in config.METRICS:
+            metric = schema.resolve_metric(rule.metric)
+            if metric not in config.METRICS:
                 self.error(f"unknown metric '{rule.metric}'", rule.span, did_you_mean(rule.metric, config.METRICS))
             threshold = rule.threshold.value
             if not math.isfinite(threshold):
                 self.error("the threshold must be finite", rule.threshold.span)
-            elif rule.metric in RATE_METRICS and not 0.0 <= threshold <= 1.0:
+            elif metric in RATE_METRICS and not 0.0 <= threshold <= 1.0:
                 self.error(f"'{rule.metric}' is a fraction; threshold {threshold} can never be crossed",
                            rule.threshold.span, "use a value in [0, 1]")
             elif threshold < 0:
@@ -257,12 +257,13 @@ class _Checker:
             if isinstance(action, ir.Trigger):
                 self.trigger(action, values)
             elif isinstance(action, ir.Rebalance):
-                if action.target not in config.ADAPT_REBALANCES:
+                target = schema.REBALANCE_ALIASES.get(action.target, action.target)
+                if target not in config.ADAPT_REBALANCES:
                     self.error(f"cannot rebalance '{action.target}'", action.span,
                                did_you_mean(action.target, config.ADAPT_REBALANCES))
-                elif action.target not in sections:
-                    self.error(f"'rebalance {action.target}' needs a {action.target} block", action.span,
-                               f"add: {action.target} {{ allocation = entropy }}")
+                elif target not in sections:
+                    self.error(f"'rebalance {action.target}' needs a {target} block", action.span,
+                               f"add: {target} {{ allocation = entropy }}")
             else:
                 qualified = schema.resolve_adapt_key(action.key)
                 if qualified is None:
@@ -284,14 +285,12 @@ class _Checker:
                     adapted[(block, key)].add(checked)
 
     def trigger(self, action: ir.Trigger, values: dict) -> None:
-        if action.target not in config.ADAPT_TRIGGERS:
+        target = schema.TRIGGER_ALIASES.get(action.target, action.target)
+        if target not in config.ADAPT_TRIGGERS:
             self.error(f"unknown trigger '{action.target}'", action.span,
                        did_you_mean(action.target, config.ADAPT_TRIGGERS))
-        elif action.target == "evict_ttl" and not values.get(("cache", "ttl")):
+        elif target == "evict_ttl" and not values.get(("cache", "ttl")):
             self.error("'trigger evict_ttl' needs a ttl", action.span, "set cache { ttl = N } with N > 0")
-        elif action.target == "evict_memory" and not values.get(("cache", "memory_budget_gb")):
-            self.error("'trigger evict_memory' needs a memory budget", action.span,
-                       "set cache { memory_budget_gb = X } with X > 0")
 
     # -- rules across settings -----------------------------------------------------------------------
     def cross_checks(self, values: dict, spans: dict, adapted: dict, sections: dict) -> None:
@@ -320,10 +319,8 @@ class _Checker:
 
         strategy, budget = get("prefetch", "strategy", "none"), get("prefetch", "budget")
         if "prefetch" in self.broken:
-            strategy = None  # unknown: neither budget rule applies
-        if strategy == "none" and budget and not adapted.get(("prefetch", "strategy")):
-            self.error(f"prefetch budget {budget} is unused with strategy = none", spans[("prefetch", "budget")],
-                       "choose a strategy (history, affinity, lookahead, learned) or remove the budget")
+            strategy = None  # unknown: the budget rule does not apply
+        # (A budget with strategy = none is allowed: MoE-PolicyLang files write it that way.)
         if strategy not in (None, "none") and budget == 0:
             self.error(f"prefetch strategy {strategy} with budget 0 never prefetches", spans[("prefetch", "budget")],
                        "give a budget >= 1, or set strategy = none")
@@ -370,10 +367,6 @@ class _Checker:
             if self.num_layers and high is not None and total > self.num_layers * high:
                 self.error(f"total_budget {total} exceeds {self.num_layers} layers x max_capacity {high}",
                            spans[("per_layer", "total_budget")], "the extra slots could never be used")
-            if capacity and total > capacity:
-                self.error(f"per_layer total_budget {total} exceeds the cache capacity {capacity}",
-                           spans[("per_layer", "total_budget")], "per_layer splits the cache's slots; "
-                           "raise capacity or lower total_budget")
         if high is not None and self.num_experts and high > self.num_experts:
             self.error(f"max_capacity {high} exceeds the {self.num_experts} experts of a layer",
                        spans[("per_layer", "max_capacity")], f"use at most {self.num_experts}")
