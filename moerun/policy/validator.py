@@ -32,6 +32,10 @@ REQUIRES = {
     ("cache", "credit_decay"): (("cache", "eviction"), ("watermark",)),
     ("schedule", "offload_threshold_ms"): (("schedule", "mode"), ("hybrid",)),
 }
+# MoE-PolicyLang extensions this runtime does not implement, with what to write instead.
+_TIERS_HINT = ("multi-tier (mixed dtype) expert caches are not supported; the pinned host tier is "
+               "written host { capacity = N }")
+UNSUPPORTED_BLOCKS = {"hierarchy": _TIERS_HINT, "per_layer_hierarchy": _TIERS_HINT}
 DEFAULTS = {("cache", "eviction"): "lru", ("prefetch", "strategy"): "none", ("schedule", "mode"): "gpu_only"}
 
 
@@ -83,8 +87,9 @@ class _Checker:
         seen_sections: dict[str, ir.Section] = {}
         for section in policy.sections:
             if section.name not in schema.SECTION_NAMES:
-                self.error(f"unknown block '{section.name}'", section.span,
-                           did_you_mean(section.name, schema.SECTION_NAMES))
+                hint = (UNSUPPORTED_BLOCKS[section.name] if section.name in UNSUPPORTED_BLOCKS
+                        else did_you_mean(section.name, schema.SECTION_NAMES))
+                self.error(f"unknown block '{section.name}'", section.span, hint)
                 continue
             if section.name in seen_sections:
                 self.error(f"block '{section.name}' appears twice in policy '{policy.name}'", section.span,

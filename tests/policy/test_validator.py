@@ -16,6 +16,7 @@ RULES = [
     ("no_policy", "# nothing here\n", "defines no policy", {}),
     ("policy_twice", policy(CACHE) + policy(CACHE), "policy 'p' is defined twice", {}),
     ("unknown_block", policy(CACHE, "prefech { budget = 1 }"), "unknown block 'prefech'", {}),
+    ("unsupported_block", policy(CACHE, "hierarchy { eviction = lru }"), "unknown block 'hierarchy'", {}),
     ("block_twice", policy(CACHE, CACHE), "block 'cache' appears twice", {}),
     ("needs_cache", policy("schedule { mode = hybrid }"), "neither a cache nor a per_layer block", {}),
     ("empty_block", policy(CACHE, "schedule { }"), "block 'schedule' is empty", {}),
@@ -123,6 +124,11 @@ def test_model_shape_rules_pass_without_the_shape():
     for rule_id, text, _expected, shape in RULES:
         if shape:
             validate(parse(text))  # the shape is what makes them wrong
+
+
+def test_unsupported_block_hint_names_the_host_block():
+    with pytest.raises(PolicyError, match=r"host \{ capacity = N \}"):
+        validate(parse(policy(CACHE, "hierarchy { eviction = lru }")))
 
 
 def test_did_you_mean_hints():
