@@ -183,3 +183,10 @@ def test_fiddler_runs_misses_on_cpu_and_auto_capacity():
 def test_parse_rejects_non_text():
     with pytest.raises(PolicyError):
         parse(b"policy p {}")
+
+
+def test_readme_policy_example_compiles():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## The policy language in short", 1)[1]
+    example = section.split("```", 2)[1]
+    assert compile_policy(example).name == "balanced"
