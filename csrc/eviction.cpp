@@ -12,7 +12,11 @@ namespace policy {
 double Engine::priority(int key) const {
   switch (cfg_.eviction) {
     case Eviction::Lru: return double(last_use_[key]);
-    case Eviction::Lfu: return freq_key_[key];      // log-domain decayed count (monotone)
+    case Eviction::Lfu: {
+      const double d = cfg_.frequency_decay;
+      if (d == 1.0) return freq_key_[key];
+      return freq_key_[key] * std::pow(d, double(part_clock_[partition_of(key)] - freq_time_[key]));
+    }
     case Eviction::Score: return score_[key];
     case Eviction::FreqThreshold:
       return window_uses_[key] >= cfg_.freq_threshold ? 1.0 : 0.0;  // protected vs not

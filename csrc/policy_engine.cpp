@@ -29,7 +29,8 @@ void Engine::reset() {
   clock_ = 0;
   slot_of_.assign(keys, -1);
   last_use_.assign(keys, 0);
-  freq_key_.assign(keys, -INFINITY);
+  freq_key_.assign(keys, 0.0);
+  freq_time_.assign(keys, 0);
   score_.assign(keys, 0.0);
   credit_key_.assign(keys, -INFINITY);
   window_uses_.assign(keys, 0);
@@ -220,9 +221,12 @@ void Engine::touch(int key, int count, float weight_mean, int32_t next_use) {
   if (tracks(Eviction::Lfu)) {
     // Decayed count kept in the log domain relative to the partition clock:
     // effective(t) = exp(freq_key + t * log(decay)), so keys compare without touching all of them.
-    const double logd = std::log(cfg_.frequency_decay);
-    const double eff = std::exp(freq_key_[key] + double(pc) * logd);
-    freq_key_[key] = std::log(eff + count) - double(pc) * logd;
+    // Decayed count stored with the partition clock of its last update (decayed lazily);
+    // without decay the counts stay exact integers, so ties break exactly.
+    const double d = cfg_.frequency_decay;
+    const double kept = d == 1.0 ? freq_key_[key] : freq_key_[key] * std::pow(d, double(pc - freq_time_[key]));
+    freq_key_[key] = kept + count;
+    freq_time_[key] = pc;
   }
   if (tracks(Eviction::Watermark)) {
     const double logd = std::log(cfg_.credit_decay);
@@ -335,6 +339,11 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
     ++total_.demand_fetches;
     total_.bytes_fetched += cfg_.expert_bytes;
   }
+
+  // Recency order of the LRU list follows the access order of this step (misses were inserted
+  // after the hits were touched).
+  for (int key : uniq_)
+    if (slot_of_[key] >= 0) { lru_unlink(key); lru_push_front(key); }
 
   issue_prefetches(layer);
 

@@ -187,7 +187,8 @@ class Engine {
   // per key
   std::vector<int32_t> slot_of_;     // -1 = not resident
   std::vector<int64_t> last_use_;    // clock at last access
-  std::vector<double> freq_key_;     // lfu: log-domain decayed count (see eviction.cpp)
+  std::vector<double> freq_key_;     // lfu: decayed count as of freq_time_
+  std::vector<int64_t> freq_time_;   // lfu: partition clock of the count's last update
   std::vector<double> score_;        // score: EMA of gate weight mass
   std::vector<double> credit_key_;   // watermark: log-domain decayed credit
   std::vector<int32_t> window_uses_; // freq_threshold: uses in the last freq_window accesses
