@@ -109,15 +109,15 @@ void Engine::apply(Param p, double v) {
       cfg_.capacity = std::max(1, std::min(N_, int(v)));
       if (!cfg_.per_layer) fit_partitions();
       break;
-    case Param::Eviction: cfg_.eviction = Eviction(int(v)); break;
-    case Param::FrequencyDecay: cfg_.frequency_decay = v; break;
+    case Param::Eviction: cfg_.eviction = Eviction(int(v)); rebuild_order(); break;
+    case Param::FrequencyDecay: cfg_.frequency_decay = v; rebuild_order(); break;
     case Param::FreqThreshold: cfg_.freq_threshold = v; break;
     case Param::FreqWindow: cfg_.freq_window = std::max(1, int(v)); break;
-    case Param::ScoreEmaAlpha: cfg_.score_ema_alpha = v; break;
+    case Param::ScoreEmaAlpha: cfg_.score_ema_alpha = v; break;  // takes effect per touch
     case Param::Ttl: cfg_.ttl = int64_t(v); break;
     case Param::HighWatermark: cfg_.high_watermark = v; break;
     case Param::LowWatermark: cfg_.low_watermark = v; break;
-    case Param::CreditDecay: cfg_.credit_decay = v; break;
+    case Param::CreditDecay: cfg_.credit_decay = v; rebuild_order(); break;
     case Param::MemoryBudgetGb: cfg_.memory_budget_gb = v; break;
     case Param::MemoryThreshold: cfg_.memory_threshold = v; break;
     case Param::MemoryHeadroom: cfg_.memory_headroom = v; break;

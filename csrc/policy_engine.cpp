@@ -42,6 +42,7 @@ void Engine::reset() {
   lru_next_.assign(keys, -1);
   key_index_.assign(keys, -1);
   member_pos_.assign(keys, -1);
+  version_.assign(keys, 0);
   slot_key_.assign(N_, -1);
   free_slots_.clear();
   for (int s = N_ - 1; s >= 0; --s) free_slots_.push_back(s);  // slot 0 handed out first
@@ -129,6 +130,7 @@ void Engine::set_config(const EngineConfig& config) {
       lru_push_front(key);
     }
   }
+  rebuild_order();
   fit_partitions();
 }
 
@@ -171,11 +173,14 @@ void Engine::insert(int key, int slot, bool prefetched) {
   ++resident_total_;
   prefetched_[key] = prefetched ? 1 : 0;
   lru_push_front(key);
+  ++version_[key];
+  if (ordered()) order_push(key);
 }
 
 void Engine::remove(int key, bool count_eviction) {
   const int p = partition_of(key);
   const int slot = slot_of_[key];
+  ++version_[key];
   lru_unlink(key);
   auto& members = part_members_[p];
   const int pos = member_pos_[key];
@@ -216,6 +221,7 @@ void Engine::shrink_partition(int part, int target) {
 void Engine::touch(int key, int count, float weight_mean, int32_t next_use) {
   const int p = partition_of(key);
   const int64_t pc = part_clock_[p];  // already advanced past this access
+  const bool in_order = ordered() && slot_of_[key] >= 0;
   last_use_[key] = pc;
   if (slot_of_[key] >= 0) { lru_unlink(key); lru_push_front(key); }
   if (tracks(Eviction::Lfu)) {
@@ -247,6 +253,7 @@ void Engine::touch(int key, int count, float weight_mean, int32_t next_use) {
     }
   }
   next_use_[key] = next_use;
+  if (in_order) { ++version_[key]; order_push(key); }
 }
 
 void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Plan& out,

@@ -202,6 +202,28 @@ class Engine {
   // per partition
   std::vector<int32_t> part_cap_, part_size_, lru_head_, lru_tail_;  // head = most recent
   std::vector<std::vector<int32_t>> part_members_;
+  // Eviction order for policies whose priority only changes when a key is touched (lfu, score,
+  // watermark, belady): a lazy min-heap of (priority, last_use, key) per partition. Entries carry
+  // the key's version; any change bumps it, so stale entries are dropped when they surface.
+  struct OrderEntry {
+    double priority;
+    int64_t last_use;
+    int32_t key;
+    uint32_t version;
+    bool operator>(const OrderEntry& o) const {
+      if (priority != o.priority) return priority > o.priority;
+      if (last_use != o.last_use) return last_use > o.last_use;
+      return key > o.key;
+    }
+  };
+  mutable std::vector<std::vector<OrderEntry>> heap_;
+  mutable std::vector<OrderEntry> heap_side_;
+  std::vector<uint32_t> version_;
+  bool ordered() const {
+    return cfg_.eviction != Eviction::Lru && cfg_.eviction != Eviction::FreqThreshold;
+  }
+  void order_push(int key);
+  void rebuild_order();
   std::vector<int32_t> member_pos_;
   int resident_total_ = 0;
 

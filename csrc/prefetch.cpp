@@ -99,8 +99,8 @@ bool Engine::prefetch_one(int key) {
     slot = slot_of_[victim];
     remove(victim, true);
   }
-  insert(key, slot, true);
   last_use_[key] = part_clock_[p];
+  insert(key, slot, true);
   needed_[key] = 1;  // later prefetches of this step must not evict it
   marked_.push_back(key);
   out_->prefetches.push_back(key / E_);
