@@ -250,6 +250,7 @@ class Engine {
   std::vector<float> uniq_weight_;
   std::vector<int32_t> key_index_;  // key -> index in uniq_ (-1 outside a step)
   std::vector<double> cand_score_;
+  std::vector<int64_t> hist_sum_;
   std::vector<int32_t> cand_;
   Plan* out_ = nullptr;  // plan being written by the current step
   std::vector<uint8_t> miss_gpu_;

@@ -122,11 +122,17 @@ void Engine::issue_prefetches(int layer) {
     case Prefetch::History:
       for (int d = 1; d <= D && d <= history_d_ && layer + d < L_; ++d) {
         const int32_t* table = &history_[(size_t(layer) * history_d_ + (d - 1)) * E_ * E_];
-        for (int b = 0; b < E_; ++b) {
-          int64_t s = 0;
-          for (int key : uniq_) s += table[size_t(key - layer * E_) * E_ + b];
-          if (s > 0) { cand_.push_back((layer + d) * E_ + b); cand_score_.push_back(double(s) / d); }
+        hist_sum_.assign(E_, 0);
+        for (int key : uniq_) {  // rows are contiguous: sum them
+          const int32_t* row = table + size_t(key - layer * E_) * E_;
+          for (int b = 0; b < E_; ++b) hist_sum_[b] += row[b];
         }
+        const int tbase = (layer + d) * E_;
+        for (int b = 0; b < E_; ++b)
+          if (hist_sum_[b] > 0 && slot_of_[tbase + b] < 0) {
+            cand_.push_back(tbase + b);
+            cand_score_.push_back(double(hist_sum_[b]) / d);
+          }
       }
       break;
     case Prefetch::Affinity: {
@@ -149,7 +155,7 @@ void Engine::issue_prefetches(int layer) {
       cand_score_.clear();
       for (int b = 0; b < E_; ++b) {
         const double best = probs[b];
-        if (best > 0 && best >= cfg_.affinity_threshold) {
+        if (best > 0 && best >= cfg_.affinity_threshold && slot_of_[(layer + 1) * E_ + b] < 0) {
           cand_.push_back((layer + 1) * E_ + b);
           cand_score_.push_back(best);
         }
@@ -163,6 +169,7 @@ void Engine::issue_prefetches(int layer) {
         auto& pred = predicted_[layer + d];
         auto& ps = predicted_scores_[layer + d];
         for (size_t i = 0; i < pred.size(); ++i) {
+          if (slot_of_[(layer + d) * E_ + pred[i]] >= 0) continue;  // already resident
           cand_.push_back((layer + d) * E_ + pred[i]);
           cand_score_.push_back(double(D - d) * 1e9 + ps[i]);
         }
@@ -177,14 +184,14 @@ void Engine::issue_prefetches(int layer) {
   std::vector<int32_t>& order = miss_tokens_;  // scratch: the miss list is done with
   order.resize(cand_.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = int32_t(i);
-  std::sort(order.begin(), order.end(), [&](int a, int b) {
+  // Candidates are all non-resident, so a prefetch fails only when no victim is evictable:
+  // ranking the first `budget` is enough.
+  const size_t top = std::min(order.size(), size_t(cfg_.prefetch_budget));
+  std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int a, int b) {
     return cand_score_[a] > cand_score_[b] || (cand_score_[a] == cand_score_[b] && cand_[a] < cand_[b]);
   });
-  int issued = 0;
-  for (int i : order) {
-    if (issued >= cfg_.prefetch_budget) break;
-    issued += prefetch_one(cand_[i]) ? 1 : 0;
-  }
+  for (size_t i = 0; i < top; ++i)
+    prefetch_one(cand_[order[i]]);
 }
 
 }  // namespace policy

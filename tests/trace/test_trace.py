@@ -111,3 +111,30 @@ def test_trace_commands(tmp_path, capsys):
     assert "entropy" in capsys.readouterr().out
     assert main(["trace", "stats", str(tmp_path / "nope.npz")]) == 1
     assert "no such trace file" in capsys.readouterr().out
+
+
+def test_every_bundled_policy_runs_in_the_engine_and_replays():
+    from moerun.policy import bundled_policies, compile_policy
+
+    t = synthetic_trace("bursty", num_tokens=60, num_layers=3, num_experts=12, top_k=2, seed=4)
+    for name in bundled_policies():
+        policy = compile_policy(name)
+        s = replay(t, policy, num_slots=9, capacity=None if policy.cache.capacity else 9)
+        assert s["accesses"] == t.num_accesses and 0 <= s["hit_rate"] <= 1, name
+
+
+def test_trace_replay_and_sweep_commands(tmp_path, capsys):
+    from moerun.cli import main
+
+    trace = write_trace(tmp_path / "t.npz", synthetic_trace("zipf", num_tokens=60, num_layers=2, num_experts=8,
+                                                            top_k=2))
+    policy = tmp_path / "p.moe"
+    policy.write_text("version 1\npolicy small {\n  cache {\n    capacity = 4\n    eviction = lru\n  }\n}\n")
+    assert main(["trace", "replay", str(trace), "--policy", str(policy)]) == 0
+    assert "hit rate" in capsys.readouterr().out
+    assert main(["trace", "replay", str(trace), "--policy", str(policy), "--capacity", "9", "--slots", "4"]) == 1
+    assert "capacity 9 but only 4" in capsys.readouterr().out
+    assert main(["trace", "sweep", str(trace), "--policies", str(policy), "--capacities", "2", "4",
+                 "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert "belady" in out and (tmp_path / "s.png").exists()
