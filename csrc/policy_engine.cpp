@@ -47,6 +47,7 @@ void Engine::reset() {
   free_slots_.clear();
   for (int s = N_ - 1; s >= 0; --s) free_slots_.push_back(s);  // slot 0 handed out first
   staging_.clear();
+  pending_releases_.clear();
   const int parts = L_;  // enough for per-layer; flat uses partition 0
   part_cap_.assign(parts, 0);
   part_size_.assign(parts, 0);
@@ -203,11 +204,11 @@ void Engine::release(int key) {
   remove(key, true);
   free_slots_.push_back(slot);
   ++total_.releases;
-  if (out_ != nullptr) {
-    out_->releases.push_back(slot);
-    out_->releases.push_back(key / E_);
-    out_->releases.push_back(key % E_);
-  }
+  // Outside a step (set_config), the release goes out with the next plan.
+  std::vector<int32_t>& to = out_ != nullptr ? out_->releases : pending_releases_;
+  to.push_back(slot);
+  to.push_back(key / E_);
+  to.push_back(key % E_);
 }
 
 void Engine::shrink_partition(int part, int target) {
@@ -262,6 +263,7 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
         "layer " + std::to_string(layer) + " out of range (model has " + std::to_string(L_) +
             " MoE layers)");
   out.clear();
+  out.releases.swap(pending_releases_);  // releases made between steps (set_config) come first
   out_ = &out;
   const int part = cfg_.per_layer ? layer : 0;
   const int base = layer * E_;

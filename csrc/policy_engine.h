@@ -253,6 +253,7 @@ class Engine {
   std::vector<int64_t> hist_sum_;
   std::vector<int32_t> cand_;
   Plan* out_ = nullptr;  // plan being written by the current step
+  std::vector<int32_t> pending_releases_;  // made outside a step; reported by the next plan
   std::vector<uint8_t> miss_gpu_;
   std::vector<int32_t> marked_;  // keys with needed_ set during this step
   std::vector<int64_t> part_clock_;  // accesses seen by each partition

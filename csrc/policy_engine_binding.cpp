@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "bindings.h"
 #include "policy_engine.h"
@@ -90,6 +91,32 @@ EngineConfig config_from_dict(const py::dict& d) {
   return c;
 }
 
+// A contiguous 1-D or N-D buffer (numpy array, array.array) of a common numeric type, read
+// without building an array object; false when the object has no such buffer.
+template <typename T>
+bool read_buffer(py::handle obj, std::vector<T>& out) {
+  if (!PyObject_CheckBuffer(obj.ptr())) return false;
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  const std::string fmt = view.format != nullptr ? view.format : "B";
+  const char f = fmt.empty() ? 'B' : fmt.back();
+  const Py_ssize_t n = view.itemsize > 0 ? view.len / view.itemsize : 0;
+  bool ok = true;
+  out.resize(size_t(n));
+  auto copy = [&](auto* p) { for (Py_ssize_t i = 0; i < n; ++i) out[size_t(i)] = T(p[i]); };
+  if ((f == 'l' || f == 'q') && view.itemsize == 8) copy(static_cast<const int64_t*>(view.buf));
+  else if ((f == 'i' || f == 'l') && view.itemsize == 4) copy(static_cast<const int32_t*>(view.buf));
+  else if (f == 'h' && view.itemsize == 2) copy(static_cast<const int16_t*>(view.buf));
+  else if (f == 'f' && view.itemsize == 4 && std::is_floating_point<T>::value) copy(static_cast<const float*>(view.buf));
+  else if (f == 'd' && view.itemsize == 8 && std::is_floating_point<T>::value) copy(static_cast<const double*>(view.buf));
+  else ok = false;
+  PyBuffer_Release(&view);
+  return ok;
+}
+
 // Read a Python list/tuple of ints (fast path) or anything numpy can view as ints.
 void read_ints(py::handle obj, std::vector<int32_t>& out) {
   out.clear();
@@ -104,8 +131,11 @@ void read_ints(py::handle obj, std::vector<int32_t>& out) {
     }
     return;
   }
-  auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
-  if (!arr) throw std::invalid_argument("expert ids must be a sequence of ints or an integer array");
+  if (read_buffer(obj, out)) return;
+  py::array any = py::array::ensure(obj);
+  if (!any || (any.dtype().kind() != 'i' && any.dtype().kind() != 'u'))
+    throw std::invalid_argument("expert ids must be a sequence of ints or an integer array");
+  auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(any);
   const int64_t* p = arr.data();
   out.assign(p, p + arr.size());
 }
@@ -124,6 +154,7 @@ bool read_floats(py::handle obj, std::vector<float>& out) {
     }
     return true;
   }
+  if (read_buffer(obj, out)) return true;
   auto arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(obj);
   if (!arr) throw std::invalid_argument("gate weights must be a sequence of floats or a float array");
   out.assign(arr.data(), arr.data() + arr.size());

@@ -247,8 +247,23 @@ def test_set_policy_keeps_contents_and_shrinks_with_releases():
         engine.step(0, [e], None)
     engine.set_policy(replace(engine.policy, cache=CacheConfig(capacity=2, eviction="lfu")))
     assert len(resident(engine, 0)) == 2 and engine.stats()["capacities"] == [2]
+    kept = resident(engine, 0)
+    p = engine.step(0, sorted(kept)[:1], None)  # the shrink's releases come with the next plan
+    assert len(p.releases) == 2 and {e for _, _, e in p.releases} == {0, 1, 2, 3} - kept
     engine.reset()
     assert resident(engine, 0) == set() and engine.stats()["accesses"] == 0
+
+
+def test_step_reads_numpy_arrays_and_rejects_float_ids():
+    import numpy as np
+
+    engine = make(CacheConfig(capacity=4), K=2, slots=4)
+    p = engine.step(0, np.array([1, 2], np.int64), np.array([0.5, 0.5], np.float32))
+    assert p.num_fetches == 2
+    p = engine.step(0, np.array([[1, 3]], np.int32), np.array([[0.5, 0.5]]))
+    assert p.hits == [(1, engine.lookup(0, 1))]
+    with pytest.raises((TypeError, ValueError)):
+        engine.step(0, np.array([1.5, 2.0]), None)
 
 
 def test_batched_step_counts_accesses_per_pair():
