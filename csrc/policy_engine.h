@@ -251,6 +251,7 @@ class Engine {
   std::vector<int32_t> key_index_;  // key -> index in uniq_ (-1 outside a step)
   std::vector<double> cand_score_;
   std::vector<int64_t> hist_sum_;
+  std::vector<double> aff_prob_;
   std::vector<int32_t> cand_;
   Plan* out_ = nullptr;  // plan being written by the current step
   std::vector<int32_t> pending_releases_;  // made outside a step; reported by the next plan

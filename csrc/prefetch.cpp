@@ -147,7 +147,8 @@ void Engine::issue_prefetches(int layer) {
         for (int c = 0; c < E_; ++c) rowsum += row[c];
         inv_rowsum[u] = rowsum > 0 ? 1.0 / double(rowsum) : 0.0;
       }
-      std::vector<double> probs(E_, 0.0);
+      std::vector<double>& probs = aff_prob_;  // scratch reused across steps
+      probs.assign(E_, 0.0);
       for (size_t u = 0; u < uniq_.size(); ++u) {
         const int32_t* row = table + size_t(uniq_[u] - layer * E_) * E_;
         for (int b = 0; b < E_; ++b) probs[b] = std::max(probs[b], row[b] * inv_rowsum[u]);
