@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import time
 
+import numpy as np
 import torch
 
 from .stats import LayerCounters
@@ -104,17 +105,20 @@ class OffloadRuntime:
         start = time.perf_counter()
         x_host, ids_host, weights_host, pred_host = self._to_host(x, ids, weights, predicted)  # the one sync
         self.transfer.poll()  # issue prefetches queued behind the in-flight limit
-        expert_ids = ids_host.view(-1).tolist()  # the layer's T*K routed ids
+        # The engine reads ids/weights through the buffer protocol: numpy views, no list building.
+        expert_ids = ids_host.view(-1).numpy()  # [T*K] the layer's routed ids
         if pred_host is not None:
-            self.engine.observe_prediction(predicted[0], pred_host.view(-1).tolist())
-        plan = self.engine.step(layer, expert_ids, weights_host.view(-1).tolist())
+            self.engine.observe_prediction(predicted[0], pred_host.view(-1).numpy())
+        plan = self.engine.step(layer, expert_ids, weights_host.view(-1).numpy())
         if self.recorder is not None:
             self.recorder.record(layer, ids_host, weights_host)
 
+        # Each plan property builds a fresh list: read each once.
+        hits, fetches, prefetches = plan.hits, plan.fetches, plan.prefetches
         # fetch() also records the new occupant in the arena's slot table (stream-ordered).
-        for expert, slot, _, _ in plan.fetches:
+        for expert, slot, _, _ in fetches:
             self.transfer.fetch(layer, expert, slot, True)
-        for p_layer, p_expert, slot, _, _ in plan.prefetches:
+        for p_layer, p_expert, slot, _, _ in prefetches:
             self.transfer.fetch(p_layer, p_expert, slot, False)
 
         cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
@@ -122,20 +126,23 @@ class OffloadRuntime:
         if cpu_experts:
             self._start_cpu(layer, x_host, ids_host, weights_host, cpu_experts)
 
-        slots = [slot for _, slot in plan.hits] + [slot for _, slot, _, _ in plan.fetches]
+        slots = [slot for _, slot in hits] + [slot for _, slot, _, _ in fetches]
         self.transfer.wait_slots(slots)
         y = self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights, self.inter_size)
         self.transfer.release_slots(slots)
-        # Staging slots (misses the policy does not keep) leave the table after the kernel.
-        for slot, _, _ in plan.releases:
-            self.arena.evict(slot)
+        # Released experts (staged for this step only, TTL/watermark evictions, shrinks) leave the
+        # table after the kernel, unless this plan already gave their slot to another expert.
+        for slot, r_layer, r_expert in plan.releases:
+            if self.arena.occupant(slot) == (r_layer, r_expert):
+                self.arena.evict(slot)
         cpu_us, cpu_pairs = 0.0, 0
         if cpu_experts:
             y = self._add_cpu(y)
             cpu_us = (time.perf_counter() - cpu_start) * 1e6
-            cpu_set = set(cpu_experts)
-            cpu_pairs = sum(1 for e in expert_ids if e in cpu_set)
-        self.counters[layer].add_plan(plan, num_pairs=len(expert_ids), slot_bytes=self.slot_bytes)
+            cpu_pairs = int(np.isin(expert_ids, cpu_experts).sum())
+        self.counters[layer].add_step(num_pairs=len(expert_ids), hits=hits, fetches=fetches,
+                                      prefetches=prefetches, num_cpu=len(cpu_experts),
+                                      slot_bytes=self.slot_bytes)
         if self.observe_timings:
             self._observe_timing(layer, (time.perf_counter() - start) * 1e6, cpu_us, cpu_pairs)
         return y

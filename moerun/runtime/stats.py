@@ -25,17 +25,18 @@ class LayerCounters:
     fetch_bytes: int = 0
     prefetch_bytes: int = 0
 
-    def add_plan(self, plan, *, num_pairs: int, slot_bytes: int) -> None:
+    def add_step(self, *, num_pairs: int, hits: list, fetches: list, prefetches: list,
+                 num_cpu: int, slot_bytes: int) -> None:
+        """Count one carried-out plan (its hits, fetches and prefetches as the engine lists them)."""
         self.steps += 1
         self.pairs += num_pairs
-        self.hits += len(plan.hits)
-        self.fetches += len(plan.fetches)
-        self.prefetches += len(plan.prefetches)
-        self.evictions += sum(1 for f in plan.fetches if f[2] >= 0)
-        self.evictions += sum(1 for p in plan.prefetches if p[3] >= 0)
-        self.cpu_experts += len(plan.cpu)
-        self.fetch_bytes += len(plan.fetches) * slot_bytes
-        self.prefetch_bytes += len(plan.prefetches) * slot_bytes
+        self.hits += len(hits)
+        self.fetches += len(fetches)
+        self.prefetches += len(prefetches)
+        self.evictions += sum(1 for f in fetches if f[2] >= 0) + sum(1 for p in prefetches if p[3] >= 0)
+        self.cpu_experts += num_cpu
+        self.fetch_bytes += len(fetches) * slot_bytes
+        self.prefetch_bytes += len(prefetches) * slot_bytes
 
     def as_dict(self) -> dict:
         return asdict(self)
