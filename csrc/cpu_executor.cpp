@@ -14,6 +14,13 @@ constexpr int64_t kDownRowsPerTask = 64;  // output columns per phase-2 task
 
 CpuExecutor::CpuExecutor(int num_threads) : isa_(detect_cpu_isa()), pool_(num_threads) {}
 
+CpuExecutor::~CpuExecutor() {
+  try {
+    wait();
+  } catch (...) {  // a task's error has nobody left to report to
+  }
+}
+
 void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
                          const int64_t* topk_ids, const float* topk_weights, int64_t K,
                          const std::vector<int64_t>& experts, float* out, std::shared_ptr<void> keep_alive) {

@@ -18,6 +18,8 @@ class CpuExecutor {
  public:
   // num_threads 0 = one per physical core.
   explicit CpuExecutor(int num_threads);
+  // Waits for a running job: its tasks read the buffers below, which die before the thread pool.
+  ~CpuExecutor();
 
   // Starts the experts of `layer` listed in `experts` for the tokens routed to them and returns at once.
   // x: [T, H] host memory of x_dtype (copied before returning); topk_ids [T, K] int64 and topk_weights

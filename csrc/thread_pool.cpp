@@ -3,7 +3,8 @@
 #include <sched.h>
 
 #include <chrono>
-#include <fstream>
+#include <algorithm>
+#include <cstdio>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -17,28 +18,37 @@
 #endif
 
 namespace moerun {
+namespace {
+bool read_int_file(const std::string& path, int* out) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return false;
+  const bool ok = std::fscanf(f, "%d", out) == 1;
+  std::fclose(f);
+  return ok;
+}
+}  // namespace
 
 int physical_core_count() {
   cpu_set_t set;
   CPU_ZERO(&set);
-  const int logical = std::max(1u, std::thread::hardware_concurrency());
+  const int logical = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (sched_getaffinity(0, sizeof(set), &set) != 0) return logical;
-  std::set<std::pair<int, int>> cores;
-  int allowed = 0;
+  const int allowed = std::max(1, CPU_COUNT(&set));
+  std::set<std::pair<int, int>> cores;  // (package, core id)
   for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
     if (!CPU_ISSET(cpu, &set)) continue;
-    ++allowed;
     const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    std::ifstream core_f(topo + "core_id"), pkg_f(topo + "physical_package_id");
     int core = -1, pkg = -1;
-    if (!(core_f >> core) || !(pkg_f >> pkg)) return allowed > 0 ? CPU_COUNT(&set) : logical;
+    if (!read_int_file(topo + "core_id", &core) || !read_int_file(topo + "physical_package_id", &pkg))
+      return allowed;  // no topology (some VMs): count the CPUs we may use
     cores.insert({pkg, core});
   }
-  return cores.empty() ? logical : static_cast<int>(cores.size());
+  return cores.empty() ? allowed : std::min(allowed, static_cast<int>(cores.size()));
 }
 
 ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = physical_core_count();
+  num_threads = std::min(num_threads, 256);
   next_task_.reset(new std::atomic<int64_t>[max_phases_]);
   arrived_.reset(new std::atomic<int>[max_phases_]);
   for (int i = 0; i < num_threads; ++i) threads_.emplace_back([this] { worker_loop(); });
