@@ -5,7 +5,7 @@ in one spot with a message that says how to rebuild.
 """
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads libtorch/libc10, which moerun._C links against)
+import torch  # noqa: F401  (loads libc10/libtorch, which moerun._C links against)
 
 try:
     from moerun import _C  # noqa: F401  (re-exported)
