@@ -12,7 +12,13 @@ constexpr int64_t kGateRowsPerTask = 32;  // rows of gate (and as many of up) pe
 constexpr int64_t kDownRowsPerTask = 64;  // output columns per phase-2 task
 }  // namespace
 
-CpuExecutor::CpuExecutor(int num_threads) : isa_(detect_cpu_isa()), pool_(num_threads) {}
+// The default leaves one physical core to the thread that drives the GPU: it must keep launching
+// kernels and copies while the experts run here, and a starved driver thread stalls the whole step.
+static int default_threads(int requested) {
+  return requested > 0 ? requested : std::max(1, physical_core_count() - 1);
+}
+
+CpuExecutor::CpuExecutor(int num_threads) : isa_(detect_cpu_isa()), pool_(default_threads(num_threads)) {}
 
 CpuExecutor::~CpuExecutor() {
   try {

@@ -16,7 +16,7 @@ namespace moerun {
 
 class CpuExecutor {
  public:
-  // num_threads 0 = one per physical core.
+  // num_threads 0 = one per physical core but one (left to the thread driving the GPU).
   explicit CpuExecutor(int num_threads);
   // Waits for a running job: its tasks read the buffers below, which die before the thread pool.
   ~CpuExecutor();
