@@ -22,6 +22,10 @@ static pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moerun native runtime (see moerun/native.py for the typed Python surface)";
+  moerun::bind_arena(m);
+  moerun::bind_host_pool(m);
+  moerun::bind_transfer(m);
+  moerun::bind_cpu_executor(m);
   m.def("build_info", &moerun::build_info, "How this extension was built: {'cuda': bool, 'torch_version': str}");
   moerun::bind_policy_engine(m);
 }

@@ -3,5 +3,9 @@
 #include <torch/extension.h>
 
 namespace moerun {
+void bind_arena(pybind11::module& m);
+void bind_host_pool(pybind11::module& m);
+void bind_transfer(pybind11::module& m);
+void bind_cpu_executor(pybind11::module& m);
 void bind_policy_engine(pybind11::module& m);  // policy_engine_binding.cpp
 }  // namespace moerun

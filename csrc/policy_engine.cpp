@@ -333,7 +333,7 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
       }
     }
     if (slot < 0) {
-      if (miss_gpu_[i]) ++total_.overflow;
+      if (miss_gpu_[i]) ++total_.overflow; else cpu_misses_.push_back(key);
       out.cpu.push_back(key - base);
       total_.cpu_accesses += miss_tokens_[i];
       cpu_tokens += miss_tokens_[i];
@@ -348,6 +348,8 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
     ++total_.demand_fetches;
     total_.bytes_fetched += cfg_.expert_bytes;
   }
+
+  admit_cpu_misses();
 
   // Recency order of the LRU list follows the access order of this step (misses were inserted
   // after the hits were touched).
@@ -384,6 +386,36 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
   push_window_record();
   if (!cfg_.rules.empty()) evaluate_rules();
   out_ = nullptr;
+}
+
+// A miss the schedule sent to the CPU still competes for a slot: it is copied in the background
+// (reported with the prefetches: this step's kernel does not wait for it) when its partition has a
+// free slot or the eviction order ranks it above the victim. Without this a cpu_fallback cache
+// would never fill, and Fiddler-style placement (the most used experts end up resident) could not
+// emerge. LRU always ranks the newest access first, so under LRU only free slots admit: otherwise
+// every CPU miss would also cost a copy.
+void Engine::admit_cpu_misses() {
+  for (int key : cpu_misses_) {
+    const int p = partition_of(key);
+    int slot = -1, victim = -1;
+    if (part_size_[p] < part_cap_[p]) slot = take_free_slot();
+    if (slot < 0) {
+      if (cfg_.eviction == Eviction::Lru) continue;
+      victim = choose_victim(p);
+      if (victim < 0 || !(priority(key) > priority(victim))) continue;
+      slot = slot_of_[victim];
+      remove(victim, true);
+    }
+    insert(key, slot, false);
+    out_->prefetches.push_back(key / E_);
+    out_->prefetches.push_back(key % E_);
+    out_->prefetches.push_back(slot);
+    out_->prefetches.push_back(victim >= 0 ? victim / E_ : -1);
+    out_->prefetches.push_back(victim >= 0 ? victim % E_ : -1);
+    ++total_.admissions;
+    total_.bytes_fetched += cfg_.expert_bytes;
+  }
+  cpu_misses_.clear();
 }
 
 }  // namespace policy

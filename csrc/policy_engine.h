@@ -103,6 +103,7 @@ struct Counters {
   int64_t steps = 0, tokens = 0, accesses = 0, hits = 0, cpu_accesses = 0;
   int64_t demand_fetches = 0, prefetches = 0, prefetch_used = 0, evictions = 0, releases = 0;
   int64_t cpu_experts = 0, overflow = 0, bytes_fetched = 0;
+  int64_t admissions = 0;  // CPU-run misses copied in the background to stay cached
   double observed_us = 0.0;  // sum of observed layer times
   int64_t observed_steps = 0;
 };
@@ -171,6 +172,7 @@ class Engine {
   void record_routing(int layer, const int32_t* ids, int n);
   void issue_prefetches(int layer);
   bool prefetch_one(int key);
+  void admit_cpu_misses();
   // -- schedule + cost model (cost_model.cpp) --
   void schedule_misses(int layer);
   // -- adapt (adapt.cpp) --
@@ -247,6 +249,7 @@ class Engine {
 
   // step scratch
   std::vector<int32_t> uniq_, uniq_count_, uniq_next_, miss_, miss_tokens_;
+  std::vector<int32_t> cpu_misses_;  // keys the schedule sent to the CPU this step
   std::vector<float> uniq_weight_;
   std::vector<int32_t> key_index_;  // key -> index in uniq_ (-1 outside a step)
   std::vector<double> cand_score_;

@@ -203,7 +203,7 @@ py::dict stats(const Engine& e) {
   d["evictions"] = c.evictions; d["releases"] = c.releases;
   d["cpu_accesses"] = c.cpu_accesses; d["cpu_experts"] = c.cpu_experts;
   d["cpu_share"] = c.accesses > 0 ? double(c.cpu_accesses) / double(c.accesses) : 0.0;
-  d["overflow"] = c.overflow; d["bytes_fetched"] = c.bytes_fetched;
+  d["admissions"] = c.admissions; d["overflow"] = c.overflow; d["bytes_fetched"] = c.bytes_fetched;
   d["resident"] = e.resident();
   d["capacities"] = e.layer_capacities();
   d["layer_hits"] = e.layer_hits(); d["layer_accesses"] = e.layer_accesses();

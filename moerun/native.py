@@ -17,6 +17,15 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     ) from exc
 
 
+# The mechanism (csrc/): see moerun/_C.pyi for their typed signatures.
+ExpertArena = _C.ExpertArena
+HostPool = _C.HostPool
+TransferEngine = _C.TransferEngine
+CpuExecutor = _C.CpuExecutor
+slot_elems = _C.slot_elems
+physical_cores = _C.physical_cores
+
+
 def build_info() -> dict:
     """How the extension was built: ``{'cuda': bool, 'torch_version': str, ...}``."""
     return dict(_C.build_info())

@@ -273,3 +273,28 @@ def test_batched_step_counts_accesses_per_pair():
     assert s["accesses"] == 4 and s["demand_fetches"] == 3
     engine.step(0, [1, 2, 1, 2], None)
     assert engine.stats()["hits"] == 4
+
+
+def test_cpu_fallback_places_the_most_used_experts_fiddler_style():
+    # Misses run on the CPU, yet the cache fills in the background and, under LFU without decay,
+    # settles on the most used experts: expert 5 (3 uses per round) displaces 1 (1 use per round).
+    engine = make(CacheConfig(capacity=2, eviction="lfu"), slots=2,
+                  schedule=ScheduleConfig(mode="cpu_fallback"))
+    p = engine.step(0, [1], None)
+    assert p.cpu == [(1,)] and p.fetches == [] and p.prefetches == [(0, 1, 0, -1, -1)]
+    for _ in range(3):
+        for e in (1, 2, 5, 5, 5, 2):
+            plan = engine.step(0, [e], None)
+            assert plan.fetches == []  # never a demand copy: a miss always runs on the CPU
+    assert resident(engine, 0) == {2, 5}
+    stats = engine.stats()
+    assert stats["demand_fetches"] == 0 and stats["admissions"] >= 3
+    assert engine.step(0, [5], None).hits == [(5, engine.lookup(0, 5))]
+
+
+def test_cpu_fallback_under_lru_admits_only_into_free_slots():
+    engine = make(CacheConfig(capacity=1, eviction="lru"), slots=1, schedule=ScheduleConfig(mode="cpu_fallback"))
+    engine.step(0, [1], None)
+    assert resident(engine, 0) == {1}
+    p = engine.step(0, [2], None)
+    assert p.cpu == [(2,)] and p.prefetches == [] and resident(engine, 0) == {1}

@@ -1,0 +1,83 @@
+// Python binding of ExpertArena: allocates the slot memory and the table mirror through torch (so they
+// show in torch's allocator statistics) and hands raw pointers to the core.
+#include "arena.h"
+#include "binding_util.h"
+#include "bindings.h"
+
+namespace moerun {
+namespace {
+
+struct ArenaTensors {
+  at::Tensor weights;     // [N, S] model dtype
+  at::Tensor slot_table;  // [L, E] int32
+};
+
+const ArenaTensors& tensors_of(const ExpertArena& a) { return *std::static_pointer_cast<ArenaTensors>(a.owner()); }
+
+std::shared_ptr<ExpertArena> make_arena(int64_t num_slots, int64_t slot_elems, at::ScalarType st, py::object device_like,
+                                        int64_t num_layers, int64_t num_experts) {
+  // Accept "cuda:0", torch.device(...) or an index, as torch does.
+  const at::Device device = py::cast<at::Device>(py::module::import("torch").attr("device")(device_like));
+  const DType dt = to_dtype(st, "ExpertArena dtype");
+  if (num_slots <= 0 || slot_elems <= 0 || num_layers <= 0 || num_experts <= 0)
+    throw std::invalid_argument("ExpertArena needs positive num_slots, slot_elems, num_layers, num_experts (got " +
+                                std::to_string(num_slots) + ", " + std::to_string(slot_elems) + ", " +
+                                std::to_string(num_layers) + ", " + std::to_string(num_experts) + ")");
+  if (slot_elems % 64 != 0)
+    throw std::invalid_argument("slot_elems must be a multiple of 64 (use moerun.native.slot_elems(hidden, inter)); got " +
+                                std::to_string(slot_elems));
+  int device_index = -1;
+  if (device.is_cuda()) {
+#ifdef MOERUN_WITH_CUDA
+    device_index = device.has_index() ? device.index() : c10::cuda::current_device();
+#else
+    throw std::invalid_argument("this moerun build has no CUDA support; put the arena on device 'cpu'");
+#endif
+  } else if (!device.is_cpu()) {
+    throw std::invalid_argument("ExpertArena device must be cpu or cuda, not " + device.str());
+  }
+  const at::Device where = device_index >= 0 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index))
+                                             : at::Device(at::kCPU);
+  auto t = std::make_shared<ArenaTensors>();
+  // Zeros: padding and never-filled slots read as zeros, never as stale memory.
+  t->weights = torch::zeros({num_slots, slot_elems}, at::TensorOptions().dtype(st).device(where));
+  t->slot_table = torch::full({num_layers, num_experts}, -1, at::TensorOptions().dtype(at::kInt).device(where));
+  return std::make_shared<ExpertArena>(t->weights.data_ptr(), t->slot_table.data_ptr<int32_t>(), num_slots,
+                                       slot_elems, dt, device_index, num_layers, num_experts, t);
+}
+
+}  // namespace
+
+void bind_arena(py::module& m) {
+  m.def("slot_elems", &slot_elems_for, py::arg("hidden_size"), py::arg("inter_size"),
+        "Elements of one expert slot: round_up(3 * inter_size * hidden_size, 64).");
+  py::class_<ExpertArena, std::shared_ptr<ExpertArena>>(m, "ExpertArena",
+                                                        "Fixed GPU (or host) expert slots and the (layer, expert) -> slot table.")
+      .def(py::init(&make_arena), py::arg("num_slots"), py::arg("slot_elems"), py::arg("dtype"), py::arg("device"),
+           py::arg("num_layers"), py::arg("num_experts"))
+      .def_property_readonly("weights", [](const ExpertArena& a) { return tensors_of(a).weights; },
+                             "[num_slots, slot_elems] tensor of the model dtype: the slots.")
+      .def_property_readonly("slot_table", [](const ExpertArena& a) { return tensors_of(a).slot_table; },
+                             "[num_layers, num_experts] int32 on the arena's device; -1 = not resident.")
+      .def("assign",
+           [](ExpertArena& a, int64_t slot, int64_t layer, int64_t expert) {
+             a.assign(slot, layer, expert, current_stream(a.device_index()));
+           },
+           py::arg("slot"), py::arg("layer"), py::arg("expert"),
+           "Record that `slot` holds (layer, expert); clears the slot's previous occupant. Copies nothing.")
+      .def("evict", [](ExpertArena& a, int64_t slot) { a.evict(slot, current_stream(a.device_index())); },
+           py::arg("slot"))
+      .def("clear", [](ExpertArena& a) { a.clear(current_stream(a.device_index())); })
+      .def("lookup", &ExpertArena::lookup, py::arg("layer"), py::arg("expert"), "Slot of (layer, expert) or -1.")
+      .def("occupant", &ExpertArena::occupant, py::arg("slot"), "(layer, expert) held by slot, or (-1, -1).")
+      .def_property_readonly("resident_count", &ExpertArena::resident_count)
+      .def_property_readonly("num_slots", &ExpertArena::num_slots)
+      .def_property_readonly("slot_elems", &ExpertArena::slot_elems)
+      .def_property_readonly("slot_bytes", &ExpertArena::slot_bytes)
+      .def_property_readonly("num_layers", &ExpertArena::num_layers)
+      .def_property_readonly("num_experts", &ExpertArena::num_experts)
+      .def_property_readonly("dtype", [](const ExpertArena& a) { return tensors_of(a).weights.scalar_type(); })
+      .def_property_readonly("device", [](const ExpertArena& a) { return tensors_of(a).weights.device(); });
+}
+
+}  // namespace moerun

@@ -1,0 +1,118 @@
+#include "cpu_executor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace moerun {
+namespace {
+constexpr int64_t kGateRowsPerTask = 32;  // rows of gate (and as many of up) per phase-1 task
+constexpr int64_t kDownRowsPerTask = 64;  // output columns per phase-2 task
+}  // namespace
+
+// The default leaves one physical core to the thread that drives the GPU: it must keep launching
+// kernels and copies while the experts run here, and a starved driver thread stalls the whole step.
+static int default_threads(int requested) {
+  return requested > 0 ? requested : std::max(1, physical_core_count() - 1);
+}
+
+CpuExecutor::CpuExecutor(int num_threads) : isa_(detect_cpu_isa()), pool_(default_threads(num_threads)) {}
+
+CpuExecutor::~CpuExecutor() {
+  try {
+    wait();
+  } catch (...) {  // a task's error has nobody left to report to
+  }
+}
+
+void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
+                         const int64_t* topk_ids, const float* topk_weights, int64_t K,
+                         const std::vector<int64_t>& experts, float* out, std::shared_ptr<void> keep_alive) {
+  if (busy()) throw std::runtime_error("CpuExecutor.submit: the previous job is still running; call wait() first");
+  const int64_t H = pool.hidden_size(), I = pool.inter_size();
+  const DType wd = pool.dtype();
+  // Gather each expert's tokens into contiguous fp32 rows (the caller's x may be freed after return).
+  jobs_.clear();
+  row_token_.clear();
+  row_weight_.clear();
+  for (int64_t e : experts) {
+    if (e < 0 || e >= pool.num_experts())
+      throw std::out_of_range("CpuExecutor: expert " + std::to_string(e) + " is outside [0, " +
+                              std::to_string(pool.num_experts()) + ")");
+    const int64_t first = static_cast<int64_t>(row_token_.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k)
+        if (topk_ids[t * K + k] == e) {
+          row_token_.push_back(t);
+          row_weight_.push_back(topk_weights[t * K + k]);
+        }
+    const int64_t n = static_cast<int64_t>(row_token_.size()) - first;
+    if (n > 0) jobs_.push_back({pool.expert_ptr(layer, e), first, n});
+  }
+  const int64_t rows = static_cast<int64_t>(row_token_.size());
+  xg_.resize(static_cast<size_t>(rows * H));
+  h_.resize(static_cast<size_t>(rows * I));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = row_token_[r];
+    for (int64_t c = 0; c < H; ++c) xg_[r * H + c] = load_as_f32(x, t * H + c, x_dtype);
+  }
+  std::memset(out, 0, static_cast<size_t>(T * H) * sizeof(float));
+  keep_alive_ = std::move(keep_alive);
+  if (jobs_.empty()) return;
+
+  const int64_t gate_blocks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
+  const int64_t down_blocks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
+  const int64_t wb = dtype_bytes(wd);
+  const CpuIsa isa = isa_;
+  std::vector<ThreadPool::Phase> phases;
+  // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
+  phases.push_back({static_cast<int64_t>(jobs_.size()) * gate_blocks, [=](int64_t task) {
+                      const Job& j = jobs_[static_cast<size_t>(task / gate_blocks)];
+                      const int64_t i0 = (task % gate_blocks) * kGateRowsPerTask;
+                      const int64_t i1 = std::min(I, i0 + kGateRowsPerTask);
+                      const int64_t n = i1 - i0;
+                      float g[4 * kGateRowsPerTask], u[4 * kGateRowsPerTask];  // [tile, n]
+                      const char* w = static_cast<const char*>(j.weights);
+                      for (int64_t t0 = 0; t0 < j.num_tokens; t0 += 4) {
+                        const int64_t tn = std::min<int64_t>(4, j.num_tokens - t0);
+                        const float* xr = xg_.data() + (j.first_row + t0) * H;
+                        matmul_rows(isa, w, wd, H, i0, i1, xr, tn, H, g, n);
+                        matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, H, u, n);
+                        for (int64_t t = 0; t < tn; ++t)
+                          for (int64_t i = 0; i < n; ++i) {
+                            const float gv = g[t * n + i];
+                            h_[(j.first_row + t0 + t) * I + i0 + i] = gv / (1.f + std::exp(-gv)) * u[t * n + i];
+                          }
+                      }
+                    }});
+  // Phase 2: out[t, c0:c1] += w * (h @ down.T)[c0:c1] for every expert; one task owns its columns.
+  phases.push_back({down_blocks, [=](int64_t task) {
+                      const int64_t c0 = task * kDownRowsPerTask;
+                      const int64_t c1 = std::min(H, c0 + kDownRowsPerTask);
+                      const int64_t n = c1 - c0;
+                      float y[4 * kDownRowsPerTask];
+                      for (const Job& j : jobs_) {
+                        const char* down = static_cast<const char*>(j.weights) + 2 * I * H * wb;
+                        for (int64_t t0 = 0; t0 < j.num_tokens; t0 += 4) {
+                          const int64_t tn = std::min<int64_t>(4, j.num_tokens - t0);
+                          matmul_rows(isa, down, wd, I, c0, c1, h_.data() + (j.first_row + t0) * I, tn, I, y, n);
+                          for (int64_t t = 0; t < tn; ++t) {
+                            const int64_t row = j.first_row + t0 + t;
+                            float* o = out + row_token_[row] * H + c0;
+                            const float gw = row_weight_[row];
+                            for (int64_t i = 0; i < n; ++i) o[i] += gw * y[t * n + i];
+                          }
+                        }
+                      }
+                    }});
+  pool_.submit(std::move(phases));
+}
+
+void CpuExecutor::wait() {
+  std::shared_ptr<void> held = std::move(keep_alive_);  // released however the job ended
+  pool_.wait();
+}
+
+}  // namespace moerun

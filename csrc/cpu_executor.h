@@ -1,0 +1,52 @@
+// CpuExecutor: runs routed experts for a few tokens on the host, straight from the HostPool, while the
+// GPU works on the rest: out[t] = sum over (t, k) with topk_ids[t, k] in `experts` of
+// topk_weights[t, k] * down(silu(gate(x[t])) * up(x[t])), fp32 accumulation, fp32 output.
+// Work is split over a persistent thread pool in two phases: gate/up rows of every expert, then down
+// rows partitioned by output column, so no two threads write the same output element.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "host_pool.h"
+#include "thread_pool.h"
+
+namespace moerun {
+
+class CpuExecutor {
+ public:
+  // num_threads 0 = one per physical core but one (left to the thread driving the GPU).
+  explicit CpuExecutor(int num_threads);
+  // Waits for a running job: its tasks read the buffers below, which die before the thread pool.
+  ~CpuExecutor();
+
+  // Starts the experts of `layer` listed in `experts` for the tokens routed to them and returns at once.
+  // x: [T, H] host memory of x_dtype (copied before returning); topk_ids [T, K] int64 and topk_weights
+  // [T, K] fp32 (read before returning); out: fp32 [T, H], overwritten (rows with no CPU expert become
+  // zero) and valid after wait(). keep_alive is released by wait() (it holds out and the pool).
+  void submit(const HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T, const int64_t* topk_ids,
+              const float* topk_weights, int64_t K, const std::vector<int64_t>& experts, float* out,
+              std::shared_ptr<void> keep_alive);
+  void wait();
+  bool busy() const { return pool_.busy(); }
+  CpuIsa isa() const { return isa_; }
+  int num_threads() const { return pool_.num_threads(); }
+
+ private:
+  struct Job {
+    const void* weights;   // expert slot in the pool
+    int64_t first_row;     // offset of this expert's tokens in xg_/h_
+    int64_t num_tokens;
+  };
+  CpuIsa isa_;
+  ThreadPool pool_;
+  std::vector<Job> jobs_;
+  std::vector<float> xg_;         // [rows, H]  gathered token activations, fp32
+  std::vector<float> h_;          // [rows, I]  silu(gate) * up
+  std::vector<int64_t> row_token_;  // [rows] token index of each gathered row
+  std::vector<float> row_weight_;   // [rows] gate weight of each gathered row
+  std::shared_ptr<void> keep_alive_;
+};
+
+}  // namespace moerun

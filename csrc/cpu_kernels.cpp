@@ -1,0 +1,217 @@
+#include "cpu_kernels.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MOERUN_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace moerun {
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Scalar: return "scalar";
+    case CpuIsa::Avx2: return "avx2";
+    case CpuIsa::Avx512: return "avx512";
+    case CpuIsa::Avx512Bf16: return "avx512_bf16";
+  }
+  return "?";
+}
+
+CpuIsa detect_cpu_isa() {
+  CpuIsa best = CpuIsa::Scalar;
+#ifdef MOERUN_X86
+  unsigned a, b, c, d;
+  if (__get_cpuid(1, &a, &b, &c, &d)) {
+    const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
+    unsigned long long xcr0 = 0;
+    if (osxsave) {
+      unsigned lo, hi;
+      __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+      xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
+    }
+    const bool os_avx = (xcr0 & 0x6) == 0x6;           // XMM + YMM state saved by the OS
+    const bool os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;  // + opmask, ZMM_Hi256, Hi16_ZMM
+    unsigned a7, b7, c7, d7;
+    if (__get_cpuid_count(7, 0, &a7, &b7, &c7, &d7)) {
+      if (os_avx && fma && f16c && (b7 & (1u << 5))) best = CpuIsa::Avx2;
+      if (os_avx512 && (b7 & (1u << 16))) best = CpuIsa::Avx512;
+      unsigned a71, b71, c71, d71;
+      if (best == CpuIsa::Avx512 && __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71) && (a71 & (1u << 5)))
+        best = CpuIsa::Avx512Bf16;
+    }
+  }
+#endif
+  if (const char* cap = std::getenv("MOERUN_CPU_ISA")) {
+    for (int i = 0; i <= static_cast<int>(best); ++i)
+      if (std::string(cap) == cpu_isa_name(static_cast<CpuIsa>(i))) return static_cast<CpuIsa>(i);
+  }
+  return best;
+}
+
+namespace {
+
+// Portable path: the compiler vectorises the inner loop for the build's baseline ISA.
+template <int T>
+void rows_scalar(const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1, const float* X, int64_t ldx,
+                 float* Y, int64_t ldy) {
+  std::vector<float> wrow(static_cast<size_t>(cols));
+  for (int64_t r = r0; r < r1; ++r) {
+    if (wd == DType::F32) {
+      std::memcpy(wrow.data(), static_cast<const float*>(W) + r * cols, static_cast<size_t>(cols) * 4);
+    } else {
+      const uint16_t* w = static_cast<const uint16_t*>(W) + r * cols;
+      if (wd == DType::BF16)
+        for (int64_t c = 0; c < cols; ++c) wrow[c] = bf16_to_f32(w[c]);
+      else
+        for (int64_t c = 0; c < cols; ++c) wrow[c] = f16_to_f32(w[c]);
+    }
+    for (int t = 0; t < T; ++t) {
+      const float* x = X + t * ldx;
+      float acc = 0.f;
+      for (int64_t c = 0; c < cols; ++c) acc += wrow[c] * x[c];
+      Y[t * ldy + (r - r0)] = acc;
+    }
+  }
+}
+
+#ifdef MOERUN_X86
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* W, DType wd, int64_t i) {
+  if (wd == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(W) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(W) + i));
+  if (wd == DType::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int T>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const void* W, DType wd, int64_t cols, int64_t r0,
+                                                          int64_t r1, const float* X, int64_t ldx, float* Y,
+                                                          int64_t ldy) {
+  const int64_t main = cols / 16 * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * cols;
+    __m256 acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < main; c += 16) {
+      const __m256 w0 = load8(W, wd, base + c), w1 = load8(W, wd, base + c + 8);
+      for (int t = 0; t < T; ++t) {
+        acc0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + t * ldx + c), acc0[t]);
+        acc1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + t * ldx + c + 8), acc1[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      float acc = hsum8(_mm256_add_ps(acc0[t], acc1[t]));
+      for (int64_t c = main; c < cols; ++c) acc += load_as_f32(W, base + c, wd) * X[t * ldx + c];
+      Y[t * ldy + (r - r0)] = acc;
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) inline __m512 load16(const void* W, DType wd, int64_t i) {
+  if (wd == DType::F32) return _mm512_loadu_ps(static_cast<const float*>(W) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(W) + i));
+  if (wd == DType::F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int T>
+__attribute__((target("avx512f"))) void rows_avx512(const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1,
+                                                     const float* X, int64_t ldx, float* Y, int64_t ldy) {
+  const int64_t main = cols / 32 * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = r * cols;
+    __m512 acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < main; c += 32) {
+      const __m512 w0 = load16(W, wd, base + c), w1 = load16(W, wd, base + c + 16);
+      for (int t = 0; t < T; ++t) {
+        acc0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + t * ldx + c), acc0[t]);
+        acc1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(X + t * ldx + c + 16), acc1[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+      for (int64_t c = main; c < cols; ++c) acc += load_as_f32(W, base + c, wd) * X[t * ldx + c];
+      Y[t * ldy + (r - r0)] = acc;
+    }
+  }
+}
+
+// bf16 weights x bf16 activations with fp32 accumulation (vdpbf16ps: pairs of products per lane).
+template <int T>
+__attribute__((target("avx512f,avx512bf16"))) void rows_avx512_bf16(const uint16_t* W, int64_t cols, int64_t r0,
+                                                                     int64_t r1, const uint16_t* Xb, int64_t ldxb,
+                                                                     const float* X, int64_t ldx, float* Y,
+                                                                     int64_t ldy) {
+  const int64_t main = cols / 64 * 64;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* w = W + r * cols;
+    __m512 acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < main; c += 64) {
+      const __m512i w0 = _mm512_loadu_si512(w + c), w1 = _mm512_loadu_si512(w + c + 32);
+      for (int t = 0; t < T; ++t) {
+        const uint16_t* xb = Xb + t * ldxb + c;
+        acc0[t] = _mm512_dpbf16_ps(acc0[t], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xb));
+        acc1[t] = _mm512_dpbf16_ps(acc1[t], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xb + 32));
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      float acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+      for (int64_t c = main; c < cols; ++c) acc += bf16_to_f32(w[c]) * X[t * ldx + c];
+      Y[t * ldy + (r - r0)] = acc;
+    }
+  }
+}
+#endif
+
+template <int T>
+void rows_dispatch(CpuIsa isa, const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1, const float* X,
+                   int64_t ldx, float* Y, int64_t ldy) {
+#ifdef MOERUN_X86
+  if (isa == CpuIsa::Avx512Bf16 && wd == DType::BF16) {
+    // Round this tile's activations to bf16 once per call (a call covers many rows).
+    thread_local std::vector<uint16_t> xb;
+    xb.resize(static_cast<size_t>(T * cols));
+    for (int t = 0; t < T; ++t)
+      for (int64_t c = 0; c < cols; ++c) xb[t * cols + c] = f32_to_bf16(X[t * ldx + c]);
+    rows_avx512_bf16<T>(static_cast<const uint16_t*>(W), cols, r0, r1, xb.data(), cols, X, ldx, Y, ldy);
+    return;
+  }
+  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Avx512Bf16) return rows_avx512<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+  if (isa == CpuIsa::Avx2) return rows_avx2<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+#endif
+  (void)isa;
+  rows_scalar<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+}
+
+}  // namespace
+
+void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const float* X,
+                 int64_t T, int64_t ldx, float* Y, int64_t ldy) {
+  // Tiles of up to 4 tokens share each weight load (the weights, not the tokens, are the traffic).
+  for (int64_t t0 = 0; t0 < T; t0 += 4) {
+    const float* x = X + t0 * ldx;
+    float* y = Y + t0 * ldy;
+    switch (static_cast<int>(T - t0 < 4 ? T - t0 : 4)) {
+      case 1: rows_dispatch<1>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
+      case 2: rows_dispatch<2>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
+      case 3: rows_dispatch<3>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
+      default: rows_dispatch<4>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
+    }
+  }
+}
+
+}  // namespace moerun

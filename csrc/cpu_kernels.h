@@ -1,0 +1,24 @@
+// Matrix-times-few-vectors kernels of the CPU executor, one per instruction set, chosen at run time.
+// Every ISA-specific function is compiled with __attribute__((target(...))) and only called after cpuid
+// (and, for AVX-512, the OS's xsave state) says the CPU can run it, so one build runs on any x86-64
+// CPU and on other architectures (scalar path only).
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace moerun {
+
+enum class CpuIsa : int32_t { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+
+const char* cpu_isa_name(CpuIsa isa);
+// Best ISA this CPU and OS support. MOERUN_CPU_ISA=scalar|avx2|avx512|avx512_bf16 caps the choice.
+CpuIsa detect_cpu_isa();
+
+// Y[t, r - r0] = sum_c W[r, c] * X[t, c] for r in [r0, r1), t in [0, T).
+// W: row-major [rows, cols] of w_dtype; X: fp32 [T, ldx]; Y: fp32 [T, ldy]. Accumulates in fp32
+// (the AVX-512-BF16 path rounds X to bf16 first, as a bf16 model's activations already are).
+void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const float* X,
+                 int64_t T, int64_t ldx, float* Y, int64_t ldy);
+
+}  // namespace moerun

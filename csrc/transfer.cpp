@@ -1,0 +1,279 @@
+#include "transfer.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+
+namespace moerun {
+namespace {
+
+constexpr size_t kTimingRing = 256;  // copies whose duration can be pending read-back at once
+
+#ifdef MOERUN_WITH_CUDA
+// Switches to the arena's device for the scope of one call, and back.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    MOERUN_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) MOERUN_CUDA_CHECK(cudaSetDevice(device));
+    device_ = device;
+  }
+  ~DeviceScope() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0, device_ = 0;
+};
+
+inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+inline cudaEvent_t as_event(void* e) { return static_cast<cudaEvent_t>(e); }
+
+// True when the event has completed (or was never recorded); false while it is pending.
+bool event_done(void* e) {
+  const cudaError_t r = cudaEventQuery(as_event(e));
+  if (r == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
+  MOERUN_CUDA_CHECK(r);
+  return true;
+}
+#endif
+
+}  // namespace
+
+TransferEngine::TransferEngine(std::shared_ptr<ExpertArena> arena, std::shared_ptr<HostPool> pool, int num_streams,
+                               int max_inflight_prefetches)
+    : arena_(std::move(arena)), pool_(std::move(pool)), num_streams_(num_streams),
+      max_inflight_(max_inflight_prefetches) {
+  if (num_streams < 2)
+    throw std::invalid_argument("TransferEngine needs num_streams >= 2 (one for demand fetches, the rest for "
+                                "prefetches); got " + std::to_string(num_streams));
+  if (max_inflight_prefetches < 1)
+    throw std::invalid_argument("max_inflight_prefetches must be >= 1; got " + std::to_string(max_inflight_prefetches));
+  if (arena_->dtype() != pool_->dtype() || arena_->slot_elems() != pool_->slot_elems())
+    throw std::invalid_argument(std::string("arena and pool disagree on the slot layout: arena ") +
+                                dtype_name(arena_->dtype()) + " x " + std::to_string(arena_->slot_elems()) +
+                                " elements, pool " + dtype_name(pool_->dtype()) + " x " +
+                                std::to_string(pool_->slot_elems()));
+  if (arena_->num_layers() != pool_->num_layers() || arena_->num_experts() != pool_->num_experts())
+    throw std::invalid_argument("arena and pool disagree on the number of layers/experts");
+  queued_in_slot_.assign(static_cast<size_t>(arena_->num_slots()), 0);
+#ifdef MOERUN_WITH_CUDA
+  cuda_ = arena_->on_cuda();
+  if (!cuda_) return;
+  DeviceScope scope(arena_->device_index());
+  int least = 0, greatest = 0;
+  MOERUN_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  for (int i = 0; i < num_streams; ++i) {
+    cudaStream_t s;
+    MOERUN_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, i == 0 ? greatest : least));
+    streams_.push_back(s);
+  }
+  for (int64_t i = 0; i < arena_->num_slots(); ++i) {
+    cudaEvent_t a, b;
+    MOERUN_CUDA_CHECK(cudaEventCreateWithFlags(&a, cudaEventDisableTiming));
+    MOERUN_CUDA_CHECK(cudaEventCreateWithFlags(&b, cudaEventDisableTiming));
+    ready_.push_back(a);
+    release_.push_back(b);
+  }
+  for (size_t i = 0; i < kTimingRing; ++i) {
+    cudaEvent_t a, b;
+    MOERUN_CUDA_CHECK(cudaEventCreate(&a));
+    MOERUN_CUDA_CHECK(cudaEventCreate(&b));
+    timings_.push_back({a, b, false});
+  }
+#endif
+}
+
+TransferEngine::~TransferEngine() {
+#ifdef MOERUN_WITH_CUDA
+  if (!cuda_) return;
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(arena_->device_index());
+  for (void* s : streams_) {
+    cudaStreamSynchronize(as_stream(s));
+    cudaStreamDestroy(as_stream(s));
+  }
+  for (void* e : ready_) cudaEventDestroy(as_event(e));
+  for (void* e : release_) cudaEventDestroy(as_event(e));
+  for (auto& t : timings_) {
+    cudaEventDestroy(as_event(t.start));
+    cudaEventDestroy(as_event(t.end));
+  }
+  cudaSetDevice(previous);
+#endif
+}
+
+void TransferEngine::issue(const Pending& p, bool demand) {
+  const void* src = pool_->expert_ptr(p.layer, p.expert);
+  void* dst = arena_->slot_ptr(p.slot);
+  const int64_t bytes = arena_->slot_bytes();
+  if (demand) {
+    ++stats_.demand_fetches;
+    stats_.demand_bytes += bytes;
+  } else {
+    ++stats_.prefetches;
+    stats_.prefetch_bytes += bytes;
+  }
+#ifdef MOERUN_WITH_CUDA
+  if (cuda_) {
+    cudaStream_t s = as_stream(demand ? streams_[0]
+                                      : streams_[1 + (next_prefetch_stream_++ % (num_streams_ - 1))]);
+    MOERUN_CUDA_CHECK(cudaStreamWaitEvent(s, as_event(release_[static_cast<size_t>(p.slot)]), 0));
+    Timing* t = nullptr;
+    if (!timings_[timing_head_].busy) {
+      t = &timings_[timing_head_];
+      t->busy = true;
+      timing_busy_.push_back(timing_head_);
+      timing_head_ = (timing_head_ + 1) % kTimingRing;
+      MOERUN_CUDA_CHECK(cudaEventRecord(as_event(t->start), s));
+    }
+    MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, s));
+    if (t) MOERUN_CUDA_CHECK(cudaEventRecord(as_event(t->end), s));
+    void* ready = ready_[static_cast<size_t>(p.slot)];
+    MOERUN_CUDA_CHECK(cudaEventRecord(as_event(ready), s));
+    if (!demand) inflight_prefetch_events_.push_back(ready);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+}
+
+void TransferEngine::fetch(int64_t layer, int64_t expert, int64_t slot, bool demand, void* compute_stream) {
+  arena_->check_slot(slot);
+  arena_->check_expert(layer, expert);
+#ifdef MOERUN_WITH_CUDA
+  std::unique_ptr<DeviceScope> scope;
+  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+#endif
+  // A newer request for a slot supersedes queued prefetches into it.
+  if (queued_in_slot_[static_cast<size_t>(slot)] > 0) {
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const Pending& q) { return q.slot == slot; }),
+                 queue_.end());
+    queued_in_slot_[static_cast<size_t>(slot)] = 0;
+  }
+  arena_->assign(slot, layer, expert, compute_stream);
+  if (demand) {
+    issue({layer, expert, slot}, true);
+  } else {
+    queue_.push_back({layer, expert, slot});
+    ++queued_in_slot_[static_cast<size_t>(slot)];
+  }
+  poll();
+}
+
+void TransferEngine::wait_slots(const std::vector<int64_t>& slots, void* compute_stream) {
+#ifdef MOERUN_WITH_CUDA
+  std::unique_ptr<DeviceScope> scope;
+  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+#endif
+  for (int64_t slot : slots) {
+    arena_->check_slot(slot);
+    if (queued_in_slot_[static_cast<size_t>(slot)] > 0) {
+      // Needed now: the queued prefetch becomes a demand copy (issued at once on the demand stream).
+      auto it = std::find_if(queue_.begin(), queue_.end(), [&](const Pending& q) { return q.slot == slot; });
+      Pending p = *it;
+      queue_.erase(it);
+      queued_in_slot_[static_cast<size_t>(slot)] = 0;
+      issue(p, true);
+    }
+#ifdef MOERUN_WITH_CUDA
+    if (cuda_)
+      MOERUN_CUDA_CHECK(cudaStreamWaitEvent(as_stream(compute_stream), as_event(ready_[static_cast<size_t>(slot)]), 0));
+#endif
+  }
+  (void)compute_stream;
+}
+
+void TransferEngine::release_slots(const std::vector<int64_t>& slots, void* compute_stream) {
+  for (int64_t slot : slots) arena_->check_slot(slot);
+#ifdef MOERUN_WITH_CUDA
+  if (!cuda_) return;
+  DeviceScope scope(arena_->device_index());
+  for (int64_t slot : slots)
+    MOERUN_CUDA_CHECK(cudaEventRecord(as_event(release_[static_cast<size_t>(slot)]), as_stream(compute_stream)));
+#else
+  (void)compute_stream;
+#endif
+}
+
+std::vector<std::tuple<int64_t, int64_t, int64_t>> TransferEngine::cancel_prefetches(void* compute_stream) {
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> cancelled;
+  for (const Pending& p : queue_) {
+    if (arena_->occupant(p.slot) == std::make_pair(p.layer, p.expert)) arena_->evict(p.slot, compute_stream);
+    cancelled.emplace_back(p.layer, p.expert, p.slot);
+    queued_in_slot_[static_cast<size_t>(p.slot)] = 0;
+  }
+  stats_.cancelled_prefetches += static_cast<int64_t>(queue_.size());
+  queue_.clear();
+  return cancelled;
+}
+
+int64_t TransferEngine::inflight_prefetches() {
+#ifdef MOERUN_WITH_CUDA
+  if (cuda_) {
+    auto& v = inflight_prefetch_events_;
+    v.erase(std::remove_if(v.begin(), v.end(), [](void* e) { return event_done(e); }), v.end());
+    return static_cast<int64_t>(v.size());
+  }
+#endif
+  return 0;
+}
+
+void TransferEngine::poll() {
+#ifdef MOERUN_WITH_CUDA
+  std::unique_ptr<DeviceScope> scope;
+  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+#endif
+  while (!queue_.empty() && inflight_prefetches() < max_inflight_) {
+    Pending p = queue_.front();
+    queue_.pop_front();
+    --queued_in_slot_[static_cast<size_t>(p.slot)];
+    issue(p, false);
+  }
+#ifdef MOERUN_WITH_CUDA
+  while (!timing_busy_.empty()) {
+    Timing& t = timings_[timing_busy_.front()];
+    if (!event_done(t.end)) break;
+    float ms = 0.f;
+    MOERUN_CUDA_CHECK(cudaEventElapsedTime(&ms, as_event(t.start), as_event(t.end)));
+    stats_.copy_time_us += 1000.0 * ms;
+    ++stats_.timed_copies;
+    t.busy = false;
+    timing_busy_.pop_front();
+  }
+#endif
+}
+
+void TransferEngine::synchronize() {
+#ifdef MOERUN_WITH_CUDA
+  if (cuda_) {
+    DeviceScope scope(arena_->device_index());
+    while (!queue_.empty()) {
+      for (void* s : streams_) MOERUN_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
+      poll();
+    }
+    for (void* s : streams_) MOERUN_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
+  }
+#endif
+  poll();
+}
+
+TransferStats TransferEngine::stats() {
+#ifdef MOERUN_WITH_CUDA
+  std::unique_ptr<DeviceScope> scope;
+  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+#endif
+  poll();
+  return stats_;
+}
+
+void TransferEngine::reset_stats() { stats_ = TransferStats{}; }
+
+}  // namespace moerun
