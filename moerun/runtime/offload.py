@@ -118,8 +118,6 @@ class OffloadRuntime:
         # fetch() also records the new occupant in the arena's slot table (stream-ordered).
         for expert, slot, _, _ in fetches:
             self.transfer.fetch(layer, expert, slot, True)
-        for p_layer, p_expert, slot, _, _ in prefetches:
-            self.transfer.fetch(p_layer, p_expert, slot, False)
 
         cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
         cpu_start = time.perf_counter()
@@ -130,6 +128,10 @@ class OffloadRuntime:
         self.transfer.wait_slots(slots)
         y = self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights, self.inter_size)
         self.transfer.release_slots(slots)
+        # Prefetches go out after the kernel launch: one may bring in an expert that this step
+        # runs on the CPU, and the kernel must not also see it in the slot table.
+        for p_layer, p_expert, slot, _, _ in prefetches:
+            self.transfer.fetch(p_layer, p_expert, slot, False)
         # Released experts (staged for this step only, TTL/watermark evictions, shrinks) leave the
         # table after the kernel, unless this plan already gave their slot to another expert.
         for slot, r_layer, r_expert in plan.releases:
