@@ -1,0 +1,224 @@
+"""``python -m moerun.bench``: moerun against transformers and Fiddler-style baselines, in one run.
+
+Builds (or reuses) the checkpoint, loads each system in turn on the same checkpoint, prompts and
+VRAM budget, measures it (``measure``), compares its tokens with the reference, and prints the
+table, writing JSON and, for a budget sweep, a PNG (``report``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.resources
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from moerun.bench import report
+from moerun.bench.budget import Budget, format_bytes, parse_budget
+from moerun.bench.measure import measure, token_match
+from moerun.bench.models import BUILTIN_MODELS, DTYPES, inspect_checkpoint, prepare_checkpoint
+from moerun.bench.systems import (
+    BUDGET_FREE_SYSTEMS, REFERENCE_SYSTEMS, SYSTEMS, BenchSetup, SystemSkipped, load_system,
+)
+
+# transformers' experts kernel for the HF baselines: batched_mm is the fastest for decode on an H100.
+PREFERRED_EXPERTS_IMPLEMENTATION = "batched_mm"
+
+
+def bundled_policies() -> list[str]:
+    """File names of the policies shipped in ``moerun.policies`` (``moerun.load`` finds them by name)."""
+    try:
+        root = importlib.resources.files("moerun.policies")
+    except ModuleNotFoundError:
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".moe"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        prog="python -m moerun.bench",
+        description="Compare moerun with transformers and Fiddler-style offloading on one checkpoint, "
+        "prompt set and VRAM budget. With no arguments: a built-in random-weight model "
+        f"({'qwen1.5-moe-a2.7b shapes on this GPU' if cuda else 'tiny, since there is no GPU'}).",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory or hub id (instead of a built-in model)")
+    src.add_argument("--synthetic", choices=sorted(BUILTIN_MODELS),
+                     help="built-in random-weight model (default: qwen1.5-moe-a2.7b with a GPU, tiny without)")
+    p.add_argument("--budget", dest="budgets", action="append", metavar="SIZE",
+                   help="VRAM budget, e.g. 10GiB or 50%% (of the model); repeat or use --budgets for a sweep "
+                   "(default: 10GiB with a GPU, 50%% without)")
+    p.add_argument("--budgets", dest="budget_list", nargs="+", metavar="SIZE", help="several budgets: a sweep")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
+    p.add_argument("--policies", nargs="+", metavar="POLICY",
+                   help="moerun policies (bundled names or .moe paths; default: every bundled policy)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
+    p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence (default 32)")
+    p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per system (default 3)")
+    p.add_argument("--time-limit-s", type=float, default=120.0,
+                   help="stop repeating a system once its timed repeats took this long (default 120)")
+    p.add_argument("--out", type=Path, default=Path("bench_results"), help="directory for JSON and PNG")
+    p.add_argument("--cache-dir", type=Path, help="where built-in checkpoints are cached")
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="compute device (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights dtype (default: bfloat16 on a GPU; float32 on CPU, where bf16 kernels are inexact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and built-in weights")
+    return p
+
+
+def _check_args(args) -> None:
+    for name in ("prompt_len", "new_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+
+
+def _experts_implementation() -> str:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return PREFERRED_EXPERTS_IMPLEMENTATION if PREFERRED_EXPERTS_IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS else "eager"
+
+
+def _prompts(seed: int, count: int, batch: int, length: int, vocab: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, length), generator=gen) for _ in range(count)]
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, Budget | None, str | None]]:
+    """(system, budget, policy) runs in table order; reference systems first."""
+    runs = []
+    for system in args.systems:
+        if system in BUDGET_FREE_SYSTEMS:
+            runs.append((system, None, None))
+        elif system == "moerun":
+            runs += [(system, b, pol) for b in budgets for pol in (policies or [None])]
+        else:
+            runs += [(system, b, None) for b in budgets]
+    order = {name: i for i, name in enumerate(SYSTEMS)}
+    return sorted(runs, key=lambda run: order[run[0]])
+
+
+def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
+    """Runs the bench as ``python -m moerun.bench ARGV`` would; returns the rows."""
+    from tqdm.auto import tqdm
+
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    budget_texts = (args.budgets or []) + (args.budget_list or []) or (["10GiB"] if on_gpu else ["50%"])
+    try:
+        budgets = [parse_budget(text) for text in budget_texts]
+    except ValueError as exc:
+        raise SystemExit(f"--budget: {exc}") from exc
+    policies = args.policies if args.policies is not None else bundled_policies()
+
+    if args.model:
+        checkpoint = Path(args.model) if Path(args.model).exists() else args.model
+        model_name = str(args.model)
+    else:
+        model_name = args.synthetic or ("qwen1.5-moe-a2.7b" if on_gpu else "tiny")
+        checkpoint = prepare_checkpoint(model_name, dtype=dtype, cache_dir=args.cache_dir, seed=args.seed,
+                                        log=lambda msg: tqdm.write(msg, file=sys.stderr))
+    info = inspect_checkpoint(checkpoint, dtype)
+    seq_len = args.prompt_len + args.new_tokens
+    prompts = _prompts(args.seed + 1, args.repeats, args.batch, args.prompt_len, info.vocab_size)
+    warmup = _prompts(args.seed + 1000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
+    calibration = _prompts(args.seed + 2000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
+    scratch = Path(tempfile.mkdtemp(prefix="moerun-bench-"))
+    setup = BenchSetup(
+        checkpoint=Path(checkpoint) if isinstance(checkpoint, Path) else checkpoint, info=info, device=device,
+        dtype=dtype, experts_implementation=_experts_implementation(),
+        workspace_bytes=info.workspace_bytes(args.batch, seq_len, on_gpu),
+        calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=scratch,
+    )
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    header = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m moerun.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "device": device_name,
+        "model": {"name": model_name, "path": str(checkpoint), "type": info.model_type, "dtype": str(dtype),
+                  "total_bytes": info.total_bytes, "dense_bytes": info.dense_bytes,
+                  "expert_bytes": info.expert_bytes, "moe_layers": info.num_moe_layers,
+                  "experts": info.num_experts, "top_k": info.top_k},
+        "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "repeats": args.repeats, "time_limit_s": args.time_limit_s,
+                     "experts_implementation": setup.experts_implementation,
+                     "workspace_bytes": setup.workspace_bytes},
+    }
+    print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
+          f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
+          f"top-{info.top_k}, {format_bytes(info.expert_bytes)}/expert); batch {args.batch}, prompt "
+          f"{args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} repeats", flush=True)
+
+    results: list[report.SystemResult] = []
+    reference: list | None = None
+    runs = _plan(args, budgets, policies)
+    bar = tqdm(runs, desc="systems", unit="run", file=sys.stderr)
+    for system, budget, policy in bar:
+        budget_bytes = budget.resolve(info.total_bytes) if budget else None
+        label = f"{system}:{Path(policy).stem}" if policy else system
+        bar.set_postfix_str(f"{label} @ {budget.text if budget else '-'}")
+        row = report.SystemResult(label, budget.text if budget else "-", budget_bytes, expert_bytes=info.expert_bytes)
+        if system == "moerun" and policy is None:
+            row.status = "skipped: no policy given and none bundled"
+            results.append(row)
+            continue
+        _free_device_memory(device)
+        loaded = None
+        try:
+            start_s = time.perf_counter()
+            loaded = load_system(system, setup, budget_bytes or info.total_bytes, policy)
+            row.load_s = time.perf_counter() - start_s
+            row.system, row.notes = loaded.label, loaded.notes
+            with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
+                row.measurement = measure(loaded, prompts, warmup, args.new_tokens, device, args.time_limit_s, reps)
+            if reference is None and system in REFERENCE_SYSTEMS:
+                reference = row.measurement.tokens
+                row.notes += " [reference]"
+            if reference is not None:
+                row.match = token_match(row.measurement.tokens, reference)
+        except SystemSkipped as exc:
+            row.status = f"skipped: {exc}"
+        except Exception as exc:  # one broken system must not cost the others' numbers
+            row.status = f"failed: {type(exc).__name__}: {exc}"
+            tqdm.write(f"{label} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        finally:
+            if loaded is not None:
+                loaded.close()
+            del loaded
+        results.append(row)
+
+    print(report.format_table(results))
+    print(report.LEGEND)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    json_path = args.out / f"bench-{model_name.replace('/', '_')}-{stamp}.json"
+    report.write_json(json_path, header, results)
+    print(f"wrote {json_path}")
+    png_path = json_path.with_suffix(".png")
+    if report.plot_budget_sweep(png_path, results, f"{model_name} on {device_name}, batch {args.batch}"):
+        print(f"wrote {png_path}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_bench(argv)
+    return 0

@@ -1,0 +1,250 @@
+"""The systems the bench compares, each loaded on the same checkpoint under the same VRAM budget.
+
+``load_system(name, setup, budget_bytes, policy)`` returns a :class:`LoadedSystem`: a model with
+``generate`` plus a callable reporting its :class:`ExpertCounters`. The four transformers baselines
+are built here; the ``moerun`` row calls ``moerun.load`` with one policy. This module does not time
+anything (that is ``measure``) and does not print (that is ``report``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moerun.bench.budget import format_bytes
+from moerun.bench.counters import ExpertCounters
+from moerun.bench.models import CheckpointInfo
+from moerun.bench.moe_layers import find_experts
+from moerun.bench.offloaded_experts import FiddlerExperts, GpuExpertLRU, OnDemandExperts
+
+# The system names, defined once (CLI choices, table order, JSON keys).
+SYSTEMS = ("hf-resident", "hf-auto", "hf-ondemand", "fiddler", "moerun")
+# Systems whose tokens are plain transformers math: the reference is the first of these that ran.
+REFERENCE_SYSTEMS = ("hf-resident", "hf-auto")
+# Systems whose placement does not depend on the budget (run once when --budgets is a list).
+BUDGET_FREE_SYSTEMS = ("hf-resident",)
+
+
+class SystemSkipped(Exception):
+    """A system cannot run in this setup (the reason is shown in the table instead of numbers)."""
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What every system of one bench run shares."""
+
+    checkpoint: Path
+    info: CheckpointInfo
+    device: torch.device
+    dtype: torch.dtype
+    experts_implementation: str    # transformers' experts kernel for the HF baselines
+    workspace_bytes: int           # KV cache + activations the budget must leave room for
+    calibration_ids: torch.Tensor  # fiddler's popularity profile is taken on these prompts [B, S]
+    calibration_new_tokens: int
+    scratch_dir: Path              # hf-auto's offload folder on CPU-only runs
+
+
+@dataclass
+class LoadedSystem:
+    """One system, loaded and ready to ``generate``."""
+
+    label: str                     # "hf-resident", "moerun:balanced", ...
+    model: Any
+    notes: str                     # how it runs, in a few words
+    counters: Callable[[], ExpertCounters]
+    _cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fn in self._cleanup:
+            fn()
+        self._cleanup.clear()
+        self.model = None
+
+
+def _from_pretrained(setup: BenchSetup, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(setup.checkpoint), dtype=setup.dtype, experts_implementation=setup.experts_implementation, **kwargs
+    ).eval()
+
+
+def _count_routing(model, counters: ExpertCounters, resident: Callable[[torch.nn.Module], bool]) -> list:
+    """Forward pre-hooks on the fused experts modules that count accesses (no host sync)."""
+
+    def hook(module, args, kwargs):
+        top_k_index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+        num_pairs = top_k_index.numel()
+        counters.accesses += num_pairs
+        if resident(module):
+            counters.gpu_hits += num_pairs
+
+    return [site.module.register_forward_pre_hook(hook, with_kwargs=True) for site in find_experts(model)]
+
+
+def _device_map_arg(device: torch.device):
+    return device.index if device.type == "cuda" and device.index is not None else device.type
+
+
+def load_hf_resident(setup: BenchSetup) -> LoadedSystem:
+    """The whole model on the device, transformers as is (only when it fits the device at all)."""
+    if setup.device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(setup.device)
+        needed = setup.info.total_bytes + setup.workspace_bytes
+        if needed > free_bytes:
+            raise SystemSkipped(f"model needs {format_bytes(needed)}, the GPU has {format_bytes(free_bytes)} free")
+    model = _from_pretrained(setup, device_map=_device_map_arg(setup.device))
+    counters = ExpertCounters()
+    handles = _count_routing(model, counters, resident=lambda m: True)
+    return LoadedSystem("hf-resident", model, f"all weights on {setup.device.type}; experts_implementation="
+                        f"{setup.experts_implementation}", lambda: counters.copy(),
+                        [lambda: [h.remove() for h in handles]])
+
+
+def _offload_hooks(module: torch.nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return [h for h in hooks if getattr(h, "offload", False)]
+
+
+def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
+    """transformers + accelerate ``device_map="auto"`` with ``max_memory`` = the budget.
+
+    Offloaded modules are copied to the device for every forward. On a CPU-only machine the CPU
+    plays the GPU's role and the disk the host's (accelerate offloads to ``scratch_dir``).
+    """
+    import psutil
+
+    host_bytes = int(psutil.virtual_memory().available * 0.9)
+    if setup.device.type == "cuda":
+        max_memory = {_device_map_arg(setup.device): budget_bytes, "cpu": host_bytes}
+        offload = {}
+    else:
+        max_memory = {"cpu": budget_bytes}
+        offload = {"offload_folder": str(setup.scratch_dir / "hf-auto-offload")}
+    model = _from_pretrained(setup, device_map="auto", max_memory=max_memory, **offload)
+    counters = ExpertCounters()
+    compute = setup.device.type
+    handles = _count_routing(model, counters, resident=lambda m: m.gate_up_proj.device.type == compute)
+
+    def counting_hook(moved_bytes: int):
+        def hook(module, args):
+            counters.copied_bytes += moved_bytes
+        return hook
+
+    for module in model.modules():
+        hooks = _offload_hooks(module)
+        if not hooks:
+            continue
+        recurse = any(getattr(h, "place_submodules", False) for h in hooks)
+        moved = sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
+        handles.append(module.register_forward_pre_hook(counting_hook(moved)))
+    device_map = getattr(model, "hf_device_map", {}) or {}
+    # Without a GPU the CPU is the compute device, so only "disk" entries are offloaded.
+    offloaded_to = ("cpu", "disk") if setup.device.type == "cuda" else ("disk",)
+    offloaded = sum(1 for d in device_map.values() if d in offloaded_to)
+    return LoadedSystem("hf-auto", model, f"accelerate device_map=auto, max_memory={format_bytes(budget_bytes)}; "
+                        f"{offloaded}/{len(device_map)} modules offloaded", lambda: counters.copy(),
+                        [lambda: [h.remove() for h in handles]])
+
+
+def expert_slots(setup: BenchSetup, budget_bytes: int) -> int:
+    """How many whole experts fit on the device next to the dense weights and the workspace."""
+    info = setup.info
+    room = budget_bytes - info.dense_bytes - setup.workspace_bytes
+    slots = room // info.expert_bytes
+    if slots < 1:
+        raise SystemSkipped(
+            f"budget {format_bytes(budget_bytes)} leaves no room for an expert: the dense weights need "
+            f"{format_bytes(info.dense_bytes)}, workspace {format_bytes(setup.workspace_bytes)}, one expert "
+            f"{format_bytes(info.expert_bytes)}"
+        )
+    return int(min(slots, info.num_moe_layers * info.num_experts))
+
+
+def _load_dense_on_device(setup: BenchSetup, make_experts) -> tuple[Any, list]:
+    """Loads on the host, swaps each fused experts module for ``make_experts(site)``, moves the rest."""
+    model = _from_pretrained(setup, device_map="cpu")
+    modules = []
+    for site in find_experts(model):
+        replacement = make_experts(site)
+        setattr(site.parent, site.attr, replacement)
+        modules.append(replacement)
+    model.to(setup.device)
+    return model, modules
+
+
+def load_hf_ondemand(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
+    """Experts in host memory, copied with ``Tensor.to()`` into a GPU LRU of whole experts on demand."""
+    capacity = expert_slots(setup, budget_bytes)
+    counters = ExpertCounters()
+    cache = GpuExpertLRU(capacity)
+    model, _ = _load_dense_on_device(setup, lambda site: OnDemandExperts(site, setup.device, counters, cache))
+    total = setup.info.num_moe_layers * setup.info.num_experts
+    return LoadedSystem("hf-ondemand", model, f"LRU of {capacity}/{total} experts, misses copied with .to()",
+                        lambda: counters.copy())
+
+
+def load_fiddler(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
+    """Fiddler: the most popular experts (profiled on calibration prompts) resident; misses on the CPU."""
+    capacity = expert_slots(setup, budget_bytes)
+    counters = ExpertCounters()
+    model, layers = _load_dense_on_device(setup, lambda site: FiddlerExperts(site, setup.device, counters))
+    # Profile: one generation on prompts the benchmark does not time, every expert on the CPU.
+    with torch.inference_mode():
+        ids = setup.calibration_ids.to(setup.device)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=setup.calibration_new_tokens,
+                       min_new_tokens=setup.calibration_new_tokens, do_sample=False)
+    ranked = sorted(
+        ((int(count), layer.moe_layer, expert) for layer in layers for expert, count in enumerate(layer.popularity)),
+        key=lambda item: (-item[0], item[1], item[2]),
+    )[:capacity]
+    for layer in layers:
+        layer.place([expert for _, moe_layer, expert in ranked if moe_layer == layer.moe_layer])
+    total = setup.info.num_moe_layers * setup.info.num_experts
+    return LoadedSystem("fiddler", model, f"{capacity}/{total} most popular experts resident, misses on CPU",
+                        lambda: counters.copy())
+
+
+def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str) -> LoadedSystem:
+    """moerun.load with one policy; its counters come from ``model.moerun.stats()``."""
+    try:
+        import moerun
+        load = moerun.load
+    except (ImportError, AttributeError) as exc:
+        raise SystemSkipped(f"moerun.load is not available in this build ({exc})") from exc
+    model = load(str(setup.checkpoint), policy=policy, vram_budget=budget_bytes)
+    handle = model.moerun
+    name = Path(policy).stem
+    return LoadedSystem(f"moerun:{name}", model, f"policy {Path(policy).name}",
+                        lambda: counters_from_moerun_stats(handle.stats(), setup.info.expert_bytes),
+                        [getattr(handle, "close", lambda: None)])
+
+
+def counters_from_moerun_stats(stats: dict, expert_bytes: int) -> ExpertCounters:
+    """Maps ``model.moerun.stats()`` onto :class:`ExpertCounters`."""
+    accesses = int(stats.get("accesses", 0))
+    return ExpertCounters(
+        accesses=accesses,
+        gpu_hits=int(stats.get("hits", 0)),
+        cpu_accesses=int(stats.get("cpu", 0)),
+        copied_bytes=int(stats.get("bytes_copied", 0)),
+        expert_loads=int(stats.get("expert_loads", 0)),
+    )
+
+
+def load_system(name: str, setup: BenchSetup, budget_bytes: int, policy: str | None = None) -> LoadedSystem:
+    """Loads system ``name`` (one of SYSTEMS); ``policy`` is required for ``moerun``."""
+    if name == "hf-resident":
+        return load_hf_resident(setup)
+    if name == "hf-auto":
+        return load_hf_auto(setup, budget_bytes)
+    if name == "hf-ondemand":
+        return load_hf_ondemand(setup, budget_bytes)
+    if name == "fiddler":
+        return load_fiddler(setup, budget_bytes)
+    if name == "moerun":
+        return load_moerun(setup, budget_bytes, policy)
+    raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
