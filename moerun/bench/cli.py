@@ -149,6 +149,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
         dtype=dtype, experts_implementation=_experts_implementation(),
         workspace_bytes=info.workspace_bytes(args.batch, seq_len, on_gpu),
         calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=scratch,
+        max_context=seq_len, max_batch=args.batch,
     )
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     header = {

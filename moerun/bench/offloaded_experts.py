@@ -50,8 +50,8 @@ class _HostExperts(torch.nn.Module):
         groups: dict[int, list[int]] = {}
         for pos, expert in enumerate(top_k_index.reshape(-1).tolist()):
             groups.setdefault(expert, []).append(pos)
-        self.counters.accesses += top_k_index.numel()
-        self.counters.expert_loads += len(groups)
+        self.counters.pairs += top_k_index.numel()
+        self.counters.loads += len(groups)
         return groups
 
     @staticmethod
@@ -113,7 +113,7 @@ class OnDemandExperts(_HostExperts):
                 self.cache.put((self.moe_layer, expert), entry)
                 self.counters.copied_bytes += self.expert_bytes
             else:
-                self.counters.gpu_hits += len(positions)
+                self.counters.gpu_hits += 1
             where = (flat_ids == expert).nonzero().squeeze(1)                 # [N] on the device, no sync
             self._run(hidden_states, flat_weights, pairs, where, entry[0], entry[1], num_top_k)
         return self._combine(pairs, hidden_states, num_top_k)
@@ -152,14 +152,14 @@ class FiddlerExperts(_HostExperts):
             if expert in self.resident:
                 where = (flat_ids == expert).nonzero().squeeze(1)
                 self._run(hidden_states, flat_weights, pairs, where, *self.resident[expert], num_top_k)
-                self.counters.gpu_hits += len(positions)
+                self.counters.gpu_hits += 1
         if on_cpu:
             cpu_pairs = self._pairs_buffer(hidden_host, weights_host, "cpu")   # [T*K, H]
             for expert, positions in on_cpu.items():
                 where = torch.tensor(positions, dtype=torch.long)
                 self._run(hidden_host, weights_host, cpu_pairs, where,
                           self.host_gate_up[expert], self.host_down[expert], num_top_k)
-                self.counters.cpu_accesses += len(positions)
+                self.counters.cpu_loads += 1
             cpu_rows = torch.tensor(sorted(p for ps in on_cpu.values() for p in ps), dtype=torch.long)
             pairs[cpu_rows.to(pairs.device)] = cpu_pairs[cpu_rows].to(pairs.device, non_blocking=True)
         return self._combine(pairs, hidden_states, num_top_k)

@@ -42,12 +42,11 @@ class SystemResult:
         }
         if m is None:
             return out
-        saved = (c.accesses - c.expert_loads) * self.expert_bytes if c.expert_loads else None
+        saved = (c.pairs - c.loads) * self.expert_bytes
         out.update(
             decode_tok_s=_spread(m.decode_tok_s), prefill_tok_s=_spread(m.prefill_tok_s), ttft_ms=_spread(m.ttft_ms),
-            hit_rate=c.hit_rate, cpu_share=c.cpu_share, copied_gb=c.copied_bytes / 1e9,
-            expert_accesses=c.accesses, expert_loads=c.expert_loads or None,
-            dedup_saved_gb=saved / 1e9 if saved is not None else None,
+            hit_rate=c.hit_rate, cpu_share=c.cpu_share,
+            copied_bytes=c.copied_bytes, expert_pairs=c.pairs, expert_loads=c.loads, dedup_saved_gb=saved / 1e9,
             gpu_peak_bytes=m.gpu_peak_bytes, over_budget=self.over_budget, repeats=m.repeats_run,
             token_match=list(self.match) if self.match else None,
         )
@@ -71,7 +70,7 @@ def _fmt_share(value: float | None) -> str:
 
 
 COLUMNS = ("system", "budget", "decode tok/s", "prefill tok/s", "TTFT ms", "hit rate", "copied",
-           "CPU share", "GPU peak", "tokens = ref", "notes")
+           "CPU share", "dedup saved", "GPU peak", "tokens = ref", "notes")
 
 
 def table_rows(results: list[SystemResult]) -> list[list[str]]:
@@ -89,7 +88,7 @@ def table_rows(results: list[SystemResult]) -> list[list[str]]:
         rows.append([
             r.system, r.budget, _fmt_spread(m.decode_tok_s), _fmt_spread(m.prefill_tok_s, 0),
             _fmt_spread(m.ttft_ms, 0), _fmt_share(c.hit_rate), format_bytes(c.copied_bytes),
-            _fmt_share(c.cpu_share), peak, match, r.notes,
+            _fmt_share(c.cpu_share), format_bytes((c.pairs - c.loads) * r.expert_bytes), peak, match, r.notes,
         ])
     return rows
 
@@ -107,9 +106,10 @@ def format_table(results: list[SystemResult]) -> str:
 
 LEGEND = (
     "decode tok/s: generated tokens/s after the first (whole batch), median [min-max] over repeats; "
-    "prefill tok/s and TTFT: prompt tokens/s and time to the first token; hit rate: (token, expert) "
-    "pairs served by an expert already on the GPU; copied: weight bytes copied host->GPU during the "
-    "timed repeats; CPU share: pairs computed on the CPU; GPU peak: torch.cuda.max_memory_allocated "
+    "prefill tok/s and TTFT: prompt tokens/s and time to the first token; hit rate: experts needed by "
+    "a layer step (unique per step) already on the GPU; copied: weight bytes copied host->GPU during the "
+    "timed repeats; CPU share: needed experts computed on the CPU; dedup saved: expert weight bytes that "
+    "handling each (token, expert) pair on its own would have read on top (tokens of a step share experts); GPU peak: torch.cuda.max_memory_allocated "
     "over load + run (OVER = above the budget); tokens = ref: generated tokens equal to the reference "
     "(greedy prefix per sequence)."
 )

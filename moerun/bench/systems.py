@@ -44,6 +44,8 @@ class BenchSetup:
     calibration_ids: torch.Tensor  # fiddler's popularity profile is taken on these prompts [B, S]
     calibration_new_tokens: int
     scratch_dir: Path              # hf-auto's offload folder on CPU-only runs
+    max_context: int               # prompt + generated tokens of one sequence
+    max_batch: int
 
 
 @dataclass
@@ -71,17 +73,36 @@ def _from_pretrained(setup: BenchSetup, **kwargs):
     ).eval()
 
 
-def _count_routing(model, counters: ExpertCounters, resident: Callable[[torch.nn.Module], bool]) -> list:
-    """Forward pre-hooks on the fused experts modules that count accesses (no host sync)."""
+class _RoutingLog:
+    """Counts the routing seen by forward pre-hooks on the fused experts modules.
 
-    def hook(module, args, kwargs):
-        top_k_index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
-        num_pairs = top_k_index.numel()
-        counters.accesses += num_pairs
-        if resident(module):
-            counters.gpu_hits += num_pairs
+    The hooks only keep the routing tensors; unique experts are counted when the counters are
+    read, so no host sync is added while a generation is being timed.
+    """
 
-    return [site.module.register_forward_pre_hook(hook, with_kwargs=True) for site in find_experts(model)]
+    def __init__(self, model, resident: Callable[[torch.nn.Module], bool]):
+        self.counters = ExpertCounters()
+        self._pending: list[tuple[torch.Tensor, bool]] = []
+        self._resident = resident
+        self.handles = [site.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+                        for site in find_experts(model)]
+
+    def _hook(self, module, args, kwargs) -> None:
+        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        self._pending.append((top_k_index.detach(), self._resident(module)))
+
+    def read(self) -> ExpertCounters:
+        for top_k_index, resident in self._pending:
+            unique = int(top_k_index.unique().numel())
+            self.counters.pairs += top_k_index.numel()
+            self.counters.loads += unique
+            self.counters.gpu_hits += unique if resident else 0
+        self._pending.clear()
+        return self.counters.copy()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _device_map_arg(device: torch.device):
@@ -96,11 +117,9 @@ def load_hf_resident(setup: BenchSetup) -> LoadedSystem:
         if needed > free_bytes:
             raise SystemSkipped(f"model needs {format_bytes(needed)}, the GPU has {format_bytes(free_bytes)} free")
     model = _from_pretrained(setup, device_map=_device_map_arg(setup.device))
-    counters = ExpertCounters()
-    handles = _count_routing(model, counters, resident=lambda m: True)
+    log = _RoutingLog(model, resident=lambda m: True)
     return LoadedSystem("hf-resident", model, f"all weights on {setup.device.type}; experts_implementation="
-                        f"{setup.experts_implementation}", lambda: counters.copy(),
-                        [lambda: [h.remove() for h in handles]])
+                        f"{setup.experts_implementation}", log.read, [log.remove])
 
 
 def _offload_hooks(module: torch.nn.Module) -> list:
@@ -125,13 +144,13 @@ def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
         max_memory = {"cpu": budget_bytes}
         offload = {"offload_folder": str(setup.scratch_dir / "hf-auto-offload")}
     model = _from_pretrained(setup, device_map="auto", max_memory=max_memory, **offload)
-    counters = ExpertCounters()
     compute = setup.device.type
-    handles = _count_routing(model, counters, resident=lambda m: m.gate_up_proj.device.type == compute)
+    log = _RoutingLog(model, resident=lambda m: m.gate_up_proj.device.type == compute)
+    handles = []
 
     def counting_hook(moved_bytes: int):
         def hook(module, args):
-            counters.copied_bytes += moved_bytes
+            log.counters.copied_bytes += moved_bytes
         return hook
 
     for module in model.modules():
@@ -146,8 +165,8 @@ def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
     offloaded_to = ("cpu", "disk") if setup.device.type == "cuda" else ("disk",)
     offloaded = sum(1 for d in device_map.values() if d in offloaded_to)
     return LoadedSystem("hf-auto", model, f"accelerate device_map=auto, max_memory={format_bytes(budget_bytes)}; "
-                        f"{offloaded}/{len(device_map)} modules offloaded", lambda: counters.copy(),
-                        [lambda: [h.remove() for h in handles]])
+                        f"{offloaded}/{len(device_map)} modules offloaded", log.read,
+                        [log.remove] + [h.remove for h in handles])
 
 
 def expert_slots(setup: BenchSetup, budget_bytes: int) -> int:
@@ -209,29 +228,34 @@ def load_fiddler(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
 
 
 def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str) -> LoadedSystem:
-    """moerun.load with one policy; its counters come from ``model.moerun.stats()``."""
+    """``moerun.load`` with one policy; its counters come from ``model.moerun.stats()``."""
+    import moerun
+    from moerun.runtime.memory import BudgetError
+
     try:
-        import moerun
-        load = moerun.load
-    except (ImportError, AttributeError) as exc:
-        raise SystemSkipped(f"moerun.load is not available in this build ({exc})") from exc
-    model = load(str(setup.checkpoint), policy=policy, vram_budget=budget_bytes)
+        model = moerun.load(
+            str(setup.checkpoint), policy=policy, vram_budget=budget_bytes, device=setup.device,
+            dtype=setup.dtype, max_context=setup.max_context, max_batch=setup.max_batch, progress=False,
+        )
+    except BudgetError as exc:
+        raise SystemSkipped(str(exc)) from exc
     handle = model.moerun
-    name = Path(policy).stem
-    return LoadedSystem(f"moerun:{name}", model, f"policy {Path(policy).name}",
-                        lambda: counters_from_moerun_stats(handle.stats(), setup.info.expert_bytes),
-                        [getattr(handle, "close", lambda: None)])
+    memory = handle.memory()["device"]
+    total = setup.info.num_moe_layers * setup.info.num_experts
+    return LoadedSystem(f"moerun:{Path(policy).stem}", model,
+                        f"policy {Path(policy).name}; arena of {memory['num_slots']}/{total} slots",
+                        lambda: counters_from_moerun_stats(handle.stats()))
 
 
-def counters_from_moerun_stats(stats: dict, expert_bytes: int) -> ExpertCounters:
-    """Maps ``model.moerun.stats()`` onto :class:`ExpertCounters`."""
-    accesses = int(stats.get("accesses", 0))
+def counters_from_moerun_stats(stats: dict) -> ExpertCounters:
+    """``model.moerun.stats()`` totals as :class:`ExpertCounters` (hits, fetches and CPU experts are
+    counted per unique expert of a layer step there too)."""
     return ExpertCounters(
-        accesses=accesses,
-        gpu_hits=int(stats.get("hits", 0)),
-        cpu_accesses=int(stats.get("cpu", 0)),
-        copied_bytes=int(stats.get("bytes_copied", 0)),
-        expert_loads=int(stats.get("expert_loads", 0)),
+        pairs=int(stats["pairs"]),
+        loads=int(stats["hits"] + stats["fetches"] + stats["cpu_experts"]),
+        gpu_hits=int(stats["hits"]),
+        cpu_loads=int(stats["cpu_experts"]),
+        copied_bytes=int(stats["bytes_copied"]),
     )
 
 

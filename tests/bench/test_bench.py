@@ -48,9 +48,11 @@ def test_default_cpu_bench_runs_every_system_and_matches_reference(tmp_path):
         assert r.measurement.decode_tok_s.median > 0 and r.measurement.ttft_ms.median > 0
     by_name = {(r.system, r.budget): r for r in results}
     fiddler = by_name[("fiddler", "60%")].measurement.counters
-    assert fiddler.cpu_accesses > 0 and fiddler.gpu_hits + fiddler.cpu_accesses == fiddler.accesses
+    assert fiddler.cpu_loads > 0 and fiddler.gpu_hits + fiddler.cpu_loads == fiddler.loads
     ondemand = by_name[("hf-ondemand", "60%")].measurement.counters
-    assert ondemand.copied_bytes > 0 and ondemand.gpu_hits < ondemand.accesses
+    assert ondemand.copied_bytes > 0 and 0 < ondemand.gpu_hits < ondemand.loads <= ondemand.pairs
+    resident = by_name[("hf-resident", "-")].measurement.counters
+    assert resident.hit_rate == 1.0 and resident.pairs == ondemand.pairs
     # A larger budget keeps more experts resident.
     assert by_name[("fiddler", "85%")].measurement.counters.hit_rate > fiddler.hit_rate
     [json_path] = (tmp_path / "out").glob("*.json")
@@ -100,13 +102,13 @@ def test_offloaded_experts_compute_what_transformers_computes(checkpoints):
     ondemand = OnDemandExperts(site, torch.device("cpu"), counters, GpuExpertLRU(capacity=2))
     torch.testing.assert_close(ondemand(hidden, top_k_index, top_k_weights), expected)
     unique = top_k_index.unique().numel()
-    assert counters.accesses == 10 and counters.expert_loads == unique
+    assert counters.pairs == 10 and counters.loads == unique and counters.gpu_hits == 0
     assert counters.copied_bytes == unique * ondemand.expert_bytes  # a cold cache copies every expert once
 
     fiddler = FiddlerExperts(site, torch.device("cpu"), ExpertCounters())
     fiddler.place([int(top_k_index[0, 0])])
     torch.testing.assert_close(fiddler(hidden, top_k_index, top_k_weights), expected)
-    assert fiddler.counters.gpu_hits == int((top_k_index == top_k_index[0, 0]).sum())
+    assert fiddler.counters.gpu_hits == 1 and fiddler.counters.cpu_loads == unique - 1
 
 
 def test_lru_evicts_the_least_recently_used_expert():
