@@ -1,0 +1,322 @@
+"""``moerun.load``: from a checkpoint to a generate-capable transformers model with offloaded experts.
+
+Order of work, cheapest checks first so bad input fails before anything large is allocated:
+resolve the checkpoint (local directory or offline HF cache) -> read config and safetensors headers
+-> pick the architecture adapter -> compile the policy -> plan device memory from the budget ->
+build the model skeleton with parameters on the meta device (no expert is ever materialised) ->
+replace each MoE block with OffloadedMoE -> read the non-expert weights straight to the device ->
+fill the host pool with the routed experts from the files -> create the arena, transfer engine,
+CPU executor and policy engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
+from .models import MoeAdapter, adapter_for
+from .runtime.handle import MoerunHandle
+from .runtime.memory import AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, parse_bytes, plan_memory, slot_elems
+from .runtime.moe_layer import OffloadedMoE
+from .runtime.offload import OffloadRuntime
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load(
+    model: str | os.PathLike,
+    policy: str | os.PathLike = "balanced.moe",
+    vram_budget: str | int = "auto",
+    host_budget: str | int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    max_context: int = 4096,
+    max_batch: int = 1,
+    revision: str = "main",
+    cpu_threads: int = 0,
+    copy_streams: int = 2,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Load an MoE checkpoint with its routed experts offloaded under ``policy``.
+
+    Args:
+        model: a checkpoint directory or a hub id already in the local Hugging Face cache.
+        policy: ``.moe`` text, a path to a ``.moe`` file, or a bundled policy name.
+        vram_budget: device bytes for everything moerun and the model allocate (int, ``"10GiB"``),
+            or ``"auto"`` (free device memory minus a margin).
+        host_budget: host bytes for the expert pool; None = no limit.
+        device: where the dense part and the arena live; default CUDA when available, else CPU.
+        dtype: compute dtype; default the checkpoint's (``config.dtype``).
+        max_context, max_batch: the KV cache and activations the budget reserves room for.
+    Returns:
+        A transformers ``PreTrainedModel`` (``generate()`` works) with a ``model.moerun`` handle.
+    """
+    device = _pick_device(device)
+    path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
+    compiled = _compile_policy(policy)
+    moe_layers = adapter.moe_layers()
+    non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
+    plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
+    pool_bytes = len(moe_layers) * adapter.num_experts * plan.slot_bytes
+    if host_budget is not None and parse_bytes(host_budget, "host_budget") < pool_bytes:
+        raise BudgetError(
+            f"host_budget {host_budget} is smaller than the routed experts ({pool_bytes} bytes); "
+            "the host pool holds every routed expert, so raise host_budget or leave it None"
+        )
+
+    if device.type == "cpu":
+        # No GPU: the Triton kernels run in the interpreter on host tensors. Triton reads this when
+        # a kernel module is first imported, so it must be set before moerun.kernels is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
+    hf_model = _build_skeleton(config, dtype)
+    runtime = _build_runtime(compiled, adapter, ckpt, plan, moe_layers, device, dtype,
+                             cpu_threads, copy_streams, bar)
+    bar.set_postfix_str("dense weights"); bar.update()
+    _replace_moe_blocks(hf_model, adapter, runtime, moe_layers)
+    _load_dense_weights(hf_model, ckpt, adapter, non_expert, device, dtype, progress)
+    bar.update()
+    if (path / "generation_config.json").is_file():
+        hf_model.generation_config = GenerationConfig.from_pretrained(path)
+    hf_model.eval()
+    hf_model.moerun = MoerunHandle(
+        runtime=runtime, plan=plan, moe_layers=moe_layers, checkpoint_path=path, pool_bytes=pool_bytes,
+        policy=compiled,
+        model_info={"model_type": config.model_type, "path": str(path), "hidden_size": adapter.hidden_size,
+                    "inter_size": adapter.expert_inter_size, "num_experts": adapter.num_experts,
+                    "top_k": adapter.top_k, "dtype": str(dtype).replace("torch.", "")},
+    )
+    bar.update(); bar.close()
+    return hf_model
+
+
+def memory_plan(
+    model: str | os.PathLike,
+    vram_budget: str | int = "auto",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    max_context: int = 4096,
+    max_batch: int = 1,
+    revision: str = "main",
+) -> MemoryPlan:
+    """How :func:`load` would split ``vram_budget`` for ``model``, without loading anything.
+
+    ``plan.min_budget_bytes`` is the smallest budget that works; ``plan.num_slots`` the expert
+    slots this budget gives.
+    """
+    device = _pick_device(device)
+    _, _, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
+    non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
+    return _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
+
+
+def _pick_device(device) -> torch.device:
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be a CUDA device or 'cpu', not {device}")
+    return device
+
+
+def _open_checkpoint(model, revision: str, dtype):
+    path = resolve_checkpoint(model, revision=revision)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a transformers checkpoint directory?")
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_for(config)
+    ckpt = Checkpoint(path)
+    _check_expert_tensors(ckpt, adapter)
+    return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter)
+
+
+def _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch) -> MemoryPlan:
+    if max_context < 1 or max_batch < 1:
+        raise ValueError(f"max_context and max_batch must be >= 1, got {max_context} and {max_batch}")
+    return plan_memory(
+        adapter,
+        skeleton_bytes=_skeleton_bytes(ckpt, non_expert, dtype),
+        dtype=dtype,
+        budget_bytes=_budget_bytes(vram_budget, device),
+        max_context=max_context,
+        max_batch=max_batch,
+        max_slots=len(adapter.moe_layers()) * adapter.num_experts,
+    )
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def _check_expert_tensors(ckpt: Checkpoint, adapter: MoeAdapter) -> None:
+    """Every routed expert's gate/up/down is in the checkpoint with the shape the config implies."""
+    h, i = adapter.hidden_size, adapter.expert_inter_size
+    for layer in adapter.moe_layers():
+        for expert in range(adapter.num_experts):
+            keys = adapter.expert_keys(layer, expert)
+            for key, shape in ((keys.gate, (i, h)), (keys.up, (i, h)), (keys.down, (h, i))):
+                info = ckpt.tensors.get(key)
+                if info is None:
+                    raise CheckpointError(
+                        f"{ckpt.path}: routed expert tensor {key} is missing; the checkpoint does not "
+                        f"match its config ({adapter.model_type}, {adapter.num_experts} experts)"
+                    )
+                if info.shape != shape:
+                    raise CheckpointError(
+                        f"{info.file}: {key} has shape {list(info.shape)}, expected {list(shape)} "
+                        "from the config (hidden_size, expert intermediate size)"
+                    )
+                if info.dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{info.file}: {key} is {info.dtype}; moerun reads fp32/fp16/bf16 experts "
+                        "(quantised checkpoints are not supported)"
+                    )
+
+
+def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter) -> torch.dtype:
+    if dtype is None:
+        dtype = getattr(config, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if dtype is None:
+            dtype = ckpt.tensors[adapter.expert_keys(adapter.moe_layers()[0], 0).gate].dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, not {dtype}")
+    return dtype
+
+
+def _compile_policy(policy):
+    from .policy import compile_policy
+
+    return compile_policy(policy)
+
+
+def _budget_bytes(vram_budget, device: torch.device) -> int:
+    if vram_budget != "auto":
+        return parse_bytes(vram_budget, "vram_budget")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0, free - max(AUTO_MARGIN_BYTES, free // 20))
+    # On the host, "auto" leaves half of the available memory to the host pool and the rest.
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return max(1, pages * os.sysconf("SC_PAGE_SIZE") // 2)
+
+
+def _skeleton_bytes(ckpt: Checkpoint, keys: list[str], dtype: torch.dtype) -> int:
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return sum(max(1, info.nbytes // info.dtype.itemsize) * itemsize
+               for info in (ckpt.tensors[k] for k in keys))
+
+
+# -- skeleton ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside are moved to the meta device; buffers (rotary tables) stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _build_skeleton(config, dtype: torch.dtype) -> PreTrainedModel:
+    with _parameters_on_meta(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Eager experts: the fused-experts parameters are meta and removed right after.
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _replace_moe_blocks(model: nn.Module, adapter: MoeAdapter, runtime: OffloadRuntime,
+                        moe_layers: list[int]) -> None:
+    new_blocks = []
+    for index, layer in enumerate(moe_layers):
+        parent_name, _, attr = adapter.block_path(layer).rpartition(".")
+        block = model.get_submodule(adapter.block_path(layer))
+        new = OffloadedMoE(block, layer=layer, moe_index=index, adapter=adapter, runtime=runtime)
+        setattr(model.get_submodule(parent_name), attr, new)
+        new_blocks.append(new)
+    for block, nxt in zip(new_blocks, new_blocks[1:]):
+        block.link_lookahead(nxt.moe_index, nxt.gate)
+
+
+def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter, keys: list[str],
+                        device: torch.device, dtype: torch.dtype, progress: bool) -> None:
+    """Read every non-expert tensor from the files straight to ``device``; check nothing is left."""
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules", None) or ())
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for key, tensor in tqdm(ckpt.read(keys, device), total=len(keys), desc="dense weights",
+                            disable=not progress, leave=False):
+        name = adapter.module_key(key)
+        if name not in targets and name not in buffers:
+            continue  # e.g. multi-token-prediction layers past num_hidden_layers, which HF also drops
+        want = torch.float32 if any(p in name for p in keep_fp32) else dtype
+        tensor = tensor.to(want) if tensor.is_floating_point() else tensor
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name in targets:
+            old = targets[name]
+            if tuple(old.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{key}: shape {list(tensor.shape)} in the checkpoint, "
+                                      f"{list(old.shape)} in the model built from config.json")
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: no tensor for {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for name, buf in list(model.named_buffers()):  # non-persistent buffers built on the host
+        if buf.device != device:
+            module_name, _, attr = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[attr] = buf.to(device)
+
+
+# -- runtime ----------------------------------------------------------------------------------------
+def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
+                   moe_layers: list[int], device: torch.device, dtype: torch.dtype,
+                   cpu_threads: int, copy_streams: int, bar) -> OffloadRuntime:
+    """Host pool (filled from the files), arena, transfer engine, CPU executor and policy engine."""
+    from .native import CpuExecutor, ExpertArena, HostPool, TransferEngine
+    from .policy_engine import PolicyEngine
+
+    num_layers, num_experts, elems = len(moe_layers), adapter.num_experts, slot_elems(adapter)
+    engine = PolicyEngine(compiled, num_layers=num_layers, num_experts=num_experts, top_k=adapter.top_k,
+                          num_slots=plan.num_slots, expert_bytes=plan.slot_bytes)
+    pool = HostPool(num_layers, num_experts, elems, dtype)
+    bar.set_postfix_str("experts -> host pool")
+    for index, layer in enumerate(tqdm(moe_layers, desc="experts -> host pool", unit="layer",
+                                       disable=bar.disable, leave=False)):
+        entries = []
+        for expert in range(num_experts):
+            keys = adapter.expert_keys(layer, expert)
+            entries.append((index, expert, *[(str(ckpt.tensors[k].file), k) for k in (keys.gate, keys.up, keys.down)]))
+        pool.fill(entries)
+    arena = ExpertArena(plan.num_slots, elems, dtype, device, num_layers, num_experts)
+    transfer = TransferEngine(arena, pool, copy_streams)
+    cpu_executor = CpuExecutor(cpu_threads)
+    return OffloadRuntime(
+        engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=cpu_executor,
+        inter_size=adapter.expert_inter_size, num_layers=num_layers, num_experts=num_experts,
+        slot_bytes=plan.slot_bytes, device=device,
+        lookahead=compiled.prefetch.strategy == "lookahead",
+    )

@@ -1,0 +1,141 @@
+"""Memory plan: how a device-memory budget splits into skeleton, KV cache, workspace and arena.
+
+Computed from checkpoint headers and the config alone, before anything large is allocated, so a
+budget that is too small fails at once with the smallest budget that works.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..models.base import MoeAdapter
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Device memory kept free besides the plan when the budget is "auto" (allocator slack, library
+# workspaces such as cuBLAS's): the larger of this and 5% of free memory.
+AUTO_MARGIN_BYTES = 1 << 30
+# Fixed part of the workspace: the fused-MoE scratch and small per-step buffers.
+WORKSPACE_BASE_BYTES = 64 << 20
+
+
+class BudgetError(ValueError):
+    """A memory budget is malformed or too small for the model."""
+
+
+def parse_bytes(value: int | str, what: str = "budget") -> int:
+    """``10GiB``, ``"512 MB"``, ``"1.5gb"`` or an int of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise BudgetError(f"{what} must be bytes or a size string like '10GiB', not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise BudgetError(f"{what} must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BudgetError(
+            f"cannot read {what} {value!r}: use bytes (int) or a number with a unit "
+            "(B, KB, MB, GB, KiB, MiB, GiB), e.g. '10GiB'"
+        )
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise BudgetError(f"{what} must be positive, got {value!r}")
+    return size
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def slot_elems(adapter: MoeAdapter) -> int:
+    """Elements of one expert slot: gate_up [2I, H] + down [H, I], padded to 64 (CONTRACTS.md)."""
+    return round_up(3 * adapter.expert_inter_size * adapter.hidden_size, 64)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Device bytes of each part; ``num_slots`` expert slots fill what the budget leaves."""
+
+    budget_bytes: int
+    skeleton_bytes: int      # non-expert weights (embeddings, attention, norms, routers, shared experts)
+    kv_cache_bytes: int      # KV cache of max_batch sequences of max_context tokens
+    workspace_bytes: int     # activations of a max_batch x max_context prefill + fixed scratch
+    slot_bytes: int          # one expert slot
+    num_slots: int
+    min_slots: int           # slots a step of one token needs (top_k)
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.skeleton_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    @property
+    def min_budget_bytes(self) -> int:
+        """The smallest budget that works: everything but the arena plus ``min_slots`` slots."""
+        return self.fixed_bytes + self.min_slots * self.slot_bytes
+
+
+def workspace_bytes(adapter: MoeAdapter, itemsize: int, tokens: int) -> int:
+    """Peak activation memory of a forward over ``tokens`` tokens, plus fixed scratch.
+
+    Per token: a few hidden-size tensors (residual, norm output, attention output, MoE output),
+    the widest MLP intermediate three times (gate, up, product), the routed pairs' fp32 scratch,
+    and the router's fp32 scores.
+    """
+    cfg = adapter.config
+    widest = max(getattr(cfg, "intermediate_size", 0) or 0,
+                 getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
+                 adapter.top_k * adapter.expert_inter_size)
+    per_token = itemsize * (8 * adapter.hidden_size + 3 * widest) + 4 * (
+        adapter.top_k * adapter.expert_inter_size + 2 * adapter.num_experts
+    )
+    return WORKSPACE_BASE_BYTES + tokens * per_token + 4 * cfg.vocab_size * max(1, tokens // 1024)
+
+
+def plan_memory(
+    adapter: MoeAdapter,
+    *,
+    skeleton_bytes: int,
+    dtype: torch.dtype,
+    budget_bytes: int,
+    max_context: int,
+    max_batch: int,
+    max_slots: int,
+) -> MemoryPlan:
+    """Split ``budget_bytes``; raise :class:`BudgetError` with the smallest budget if too small.
+
+    ``max_slots`` caps the arena (no point in more slots than routed experts).
+    """
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    tokens = max_batch * max_context
+    kv = len(range(adapter.num_layers)) * adapter.kv_elems_per_token() * itemsize * tokens
+    work = workspace_bytes(adapter, itemsize, tokens)
+    slot = slot_elems(adapter) * itemsize
+    min_slots = min(adapter.top_k, max_slots)
+    fixed = skeleton_bytes + kv + work
+    num_slots = min(max_slots, max(0, (budget_bytes - fixed) // slot))
+    plan = MemoryPlan(budget_bytes, skeleton_bytes, kv, work, slot, num_slots, min_slots)
+    if num_slots < min_slots:
+        raise BudgetError(
+            f"vram_budget {fmt_bytes(budget_bytes)} is too small: the model needs "
+            f"{fmt_bytes(skeleton_bytes)} of non-expert weights + {fmt_bytes(kv)} of KV cache "
+            f"({max_batch} x {max_context} tokens) + {fmt_bytes(work)} of workspace + "
+            f"{min_slots} expert slots of {fmt_bytes(slot)}; the smallest budget that works is "
+            f"{fmt_bytes(plan.min_budget_bytes)} ({plan.min_budget_bytes} bytes). Raise vram_budget, "
+            "or lower max_context / max_batch."
+        )
+    return plan
+
+
+def fmt_bytes(n: int) -> str:
+    """Human-readable bytes with binary units."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"

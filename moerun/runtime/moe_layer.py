@@ -1,0 +1,54 @@
+"""``OffloadedMoE``: the module that takes the place of a transformers MoE block.
+
+It keeps the block's router and shared experts (same attribute names, so state-dict keys do not
+change) and drops the routed experts, which live in the host pool and the slot arena. Forward:
+route on the device, optionally predict the next MoE layer's experts by applying that layer's
+router to this hidden state (lookahead prefetch), hand both to the runtime's step, add the shared
+experts. Called by transformers' decoder layer as ``block(hidden_states)`` with ``[B, S, H]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.base import MoeAdapter
+from .offload import OffloadRuntime
+
+
+class OffloadedMoE(nn.Module):
+    """One MoE layer whose routed experts are served by an :class:`OffloadRuntime`."""
+
+    def __init__(self, block: nn.Module, *, layer: int, moe_index: int, adapter: MoeAdapter,
+                 runtime: OffloadRuntime):
+        super().__init__()
+        self.layer = layer            # decoder layer index in the model
+        self.moe_index = moe_index    # index among MoE layers: the runtime's, engine's and arena's layer id
+        self.gate = block.gate
+        for name in adapter.shared_modules:
+            setattr(self, name, getattr(block, name))
+        # Plain attributes (not submodules): shared objects, not part of this module's state.
+        self.__dict__["adapter"] = adapter
+        self.__dict__["runtime"] = runtime
+        self.__dict__["next_gate"] = None  # the next MoE layer's router, set by link_lookahead
+        self.next_moe_index: int | None = None
+
+    def link_lookahead(self, next_moe_index: int, next_gate: nn.Module) -> None:
+        """Let this layer predict the next MoE layer's experts with that layer's router."""
+        self.next_moe_index = next_moe_index
+        self.__dict__["next_gate"] = next_gate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape  # [B, S, H]
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        ids, weights = self.adapter.route(self.gate, x)  # [T, K] int64, [T, K] fp32
+        predicted = None
+        if self.runtime.lookahead and self.next_gate is not None:
+            predicted = (self.next_moe_index, self.adapter.route(self.next_gate, x)[0])  # [T, K]
+        y = self.runtime.run(self.moe_index, x, ids, weights, predicted)  # [T, H]
+        shared = self.adapter.shared_output(self, x)
+        if shared is not None:
+            y = y + shared
+        return y.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, moe_index={self.moe_index}"
