@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import moerun
 from moerun.bench import report
 from moerun.bench.budget import Budget, format_bytes, parse_budget
 from moerun.bench.measure import measure, token_match
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--synthetic", choices=sorted(BUILTIN_MODELS),
                      help="built-in random-weight model (default: qwen1.5-moe-a2.7b with a GPU, tiny without)")
     p.add_argument("--budget", dest="budgets", action="append", metavar="SIZE",
-                   help="VRAM budget, e.g. 10GiB or 50%% (of the model); repeat or use --budgets for a sweep "
-                   "(default: 10GiB with a GPU, 50%% without)")
+                   help="VRAM budget for everything on the device: a size (10GiB), a share of the model (50%%), or "
+                   "room for a share of the routed experts besides the rest (experts:50%%); repeat or use "
+                   "--budgets for a sweep (default: 10GiB with a GPU, experts:50%% without)")
     p.add_argument("--budgets", dest="budget_list", nargs="+", metavar="SIZE", help="several budgets: a sweep")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
@@ -124,7 +126,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
-    budget_texts = (args.budgets or []) + (args.budget_list or []) or (["10GiB"] if on_gpu else ["50%"])
+    budget_texts = (args.budgets or []) + (args.budget_list or []) or (["10GiB"] if on_gpu else ["experts:50%"])
     try:
         budgets = [parse_budget(text) for text in budget_texts]
     except ValueError as exc:
@@ -140,6 +142,10 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
                                         log=lambda msg: tqdm.write(msg, file=sys.stderr))
     info = inspect_checkpoint(checkpoint, dtype)
     seq_len = args.prompt_len + args.new_tokens
+    # moerun's plan at an unlimited budget: what everything but the expert slots needs.
+    probe = moerun.memory_plan(str(checkpoint), vram_budget=1 << 50, device=device, dtype=dtype,
+                               max_context=seq_len, max_batch=args.batch)
+    routed_slot_bytes = info.num_moe_layers * info.num_experts * probe.slot_bytes
     prompts = _prompts(args.seed + 1, args.repeats, args.batch, args.prompt_len, info.vocab_size)
     warmup = _prompts(args.seed + 1000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
     calibration = _prompts(args.seed + 2000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
@@ -147,7 +153,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     setup = BenchSetup(
         checkpoint=Path(checkpoint) if isinstance(checkpoint, Path) else checkpoint, info=info, device=device,
         dtype=dtype, experts_implementation=_experts_implementation(),
-        workspace_bytes=info.workspace_bytes(args.batch, seq_len, on_gpu),
+        fixed_bytes=probe.fixed_bytes,
         calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=scratch,
         max_context=seq_len, max_batch=args.batch,
     )
@@ -163,7 +169,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
         "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "time_limit_s": args.time_limit_s,
                      "experts_implementation": setup.experts_implementation,
-                     "workspace_bytes": setup.workspace_bytes},
+                     "fixed_bytes": probe.fixed_bytes},
     }
     print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
           f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
@@ -175,7 +181,8 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     runs = _plan(args, budgets, policies)
     bar = tqdm(runs, desc="systems", unit="run", file=sys.stderr)
     for system, budget, policy in bar:
-        budget_bytes = budget.resolve(info.total_bytes) if budget else None
+        budget_bytes = budget.resolve(model_bytes=info.total_bytes, fixed_bytes=probe.fixed_bytes,
+                                      routed_bytes=routed_slot_bytes) if budget else None
         label = f"{system}:{Path(policy).stem}" if policy else system
         bar.set_postfix_str(f"{label} @ {budget.text if budget else '-'}")
         row = report.SystemResult(label, budget.text if budget else "-", budget_bytes, expert_bytes=info.expert_bytes)

@@ -62,8 +62,6 @@ class CheckpointInfo:
     num_experts: int          # routed experts per MoE layer
     top_k: int
     vocab_size: int
-    hidden_size: int
-    kv_bytes_per_token: int   # KV cache of one sequence position over all layers (an estimate for MLA)
 
     @property
     def routed_bytes(self) -> int:
@@ -73,17 +71,6 @@ class CheckpointInfo:
     def dense_bytes(self) -> int:
         """Everything that is not a routed expert: what must sit on the GPU whatever the policy."""
         return self.total_bytes - self.routed_bytes
-
-    def workspace_bytes(self, batch: int, seq_len: int, on_gpu: bool) -> int:
-        """Room a run needs besides the weights: KV cache and logits, and on a GPU also activations
-        plus a margin for the caching allocator's rounding and the kernels' scratch space."""
-        kv = self.kv_bytes_per_token * batch * seq_len
-        logits = 2 * batch * self.vocab_size * 4
-        if not on_gpu:
-            return kv + logits
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        activations = 64 * batch * seq_len * self.hidden_size * itemsize
-        return kv + logits + activations + 256 * 2**20
 
 
 def default_cache_dir() -> Path:
@@ -141,18 +128,8 @@ def inspect_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None
     total, expert_bytes, layers, experts, top_k = _sizes(config, dtype)
     return CheckpointInfo(
         str(path), config.model_type, dtype, total, expert_bytes, layers, experts, top_k,
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        kv_bytes_per_token=_kv_bytes_per_token(config, dtype),
+        vocab_size=config.vocab_size,
     )
-
-
-def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # MLA (DeepSeek) caches full keys of qk_nope + qk_rope dims per head in transformers.
-    head_dim = max(head_dim, (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * heads * head_dim * itemsize
 
 
 def _cache_key(spec: ModelSpec, dtype: torch.dtype, seed: int) -> str:

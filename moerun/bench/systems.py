@@ -40,7 +40,7 @@ class BenchSetup:
     device: torch.device
     dtype: torch.dtype
     experts_implementation: str    # transformers' experts kernel for the HF baselines
-    workspace_bytes: int           # KV cache + activations the budget must leave room for
+    fixed_bytes: int               # dense weights + KV cache + workspace (moerun's memory plan)
     calibration_ids: torch.Tensor  # fiddler's popularity profile is taken on these prompts [B, S]
     calibration_new_tokens: int
     scratch_dir: Path              # hf-auto's offload folder on CPU-only runs
@@ -113,7 +113,7 @@ def load_hf_resident(setup: BenchSetup) -> LoadedSystem:
     """The whole model on the device, transformers as is (only when it fits the device at all)."""
     if setup.device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(setup.device)
-        needed = setup.info.total_bytes + setup.workspace_bytes
+        needed = setup.fixed_bytes + setup.info.routed_bytes
         if needed > free_bytes:
             raise SystemSkipped(f"model needs {format_bytes(needed)}, the GPU has {format_bytes(free_bytes)} free")
     model = _from_pretrained(setup, device_map=_device_map_arg(setup.device))
@@ -129,19 +129,26 @@ def _offload_hooks(module: torch.nn.Module) -> list:
 
 
 def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
-    """transformers + accelerate ``device_map="auto"`` with ``max_memory`` = the budget.
+    """transformers + accelerate ``device_map="auto"``, weights capped at the budget.
 
+    accelerate's ``max_memory`` caps weights only, so it gets the budget minus the KV cache and
+    workspace reserve of moerun's plan: the same room for weights as the slot-based systems.
     Offloaded modules are copied to the device for every forward. On a CPU-only machine the CPU
     plays the GPU's role and the disk the host's (accelerate offloads to ``scratch_dir``).
     """
     import psutil
 
     host_bytes = int(psutil.virtual_memory().available * 0.9)
+    reserve_bytes = setup.fixed_bytes - setup.info.dense_bytes
+    weights_bytes = budget_bytes - reserve_bytes
+    if weights_bytes <= 0:
+        raise SystemSkipped(f"budget {format_bytes(budget_bytes)} is below the KV cache and workspace "
+                            f"reserve of {format_bytes(reserve_bytes)}")
     if setup.device.type == "cuda":
-        max_memory = {_device_map_arg(setup.device): budget_bytes, "cpu": host_bytes}
+        max_memory = {_device_map_arg(setup.device): weights_bytes, "cpu": host_bytes}
         offload = {}
     else:
-        max_memory = {"cpu": budget_bytes}
+        max_memory = {"cpu": weights_bytes}
         offload = {"offload_folder": str(setup.scratch_dir / "hf-auto-offload")}
     model = _from_pretrained(setup, device_map="auto", max_memory=max_memory, **offload)
     compute = setup.device.type
@@ -164,23 +171,24 @@ def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
     # Without a GPU the CPU is the compute device, so only "disk" entries are offloaded.
     offloaded_to = ("cpu", "disk") if setup.device.type == "cuda" else ("disk",)
     offloaded = sum(1 for d in device_map.values() if d in offloaded_to)
-    return LoadedSystem("hf-auto", model, f"accelerate device_map=auto, max_memory={format_bytes(budget_bytes)}; "
-                        f"{offloaded}/{len(device_map)} modules offloaded", log.read,
+    placement = f"{offloaded}/{len(device_map)} modules offloaded" if offloaded else "nothing offloaded"
+    return LoadedSystem("hf-auto", model, f"accelerate device_map=auto, max_memory={format_bytes(weights_bytes)} "
+                        f"(budget - KV/workspace reserve); {placement}", log.read,
                         [log.remove] + [h.remove for h in handles])
 
 
 def expert_slots(setup: BenchSetup, budget_bytes: int) -> int:
-    """How many whole experts fit on the device next to the dense weights and the workspace."""
-    info = setup.info
-    room = budget_bytes - info.dense_bytes - setup.workspace_bytes
-    slots = room // info.expert_bytes
-    if slots < 1:
-        raise SystemSkipped(
-            f"budget {format_bytes(budget_bytes)} leaves no room for an expert: the dense weights need "
-            f"{format_bytes(info.dense_bytes)}, workspace {format_bytes(setup.workspace_bytes)}, one expert "
-            f"{format_bytes(info.expert_bytes)}"
-        )
-    return int(min(slots, info.num_moe_layers * info.num_experts))
+    """Whole experts that fit on the device: the slots of moerun's memory plan for this budget, so
+    every slot-based system gets the same room for experts."""
+    import moerun
+    from moerun.runtime.memory import BudgetError
+
+    try:
+        plan = moerun.memory_plan(str(setup.checkpoint), vram_budget=budget_bytes, device=setup.device,
+                                  dtype=setup.dtype, max_context=setup.max_context, max_batch=setup.max_batch)
+    except BudgetError as exc:
+        raise SystemSkipped(str(exc)) from exc
+    return plan.num_slots
 
 
 def _load_dense_on_device(setup: BenchSetup, make_experts) -> tuple[Any, list]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerun.bench.budget import parse_budget, parse_size_bytes
+from moerun.bench.budget import parse_budget
 from moerun.bench.cli import run_bench
 from moerun.bench.counters import ExpertCounters
 from moerun.bench.measure import token_match
@@ -19,13 +19,10 @@ from moerun.models.synthetic import build_checkpoint, synthetic_config
 BASELINES = ["hf-resident", "hf-auto", "hf-ondemand", "fiddler"]
 
 
-def _moerun_load_available() -> bool:
-    try:
-        import moerun
+def _policy_language_ready() -> bool:
+    from moerun import policy
 
-        return callable(getattr(moerun, "load", None))
-    except ImportError:
-        return False
+    return hasattr(policy, "compile_policy")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +31,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_checkpoint(synthetic_config(arch), root / arch, seed=3) for arch in ("mixtral", "deepseek_v2")}
 
 
-def test_default_cpu_bench_runs_every_system_and_matches_reference(tmp_path):
-    systems = BASELINES + (["moerun"] if _moerun_load_available() else [])
+def test_cpu_bench_runs_every_baseline_and_matches_reference(tmp_path):
+    systems = BASELINES
     results = run_bench([
-        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--budgets", "60%", "85%",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--budgets", "experts:40%", "experts:80%",
         "--prompt-len", "8", "--new-tokens", "6", "--repeats", "2", "--systems", *systems,
     ])
     assert {r.system.split(":")[0] for r in results} == set(systems)
@@ -47,14 +44,14 @@ def test_default_cpu_bench_runs_every_system_and_matches_reference(tmp_path):
         assert compared == 2 * 6 and matched == compared, (r.system, r.match)
         assert r.measurement.decode_tok_s.median > 0 and r.measurement.ttft_ms.median > 0
     by_name = {(r.system, r.budget): r for r in results}
-    fiddler = by_name[("fiddler", "60%")].measurement.counters
+    fiddler = by_name[("fiddler", "experts:40%")].measurement.counters
     assert fiddler.cpu_loads > 0 and fiddler.gpu_hits + fiddler.cpu_loads == fiddler.loads
-    ondemand = by_name[("hf-ondemand", "60%")].measurement.counters
+    ondemand = by_name[("hf-ondemand", "experts:40%")].measurement.counters
     assert ondemand.copied_bytes > 0 and 0 < ondemand.gpu_hits < ondemand.loads <= ondemand.pairs
     resident = by_name[("hf-resident", "-")].measurement.counters
     assert resident.hit_rate == 1.0 and resident.pairs == ondemand.pairs
     # A larger budget keeps more experts resident.
-    assert by_name[("fiddler", "85%")].measurement.counters.hit_rate > fiddler.hit_rate
+    assert by_name[("fiddler", "experts:80%")].measurement.counters.hit_rate > fiddler.hit_rate
     [json_path] = (tmp_path / "out").glob("*.json")
     payload = json.loads(json_path.read_text())
     assert payload["model"]["type"] == "qwen2_moe" and len(payload["results"]) == len(results)
@@ -63,10 +60,30 @@ def test_default_cpu_bench_runs_every_system_and_matches_reference(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+@pytest.mark.skipif(not _policy_language_ready(), reason="moerun.policy.compile_policy is not merged yet")
+def test_moerun_rows_run_each_policy_and_match_reference(tmp_path):
+    small = tmp_path / "two_slots.moe"
+    small.write_text("policy two_slots { cache { capacity = 2  eviction = lru } schedule { mode = gpu_only } }\n")
+    on_cpu = tmp_path / "cpu_misses.moe"
+    on_cpu.write_text("policy cpu_misses { cache { capacity = 2  eviction = lfu } schedule { mode = cpu_fallback } }\n")
+    results = run_bench([
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--budget", "experts:50%",
+        "--prompt-len", "6", "--new-tokens", "5", "--repeats", "1", "--systems", "hf-resident", "moerun",
+        "--policies", str(small), str(on_cpu), "balanced.moe",
+    ])
+    rows = {r.system: r for r in results}
+    assert set(rows) == {"hf-resident", "moerun:two_slots", "moerun:cpu_misses", "moerun:balanced"}
+    for r in results:
+        assert r.status == "ok", (r.system, r.status)
+        assert r.match == (5, 5), (r.system, r.match)
+    assert rows["moerun:two_slots"].measurement.counters.copied_bytes > 0
+    assert rows["moerun:cpu_misses"].measurement.counters.cpu_loads > 0
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
 def test_baselines_match_reference_tokens_on_batch(arch, checkpoints, tmp_path):
     results = run_bench([
-        "--model", str(checkpoints[arch]), "--out", str(tmp_path), "--budget", "70%", "--batch", "2",
+        "--model", str(checkpoints[arch]), "--out", str(tmp_path), "--budget", "experts:50%", "--batch", "2",
         "--prompt-len", "6", "--new-tokens", "5", "--repeats", "1", "--systems", *BASELINES,
     ])
     for r in results:
@@ -79,7 +96,7 @@ def test_budget_too_small_is_skipped_with_the_reason(checkpoints, tmp_path):
         "--model", str(checkpoints["mixtral"]), "--out", str(tmp_path), "--budget", "1KiB",
         "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--systems", "fiddler",
     ])
-    assert row.status.startswith("skipped:") and "dense weights need" in row.status
+    assert row.status.startswith("skipped:") and "smallest budget that works" in row.status
 
 
 def _reference_and_sites(path: Path):
@@ -122,13 +139,14 @@ def test_lru_evicts_the_least_recently_used_expert():
         GpuExpertLRU(0)
 
 
-def test_budget_parsing():
-    assert parse_size_bytes("10GiB") == 10 * 2**30
-    assert parse_size_bytes("1.5 GB") == 1_500_000_000
-    assert parse_budget("50%").resolve(1000) == 500
-    assert parse_budget("2MiB").resolve(1) == 2 * 2**20
-    for bad in ("ten gigs", "10XB", "0GiB", ""):
-        with pytest.raises(ValueError, match="e.g."):
+def test_budget_forms_resolve_to_bytes():
+    sizes = dict(model_bytes=1000, fixed_bytes=300, routed_bytes=800)
+    assert parse_budget("10GiB").resolve(**sizes) == 10 * 2**30
+    assert parse_budget("1.5 GB").resolve(**sizes) == 1_500_000_000
+    assert parse_budget("50%").resolve(**sizes) == 500
+    assert parse_budget("experts:25%").resolve(**sizes) == 300 + 200
+    for bad in ("ten gigs", "10XB", "0GiB", "experts:0%", ""):
+        with pytest.raises(ValueError, match="budget"):
             parse_budget(bad)
 
 
