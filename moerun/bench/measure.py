@@ -13,15 +13,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from moerun.bench.counters import ExpertCounters
 from moerun.bench.systems import LoadedSystem
 
 
-class _TokenClock:
+class _TokenClock(BaseStreamer):
     """A transformers streamer that records when each step's tokens arrive on the host."""
 
     def __init__(self):
+        super().__init__()
         self.stamps_s: list[float] = []
 
     def put(self, value) -> None:   # first call: the prompt; then one call per generated step

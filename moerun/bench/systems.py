@@ -39,7 +39,7 @@ class BenchSetup:
     info: CheckpointInfo
     device: torch.device
     dtype: torch.dtype
-    experts_implementation: str    # transformers' experts kernel for the HF baselines
+    experts_implementation: str    # transformers' experts kernel for the HF baselines ("default": its own choice)
     fixed_bytes: int               # dense weights + KV cache + workspace (moerun's memory plan)
     calibration_ids: torch.Tensor  # fiddler's popularity profile is taken on these prompts [B, S]
     calibration_new_tokens: int
@@ -68,9 +68,9 @@ class LoadedSystem:
 def _from_pretrained(setup: BenchSetup, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        str(setup.checkpoint), dtype=setup.dtype, experts_implementation=setup.experts_implementation, **kwargs
-    ).eval()
+    if setup.experts_implementation != "default":
+        kwargs["experts_implementation"] = setup.experts_implementation
+    return AutoModelForCausalLM.from_pretrained(str(setup.checkpoint), dtype=setup.dtype, **kwargs).eval()
 
 
 class _RoutingLog:
@@ -122,10 +122,13 @@ def load_hf_resident(setup: BenchSetup) -> LoadedSystem:
                         f"{setup.experts_implementation}", log.read, [log.remove])
 
 
-def _offload_hooks(module: torch.nn.Module) -> list:
-    hook = getattr(module, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-    return [h for h in hooks if getattr(h, "offload", False)]
+def _called_modules(module: torch.nn.Module):
+    """``module``, or for containers that are iterated rather than called, their children."""
+    if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        for child in module.children():
+            yield from _called_modules(child)
+    else:
+        yield module
 
 
 def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
@@ -153,25 +156,23 @@ def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
     model = _from_pretrained(setup, device_map="auto", max_memory=max_memory, **offload)
     compute = setup.device.type
     log = _RoutingLog(model, resident=lambda m: m.gate_up_proj.device.type == compute)
-    handles = []
+    # Without a GPU the CPU is the compute device, so only "disk" entries are offloaded.
+    offloaded_to = ("cpu", "disk") if setup.device.type == "cuda" else ("disk",)
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = [name for name, where in device_map.items() if where in offloaded_to]
 
     def counting_hook(moved_bytes: int):
         def hook(module, args):
             log.counters.copied_bytes += moved_bytes
         return hook
 
-    for module in model.modules():
-        hooks = _offload_hooks(module)
-        if not hooks:
-            continue
-        recurse = any(getattr(h, "place_submodules", False) for h in hooks)
-        moved = sum(p.numel() * p.element_size() for p in module.parameters(recurse=recurse))
-        handles.append(module.register_forward_pre_hook(counting_hook(moved)))
-    device_map = getattr(model, "hf_device_map", {}) or {}
-    # Without a GPU the CPU is the compute device, so only "disk" entries are offloaded.
-    offloaded_to = ("cpu", "disk") if setup.device.type == "cuda" else ("disk",)
-    offloaded = sum(1 for d in device_map.values() if d in offloaded_to)
-    placement = f"{offloaded}/{len(device_map)} modules offloaded" if offloaded else "nothing offloaded"
+    # accelerate copies an offloaded module's weights to the device for each of its forwards.
+    handles = []
+    for name in offloaded:
+        for module in _called_modules(model.get_submodule(name)):
+            moved = sum(p.numel() * p.element_size() for p in module.parameters())
+            handles.append(module.register_forward_pre_hook(counting_hook(moved)))
+    placement = f"{len(offloaded)}/{len(device_map)} modules offloaded" if offloaded else "nothing offloaded"
     return LoadedSystem("hf-auto", model, f"accelerate device_map=auto, max_memory={format_bytes(weights_bytes)} "
                         f"(budget - KV/workspace reserve); {placement}", log.read,
                         [log.remove] + [h.remove for h in handles])

@@ -48,6 +48,7 @@ def test_cpu_bench_runs_every_baseline_and_matches_reference(tmp_path):
     assert fiddler.cpu_loads > 0 and fiddler.gpu_hits + fiddler.cpu_loads == fiddler.loads
     ondemand = by_name[("hf-ondemand", "experts:40%")].measurement.counters
     assert ondemand.copied_bytes > 0 and 0 < ondemand.gpu_hits < ondemand.loads <= ondemand.pairs
+    assert by_name[("hf-auto", "experts:40%")].measurement.counters.copied_bytes > 0
     resident = by_name[("hf-resident", "-")].measurement.counters
     assert resident.hit_rate == 1.0 and resident.pairs == ondemand.pairs
     # A larger budget keeps more experts resident.
