@@ -105,8 +105,11 @@ class _RoutingLog:
             handle.remove()
 
 
-def _device_map_arg(device: torch.device):
-    return device.index if device.type == "cuda" and device.index is not None else device.type
+def _device_map_arg(device: torch.device) -> int | str:
+    """``device`` as transformers' device_map and accelerate's max_memory name it (GPU index or "cpu")."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return device.type
 
 
 def load_hf_resident(setup: BenchSetup) -> LoadedSystem:
