@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.resources
+import re
 import shlex
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from moerun.bench import report
 from moerun.bench.budget import Budget, format_bytes, parse_budget
 from moerun.bench.measure import measure, token_match
 from moerun.bench.models import BUILTIN_MODELS, DTYPES, inspect_checkpoint, prepare_checkpoint
+from moerun.bench.profiling import profile_generation
 from moerun.bench.systems import (
     BUDGET_FREE_SYSTEMS, REFERENCE_SYSTEMS, SYSTEMS, BenchSetup, SystemSkipped, load_system,
 )
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weights dtype (default: bfloat16 on a GPU; float32 on CPU, where bf16 kernels are inexact)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and built-in weights")
+    p.add_argument("--profile", action="store_true",
+                   help="after each system's timed repeats, profile one more generation (torch.profiler "
+                   "table + trace in --out; not counted in the table)")
     return p
 
 
@@ -202,6 +207,10 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
             row.system, row.notes = loaded.label, loaded.notes
             with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
                 row.measurement = measure(loaded, prompts, warmup, args.new_tokens, device, args.time_limit_s, reps)
+            if args.profile:
+                stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
+                for path in profile_generation(loaded.model, prompts[0], args.new_tokens, device, stem):
+                    tqdm.write(f"wrote {path}", file=sys.stderr)
             if reference is None and system in REFERENCE_SYSTEMS:
                 reference = row.measurement.tokens
                 row.notes += " [reference]"
