@@ -47,7 +47,7 @@ packages = find_packages(include=["moerun", "moerun.*"]) + ["moerun.kernels", "m
 setup(
     packages=packages,
     package_dir={"moerun.kernels": "kernels", "moerun.policies": "policies"},
-    package_data={"moerun.policies": ["*.moe"], "moerun.policy": ["grammar.lark"]},
+    package_data={"moerun.policies": ["*.moe"], "moerun.policy": ["grammar.lark"], "moerun.kernels": ["*.json"]},
     ext_modules=[_native_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -1,0 +1,284 @@
+"""Fused-MoE kernel benchmark: decode (1 token) and prefill (2048 tokens) at real model shapes.
+
+For each shape it writes down the two floors first (bytes to move, flops to do), measures the two
+ceilings of this device in the same run (a large device-to-device copy; a dense bf16 matmul),
+times ``fused_moe`` with every expert resident (CUDA-graph replays, so launch gaps stay out; decode
+rotates 16 input sets so the experts are not served from L2), and times transformers' own experts
+implementations (grouped_mm, batched_mm, eager) and a per-expert torch loop on the same inputs.
+With ``--tune`` it sweeps launch configs and writes the best per shape to ``--config-out``
+(the format of ``kernels/fused_moe_configs.json``).
+
+    python benchmarks/bench_kernels.py --tune --out results.json --config-out fused_moe_configs.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
+from moerun.kernels.fused_moe_config import (
+    DecodeConfig, FusedMoeConfig, PrefillConfig, device_key, get_config, shape_key,
+)
+
+# name: (H, I, E, K)
+SHAPES = {
+    "qwen1.5-moe": (2048, 1408, 60, 4),
+    "mixtral": (4096, 14336, 8, 2),
+    "olmoe": (2048, 1024, 64, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+}
+DECODE_SWEEP = [
+    DecodeConfig(block_n=bn, block_h=bh, block_out=bo, block_i=bi, num_warps=w)
+    for bn, bh, bo, bi, w in [
+        (16, 256, 8, 256, 4), (8, 512, 4, 512, 4), (16, 512, 8, 512, 8), (8, 1024, 4, 1024, 8),
+        (4, 1024, 4, 512, 4), (8, 512, 8, 512, 8), (16, 1024, 4, 1024, 8), (8, 2048, 4, 512, 8),
+    ]
+]
+PREFILL_SWEEP = [
+    PrefillConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
+    for m, n, k, w, s in [
+        (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+        (64, 256, 64, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
+        (128, 64, 64, 4, 4), (128, 128, 32, 8, 5), (128, 256, 64, 8, 2), (128, 256, 32, 8, 4),
+    ]
+]
+
+
+def median_us(fn, reps: int = 50) -> float:
+    """Median device time of fn() in µs (events around each call, after warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def graph_us(fns, replays: int = 20) -> float:
+    """Device time per call of a CUDA graph holding fns (one call each), replayed; no launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    return median_us(graph.replay, reps=replays) / len(fns)
+
+
+def device_ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written) and dense bf16 matmul rate."""
+    n = 1 << 30
+    src = torch.randn(n // 4, device="cuda").view(torch.uint8)
+    dst = torch.empty_like(src)
+    copy_us = median_us(lambda: dst.copy_(src), reps=20)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_us = median_us(lambda: a @ b, reps=20)
+    return {"copy_GBps": 2 * n / copy_us / 1e3, "matmul_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
+
+
+class Problem:
+    """All E experts of one shape, resident in an arena (one slot each), plus HF-layout copies."""
+
+    def __init__(self, hidden, inter, experts, top_k, dtype=torch.bfloat16):
+        self.H, self.I, self.E, self.K = hidden, inter, experts, top_k
+        self.gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=dtype) * hidden**-0.5
+        self.down = torch.randn(experts, hidden, inter, device="cuda", dtype=dtype) * inter**-0.5
+        slot_elems = triton.cdiv(3 * inter * hidden, 64) * 64
+        self.arena = torch.zeros(experts, slot_elems, device="cuda", dtype=dtype)  # [N=E, S]
+        self.arena[:, : 2 * inter * hidden] = self.gate_up.reshape(experts, -1)
+        self.arena[:, 2 * inter * hidden: 3 * inter * hidden] = self.down.reshape(experts, -1)
+        self.table = torch.randperm(experts, device="cuda").int()  # expert e -> a random slot
+        self.arena = self.arena[self.table.argsort()].contiguous()  # place expert e in slot table[e]
+
+    def inputs(self, tokens, seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(tokens, self.H, device="cuda", dtype=self.arena.dtype, generator=g)
+        ids = torch.rand(tokens, self.E, device="cuda", generator=g).argsort(-1)[:, : self.K].int()  # [T, K]
+        w = torch.rand(tokens, self.K, device="cuda", generator=g)
+        return x, ids, w
+
+    def expert_bytes(self) -> int:
+        return 3 * self.I * self.H * self.arena.element_size()
+
+    def floors(self, tokens, ids) -> dict:
+        touched = torch.unique(ids).numel()
+        act_bytes = 2 * tokens * self.H * self.arena.element_size()
+        return {"bytes": touched * self.expert_bytes() + act_bytes,
+                "flops": 2 * tokens * self.K * 3 * self.I * self.H}
+
+    def hf_experts(self, impl):
+        from transformers import Qwen2MoeConfig
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+        cfg = Qwen2MoeConfig(hidden_size=self.H, moe_intermediate_size=self.I, num_experts=self.E,
+                             num_experts_per_tok=self.K)
+        cfg._experts_implementation = impl
+        with torch.device("meta"):
+            mod = Qwen2MoeExperts(cfg)
+        mod.gate_up_proj = torch.nn.Parameter(self.gate_up, requires_grad=False)
+        mod.down_proj = torch.nn.Parameter(self.down, requires_grad=False)
+        return mod
+
+    def torch_loop(self, x, ids, w):
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for e in torch.unique(ids).tolist():
+            tok, k = (ids == e).nonzero(as_tuple=True)
+            h = F.linear(x[tok], self.gate_up[e])
+            h = F.silu(h[:, : self.I]) * h[:, self.I:]
+            out.index_add_(0, tok, F.linear(h, self.down[e]).float() * w[tok, k, None])
+        return out.to(x.dtype)
+
+
+def floor_us(floors: dict, ceilings: dict) -> float:
+    """The larger of bytes / copy rate and flops / matmul rate, in µs."""
+    return max(floors["bytes"] / (ceilings["copy_GBps"] * 1e3), floors["flops"] / (ceilings["matmul_TFLOPs"] * 1e6))
+
+
+def check(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> dict:
+    prob = Problem(*shape)
+    row = {"shape": name, "H": shape[0], "I": shape[1], "E": shape[2], "K": shape[3]}
+    base_cfg = get_config(torch.device("cuda"), shape[0], shape[1])
+    best = {"decode": base_cfg.decode, "prefill": base_cfg.prefill}
+
+    # ---- decode: distinct random experts each call, 16 calls in one graph (rotating inputs)
+    sets = [prob.inputs(decode_tokens, seed) for seed in range(16)]
+    outs = [torch.empty_like(s[0]) for s in sets]
+    fl = prob.floors(decode_tokens, sets[0][1])
+    row["decode_floor_bytes"], row["decode_floor_flops"] = fl["bytes"], fl["flops"]
+    row["decode_floor_us"] = floor_us(fl, ceilings)
+    sweep = DECODE_SWEEP if tune else [best["decode"]]
+    decode_times = {}
+    for dc in sweep:
+        cfg = FusedMoeConfig(decode=dc, prefill=best["prefill"])
+        fns = [lambda s=s, o=o, cfg=cfg: fused_moe(s[0], s[1], s[2], prob.table, prob.arena, prob.I, o, config=cfg)
+               for s, o in zip(sets, outs)]
+        decode_times[dc] = graph_us(fns)
+    best["decode"] = min(decode_times, key=decode_times.get)
+    row["decode_us"] = decode_times[best["decode"]]
+    row["decode_GBps"] = fl["bytes"] / row["decode_us"] / 1e3
+    row["decode_frac_of_copy_bw"] = row["decode_GBps"] / ceilings["copy_GBps"]
+    x, ids, w = sets[0]
+    ref = prob.torch_loop(x, ids, w)
+    out = fused_moe(x, ids, w, prob.table, prob.arena, prob.I, config=FusedMoeConfig(best["decode"], best["prefill"]))
+    row["decode_rel_err_vs_torch_loop"] = check(out, ref)
+    for impl in ("grouped_mm", "batched_mm", "eager"):
+        mod = prob.hf_experts(impl)
+        try:
+            row[f"decode_hf_{impl}_us"] = median_us(lambda: mod(x, ids.long(), w))
+        except Exception as exc:  # report, do not hide, an implementation this torch cannot run
+            row[f"decode_hf_{impl}_us"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+    row["decode_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w))
+    row["decode_eager_launch_us"] = median_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I,
+                                                                config=FusedMoeConfig(best["decode"], best["prefill"])))
+
+    # ---- prefill
+    x, ids, w = prob.inputs(prefill_tokens, 1234)
+    out = torch.empty_like(x)
+    fl = prob.floors(prefill_tokens, ids)
+    row["prefill_floor_bytes"], row["prefill_floor_flops"] = fl["bytes"], fl["flops"]
+    row["prefill_floor_us"] = floor_us(fl, ceilings)
+    sweep = PREFILL_SWEEP if tune else [best["prefill"]]
+    prefill_times = {}
+    for pc in sweep:
+        cfg = FusedMoeConfig(decode=best["decode"], prefill=pc)
+        try:
+            prefill_times[pc] = graph_us([lambda cfg=cfg: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out,
+                                                                    config=cfg)], replays=10)
+        except Exception as exc:  # e.g. out of shared memory for a large tile
+            print(f"  {name} prefill {pc}: {type(exc).__name__}: {str(exc)[:120]}")
+    best["prefill"] = min(prefill_times, key=prefill_times.get)
+    row["prefill_us"] = prefill_times[best["prefill"]]
+    row["prefill_TFLOPs"] = fl["flops"] / row["prefill_us"] / 1e6
+    row["prefill_frac_of_matmul"] = row["prefill_TFLOPs"] / ceilings["matmul_TFLOPs"]
+    cfg = FusedMoeConfig(best["decode"], best["prefill"])
+    out = fused_moe(x, ids, w, prob.table, prob.arena, prob.I, config=cfg)
+    ref = prob.torch_loop(x, ids, w)
+    row["prefill_rel_err_vs_torch_loop"] = check(out, ref)
+    for impl in ("grouped_mm", "batched_mm", "eager"):
+        mod = prob.hf_experts(impl)
+        try:
+            if impl == "batched_mm" and prefill_tokens * prob.K * prob.H * prob.I * 3 * 2 > 40e9:
+                raise MemoryError("batched_mm gathers one weight copy per pair: too large at this shape")
+            row[f"prefill_hf_{impl}_us"] = median_us(lambda: mod(x, ids.long(), w), reps=10)
+        except Exception as exc:
+            row[f"prefill_hf_{impl}_us"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+        torch.cuda.empty_cache()
+    row["prefill_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w), reps=10)
+    # share of the prefill time spent grouping pairs by expert (device-side torch ops)
+    row["prefill_sort_us"] = graph_us([lambda: sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m)])
+    # the same call launched eagerly (host launch cost included, unlike the graph replays above)
+    row["prefill_eager_launch_us"] = median_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out,
+                                                                 config=cfg), reps=10)
+    row["config"] = cfg.to_dict()
+    row["decode_sweep_us"] = {str(k): v for k, v in decode_times.items()}
+    row["prefill_sweep_us"] = {str(k): v for k, v in prefill_times.items()}
+    del prob
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--tune", action="store_true", help="sweep launch configs, keep the best per shape")
+    ap.add_argument("--decode-tokens", type=int, default=1)
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--out", default="bench_kernels.json")
+    ap.add_argument("--config-out", default=None, help="write the chosen configs here (fused_moe_configs.json)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA device")
+    torch.manual_seed(0)
+    ceilings = device_ceilings()
+    print(f"device {torch.cuda.get_device_name()}  copy {ceilings['copy_GBps']:.0f} GB/s  "
+          f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    rows = []
+    for name in args.shapes:
+        t0 = time.time()
+        rows.append(bench_shape(name, SHAPES[name], ceilings, args.tune, args.decode_tokens, args.prefill_tokens))
+        print(f"  {name} done in {time.time() - t0:.0f} s", flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceilings, "rows": rows}, f, indent=1)
+    if args.config_out:
+        table = {device_key(torch.device("cuda")): {shape_key(r["H"], r["I"]): r["config"] for r in rows}}
+        with open(args.config_out, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+
+    def fmt(v):
+        return f"{v:9.1f}" if isinstance(v, float) else "   failed"
+    print("\nshape              | decode us  floor  %copyBW | HF grouped batched  eager  loop "
+          "| prefill us floor TFLOP/s %mm | HF grouped  loop")
+    for r in rows:
+        print(f"{r['shape']:18s} | {r['decode_us']:8.1f} {r['decode_floor_us']:6.1f} "
+              f"{100 * r['decode_frac_of_copy_bw']:6.1f}% |"
+              f"{fmt(r['decode_hf_grouped_mm_us'])}{fmt(r['decode_hf_batched_mm_us'])}{fmt(r['decode_hf_eager_us'])}"
+              f"{fmt(r['decode_torch_loop_us'])} | {r['prefill_us']:8.1f} {r['prefill_floor_us']:6.1f} "
+              f"{r['prefill_TFLOPs']:6.0f} {100 * r['prefill_frac_of_matmul']:4.1f}% |"
+              f"{fmt(r['prefill_hf_grouped_mm_us'])}{fmt(r['prefill_torch_loop_us'])}")
+        print(f"{'':18s}   sort {r['prefill_sort_us']:.1f} us;  err decode {r['decode_rel_err_vs_torch_loop']:.1e} "
+              f"prefill {r['prefill_rel_err_vs_torch_loop']:.1e}  eager-launched: "
+              f"decode {r['decode_eager_launch_us']:.1f} us, prefill {r['prefill_eager_launch_us']:.1f} us")
+
+
+if __name__ == "__main__":
+    main()

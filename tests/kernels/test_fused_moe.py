@@ -1,0 +1,163 @@
+"""fused_moe against a float64 torch reference, on random placements with non-resident experts.
+
+CPU runs go through the Triton interpreter (fp32/fp16, tiny shapes); bf16 at real model shapes
+runs on a GPU (marked ``gpu``).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
+from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, PrefillConfig
+
+# small blocks so tiny shapes still cover several blocks and the masked edges
+# the interpreter on CPU in CI; real kernels where a GPU exists
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = FusedMoeConfig(DecodeConfig(block_n=16, block_h=32, block_out=8, block_i=16),
+                      PrefillConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2))
+
+
+def _slot_elems(hidden: int, inter: int) -> int:
+    return (3 * inter * hidden + 63) // 64 * 64
+
+
+def make_problem(tokens, hidden, inter, experts, top_k, slots, dtype, device, resident_frac=0.7, seed=None):
+    """Random experts, a random placement of some of them in a NaN-poisoned arena, random routing."""
+    gen = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    rand = dict(generator=gen, device=device)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, **rand) * hidden ** -0.5).to(dtype)  # [E, 2I, H]
+    down = (torch.randn(experts, hidden, inter, **rand) * inter ** -0.5).to(dtype)  # [E, H, I]
+    n_resident = min(slots, max(1, round(resident_frac * experts)))
+    resident = torch.randperm(experts, **rand)[:n_resident].tolist()
+    slot_of = torch.randperm(slots, **rand)[:n_resident].tolist()
+    table = torch.full((experts,), -1, dtype=torch.int32, device=device)
+    table[resident] = torch.tensor(slot_of, dtype=torch.int32, device=device)
+    # unused slots are NaN: reading one poisons the output; the padding of used slots is zero
+    arena = torch.full((slots, _slot_elems(hidden, inter)), float("nan"), dtype=dtype, device=device)
+    for e, s in zip(resident, slot_of):
+        arena[s] = 0
+        arena[s, : 2 * inter * hidden] = gate_up[e].reshape(-1)
+        arena[s, 2 * inter * hidden: 3 * inter * hidden] = down[e].reshape(-1)
+    x = torch.randn(tokens, hidden, **rand).to(dtype)  # [T, H]
+    ids = torch.stack([torch.randperm(experts, **rand)[:top_k] for _ in range(tokens)]).int()  # [T, K]
+    weights = torch.rand(tokens, top_k, **rand)  # [T, K]
+    return dict(x=x, ids=ids, weights=weights, table=table, arena=arena, gate_up=gate_up, down=down, inter=inter)
+
+
+def reference(p) -> torch.Tensor:
+    """float64 loop over (token, expert) pairs of resident experts."""
+    x = p["x"].double()
+    out = torch.zeros_like(x)  # [T, H]
+    inter = p["inter"]
+    for e in range(p["table"].shape[0]):
+        if p["table"][e].item() < 0:
+            continue
+        tok, k = (p["ids"] == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gu = p["gate_up"][e].double()  # [2I, H]
+        h = F.silu(x[tok] @ gu[:inter].T) * (x[tok] @ gu[inter:].T)  # [n, I]
+        y = h @ p["down"][e].double().T  # [n, H]
+        out.index_add_(0, tok, y * p["weights"][tok, k].double()[:, None])
+    return out
+
+
+def run(p, path=None, config=TINY, ids_dtype=torch.int32):
+    out = torch.full_like(p["x"], float("nan"))  # poisoned: every element must be written
+    got = fused_moe(p["x"], p["ids"].to(ids_dtype), p["weights"], p["table"], p["arena"], p["inter"], out,
+                    config=config, path=path)
+    assert got is out
+    return out
+
+
+def rel_err(out, ref) -> float:
+    assert not torch.isnan(out).any(), "an output element was not written (or a non-resident slot was read)"
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path,tokens", [("decode", 1), ("decode", 5), ("prefill", 21)])
+def test_fused_moe_matches_reference_interpreter(dtype, path, tokens):
+    p = make_problem(tokens, hidden=40, inter=24, experts=7, top_k=3, slots=6, dtype=dtype, device=DEVICE)
+    assert rel_err(run(p, path), reference(p)) < TOL[dtype]
+
+
+def test_both_paths_agree_with_int64_ids_and_odd_sizes():
+    p = make_problem(9, hidden=33, inter=17, experts=5, top_k=2, slots=5, dtype=torch.float32, device=DEVICE)
+    ref = reference(p)
+    for path in ("decode", "prefill"):
+        assert rel_err(run(p, path, ids_dtype=torch.int64), ref) < TOL[torch.float32]
+
+
+def test_no_resident_expert_gives_zeros():
+    p = make_problem(3, hidden=32, inter=16, experts=4, top_k=2, slots=2, dtype=torch.float32, device=DEVICE)
+    p["table"].fill_(-1)
+    for path in ("decode", "prefill"):
+        assert torch.equal(run(p, path), torch.zeros_like(p["x"]))
+
+
+def test_sort_pairs_by_expert_groups_resident_pairs_in_blocks():
+    ids = torch.tensor([[0, 2], [2, 3], [1, 0], [3, 2]], dtype=torch.int32)  # P = 8
+    table = torch.tensor([5, -1, 0, 1], dtype=torch.int32)  # expert 1 not resident
+    sorted_pairs, block_expert = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=4)
+    sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
+    blocks = sorted_pairs.view(-1, 4)
+    seen = []
+    for b, e in enumerate(block_expert.tolist()):
+        real = [q for q in blocks[b].tolist() if q < 8]
+        if e == 4:
+            assert real == []
+            continue
+        assert all(ids.view(-1)[q].item() == e for q in real)
+        seen += real
+    assert sorted(seen) == [q for q in range(8) if ids.view(-1)[q].item() != 1]
+
+
+def test_rejects_mismatched_arena_dtype():
+    p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(TypeError, match="arena dtype"):
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"].half(), p["inter"])
+
+
+def test_rejects_slots_too_small_for_the_expert():
+    p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="3\\*I\\*H"):
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], 32)
+
+
+# (H, I, E, K) of Qwen1.5-MoE, Mixtral, OLMoE, DeepSeek-V2-Lite, and an odd shape
+GPU_SHAPES = {
+    "qwen1.5-moe": (2048, 1408, 60, 4),
+    "mixtral": (4096, 14336, 8, 2),
+    "olmoe": (2048, 1024, 64, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "odd": (1000, 333, 13, 3),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_fused_moe_bf16_real_shapes_gpu(shape, tokens):
+    hidden, inter, experts, top_k = GPU_SHAPES[shape]
+    slots = min(experts, 6) if shape == "mixtral" else experts  # Mixtral experts are 352 MB each
+    p = make_problem(tokens, hidden, inter, experts, top_k, slots, torch.bfloat16, "cuda")
+    out = torch.full_like(p["x"], float("nan"))
+    fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], inter, out)  # tuned default config
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(p)) < TOL[torch.bfloat16]
+
+
+def test_tuned_config_table_loads_and_names_known_fields():
+    import json
+    from moerun.kernels.fused_moe_config import CONFIG_FILE
+
+    table = json.loads(CONFIG_FILE.read_text())
+    for device, shapes in table.items():
+        for key, entry in shapes.items():
+            hidden, inter = map(int, key.split(","))
+            cfg = FusedMoeConfig.from_dict(entry)  # raises on an unknown field
+            assert cfg.prefill.block_m >= 16 and cfg.decode.block_n >= 1, (device, hidden, inter)
