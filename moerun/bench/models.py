@@ -1,7 +1,7 @@
 """The bench's built-in models: random-weight checkpoints with real MoE shapes, built once and cached.
 
-A :class:`ModelSpec` names an architecture and the config values that give it a real model's shapes;
-:func:`prepare_checkpoint` builds it with ``moerun.models.synthetic`` into the cache directory the
+A :class:`ModelSpec` names a preset (or tiny architecture) of ``moerun.models.synthetic`` and any
+overrides; :func:`prepare_checkpoint` builds it with ``moerun.models.synthetic`` into the cache directory the
 first time (after checking that the disk has room) and reuses it afterwards. :func:`inspect_checkpoint`
 reads any checkpoint's config and reports the sizes the bench needs (total bytes, bytes per expert).
 This module knows nothing about the systems that run the checkpoints.
@@ -132,9 +132,10 @@ def inspect_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None
     )
 
 
-def _cache_key(spec: ModelSpec, dtype: torch.dtype, seed: int) -> str:
-    payload = json.dumps({"base": spec.base, "overrides": spec.overrides, "seed": seed, "dtype": str(dtype)},
-                         sort_keys=True, default=str)
+def _cache_key(spec: ModelSpec, config, dtype: torch.dtype, seed: int) -> str:
+    """Directory name: changes whenever the config, seed or dtype would give different weights."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    payload = json.dumps({"config": fields, "seed": seed, "dtype": str(dtype)}, sort_keys=True, default=str)
     return f"{spec.name}-{str(dtype).replace('torch.', '')}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
 
 
@@ -162,10 +163,10 @@ def prepare_checkpoint(
         raise ValueError(f"unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / _cache_key(spec, dtype, seed)
+    config = spec_config(spec)
+    path = cache_dir / _cache_key(spec, config, dtype, seed)
     if (path / "config.json").is_file():
         return path
-    config = spec_config(spec)
     total_bytes = _sizes(config, dtype)[0]
     # The safetensors files plus headroom for metadata and the partial directory of a crashed build.
     check_disk_space(cache_dir, int(total_bytes * 1.05) + 2**30, f"building the {name} checkpoint")

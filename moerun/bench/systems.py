@@ -142,8 +142,11 @@ def load_hf_auto(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
     Offloaded modules are copied to the device for every forward. On a CPU-only machine the CPU
     plays the GPU's role and the disk the host's (accelerate offloads to ``scratch_dir``).
     """
-    import psutil
-
+    try:
+        import psutil  # installed with accelerate, which device_map="auto" needs
+        import accelerate  # noqa: F401
+    except ImportError as exc:
+        raise SystemSkipped(f"needs accelerate for device_map='auto' ({exc}); pip install accelerate") from exc
     host_bytes = int(psutil.virtual_memory().available * 0.9)
     reserve_bytes = setup.fixed_bytes - setup.info.dense_bytes
     weights_bytes = budget_bytes - reserve_bytes
