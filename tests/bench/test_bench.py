@@ -85,13 +85,14 @@ def test_moerun_rows_run_each_policy_and_match_reference(tmp_path):
 def test_baselines_match_reference_tokens_on_batch(arch, checkpoints, tmp_path):
     results = run_bench([
         "--model", str(checkpoints[arch]), "--out", str(tmp_path), "--budget", "experts:50%", "--batch", "2",
-        "--prompt-len", "6", "--new-tokens", "5", "--repeats", "1", "--systems", *BASELINES, "--profile",
+        "--prompt-len", "6", "--new-tokens", "5", "--repeats", "1", "--systems", *BASELINES,
+        *(["--profile"] if arch == "mixtral" else []),
     ])
     for r in results:
         assert r.status == "ok", (r.system, r.status)
         assert r.match == (10, 10), (r.system, r.match)
     profiles = sorted(p.name for p in tmp_path.glob("profile-*.txt"))
-    assert profiles == sorted(f"profile-{name}-{'-' if name == 'hf-resident' else 'experts_50_'}.txt" for name in BASELINES)
+    assert arch != "mixtral" or profiles == sorted(f"profile-{name}-{'-' if name == 'hf-resident' else 'experts_50_'}.txt" for name in BASELINES)
 
 
 def test_budget_too_small_is_skipped_with_the_reason(checkpoints, tmp_path):
