@@ -86,13 +86,22 @@ def test_baselines_match_reference_tokens_on_batch(arch, checkpoints, tmp_path):
     results = run_bench([
         "--model", str(checkpoints[arch]), "--out", str(tmp_path), "--budget", "experts:50%", "--batch", "2",
         "--prompt-len", "6", "--new-tokens", "5", "--repeats", "1", "--systems", *BASELINES,
-        *(["--profile"] if arch == "mixtral" else []),
     ])
     for r in results:
         assert r.status == "ok", (r.system, r.status)
         assert r.match == (10, 10), (r.system, r.match)
-    profiles = sorted(p.name for p in tmp_path.glob("profile-*.txt"))
-    assert arch != "mixtral" or profiles == sorted(f"profile-{name}-{'-' if name == 'hf-resident' else 'experts_50_'}.txt" for name in BASELINES)
+
+
+def test_profile_writes_a_table_and_trace_per_system(checkpoints, tmp_path):
+    run_bench([
+        "--model", str(checkpoints["mixtral"]), "--out", str(tmp_path), "--budget", "experts:50%",
+        "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--systems", "hf-resident", "fiddler",
+        "--profile",
+    ])
+    names = sorted(p.name for p in tmp_path.glob("profile-*"))
+    assert names == ["profile-fiddler-experts_50_.json", "profile-fiddler-experts_50_.txt",
+                     "profile-hf-resident--.json", "profile-hf-resident--.txt"]
+    assert "aten::" in (tmp_path / "profile-fiddler-experts_50_.txt").read_text()
 
 
 def test_budget_too_small_is_skipped_with_the_reason(checkpoints, tmp_path):
