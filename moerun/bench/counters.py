@@ -22,6 +22,9 @@ class ExpertCounters:
     def __sub__(self, other: "ExpertCounters") -> "ExpertCounters":
         return ExpertCounters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
+    def __add__(self, other: "ExpertCounters") -> "ExpertCounters":
+        return ExpertCounters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
     def copy(self) -> "ExpertCounters":
         return ExpertCounters(**asdict(self))
 

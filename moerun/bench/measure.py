@@ -2,8 +2,9 @@
 
 Each repeat greedily generates ``new_tokens`` tokens for one batch of prompts. A streamer stamps
 the time each step's tokens reach the host (the step is complete then), so time to first token
-and decode time come from one generation. Counters are read before and after the timed repeats,
-so warm-up and loading traffic are not counted. This module knows nothing about how a system is
+and decode time come from one generation. Expert counters are read at the start of a repeat, at
+its first token and at its end, so prefill and decode traffic are reported apart, and warm-up and
+loading traffic not at all. This module knows nothing about how a system is
 built or how results are shown.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -20,14 +22,18 @@ from moerun.bench.systems import LoadedSystem
 
 
 class _TokenClock(BaseStreamer):
-    """A transformers streamer that records when each step's tokens arrive on the host."""
+    """A transformers streamer that records when each step's tokens arrive on the host, and calls
+    ``on_first_token`` once the first generated token is there (after its time stamp)."""
 
-    def __init__(self):
+    def __init__(self, on_first_token: Callable[[], None] | None = None):
         super().__init__()
         self.stamps_s: list[float] = []
+        self.on_first_token = on_first_token
 
     def put(self, value) -> None:   # first call: the prompt; then one call per generated step
         self.stamps_s.append(time.perf_counter())
+        if len(self.stamps_s) == 2 and self.on_first_token is not None:
+            self.on_first_token()
 
     def end(self) -> None:
         pass
@@ -55,9 +61,14 @@ def _generate(model, input_ids: torch.Tensor, new_tokens: int, streamer=None) ->
     )
 
 
-def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device) -> RepeatTiming:
-    """Generates ``new_tokens`` greedy tokens after ``input_ids`` [B, S] and times the phases."""
-    clock = _TokenClock()
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
+                   on_first_token: Callable[[], None] | None = None) -> RepeatTiming:
+    """Generates ``new_tokens`` greedy tokens after ``input_ids`` [B, S] and times the phases.
+
+    ``on_first_token`` runs when the first generated token reaches the host (not when the model's
+    ``generate`` does not drive a streamer).
+    """
+    clock = _TokenClock(on_first_token)
     _sync(device)
     start_s = time.perf_counter()
     with torch.inference_mode():
@@ -104,7 +115,8 @@ class Measurement:
     decode_tok_s: Spread | None          # generated tokens per second after the first, batch included
     prefill_tok_s: Spread | None         # prompt tokens per second of the first step, batch included
     ttft_ms: Spread | None
-    counters: ExpertCounters
+    prefill_counters: ExpertCounters     # the prompts' forward passes
+    decode_counters: ExpertCounters      # the steps after the first token
     gpu_peak_bytes: int | None           # None without a GPU
     repeats_run: int
     tokens: list[list[list[int]]] = field(default_factory=list)   # [repeat][sequence][token]
@@ -126,25 +138,31 @@ def measure(
     """
     model = system.model
     timed_generate(model, warmup_prompt.to(device), min(new_tokens, 4), device)
-    before = system.counters()
+    prefill, decode = ExpertCounters(), ExpertCounters()
     timings: list[RepeatTiming] = []
     spent_s = 0.0
     for prompt in prompts:
-        timing = timed_generate(model, prompt.to(device), new_tokens, device)
+        start = system.counters()
+        first: list[ExpertCounters] = []
+        timing = timed_generate(model, prompt.to(device), new_tokens, device,
+                                on_first_token=lambda: first.append(system.counters()))
+        end = system.counters()
+        mid = first[0] if first else start     # no streamer: everything is counted as decode
+        prefill, decode = prefill + (mid - start), decode + (end - mid)
         timings.append(timing)
         spent_s += timing.ttft_s + timing.decode_s
         if progress is not None:
             progress.update(1)
         if spent_s >= time_limit_s:
             break
-    counters = system.counters() - before
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     batch, prompt_len = prompts[0].shape
     return Measurement(
         decode_tok_s=Spread.of([batch * t.decode_steps / t.decode_s for t in timings if t.decode_s > 0]),
         prefill_tok_s=Spread.of([batch * prompt_len / t.ttft_s for t in timings if t.ttft_s > 0]),
         ttft_ms=Spread.of([1e3 * t.ttft_s for t in timings]),
-        counters=counters,
+        prefill_counters=prefill,
+        decode_counters=decode,
         gpu_peak_bytes=peak,
         repeats_run=len(timings),
         tokens=[t.tokens for t in timings],

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moerun.bench.budget import format_bytes
+from moerun.bench.counters import ExpertCounters
 from moerun.bench.measure import Measurement, Spread
 
 
@@ -35,22 +36,25 @@ class SystemResult:
     def summary(self) -> dict:
         """Flat numbers for JSON (None where not measured)."""
         m = self.measurement
-        c = m.counters if m else None
         out = {
             "system": self.system, "budget": self.budget, "budget_bytes": self.budget_bytes,
             "status": self.status, "notes": self.notes, "load_s": self.load_s,
         }
         if m is None:
             return out
-        saved = (c.pairs - c.loads) * self.expert_bytes
         out.update(
             decode_tok_s=_spread(m.decode_tok_s), prefill_tok_s=_spread(m.prefill_tok_s), ttft_ms=_spread(m.ttft_ms),
-            hit_rate=c.hit_rate, cpu_share=c.cpu_share,
-            copied_bytes=c.copied_bytes, expert_pairs=c.pairs, expert_loads=c.loads, dedup_saved_gb=saved / 1e9,
+            decode=self._phase(m.decode_counters), prefill=self._phase(m.prefill_counters),
             gpu_peak_bytes=m.gpu_peak_bytes, over_budget=self.over_budget, repeats=m.repeats_run,
             token_match=list(self.match) if self.match else None,
         )
         return out
+
+
+    def _phase(self, c: ExpertCounters) -> dict:
+        return dict(hit_rate=c.hit_rate, cpu_share=c.cpu_share, copied_bytes=c.copied_bytes,
+                    expert_pairs=c.pairs, expert_loads=c.loads,
+                    dedup_saved_bytes=(c.pairs - c.loads) * self.expert_bytes)
 
 
 def _spread(spread: Spread | None) -> dict | None:
@@ -71,6 +75,7 @@ def _fmt_share(value: float | None) -> str:
 
 COLUMNS = ("system", "budget", "decode tok/s", "prefill tok/s", "TTFT ms", "hit rate", "copied",
            "CPU share", "dedup saved", "GPU peak", "tokens = ref", "notes")
+# Columns after TTFT describe the decode steps; the JSON has the prefill's as well.
 
 
 def table_rows(results: list[SystemResult]) -> list[list[str]]:
@@ -80,7 +85,7 @@ def table_rows(results: list[SystemResult]) -> list[list[str]]:
         if m is None:
             rows.append([r.system, r.budget] + ["-"] * (len(COLUMNS) - 3) + [r.status])
             continue
-        c = m.counters
+        c = m.decode_counters
         peak = format_bytes(m.gpu_peak_bytes) if m.gpu_peak_bytes is not None else "n/a (cpu)"
         if r.over_budget:
             peak += " OVER"
@@ -106,12 +111,13 @@ def format_table(results: list[SystemResult]) -> str:
 
 LEGEND = (
     "decode tok/s: generated tokens/s after the first (whole batch), median [min-max] over repeats; "
-    "prefill tok/s and TTFT: prompt tokens/s and time to the first token; hit rate: experts needed by "
-    "a layer step (unique per step) already on the GPU; copied: weight bytes copied host->GPU during the "
-    "timed repeats; CPU share: needed experts computed on the CPU; dedup saved: expert weight bytes that "
-    "handling each (token, expert) pair on its own would have read on top (tokens of a step share experts); GPU peak: torch.cuda.max_memory_allocated "
-    "over load + run (OVER = above the budget); tokens = ref: generated tokens equal to the reference "
-    "(greedy prefix per sequence)."
+    "prefill tok/s and TTFT: prompt tokens/s and time to the first token. Over the decode steps of "
+    "the timed repeats (prefill in the JSON): hit rate: experts needed by a layer step (unique per "
+    "step) already on the GPU; copied: weight bytes copied host->GPU; CPU share: needed experts "
+    "computed on the CPU; dedup saved: expert weight bytes that handling each (token, expert) pair "
+    "on its own would have read on top (tokens of a step share experts). GPU peak: "
+    "torch.cuda.max_memory_allocated over load + run (OVER = above the budget); tokens = ref: "
+    "generated tokens equal to the reference (greedy prefix per sequence)."
 )
 
 

@@ -44,15 +44,18 @@ def test_cpu_bench_runs_every_baseline_and_matches_reference(tmp_path):
         assert compared == 2 * 6 and matched == compared, (r.system, r.match)
         assert r.measurement.decode_tok_s.median > 0 and r.measurement.ttft_ms.median > 0
     by_name = {(r.system, r.budget): r for r in results}
-    fiddler = by_name[("fiddler", "experts:40%")].measurement.counters
+    fiddler = by_name[("fiddler", "experts:40%")].measurement.decode_counters
     assert fiddler.cpu_loads > 0 and fiddler.gpu_hits + fiddler.cpu_loads == fiddler.loads
-    ondemand = by_name[("hf-ondemand", "experts:40%")].measurement.counters
+    ondemand = by_name[("hf-ondemand", "experts:40%")].measurement.decode_counters
     assert ondemand.copied_bytes > 0 and 0 < ondemand.gpu_hits < ondemand.loads <= ondemand.pairs
-    assert by_name[("hf-auto", "experts:40%")].measurement.counters.copied_bytes > 0
-    resident = by_name[("hf-resident", "-")].measurement.counters
-    assert resident.hit_rate == 1.0 and resident.pairs == ondemand.pairs
+    assert by_name[("hf-auto", "experts:40%")].measurement.decode_counters.copied_bytes > 0
+    resident = by_name[("hf-resident", "-")].measurement
+    # tiny qwen2_moe: 2 MoE layers, top-2; 2 repeats of 8 prompt tokens, then 5 decode steps.
+    assert resident.prefill_counters.pairs == 2 * 8 * 2 * 2
+    assert resident.decode_counters.pairs == 2 * 5 * 2 * 2 == ondemand.pairs
+    assert resident.decode_counters.hit_rate == 1.0
     # A larger budget keeps more experts resident.
-    assert by_name[("fiddler", "experts:80%")].measurement.counters.hit_rate > fiddler.hit_rate
+    assert by_name[("fiddler", "experts:80%")].measurement.decode_counters.hit_rate > fiddler.hit_rate
     [json_path] = (tmp_path / "out").glob("*.json")
     payload = json.loads(json_path.read_text())
     assert payload["model"]["type"] == "qwen2_moe" and len(payload["results"]) == len(results)
@@ -77,8 +80,8 @@ def test_moerun_rows_run_each_policy_and_match_reference(tmp_path):
     for r in results:
         assert r.status == "ok", (r.system, r.status)
         assert r.match == (5, 5), (r.system, r.match)
-    assert rows["moerun:two_slots"].measurement.counters.copied_bytes > 0
-    assert rows["moerun:cpu_misses"].measurement.counters.cpu_loads > 0
+    assert rows["moerun:two_slots"].measurement.decode_counters.copied_bytes > 0
+    assert rows["moerun:cpu_misses"].measurement.decode_counters.cpu_loads > 0
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
