@@ -1,0 +1,77 @@
+"""The ``.moe`` policy language: parse, validate, compile and format policies.
+
+``compile_policy("balanced")`` gives the :class:`~moerun.policy.config.CompiledPolicy` the engine
+runs. None of this imports torch.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .compiler import compile_ir
+from .config import CompiledPolicy
+from .errors import Diagnostic, PolicyError
+from .formatter import format_policy
+from .ir import PolicyFile
+from .parser import parse
+from .validator import validate
+
+POLICY_SUFFIX = ".moe"
+
+__all__ = [
+    "CompiledPolicy", "Diagnostic", "PolicyError", "PolicyFile", "bundled_policies", "compile_policy",
+    "format_policy", "load_source", "parse", "validate",
+]
+
+
+def bundled_policies() -> list[str]:
+    """Names of the policies shipped in ``moerun.policies`` (without ``.moe``)."""
+    folder = resources.files("moerun.policies")
+    return sorted(p.name[: -len(POLICY_SUFFIX)] for p in folder.iterdir() if p.name.endswith(POLICY_SUFFIX))
+
+
+def load_source(spec: str | Path) -> tuple[str, str]:
+    """``(text, filename)`` for policy text, a path to a ``.moe`` file, or a bundled name.
+
+    A bundled name may omit ``.moe`` (``"balanced"``). Raises PolicyError naming the bundled
+    policies when ``spec`` is none of these.
+    """
+    if isinstance(spec, Path):
+        return _read(spec)
+    if not isinstance(spec, str):
+        raise PolicyError(f"a policy is text, a path or a bundled name, not {type(spec).__name__}")
+    if "{" in spec:
+        return spec, "<string>"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _read(path)
+    name = spec if spec.endswith(POLICY_SUFFIX) else spec + POLICY_SUFFIX
+    if "/" not in name and "\\" not in name:
+        bundled = resources.files("moerun.policies").joinpath(name)
+        if bundled.is_file():
+            return bundled.read_text(encoding="utf-8"), name
+    raise PolicyError(f"no policy file or bundled policy named '{spec}'; bundled policies: "
+                      f"{', '.join(bundled_policies())}")
+
+
+def _read(path: Path) -> tuple[str, str]:
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolicyError(f"cannot read policy file {path}: {err}") from None
+
+
+def compile_policy(spec: str | Path | PolicyFile, *, name: str | None = None, num_layers: int | None = None,
+                   num_experts: int | None = None) -> CompiledPolicy:
+    """Parse, validate and compile a policy.
+
+    ``spec``: policy text, a path, a bundled name (``"balanced"`` or ``"balanced.moe"``), or an
+    already parsed :class:`PolicyFile`. ``name`` picks a policy in a multi-policy file (default:
+    the first). ``num_layers``/``num_experts`` enable the model-shape checks.
+    """
+    if isinstance(spec, PolicyFile):
+        policy_file = spec
+    else:
+        text, filename = load_source(spec)
+        policy_file = parse(text, filename)
+    return compile_ir(policy_file, name, num_layers=num_layers, num_experts=num_experts)

@@ -1,0 +1,90 @@
+"""``moerun policy check|explain|fmt``: the policy language on the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import compile_policy, format_policy, load_source, parse, validate
+from .compiler import compile_policy_ir
+from .errors import PolicyError
+from .explain import explain
+
+
+def add_parser(subparsers) -> None:
+    """Register ``policy`` and its sub-commands on the ``moerun`` parser."""
+    group = subparsers.add_parser("policy", help="check, explain and format .moe policies")
+    sub = group.add_subparsers(dest="command", metavar="{check,explain,fmt}")
+    sub.required = True
+
+    check = sub.add_parser("check", help="report every error in policy files (exit 1 if any)")
+    check.add_argument("files", nargs="+", metavar="FILE", help=".moe file or bundled policy name")
+    _shape_args(check)
+    check.set_defaults(func=run_check)
+
+    explain_p = sub.add_parser("explain", help="say in plain words what a policy does")
+    explain_p.add_argument("file", metavar="FILE", help=".moe file or bundled policy name")
+    explain_p.add_argument("--name", help="policy to explain in a multi-policy file (default: all)")
+    _shape_args(explain_p)
+    explain_p.set_defaults(func=run_explain)
+
+    fmt = sub.add_parser("fmt", help="print a policy file in canonical form")
+    fmt.add_argument("file", metavar="FILE", help=".moe file")
+    fmt.add_argument("--write", action="store_true", help="rewrite the file in place")
+    fmt.set_defaults(func=run_fmt)
+
+
+def _shape_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, help="MoE layers of the target model (enables shape checks)")
+    parser.add_argument("--experts", type=int, help="routed experts per layer of the target model")
+
+
+def _fail(err: PolicyError) -> int:
+    print(err.format(), file=sys.stderr)
+    return 1
+
+
+def run_check(args: argparse.Namespace) -> int:
+    failed = 0
+    for spec in args.files:
+        try:
+            text, filename = load_source(spec)
+            policy_file = validate(parse(text, filename), num_layers=args.layers, num_experts=args.experts)
+        except PolicyError as err:
+            failed += 1
+            _fail(err)
+            continue
+        names = ", ".join(p.name for p in policy_file.policies)
+        print(f"{filename}: ok ({names})")
+    return 1 if failed else 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    try:
+        text, filename = load_source(args.file)
+        policy_file = validate(parse(text, filename), num_layers=args.layers, num_experts=args.experts)
+        if args.name is not None:
+            print(explain(compile_policy(policy_file, name=args.name)))
+            return 0
+    except PolicyError as err:
+        return _fail(err)
+    print("\n\n".join(explain(compile_policy_ir(p, filename)) for p in policy_file.policies))
+    return 0
+
+
+def run_fmt(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        text, filename = load_source(path if path.exists() else args.file)
+        formatted = format_policy(parse(text, filename))
+    except PolicyError as err:
+        return _fail(err)
+    if not args.write:
+        sys.stdout.write(formatted)
+    elif formatted != text:
+        if not path.is_file():
+            print(f"{args.file}: --write needs a file path, not a bundled name", file=sys.stderr)
+            return 1
+        path.write_text(formatted, encoding="utf-8")
+        print(f"{path}: formatted")
+    return 0

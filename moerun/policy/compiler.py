@@ -1,0 +1,107 @@
+"""IR -> :class:`moerun.policy.config.CompiledPolicy`, the typed config the policy engine consumes.
+
+Runs on a validated IR (see :func:`compile_ir`); every key maps to the config field of the same
+name in the block's dataclass, so the schema table and config.py are the whole mapping.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from . import config, ir, schema
+from .errors import PolicyError, did_you_mean
+from .validator import validate
+
+# Prefetch budget when a strategy is chosen without one (MoE-PolicyLang files often omit it).
+DEFAULT_PREFETCH_BUDGET = 4
+
+_BLOCK_CONFIGS = {
+    "cache": config.CacheConfig, "prefetch": config.PrefetchConfig, "schedule": config.ScheduleConfig,
+    "monitor": config.MonitorConfig, "per_layer": config.PerLayerConfig, "host": config.HostConfig,
+}
+
+
+def compile_ir(policy_file: ir.PolicyFile, name: str | None = None, *, num_layers: int | None = None,
+               num_experts: int | None = None) -> config.CompiledPolicy:
+    """Validate ``policy_file`` and compile the policy called ``name`` (default: the first one)."""
+    validate(policy_file, num_layers=num_layers, num_experts=num_experts)
+    return compile_policy_ir(select(policy_file, name), source=policy_file.filename)
+
+
+def select(policy_file: ir.PolicyFile, name: str | None) -> ir.Policy:
+    """The policy called ``name``, or the first; PolicyError listing the names otherwise."""
+    if name is None:
+        return policy_file.policies[0]
+    for policy in policy_file.policies:
+        if policy.name == name:
+            return policy
+    names = [p.name for p in policy_file.policies]
+    raise PolicyError(f"{policy_file.filename}: no policy named '{name}'; {did_you_mean(name, names)}")
+
+
+def compile_policy_ir(policy: ir.Policy, source: str = "<string>") -> config.CompiledPolicy:
+    """Compile one validated policy (no checks here: call validate first)."""
+    blocks = {}
+    for section in policy.sections:
+        if isinstance(section, ir.Block):
+            params = schema.BLOCKS[section.name]
+            fields = {s.key: _python_value(params[s.key], s.value) for s in section.settings}
+            blocks[section.name] = fields
+    prefetch = blocks.get("prefetch", {})
+    if prefetch.get("strategy", "none") != "none" and "budget" not in prefetch:
+        capacity = blocks.get("cache", {}).get("capacity", config.AUTO)
+        budget = DEFAULT_PREFETCH_BUDGET
+        prefetch["budget"] = min(budget, capacity) if capacity != config.AUTO else budget
+    built = {name: _BLOCK_CONFIGS[name](**fields) for name, fields in blocks.items()}
+    monitor = built.get("monitor", config.MonitorConfig())
+    adapt = policy.section("adapt")
+    rules = tuple(_rule(r, monitor.window) for r in adapt.rules) if isinstance(adapt, ir.AdaptBlock) else ()
+    return config.CompiledPolicy(
+        name=policy.name,
+        cache=built.get("cache", config.CacheConfig()),
+        prefetch=built.get("prefetch", config.PrefetchConfig()),
+        schedule=built.get("schedule", config.ScheduleConfig()),
+        monitor=monitor,
+        adapt=rules,
+        per_layer=built.get("per_layer"),
+        host=built.get("host"),
+        source=source,
+    )
+
+
+def _python_value(param: schema.Param, value: ir.Value):
+    if param.kind in ("int", "float"):
+        if isinstance(value, ir.Word):      # auto
+            return config.AUTO
+        return float(value.value) if param.kind == "float" else int(value.value)
+    if param.kind == "bool":
+        return value.text == "true"
+    if param.kind == "enum":
+        return value.text
+    if param.kind == "metrics":
+        return tuple(schema.resolve_metric(item.text) for item in value.items)
+    return tuple((item.first.value, item.second.value) if isinstance(item, ir.Pair) else (-1, item.value)
+                 for item in value.items)
+
+
+def _rule(rule: ir.Rule, default_window: int) -> config.AdaptRule:
+    assignments, triggers, rebalances = [], [], []
+    for action in rule.actions:
+        if isinstance(action, ir.Trigger):
+            triggers.append(schema.TRIGGER_ALIASES.get(action.target, action.target))
+        elif isinstance(action, ir.Rebalance):
+            rebalances.append(schema.REBALANCE_ALIASES.get(action.target, action.target))
+        else:
+            qualified = schema.resolve_adapt_key(action.key)
+            assignments.append((qualified, _python_value(schema.ADAPTABLE[qualified], action.value)))
+    window = rule.window.length.value if rule.window is not None else default_window
+    return config.AdaptRule(schema.resolve_metric(rule.metric), rule.op, float(rule.threshold.value), int(window),
+                            tuple(assignments), tuple(triggers), tuple(rebalances))
+
+
+def replace_param(policy: config.CompiledPolicy, qualified: str, value) -> config.CompiledPolicy:
+    """``policy`` with one ``block.key`` changed (what an adapt rule does when it fires)."""
+    block, _, key = qualified.partition(".")
+    current = getattr(policy, block)
+    if current is None:
+        current = _BLOCK_CONFIGS[block]()
+    return dataclasses.replace(policy, **{block: dataclasses.replace(current, **{key: value})})
