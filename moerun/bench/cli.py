@@ -125,9 +125,40 @@ def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, B
     return sorted(runs, key=lambda run: order[run[0]])
 
 
+def _checkpoint(args, dtype: torch.dtype, log) -> tuple[Path | str, str]:
+    """(checkpoint path or hub id, name for tables) of --model or the built-in model."""
+    if args.model:
+        return (Path(args.model) if Path(args.model).exists() else args.model), str(args.model)
+    name = args.synthetic or ("qwen1.5-moe-a2.7b" if torch.cuda.is_available() and args.device != "cpu" else "tiny")
+    return prepare_checkpoint(name, dtype=dtype, cache_dir=args.cache_dir, seed=args.seed, log=log), name
+
+
+def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str | None, row: report.SystemResult,
+                prompts: list[torch.Tensor], warmup: torch.Tensor, args, log) -> None:
+    """Loads and measures one system into ``row`` (status, notes, numbers); profiles it if asked."""
+    from tqdm.auto import tqdm
+
+    start_s = time.perf_counter()
+    loaded = load_system(system, setup, budget_bytes, policy)
+    row.load_s = time.perf_counter() - start_s
+    row.system, row.notes = loaded.label, loaded.notes
+    try:
+        with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
+            row.measurement = measure(loaded, prompts, warmup, args.new_tokens, setup.device, args.time_limit_s, reps)
+        if args.profile:
+            stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
+            for path in profile_generation(loaded.model, prompts[0], args.new_tokens, setup.device, stem):
+                log(f"wrote {path}")
+    finally:
+        loaded.close()
+
+
 def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     """Runs the bench as ``python -m moerun.bench ARGV`` would; returns the rows."""
     from tqdm.auto import tqdm
+
+    def log(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
 
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -141,13 +172,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
         raise SystemExit(f"--budget: {exc}") from exc
     policies = args.policies if args.policies is not None else bundled_policies()
 
-    if args.model:
-        checkpoint = Path(args.model) if Path(args.model).exists() else args.model
-        model_name = str(args.model)
-    else:
-        model_name = args.synthetic or ("qwen1.5-moe-a2.7b" if on_gpu else "tiny")
-        checkpoint = prepare_checkpoint(model_name, dtype=dtype, cache_dir=args.cache_dir, seed=args.seed,
-                                        log=lambda msg: tqdm.write(msg, file=sys.stderr))
+    checkpoint, model_name = _checkpoint(args, dtype, log)
     info = inspect_checkpoint(checkpoint, dtype)
     seq_len = args.prompt_len + args.new_tokens
     # moerun's plan at an unlimited budget: what everything but the expert slots needs.
@@ -157,18 +182,10 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     prompts = _prompts(args.seed + 1, args.repeats, args.batch, args.prompt_len, info.vocab_size)
     warmup = _prompts(args.seed + 1000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
     calibration = _prompts(args.seed + 2000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
-    scratch = Path(tempfile.mkdtemp(prefix="moerun-bench-"))
-    setup = BenchSetup(
-        checkpoint=Path(checkpoint) if isinstance(checkpoint, Path) else checkpoint, info=info, device=device,
-        dtype=dtype, experts_implementation=_experts_implementation(),
-        fixed_bytes=probe.fixed_bytes,
-        calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=scratch,
-        max_context=seq_len, max_batch=args.batch,
-    )
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     header = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m moerun.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m moerun.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "device": device_name,
         "model": {"name": model_name, "path": str(checkpoint), "type": info.model_type, "dtype": str(dtype),
                   "total_bytes": info.total_bytes, "dense_bytes": info.dense_bytes,
@@ -176,8 +193,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
                   "experts": info.num_experts, "top_k": info.top_k},
         "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "time_limit_s": args.time_limit_s,
-                     "experts_implementation": setup.experts_implementation,
-                     "fixed_bytes": probe.fixed_bytes},
+                     "experts_implementation": _experts_implementation(), "fixed_bytes": probe.fixed_bytes},
     }
     print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
           f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
@@ -186,46 +202,40 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
 
     results: list[report.SystemResult] = []
     reference: list | None = None
-    runs = _plan(args, budgets, policies)
-    bar = tqdm(runs, desc="systems", unit="run", file=sys.stderr)
-    for system, budget, policy in bar:
-        budget_bytes = budget.resolve(model_bytes=info.total_bytes, fixed_bytes=probe.fixed_bytes,
-                                      routed_bytes=routed_slot_bytes) if budget else None
-        label = f"{system}:{Path(policy).stem}" if policy else system
-        bar.set_postfix_str(f"{label} @ {budget.text if budget else '-'}")
-        row = report.SystemResult(label, budget.text if budget else "-", budget_bytes, expert_bytes=info.expert_bytes)
-        if system == "moerun" and policy is None:
-            row.status = "skipped: no policy given and none bundled"
+    with tempfile.TemporaryDirectory(prefix="moerun-bench-") as scratch:
+        setup = BenchSetup(
+            checkpoint=checkpoint, info=info, device=device, dtype=dtype,
+            experts_implementation=header["settings"]["experts_implementation"], fixed_bytes=probe.fixed_bytes,
+            calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=Path(scratch),
+            max_context=seq_len, max_batch=args.batch,
+        )
+        bar = tqdm(_plan(args, budgets, policies), desc="systems", unit="run", file=sys.stderr)
+        for system, budget, policy in bar:
+            budget_bytes = budget.resolve(model_bytes=info.total_bytes, fixed_bytes=probe.fixed_bytes,
+                                          routed_bytes=routed_slot_bytes) if budget else None
+            label = f"{system}:{Path(policy).stem}" if policy else system
+            bar.set_postfix_str(f"{label} @ {budget.text if budget else '-'}")
+            row = report.SystemResult(label, budget.text if budget else "-", budget_bytes,
+                                      expert_bytes=info.expert_bytes)
             results.append(row)
-            continue
-        _free_device_memory(device)
-        loaded = None
-        try:
-            start_s = time.perf_counter()
-            loaded = load_system(system, setup, budget_bytes or info.total_bytes, policy)
-            row.load_s = time.perf_counter() - start_s
-            row.system, row.notes = loaded.label, loaded.notes
-            with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
-                row.measurement = measure(loaded, prompts, warmup, args.new_tokens, device, args.time_limit_s, reps)
-            if args.profile:
-                stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
-                for path in profile_generation(loaded.model, prompts[0], args.new_tokens, device, stem):
-                    tqdm.write(f"wrote {path}", file=sys.stderr)
+            if system == "moerun" and policy is None:
+                row.status = "skipped: no policy given and none bundled"
+                continue
+            _free_device_memory(device)
+            try:
+                _run_system(setup, system, budget_bytes or info.total_bytes, policy, row, prompts, warmup, args, log)
+            except SystemSkipped as exc:
+                row.status = f"skipped: {exc}"
+                continue
+            except Exception as exc:  # one broken system must not cost the others' numbers
+                row.status = f"failed: {type(exc).__name__}: {exc}"
+                log(f"{label} failed:\n{traceback.format_exc()}")
+                continue
             if reference is None and system in REFERENCE_SYSTEMS:
                 reference = row.measurement.tokens
                 row.notes += " [reference]"
             if reference is not None:
                 row.match = token_match(row.measurement.tokens, reference)
-        except SystemSkipped as exc:
-            row.status = f"skipped: {exc}"
-        except Exception as exc:  # one broken system must not cost the others' numbers
-            row.status = f"failed: {type(exc).__name__}: {exc}"
-            tqdm.write(f"{label} failed:\n{traceback.format_exc()}", file=sys.stderr)
-        finally:
-            if loaded is not None:
-                loaded.close()
-            del loaded
-        results.append(row)
 
     print(report.format_table(results))
     print(report.LEGEND)

@@ -42,7 +42,8 @@ class _HostExperts(torch.nn.Module):
         if pin:
             self.host_gate_up = self.host_gate_up.pin_memory()
             self.host_down = self.host_down.pin_memory()
-        self.expert_bytes = (self.host_gate_up[0].numel() + self.host_down[0].numel()) * self.host_gate_up.element_size()
+        expert_elems = self.host_gate_up[0].numel() + self.host_down[0].numel()
+        self.expert_bytes = expert_elems * self.host_gate_up.element_size()
         self.counters = counters
 
     def _route(self, top_k_index: torch.Tensor) -> dict[int, list[int]]:

@@ -39,7 +39,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def test_cpu_bench_runs_every_baseline_and_matches_reference(tmp_path):
     systems = BASELINES
     results = run_bench([
-        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--budgets", "experts:40%", "experts:80%",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+        "--budgets", "experts:40%", "experts:80%",
         "--prompt-len", "8", "--new-tokens", "6", "--repeats", "2", "--systems", *systems,
     ])
     assert {r.system.split(":")[0] for r in results} == set(systems)
