@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
                    help="moerun policies (bundled names or .moe paths; default: every bundled policy)")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
-    p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence (default 32)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens per sequence (default 32; 16 on CPU)")
+    p.add_argument("--new-tokens", type=int, help="generated tokens per sequence (default 32; 16 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed generations per system (default 3)")
+    p.add_argument("--repeats", type=int, help="timed generations per system (default 3; 2 on CPU)")
     p.add_argument("--time-limit-s", type=float, default=60.0,
                    help="stop repeating a system once its timed repeats took this long (default 60)")
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="directory for JSON and PNG")
@@ -81,7 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Defaults of (prompt_len, new_tokens, repeats): smaller on CPU, where moerun's kernels run in
+# Triton's interpreter and the run only demonstrates the comparison.
+_GPU_DEFAULTS = {"prompt_len": 32, "new_tokens": 32, "repeats": 3}
+_CPU_DEFAULTS = {"prompt_len": 16, "new_tokens": 16, "repeats": 2}
+
+
 def _check_args(args) -> None:
+    defaults = _CPU_DEFAULTS if args.device == "cpu" else _GPU_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("prompt_len", "new_tokens", "batch", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
