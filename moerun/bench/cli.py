@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.resources
+import os
 import re
 import shlex
 import sys
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", metavar="POLICY",
                    help="moerun policies (bundled names or .moe paths; default: every bundled policy)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per sequence (default 32; 16 on CPU)")
-    p.add_argument("--new-tokens", type=int, help="generated tokens per sequence (default 32; 16 on CPU)")
+    p.add_argument("--new-tokens", type=int, help="generated tokens per sequence (default 32; 8 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
     p.add_argument("--repeats", type=int, help="timed generations per system (default 3; 2 on CPU)")
     p.add_argument("--time-limit-s", type=float, default=60.0,
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Defaults of (prompt_len, new_tokens, repeats): smaller on CPU, where moerun's kernels run in
 # Triton's interpreter and the run only demonstrates the comparison.
 _GPU_DEFAULTS = {"prompt_len": 32, "new_tokens": 32, "repeats": 3}
-_CPU_DEFAULTS = {"prompt_len": 16, "new_tokens": 16, "repeats": 2}
+_CPU_DEFAULTS = {"prompt_len": 16, "new_tokens": 8, "repeats": 2}
 
 
 def _check_args(args) -> None:
@@ -174,6 +175,10 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     _check_args(args)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if not on_gpu and "triton" not in sys.modules:
+        # moerun's kernels run in Triton's interpreter on a CPU; Triton reads this switch when it is
+        # first imported, which the checkpoint inspection below would otherwise do first.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     budget_texts = (args.budgets or []) + (args.budget_list or []) or (["10GiB"] if on_gpu else ["experts:50%"])
     try:
