@@ -23,4 +23,5 @@ static pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moerun native runtime (see moerun/native.py for the typed Python surface)";
   m.def("build_info", &moerun::build_info, "How this extension was built: {'cuda': bool, 'torch_version': str}");
+  moerun::bind_policy_engine(m);
 }

@@ -3,4 +3,5 @@
 #include <torch/extension.h>
 
 namespace moerun {
+void bind_policy_engine(pybind11::module& m);  // policy_engine_binding.cpp
 }  // namespace moerun

@@ -5,6 +5,8 @@ in one spot with a message that says how to rebuild.
 """
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libc10/libtorch, which moerun._C links against)
+
 try:
     from moerun import _C  # noqa: F401  (re-exported)
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed

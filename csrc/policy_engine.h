@@ -1,0 +1,301 @@
+// The native policy engine: turns a compiled policy into per-layer decisions (hit, fetch into a
+// slot evicting a victim, run on CPU, prefetch for later layers). Plain C++ with no torch or Python:
+// the same object drives the live runtime (through policy_engine_binding.cpp) and offline replay
+// (trace_replay.cpp), so what replay predicts is what the runtime does.
+//
+// Keys are (layer, expert) flattened as key = layer * num_experts + expert. The engine owns slot
+// numbering 0..num_slots-1; the runtime mirrors fetches/releases into the arena's slot table.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moerun {
+namespace policy {
+
+enum class Eviction : int { Lru = 0, Lfu, Score, FreqThreshold, Watermark, Belady };
+enum class Prefetch : int { None = 0, History, Affinity, Lookahead, Learned };
+enum class Schedule : int { GpuOnly = 0, CpuFallback, Hybrid };
+enum class Allocation : int { Uniform = 0, Entropy };
+enum class Metric : int {
+  HitRate = 0, MissRate, EvictionRate, PrefetchAccuracy, CpuShare, TransferGbps, FetchesPerToken,
+  LayerLatencyMs
+};
+enum class Op : int { Lt = 0, Le, Gt, Ge, Eq, Ne };
+// Parameters an adapt rule may assign. Enum-valued ones carry the enum's integer value.
+enum class Param : int {
+  Capacity = 0, Eviction, FrequencyDecay, FreqThreshold, FreqWindow, ScoreEmaAlpha, Ttl,
+  HighWatermark, LowWatermark, CreditDecay, MemoryBudgetGb, MemoryThreshold, MemoryHeadroom,
+  PrefetchStrategy, PrefetchBudget, PrefetchLookahead, AffinityThreshold, ScheduleMode,
+  OffloadThresholdMs, PriorityRouting
+};
+enum class Trigger : int { EvictTtl = 0, EvictMemory, ResetStats, RebalancePerLayer };
+
+struct AdaptRule {
+  Metric metric = Metric::HitRate;
+  Op op = Op::Lt;
+  double threshold = 0.0;
+  int64_t window = 100;  // accesses the metric is taken over
+  std::vector<std::pair<Param, double>> assignments;
+  std::vector<Trigger> triggers;  // rebalances are triggers too (RebalancePerLayer)
+};
+
+// The cost model's numbers; the engine re-estimates the first two from observed timings.
+struct CostParams {
+  double h2d_bytes_per_us = 25e3;       // host->GPU copy bandwidth (25 GB/s)
+  double cpu_us_per_expert_token = 400;  // CPU time of one expert for one token
+  double copy_latency_us = 10;           // fixed cost per copy
+  double gpu_layer_us = 50;              // GPU compute of one MoE layer step (not re-estimated)
+  double ema = 0.2;                      // weight of a new observation in the re-estimate
+};
+
+struct EngineConfig {
+  int num_layers = 0, num_experts = 0, top_k = 0, num_slots = 0;
+  int64_t expert_bytes = 0;
+  // cache
+  int capacity = 0;  // resolved (> 0, <= num_slots)
+  Eviction eviction = Eviction::Lru;
+  double frequency_decay = 1.0;
+  double freq_threshold = 2.0;
+  int freq_window = 100;
+  double score_ema_alpha = 0.3;
+  std::vector<int> pinned_keys;
+  int64_t ttl = 0;
+  double high_watermark = 0.9, low_watermark = 0.7, credit_decay = 0.95;
+  double memory_budget_gb = 0.0, memory_threshold = 0.9, memory_headroom = 0.1;
+  double expert_size_gb = 0.0;  // 0 -> expert_bytes
+  // prefetch
+  Prefetch prefetch = Prefetch::None;
+  int prefetch_budget = 0, lookahead = 1;
+  double affinity_threshold = 0.1;
+  int history_window = 64;
+  // schedule
+  Schedule schedule = Schedule::GpuOnly;
+  double offload_threshold_ms = 0.0;
+  bool priority_routing = true;
+  // per-layer partitions (flat cache when !per_layer)
+  bool per_layer = false;
+  Allocation allocation = Allocation::Uniform;
+  int total_budget = 0, min_capacity = 1, max_capacity = 0;
+  int64_t rebalance_interval = 0;
+  int entropy_window = 1000;
+  // adapt + monitor
+  std::vector<AdaptRule> rules;
+  CostParams cost;
+};
+
+// One step's decisions. Buffers are reused across steps (no allocation once warm).
+struct Plan {
+  std::vector<int32_t> hits;        // (expert, slot) pairs, flattened
+  std::vector<int32_t> fetches;     // (expert, slot, victim_layer, victim_expert)
+  std::vector<int32_t> cpu;         // expert
+  std::vector<int32_t> prefetches;  // (layer, expert, slot, victim_layer, victim_expert)
+  std::vector<int32_t> releases;    // (slot, layer, expert): leave the arena after this step's kernel
+  double predicted_us = 0.0;        // cost model's estimate of this layer step
+  void clear() {
+    hits.clear(); fetches.clear(); cpu.clear(); prefetches.clear(); releases.clear();
+    predicted_us = 0.0;
+  }
+};
+
+struct Counters {
+  int64_t steps = 0, tokens = 0, accesses = 0, hits = 0, cpu_accesses = 0;
+  int64_t demand_fetches = 0, prefetches = 0, prefetch_used = 0, evictions = 0, releases = 0;
+  int64_t cpu_experts = 0, overflow = 0, bytes_fetched = 0;
+  int64_t admissions = 0;  // CPU-run misses copied in the background to stay cached
+  double observed_us = 0.0;  // sum of observed layer times
+  int64_t observed_steps = 0;
+};
+
+struct Firing {
+  int64_t access;  // engine clock (accesses) when the rule fired
+  int rule;
+  double value;    // metric value that fired it
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineConfig& config);
+
+  // Decide one layer step. ids/weights: n = tokens * top_k routed pairs. next_use (replay only,
+  // may be null): per pair, the global step index of that key's next access (INT32_MAX = never).
+  // The plan is written into `out` (its buffers are reused: no allocation once warm).
+  void step(int layer, const int32_t* ids, const float* weights, int n, Plan& out,
+            const int32_t* next_use = nullptr);
+  // Predicted ids (and optional scores) for a later layer; consumed by lookahead/learned prefetch.
+  void observe_prediction(int layer, const int32_t* ids, const float* scores, int n);
+  // Measured times of the last step of `layer`; re-estimates the cost model.
+  void observe_timing(int layer, double layer_us, double copy_us, int64_t copy_bytes, double cpu_us,
+                      int64_t cpu_expert_tokens);
+  void set_config(const EngineConfig& config);  // hot swap: contents kept, partitions re-fit
+  void reset();
+
+  const EngineConfig& config() const { return cfg_; }
+  const Counters& counters() const { return total_; }
+  const std::vector<Firing>& firings() const { return firings_; }
+  int64_t firing_count() const { return firing_count_; }
+  std::vector<int> layer_capacities() const;
+  std::vector<int64_t> layer_hits() const { return layer_hits_; }
+  std::vector<int64_t> layer_accesses() const { return layer_accesses_; }
+  int resident() const { return resident_total_; }
+  int lookup(int layer, int expert) const { return slot_of_[layer * E_ + expert]; }
+  double prediction_error() const;    // mean |predicted - observed| / observed of layer times
+  double prediction_accuracy() const; // lookahead/learned: predicted ids that were routed
+  const CostParams& cost() const { return cost_; }
+  double simulated_us() const { return now_us_; }
+  double metric(Metric m, int64_t window) const;  // windowed metric (NaN when undefined)
+
+ private:
+  // -- cache structure (policy_engine.cpp) --
+  int partition_of(int key) const { return cfg_.per_layer ? key / E_ : 0; }
+  void insert(int key, int slot, bool prefetched);
+  void remove(int key, bool count_eviction);  // frees the slot
+  int take_free_slot();
+  bool evictable(int key) const;
+  void release(int key);                      // proactive eviction, reported in plan.releases
+  void shrink_partition(int part, int target);
+  void fit_partitions();
+  void touch(int key, int count, float weight_mean, int32_t next_use);
+  void lru_unlink(int key);
+  void lru_push_front(int key);
+  int global_victim() const;
+  void advance_time(int layer, int64_t cpu_tokens);
+  bool tracks(Eviction e) const { return track_all_ || cfg_.eviction == e; }
+  // -- eviction (eviction.cpp) --
+  int choose_victim(int part) const;          // -1 when nothing is evictable
+  double priority(int key) const;             // lower = evicted first
+  void expire_ttl();
+  void enforce_watermarks();
+  void enforce_memory();
+  // -- prefetch (prefetch.cpp) --
+  void record_routing(int layer, const int32_t* ids, int n);
+  void issue_prefetches(int layer);
+  bool prefetch_one(int key);
+  void admit_cpu_misses();
+  // -- schedule + cost model (cost_model.cpp) --
+  void schedule_misses(int layer);
+  // -- adapt (adapt.cpp) --
+  void push_window_record();
+  void evaluate_rules();
+  void apply(Param p, double v);
+  void rebalance();
+
+  EngineConfig cfg_;
+  CostParams cost_;
+  int L_, E_, K_, N_;
+  int64_t clock_ = 0;  // accesses so far (one per routed pair)
+
+  // per key
+  std::vector<int32_t> slot_of_;     // -1 = not resident
+  std::vector<int64_t> last_use_;    // clock at last access
+  std::vector<double> freq_key_;     // lfu: decayed count as of freq_time_
+  std::vector<int64_t> freq_time_;   // lfu: partition clock of the count's last update
+  std::vector<double> score_;        // score: EMA of gate weight mass
+  std::vector<double> credit_key_;   // watermark: log-domain decayed credit
+  std::vector<int32_t> window_uses_; // freq_threshold: uses in the last freq_window accesses
+  std::vector<int32_t> next_use_;    // belady
+  std::vector<uint8_t> pinned_, needed_, prefetched_;
+  std::vector<int32_t> lru_prev_, lru_next_;  // per-partition LRU lists (for ttl and lru)
+  // per slot
+  std::vector<int32_t> slot_key_;    // resident key, -1 = free
+  std::vector<int32_t> free_slots_;
+  std::vector<int32_t> staging_;     // slots holding this step's uncached (staged) experts
+  // per partition
+  std::vector<int32_t> part_cap_, part_size_, lru_head_, lru_tail_;  // head = most recent
+  std::vector<std::vector<int32_t>> part_members_;
+  // Eviction order for policies whose priority only changes when a key is touched (lfu, score,
+  // watermark, belady): a lazy min-heap of (priority, last_use, key) per partition. Entries carry
+  // the key's version; any change bumps it, so stale entries are dropped when they surface.
+  struct OrderEntry {
+    double priority;
+    int64_t last_use;
+    int32_t key;
+    uint32_t version;
+    bool operator>(const OrderEntry& o) const {
+      if (priority != o.priority) return priority > o.priority;
+      if (last_use != o.last_use) return last_use > o.last_use;
+      return key > o.key;
+    }
+  };
+  mutable std::vector<std::vector<OrderEntry>> heap_;
+  mutable std::vector<OrderEntry> heap_side_;
+  std::vector<uint32_t> version_;
+  bool ordered() const {
+    return cfg_.eviction != Eviction::Lru && cfg_.eviction != Eviction::FreqThreshold;
+  }
+  void order_push(int key);
+  void rebuild_order();
+  std::vector<int32_t> member_pos_;
+  int resident_total_ = 0;
+
+  // entropy allocation: per layer ring of the last entropy_window routed experts
+  std::vector<std::vector<int32_t>> ent_ring_;
+  std::vector<std::vector<int32_t>> ent_counts_;
+  std::vector<int64_t> ent_pos_;
+  int64_t last_rebalance_ = 0;
+
+  // prefetch state
+  std::vector<std::vector<int32_t>> last_ids_;  // per layer: ids of its latest step [T*K]
+  std::vector<int32_t> affinity_;               // [L-1][E][E] transition counts L -> L+1
+  std::vector<int32_t> history_;                // [L][lookahead][E][E] windowed co-occurrence
+  std::vector<std::vector<int32_t>> hist_ring_; // per (layer, d): ring of (src, dst) id pairs
+  std::vector<int64_t> hist_pos_;
+  int history_d_ = 0;                           // lookahead depth history_ was sized for
+  std::vector<std::vector<int32_t>> predicted_; // per layer: pending predicted ids
+  std::vector<std::vector<float>> predicted_scores_;
+  std::vector<std::vector<int32_t>> predicted_for_accuracy_;
+  int64_t predictions_ = 0, predictions_right_ = 0;
+
+  // step scratch
+  std::vector<int32_t> uniq_, uniq_count_, uniq_next_, miss_, miss_tokens_;
+  std::vector<int32_t> cpu_misses_;  // keys the schedule sent to the CPU this step
+  std::vector<float> uniq_weight_;
+  std::vector<int32_t> key_index_;  // key -> index in uniq_ (-1 outside a step)
+  std::vector<double> cand_score_;
+  std::vector<int64_t> hist_sum_;
+  std::vector<double> aff_prob_;
+  std::vector<int32_t> cand_;
+  Plan* out_ = nullptr;  // plan being written by the current step
+  std::vector<int32_t> pending_releases_;  // made outside a step; reported by the next plan
+  std::vector<uint8_t> miss_gpu_;
+  std::vector<int32_t> marked_;  // keys with needed_ set during this step
+  std::vector<int64_t> part_clock_;  // accesses seen by each partition
+  std::vector<std::vector<int32_t>> freq_ring_part_;
+  std::vector<int64_t> freq_ring_pos_part_;
+  bool track_all_ = false;  // adapt rules may switch eviction: keep every policy's state
+
+  // cost model state
+  double now_us_ = 0.0, copy_free_us_ = 0.0;
+  std::vector<double> layer_predicted_us_;
+  double pred_err_sum_ = 0.0;
+  int64_t pred_err_n_ = 0;
+
+  // windows for adapt rules: cumulative counters per step (ring)
+  struct Cum {
+    int64_t accesses, hits, evictions, prefetches, prefetch_used, cpu, fetches, tokens, bytes,
+        observed_steps;
+    double observed_us;
+  };
+  std::vector<Cum> cum_;
+  int64_t cum_n_ = 0;
+  std::vector<int64_t> rule_last_fire_;
+  std::vector<Firing> firings_;
+  int64_t firing_count_ = 0;
+
+  Counters total_;
+  std::vector<int64_t> layer_hits_, layer_accesses_;
+};
+
+// Offline replay: the whole trace through one engine, in C++ (no per-step Python).
+// ids/weights: [tokens, layers, k] row-major; step_starts: [steps + 1] token offsets. With
+// oracle_predictions, lookahead/learned prefetch is fed the trace's true future routing.
+struct ReplayResult {
+  Counters counters;
+  double simulated_us = 0.0;
+};
+ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
+                          const int64_t* step_starts, int64_t steps, bool oracle_predictions);
+
+}  // namespace policy
+}  // namespace moerun

@@ -1,0 +1,162 @@
+"""The routing-trace format: what a model's router chose, token by token, layer by layer.
+
+A trace is one ``.npz`` file (numpy's zip of arrays, no pickles) holding:
+
+=================  ================  ==========================================================
+array              dtype, shape      meaning
+=================  ================  ==========================================================
+``expert_ids``     int32 [N, L, K]   routed expert of token n at MoE layer l, k-th choice
+``gate_weights``   float32 [N, L, K] its gate weight (what the MoE output is scaled by)
+``step_starts``    int64 [S + 1]     token offsets of the engine steps: step s runs tokens
+                                     ``step_starts[s]:step_starts[s+1]`` together through every
+                                     layer (a prefill chunk, or a decode step of a batch)
+``prompt_starts``  int64 [P]         token offset where each prompt (sequence) begins
+``meta``           str (JSON)        ``{"format": "moerun-trace", "version": 1, "model": ...,
+                                     "arch": ..., "num_layers": L, "num_experts": E, "top_k": K,
+                                     "expert_bytes": bytes of one expert (0 if unknown)}``
+=================  ================  ==========================================================
+
+N = tokens, L = MoE layers, K = experts per token, E = routed experts per layer, S = steps.
+:func:`read_trace` validates everything and raises :class:`TraceError` naming what is wrong.
+This module knows nothing about policies or the engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "moerun-trace"
+FORMAT_VERSION = 1
+
+
+class TraceError(ValueError):
+    """A trace file that is missing, malformed, or inconsistent with the model it claims."""
+
+
+@dataclass
+class Trace:
+    """One routing trace in memory (arrays as in the module docstring)."""
+
+    expert_ids: np.ndarray             # [N, L, K] int32
+    gate_weights: np.ndarray           # [N, L, K] float32
+    step_starts: np.ndarray            # [S + 1] int64
+    prompt_starts: np.ndarray          # [P] int64
+    num_experts: int
+    model: str = "unknown"
+    arch: str = "unknown"
+    expert_bytes: int = 0
+    extra: dict = field(default_factory=dict)  # free-form provenance (seed, workload, ...)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.expert_ids.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.expert_ids.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.expert_ids.shape[2])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.step_starts.shape[0] - 1)
+
+    @property
+    def num_accesses(self) -> int:
+        return int(self.expert_ids.size)
+
+    def meta(self) -> dict:
+        return dict(format=FORMAT_NAME, version=FORMAT_VERSION, model=self.model, arch=self.arch,
+                    num_layers=self.num_layers, num_experts=self.num_experts, top_k=self.top_k,
+                    expert_bytes=self.expert_bytes, extra=self.extra)
+
+    def validate(self, where: str = "trace") -> "Trace":
+        """Check shapes, dtypes, ranges and offsets; raise TraceError with the numbers."""
+        ids, w = self.expert_ids, self.gate_weights
+        if ids.ndim != 3:
+            raise TraceError(f"{where}: expert_ids must be [tokens, layers, k], got shape {ids.shape}")
+        if w.shape != ids.shape:
+            raise TraceError(f"{where}: gate_weights shape {w.shape} differs from expert_ids shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TraceError(f"{where}: expert_ids must be integers, got {ids.dtype}")
+        if self.num_experts <= 0:
+            raise TraceError(f"{where}: num_experts must be positive, got {self.num_experts}")
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_experts:
+                bad = hi if hi >= self.num_experts else lo
+                raise TraceError(f"{where}: expert id {bad} is outside 0..{self.num_experts - 1} "
+                                 f"(the model has {self.num_experts} experts per layer)")
+        if self.top_k > self.num_experts:
+            raise TraceError(f"{where}: k={self.top_k} exceeds num_experts={self.num_experts}")
+        s = self.step_starts
+        if s.ndim != 1 or s.size < 1 or s[0] != 0 or s[-1] != self.num_tokens or np.any(np.diff(s) < 0):
+            raise TraceError(f"{where}: step_starts must rise from 0 to the token count {self.num_tokens}, "
+                             f"got {s[:3].tolist()}...{s[-3:].tolist()} ({s.size} entries)")
+        p = self.prompt_starts
+        if p.ndim != 1 or (p.size and (p[0] != 0 or np.any(np.diff(p) <= 0) or p[-1] >= max(self.num_tokens, 1))):
+            raise TraceError(f"{where}: prompt_starts must rise strictly from 0 below the token count "
+                             f"{self.num_tokens}, got {p.tolist()[:8]}")
+        return self
+
+    def check_model(self, *, num_layers: int, num_experts: int, top_k: int | None = None) -> None:
+        """Raise TraceError unless the trace fits a model of this shape."""
+        if self.num_layers != num_layers:
+            raise TraceError(f"trace has {self.num_layers} MoE layers but the model has {num_layers}")
+        if self.num_experts > num_experts or int(self.expert_ids.max(initial=0)) >= num_experts:
+            raise TraceError(f"trace routes to experts up to {int(self.expert_ids.max(initial=0))} "
+                             f"(num_experts {self.num_experts}) but the model has {num_experts}")
+        if top_k is not None and self.top_k != top_k:
+            raise TraceError(f"trace has k={self.top_k} experts per token but the model routes top-{top_k}")
+
+
+def write_trace(path: str | os.PathLike, trace: Trace) -> Path:
+    """Validate and write ``trace`` to ``path`` (``.npz``); returns the path."""
+    trace.validate(str(path))
+    path = Path(path)
+    with open(path, "wb") as f:  # an open file keeps numpy from appending ".npz"
+        np.savez_compressed(
+            f, expert_ids=trace.expert_ids.astype(np.int32), gate_weights=trace.gate_weights.astype(np.float32),
+            step_starts=trace.step_starts.astype(np.int64), prompt_starts=trace.prompt_starts.astype(np.int64),
+            meta=np.array(json.dumps(trace.meta())))
+    return path
+
+
+def read_trace(path: str | os.PathLike) -> Trace:
+    """Read and validate a trace; TraceError says what is missing or wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"{path}: not a moerun trace (.npz): {exc}") from exc
+    missing = [k for k in ("expert_ids", "gate_weights", "step_starts", "prompt_starts", "meta") if k not in arrays]
+    if missing:
+        raise TraceError(f"{path}: missing arrays {missing}; see moerun.trace.format for the layout")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{path}: meta is not JSON ({exc})") from exc
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise TraceError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                         f"this moerun reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    trace = Trace(expert_ids=arrays["expert_ids"].astype(np.int32, copy=False),
+                  gate_weights=arrays["gate_weights"].astype(np.float32, copy=False),
+                  step_starts=arrays["step_starts"].astype(np.int64, copy=False),
+                  prompt_starts=arrays["prompt_starts"].astype(np.int64, copy=False),
+                  num_experts=int(meta.get("num_experts", 0)), model=str(meta.get("model", "unknown")),
+                  arch=str(meta.get("arch", "unknown")), expert_bytes=int(meta.get("expert_bytes", 0)),
+                  extra=dict(meta.get("extra", {})))
+    trace.validate(str(path))
+    for key, value in (("num_layers", trace.num_layers), ("top_k", trace.top_k)):
+        if key in meta and int(meta[key]) != value:
+            raise TraceError(f"{path}: meta says {key}={meta[key]} but expert_ids has {value}")
+    return trace

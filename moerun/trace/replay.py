@@ -1,0 +1,44 @@
+"""Offline replay: a trace through the same native policy engine the runtime uses.
+
+The whole trace runs inside the engine (moerun._C), step by step as the runtime would call it, so
+what replay reports is what the runtime would decide. Belady (the optimal offline eviction) runs
+here only: the engine is given each access's next use. Lookahead/learned prefetch get the trace's
+true next-layer routing as predictions (an upper bound on any predictor) unless told otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from moerun.policy.config import AUTO, CompiledPolicy
+from moerun.policy.errors import PolicyError
+from moerun.policy_engine import CostModel, PolicyEngine
+from moerun.trace.format import Trace
+
+DEFAULT_EXPERT_BYTES = 3 * 1408 * 2048 * 2  # a Qwen1.5-MoE expert in bf16, when the trace has none
+
+
+def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None, num_slots: int | None = None,
+           cost: CostModel | None = None, oracle_predictions: bool = True) -> dict:
+    """Replay ``trace`` under ``policy``; returns the engine's stats plus ``estimated_ms`` (the cost
+    model's time for the whole trace).
+
+    ``capacity`` overrides the policy's cache capacity (and a per_layer total_budget that is auto);
+    ``num_slots`` is the arena size (default: the capacity, i.e. no spare staging slots).
+    """
+    if capacity is not None:
+        policy = replace(policy, cache=replace(policy.cache, capacity=capacity))
+    cap = policy.cache.capacity
+    if num_slots is None:
+        if cap == AUTO:
+            raise PolicyError(f"policy '{policy.name}' has capacity = auto; replay needs a number of slots "
+                              "(pass --capacity or --slots)")
+        num_slots = cap
+    expert_bytes = trace.expert_bytes or DEFAULT_EXPERT_BYTES
+    engine = PolicyEngine(policy, num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
+                          num_slots=num_slots, expert_bytes=expert_bytes, cost=cost, replay=True)
+    stats = engine.replay(trace.expert_ids, trace.gate_weights, trace.step_starts,
+                          oracle_predictions=oracle_predictions)
+    stats["estimated_ms"] = stats["simulated_us"] / 1e3
+    stats["num_slots"] = num_slots
+    stats["expert_bytes"] = expert_bytes
+    return stats
