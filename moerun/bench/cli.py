@@ -1,0 +1,269 @@
+"""``python -m moerun.bench``: moerun against transformers and Fiddler-style baselines, in one run.
+
+Builds (or reuses) the checkpoint, loads each system in turn on the same checkpoint, prompts and
+VRAM budget, measures it (``measure``), compares its tokens with the reference, and prints the
+table, writing JSON and, for a budget sweep, a PNG (``report``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.resources
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import moerun
+from moerun.bench import report
+from moerun.bench.budget import Budget, format_bytes, parse_budget
+from moerun.bench.measure import measure, token_match
+from moerun.bench.models import BUILTIN_MODELS, DTYPES, inspect_checkpoint, prepare_checkpoint
+from moerun.bench.profiling import profile_generation
+from moerun.bench.systems import (
+    BUDGET_FREE_SYSTEMS, REFERENCE_SYSTEMS, SYSTEMS, BenchSetup, SystemSkipped, load_system,
+)
+
+# transformers' experts kernel for the HF baselines: batched_mm is the fastest for decode on an H100.
+PREFERRED_EXPERTS_IMPLEMENTATION = "batched_mm"
+
+
+def bundled_policies() -> list[str]:
+    """File names of the policies shipped in ``moerun.policies`` (``moerun.load`` finds them by name)."""
+    try:
+        root = importlib.resources.files("moerun.policies")
+    except ModuleNotFoundError:
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".moe"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        prog="python -m moerun.bench",
+        description="Compare moerun with transformers and Fiddler-style offloading on one checkpoint, "
+        "prompt set and VRAM budget. With no arguments: a built-in random-weight model "
+        f"({'qwen1.5-moe-a2.7b shapes on this GPU' if cuda else 'tiny, since there is no GPU'}).",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory or hub id (instead of a built-in model)")
+    src.add_argument("--synthetic", choices=sorted(BUILTIN_MODELS),
+                     help="built-in random-weight model (default: qwen1.5-moe-a2.7b with a GPU, tiny without)")
+    p.add_argument("--budget", dest="budgets", action="append", metavar="SIZE",
+                   help="VRAM budget for everything on the device: a size (10GiB), a share of the model (50%%), or "
+                   "room for a share of the routed experts besides the rest (experts:50%%); repeat or use "
+                   "--budgets for a sweep (default: 10GiB with a GPU, experts:50%% without)")
+    p.add_argument("--budgets", dest="budget_list", nargs="+", metavar="SIZE", help="several budgets: a sweep")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
+    p.add_argument("--policies", nargs="+", metavar="POLICY",
+                   help="moerun policies (bundled names or .moe paths; default: every bundled policy)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens per sequence (default 32; 16 on CPU)")
+    p.add_argument("--new-tokens", type=int, help="generated tokens per sequence (default 32; 8 on CPU)")
+    p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
+    p.add_argument("--repeats", type=int, help="timed generations per system (default 3; 2 on CPU)")
+    p.add_argument("--time-limit-s", type=float, default=60.0,
+                   help="stop repeating a system once its timed repeats took this long (default 60)")
+    p.add_argument("--out", type=Path, default=Path("bench_results"), help="directory for JSON and PNG")
+    p.add_argument("--cache-dir", type=Path, help="where built-in checkpoints are cached")
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="compute device (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights dtype (default: bfloat16 on a GPU; float32 on CPU, where bf16 kernels are inexact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and built-in weights")
+    p.add_argument("--profile", action="store_true",
+                   help="after each system's timed repeats, profile one more generation (torch.profiler "
+                   "table + trace in --out; not counted in the table)")
+    return p
+
+
+# Defaults of (prompt_len, new_tokens, repeats): smaller on CPU, where moerun's kernels run in
+# Triton's interpreter and the run only demonstrates the comparison.
+_GPU_DEFAULTS = {"prompt_len": 32, "new_tokens": 32, "repeats": 3}
+_CPU_DEFAULTS = {"prompt_len": 16, "new_tokens": 8, "repeats": 2}
+
+
+def _check_args(args) -> None:
+    defaults = _CPU_DEFAULTS if args.device == "cpu" else _GPU_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("prompt_len", "new_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+
+
+def _experts_implementation() -> str:
+    """batched_mm where this transformers has it, else transformers' own default."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return "default"
+    return PREFERRED_EXPERTS_IMPLEMENTATION if PREFERRED_EXPERTS_IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS else "default"
+
+
+def _prompts(seed: int, count: int, batch: int, length: int, vocab: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, length), generator=gen) for _ in range(count)]
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, Budget | None, str | None]]:
+    """(system, budget, policy) runs in table order; reference systems first."""
+    runs = []
+    for system in args.systems:
+        if system in BUDGET_FREE_SYSTEMS:
+            runs.append((system, None, None))
+        elif system == "moerun":
+            runs += [(system, b, pol) for b in budgets for pol in (policies or [None])]
+        else:
+            runs += [(system, b, None) for b in budgets]
+    order = {name: i for i, name in enumerate(SYSTEMS)}
+    return sorted(runs, key=lambda run: order[run[0]])
+
+
+def _checkpoint(args, dtype: torch.dtype, log) -> tuple[Path | str, str]:
+    """(checkpoint path or hub id, name for tables) of --model or the built-in model."""
+    if args.model:
+        return (Path(args.model) if Path(args.model).exists() else args.model), str(args.model)
+    name = args.synthetic or ("qwen1.5-moe-a2.7b" if torch.cuda.is_available() and args.device != "cpu" else "tiny")
+    return prepare_checkpoint(name, dtype=dtype, cache_dir=args.cache_dir, seed=args.seed, log=log), name
+
+
+def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str | None, row: report.SystemResult,
+                prompts: list[torch.Tensor], warmup: torch.Tensor, args, log) -> None:
+    """Loads and measures one system into ``row`` (status, notes, numbers); profiles it if asked."""
+    from tqdm.auto import tqdm
+
+    start_s = time.perf_counter()
+    loaded = load_system(system, setup, budget_bytes, policy)
+    row.load_s = time.perf_counter() - start_s
+    row.system, row.notes = loaded.label, loaded.notes
+    try:
+        with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
+            row.measurement = measure(loaded, prompts, warmup, args.new_tokens, setup.device, args.time_limit_s, reps)
+        if args.profile:
+            stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
+            for path in profile_generation(loaded.model, prompts[0], args.new_tokens, setup.device, stem):
+                log(f"wrote {path}")
+    finally:
+        loaded.close()
+
+
+def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
+    """Runs the bench as ``python -m moerun.bench ARGV`` would; returns the rows."""
+    from tqdm.auto import tqdm
+
+    def log(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu and "triton" not in sys.modules:
+        # moerun's kernels run in Triton's interpreter on a CPU; Triton reads this switch when it is
+        # first imported, which the checkpoint inspection below would otherwise do first.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    budget_texts = (args.budgets or []) + (args.budget_list or []) or (["10GiB"] if on_gpu else ["experts:50%"])
+    try:
+        budgets = [parse_budget(text) for text in budget_texts]
+    except ValueError as exc:
+        raise SystemExit(f"--budget: {exc}") from exc
+    policies = args.policies if args.policies is not None else bundled_policies()
+
+    checkpoint, model_name = _checkpoint(args, dtype, log)
+    info = inspect_checkpoint(checkpoint, dtype)
+    seq_len = args.prompt_len + args.new_tokens
+    # moerun's plan at an unlimited budget: what everything but the expert slots needs.
+    probe = moerun.memory_plan(str(checkpoint), vram_budget=1 << 50, device=device, dtype=dtype,
+                               max_context=seq_len, max_batch=args.batch)
+    routed_slot_bytes = info.num_moe_layers * info.num_experts * probe.slot_bytes
+    prompts = _prompts(args.seed + 1, args.repeats, args.batch, args.prompt_len, info.vocab_size)
+    warmup = _prompts(args.seed + 1000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
+    calibration = _prompts(args.seed + 2000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    header = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m moerun.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "device": device_name,
+        "model": {"name": model_name, "path": str(checkpoint), "type": info.model_type, "dtype": str(dtype),
+                  "total_bytes": info.total_bytes, "dense_bytes": info.dense_bytes,
+                  "expert_bytes": info.expert_bytes, "moe_layers": info.num_moe_layers,
+                  "experts": info.num_experts, "top_k": info.top_k},
+        "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "repeats": args.repeats, "time_limit_s": args.time_limit_s,
+                     "experts_implementation": _experts_implementation(), "fixed_bytes": probe.fixed_bytes},
+    }
+    print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
+          f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
+          f"top-{info.top_k}, {format_bytes(info.expert_bytes)}/expert); batch {args.batch}, prompt "
+          f"{args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} repeats", flush=True)
+
+    results: list[report.SystemResult] = []
+    reference: list | None = None
+    with tempfile.TemporaryDirectory(prefix="moerun-bench-") as scratch:
+        setup = BenchSetup(
+            checkpoint=checkpoint, info=info, device=device, dtype=dtype,
+            experts_implementation=header["settings"]["experts_implementation"], fixed_bytes=probe.fixed_bytes,
+            calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=Path(scratch),
+            max_context=seq_len, max_batch=args.batch,
+        )
+        bar = tqdm(_plan(args, budgets, policies), desc="systems", unit="run", file=sys.stderr)
+        for system, budget, policy in bar:
+            budget_bytes = budget.resolve(model_bytes=info.total_bytes, fixed_bytes=probe.fixed_bytes,
+                                          routed_bytes=routed_slot_bytes) if budget else None
+            label = f"{system}:{Path(policy).stem}" if policy else system
+            bar.set_postfix_str(f"{label} @ {budget.text if budget else '-'}")
+            row = report.SystemResult(label, budget.text if budget else "-", budget_bytes,
+                                      expert_bytes=info.expert_bytes)
+            results.append(row)
+            if system == "moerun" and policy is None:
+                row.status = "skipped: no policy given and none bundled"
+                continue
+            _free_device_memory(device)
+            try:
+                _run_system(setup, system, budget_bytes or info.total_bytes, policy, row, prompts, warmup, args, log)
+            except SystemSkipped as exc:
+                row.status = f"skipped: {exc}"
+                continue
+            except Exception as exc:  # one broken system must not cost the others' numbers
+                row.status = f"failed: {type(exc).__name__}: {exc}"
+                log(f"{label} failed:\n{traceback.format_exc()}")
+                continue
+            if reference is None and system in REFERENCE_SYSTEMS:
+                reference = row.measurement.tokens
+                row.notes += " [reference]"
+            if reference is not None:
+                row.match = token_match(row.measurement.tokens, reference)
+
+    print(report.format_table(results))
+    print(report.LEGEND)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    json_path = args.out / f"bench-{model_name.replace('/', '_')}-{stamp}.json"
+    report.write_json(json_path, header, results)
+    print(f"wrote {json_path}")
+    png_path = json_path.with_suffix(".png")
+    if report.plot_budget_sweep(png_path, results, f"{model_name} on {device_name}, batch {args.batch}"):
+        print(f"wrote {png_path}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_bench(argv)
+    return 0

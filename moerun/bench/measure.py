@@ -1,0 +1,187 @@
+"""Timing one loaded system: prefill, time to first token and decode speed over repeats.
+
+Each repeat greedily generates ``new_tokens`` tokens for one batch of prompts. A streamer stamps
+the time each step's tokens reach the host (the step is complete then), so time to first token
+and decode time come from one generation. Expert counters are read at the start of a repeat, at
+its first token and at its end, so prefill and decode traffic are reported apart, and warm-up and
+loading traffic not at all. This module knows nothing about how a system is
+built or how results are shown.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from moerun.bench.counters import ExpertCounters
+from moerun.bench.systems import LoadedSystem
+
+
+class _TokenClock(BaseStreamer):
+    """A transformers streamer that records when each step's tokens arrive on the host, and calls
+    ``on_first_token`` once the first generated token is there (after its time stamp)."""
+
+    def __init__(self, on_first_token: Callable[[], None] | None = None):
+        super().__init__()
+        self.stamps_s: list[float] = []
+        self.on_first_token = on_first_token
+
+    def put(self, value) -> None:   # first call: the prompt; then one call per generated step
+        self.stamps_s.append(time.perf_counter())
+        if len(self.stamps_s) == 2 and self.on_first_token is not None:
+            self.on_first_token()
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class RepeatTiming:
+    """One timed generation of a batch."""
+
+    ttft_s: float                  # prompt in -> first generated token on the host
+    decode_s: float                # first generated token -> last one
+    decode_steps: int              # generated steps after the first
+    tokens: list[list[int]]        # generated token ids per sequence
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate(model, input_ids: torch.Tensor, new_tokens: int, streamer=None) -> torch.Tensor:
+    return model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
+    )
+
+
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
+                   on_first_token: Callable[[], None] | None = None) -> RepeatTiming:
+    """Generates ``new_tokens`` greedy tokens after ``input_ids`` [B, S] and times the phases.
+
+    ``on_first_token`` runs when the first generated token reaches the host (not when the model's
+    ``generate`` does not drive a streamer).
+    """
+    clock = _TokenClock(on_first_token)
+    _sync(device)
+    start_s = time.perf_counter()
+    with torch.inference_mode():
+        output = _generate(model, input_ids, new_tokens, streamer=clock)
+    _sync(device)
+    end_s = time.perf_counter()
+    generated = output[:, input_ids.shape[1]:]                                   # [B, new_tokens]
+    steps = generated.shape[1]
+    if len(clock.stamps_s) >= steps + 1:
+        first_token_s = clock.stamps_s[1]
+    else:
+        # The model's generate did not drive the streamer: time the first token on its own.
+        _sync(device)
+        first_start_s = time.perf_counter()
+        with torch.inference_mode():
+            _generate(model, input_ids, 1)
+        _sync(device)
+        first_token_s = start_s + (time.perf_counter() - first_start_s)
+    return RepeatTiming(
+        ttft_s=first_token_s - start_s,
+        decode_s=max(end_s - first_token_s, 0.0),
+        decode_steps=max(steps - 1, 0),
+        tokens=generated.tolist(),
+    )
+
+
+@dataclass
+class Spread:
+    """Median and range of one metric over repeats."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Spread | None":
+        return cls(statistics.median(values), min(values), max(values)) if values else None
+
+
+@dataclass
+class Measurement:
+    """What one system did over the timed repeats."""
+
+    decode_tok_s: Spread | None          # generated tokens per second after the first, batch included
+    prefill_tok_s: Spread | None         # prompt tokens per second of the first step, batch included
+    ttft_ms: Spread | None
+    prefill_counters: ExpertCounters     # the prompts' forward passes
+    decode_counters: ExpertCounters      # the steps after the first token
+    gpu_peak_bytes: int | None           # None without a GPU
+    repeats_run: int
+    tokens: list[list[list[int]]] = field(default_factory=list)   # [repeat][sequence][token]
+
+
+def measure(
+    system: LoadedSystem,
+    prompts: list[torch.Tensor],
+    warmup_prompt: torch.Tensor,
+    new_tokens: int,
+    device: torch.device,
+    time_limit_s: float,
+    progress=None,
+) -> Measurement:
+    """Warm up once on ``warmup_prompt``, then time one generation per entry of ``prompts``.
+
+    Stops early (after at least one repeat) once the timed repeats have taken ``time_limit_s``.
+    ``progress`` (a tqdm bar or None) is advanced once per repeat.
+    """
+    model = system.model
+    timed_generate(model, warmup_prompt.to(device), min(new_tokens, 4), device)
+    prefill, decode = ExpertCounters(), ExpertCounters()
+    timings: list[RepeatTiming] = []
+    spent_s = 0.0
+    for prompt in prompts:
+        start = system.counters()
+        first: list[ExpertCounters] = []
+        timing = timed_generate(model, prompt.to(device), new_tokens, device,
+                                on_first_token=lambda: first.append(system.counters()))
+        end = system.counters()
+        mid = first[0] if first else start     # no streamer: everything is counted as decode
+        prefill, decode = prefill + (mid - start), decode + (end - mid)
+        timings.append(timing)
+        spent_s += timing.ttft_s + timing.decode_s
+        if progress is not None:
+            progress.update(1)
+        if spent_s >= time_limit_s:
+            break
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    batch, prompt_len = prompts[0].shape
+    return Measurement(
+        decode_tok_s=Spread.of([batch * t.decode_steps / t.decode_s for t in timings if t.decode_s > 0]),
+        prefill_tok_s=Spread.of([batch * prompt_len / t.ttft_s for t in timings if t.ttft_s > 0]),
+        ttft_ms=Spread.of([1e3 * t.ttft_s for t in timings]),
+        prefill_counters=prefill,
+        decode_counters=decode,
+        gpu_peak_bytes=peak,
+        repeats_run=len(timings),
+        tokens=[t.tokens for t in timings],
+    )
+
+
+def token_match(tokens: list[list[list[int]]], reference: list[list[list[int]]]) -> tuple[int, int]:
+    """(matching tokens, compared tokens): per sequence, the length of the prefix equal to the reference.
+
+    Greedy decoding diverges for good after the first differing token, so the prefix is the honest count.
+    """
+    matched = compared = 0
+    for repeat, ref_repeat in zip(tokens, reference):
+        for seq, ref_seq in zip(repeat, ref_repeat):
+            prefix = 0
+            for a, b in zip(seq, ref_seq):
+                if a != b:
+                    break
+                prefix += 1
+            matched += prefix
+            compared += min(len(seq), len(ref_seq))
+    return matched, compared

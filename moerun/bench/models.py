@@ -1,0 +1,184 @@
+"""The bench's built-in models: random-weight checkpoints with real MoE shapes, built once and cached.
+
+A :class:`ModelSpec` names a preset (or tiny architecture) of ``moerun.models.synthetic`` and any
+overrides; :func:`prepare_checkpoint` builds it with ``moerun.models.synthetic`` into the cache directory the
+first time (after checking that the disk has room) and reuses it afterwards. :func:`inspect_checkpoint`
+reads any checkpoint's config and reports the sizes the bench needs (total bytes, bytes per expert).
+This module knows nothing about the systems that run the checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moerun.bench.budget import format_bytes
+from moerun.bench.moe_layers import find_experts
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in benchmark model: ``synthetic_config(base, **overrides)``."""
+
+    name: str
+    base: str                 # an architecture (tiny shapes) or a preset of moerun.models.synthetic
+    description: str
+    overrides: dict = field(default_factory=dict)
+
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("tiny", "qwen2_moe", "tiny Qwen2-MoE shapes (the CPU default)"),
+        ModelSpec("qwen1.5-moe-a2.7b", "qwen1.5-moe-a2.7b",
+                  "Qwen1.5-MoE-A2.7B shapes: 24 layers x 60 experts, top-4, shared expert"),
+        ModelSpec("mixtral-8x7b", "mixtral-8x7b",
+                  "Mixtral-8x7B shapes with 8 of its 32 layers (to fit the disk): 8 experts, top-2",
+                  dict(num_hidden_layers=8)),
+        ModelSpec("deepseek-v2-lite", "deepseek-v2-lite",
+                  "DeepSeek-V2-Lite shapes: 27 layers (the first dense) x 64 experts, top-6, 2 shared, MLA"),
+        ModelSpec("olmoe", "olmoe-1b-7b", "OLMoE-1B-7B shapes: 16 layers x 64 experts, top-8"),
+    )
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Sizes of one checkpoint, read from its config (no weights are loaded)."""
+
+    path: str
+    model_type: str
+    dtype: torch.dtype
+    total_bytes: int          # every parameter
+    expert_bytes: int         # one routed expert (gate, up and down projections)
+    num_moe_layers: int
+    num_experts: int          # routed experts per MoE layer
+    top_k: int
+    vocab_size: int
+
+    @property
+    def routed_bytes(self) -> int:
+        return self.expert_bytes * self.num_moe_layers * self.num_experts
+
+    @property
+    def dense_bytes(self) -> int:
+        """Everything that is not a routed expert: what must sit on the GPU whatever the policy."""
+        return self.total_bytes - self.routed_bytes
+
+
+def default_cache_dir() -> Path:
+    """``$MOERUN_CACHE/bench``, else ``$XDG_CACHE_HOME/moerun/bench``, else ``~/.cache/moerun/bench``."""
+    if os.environ.get("MOERUN_CACHE"):
+        return Path(os.environ["MOERUN_CACHE"]) / "bench"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moerun" / "bench"
+
+
+def spec_config(spec: ModelSpec):
+    """The transformers config of a built-in model."""
+    from moerun.models.synthetic import synthetic_config
+
+    return synthetic_config(spec.base, **spec.overrides)
+
+
+def _meta_model(config):
+    """The model of ``config`` on the meta device: shapes without memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _sizes(config, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(total_bytes, expert_bytes, num_moe_layers, num_experts, top_k) of ``config`` stored in ``dtype``."""
+    model = _meta_model(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = sum(p.numel() for p in model.parameters()) * itemsize
+    experts = find_experts(model)
+    if not experts:
+        raise ValueError(
+            f"{config.model_type}: found no fused routed-experts module (gate_up_proj [E, 2I, H] and "
+            "down_proj [E, H, I]); the bench supports MoE models whose experts transformers stores fused"
+        )
+    first = experts[0].module
+    num_experts = first.gate_up_proj.shape[0]
+    expert_bytes = (first.gate_up_proj[0].numel() + first.down_proj[0].numel()) * itemsize
+    top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    return total, expert_bytes, len(experts), num_experts, top_k
+
+
+def inspect_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> CheckpointInfo:
+    """Read ``path``'s config (a directory or a hub id) and size its parameters in ``dtype``.
+
+    ``dtype`` defaults to the checkpoint's own (``config.dtype``), else bfloat16.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if dtype is None:
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = DTYPES.get(str(stored).replace("torch.", ""), torch.bfloat16)
+    total, expert_bytes, layers, experts, top_k = _sizes(config, dtype)
+    return CheckpointInfo(
+        str(path), config.model_type, dtype, total, expert_bytes, layers, experts, top_k,
+        vocab_size=config.vocab_size,
+    )
+
+
+def _cache_key(spec: ModelSpec, config, dtype: torch.dtype, seed: int) -> str:
+    """Directory name: changes whenever the config, seed or dtype would give different weights."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    payload = json.dumps({"config": fields, "seed": seed, "dtype": str(dtype)}, sort_keys=True, default=str)
+    return f"{spec.name}-{str(dtype).replace('torch.', '')}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
+
+
+def check_disk_space(directory: Path, needed_bytes: int, what: str) -> None:
+    """Raise a clear error if ``directory``'s file system has less than ``needed_bytes`` free."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free_bytes = shutil.disk_usage(directory).free
+    if free_bytes < needed_bytes:
+        raise RuntimeError(
+            f"{what} needs {format_bytes(needed_bytes)} of disk in {directory}, but only "
+            f"{format_bytes(free_bytes)} is free. Free some space, point --cache-dir at a larger disk, "
+            "or pick a smaller --synthetic model."
+        )
+
+
+def prepare_checkpoint(
+    name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, seed: int = 0, log=print
+) -> Path:
+    """The directory of built-in model ``name`` in ``dtype``: built on first use, then reused.
+
+    The checkpoint is written to a temporary directory beside its final place and renamed when
+    complete, so an interrupted build is never mistaken for a finished one.
+    """
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    config = spec_config(spec)
+    path = cache_dir / _cache_key(spec, config, dtype, seed)
+    if (path / "config.json").is_file():
+        return path
+    total_bytes = _sizes(config, dtype)[0]
+    # The safetensors files plus headroom for metadata and the partial directory of a crashed build.
+    check_disk_space(cache_dir, int(total_bytes * 1.05) + 2**30, f"building the {name} checkpoint")
+    log(f"building the {name} checkpoint ({spec.description}; {format_bytes(total_bytes)} in "
+        f"{str(dtype).replace('torch.', '')}) in {path} — done once, then cached")
+    from moerun.models.synthetic import build_checkpoint
+
+    partial = cache_dir / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        build_checkpoint(config, partial, seed=seed, dtype=dtype)
+        os.replace(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path

@@ -1,0 +1,168 @@
+"""Presenting bench results: the table on stdout, the JSON file and the tok/s-vs-budget plot.
+
+A :class:`SystemResult` is one row: one system under one budget, either measured or with the
+reason it did not run. This module does no measuring.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moerun.bench.budget import format_bytes
+from moerun.bench.counters import ExpertCounters
+from moerun.bench.measure import Measurement, Spread
+
+
+@dataclass
+class SystemResult:
+    """One system under one budget."""
+
+    system: str                       # "hf-auto", "moerun:balanced", ...
+    budget: str                       # as written ("10GiB", "50%"); "-" for budget-free systems
+    budget_bytes: int | None
+    status: str = "ok"                # "ok", "skipped: ...", "failed: ..."
+    notes: str = ""
+    load_s: float | None = None
+    measurement: Measurement | None = None
+    match: tuple[int, int] | None = None   # (matching tokens, compared) against the reference
+    expert_bytes: int = 0
+
+    @property
+    def over_budget(self) -> bool:
+        m = self.measurement
+        return bool(m and m.gpu_peak_bytes is not None and self.budget_bytes and m.gpu_peak_bytes > self.budget_bytes)
+
+    def summary(self) -> dict:
+        """Flat numbers for JSON (None where not measured)."""
+        m = self.measurement
+        out = {
+            "system": self.system, "budget": self.budget, "budget_bytes": self.budget_bytes,
+            "status": self.status, "notes": self.notes, "load_s": self.load_s,
+        }
+        if m is None:
+            return out
+        out.update(
+            decode_tok_s=_spread(m.decode_tok_s), prefill_tok_s=_spread(m.prefill_tok_s), ttft_ms=_spread(m.ttft_ms),
+            decode=self._phase(m.decode_counters), prefill=self._phase(m.prefill_counters),
+            gpu_peak_bytes=m.gpu_peak_bytes, over_budget=self.over_budget, repeats=m.repeats_run,
+            token_match=list(self.match) if self.match else None,
+        )
+        return out
+
+
+    def _phase(self, c: ExpertCounters) -> dict:
+        return dict(hit_rate=c.hit_rate, cpu_share=c.cpu_share, copied_bytes=c.copied_bytes,
+                    expert_pairs=c.pairs, expert_loads=c.loads,
+                    dedup_saved_bytes=(c.pairs - c.loads) * self.expert_bytes)
+
+
+def _spread(spread: Spread | None) -> dict | None:
+    return asdict(spread) if spread else None
+
+
+def _fmt_spread(spread: Spread | None, digits: int = 1) -> str:
+    if spread is None:
+        return "-"
+    if spread.low == spread.high:
+        return f"{spread.median:.{digits}f}"
+    return f"{spread.median:.{digits}f} [{spread.low:.{digits}f}-{spread.high:.{digits}f}]"
+
+
+def _fmt_share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+COLUMNS = ("system", "budget", "decode tok/s", "prefill tok/s", "TTFT ms", "hit rate", "copied",
+           "CPU share", "dedup saved", "GPU peak", "tokens = ref", "notes")
+# Columns after TTFT describe the decode steps; the JSON has the prefill's as well.
+
+
+def table_rows(results: list[SystemResult]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        m = r.measurement
+        if m is None:
+            rows.append([r.system, r.budget] + ["-"] * (len(COLUMNS) - 3) + [r.status])
+            continue
+        c = m.decode_counters
+        peak = format_bytes(m.gpu_peak_bytes) if m.gpu_peak_bytes is not None else "n/a (cpu)"
+        if r.over_budget:
+            peak += " OVER"
+        match = "-" if r.match is None else f"{r.match[0]}/{r.match[1]}"
+        rows.append([
+            r.system, r.budget, _fmt_spread(m.decode_tok_s), _fmt_spread(m.prefill_tok_s, 0),
+            _fmt_spread(m.ttft_ms, 0), _fmt_share(c.hit_rate), format_bytes(c.copied_bytes),
+            _fmt_share(c.cpu_share), format_bytes((c.pairs - c.loads) * r.expert_bytes), peak, match, r.notes,
+        ])
+    return rows
+
+
+def format_table(results: list[SystemResult]) -> str:
+    rows = [list(COLUMNS)] + table_rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 5)
+    return "\n".join(lines)
+
+
+LEGEND = (
+    "decode tok/s: generated tokens/s after the first (whole batch), median [min-max] over repeats; "
+    "prefill tok/s and TTFT: prompt tokens/s and time to the first token. Over the decode steps of "
+    "the timed repeats (prefill in the JSON): hit rate: experts needed by a layer step (unique per "
+    "step) already on the GPU; copied: weight bytes copied host->GPU; CPU share: needed experts "
+    "computed on the CPU; dedup saved: expert weight bytes that handling each (token, expert) pair "
+    "on its own would have read on top (tokens of a step share experts). GPU peak: "
+    "torch.cuda.max_memory_allocated over load + run (OVER = above the budget); tokens = ref: "
+    "generated tokens equal to the reference (greedy prefix per sequence)."
+)
+
+
+def write_json(path: Path, header: dict, results: list[SystemResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(header, results=[r.summary() for r in results])
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def plot_budget_sweep(path: Path, results: list[SystemResult], title: str) -> bool:
+    """Decode tok/s against budget, one line per system; False when there is nothing to plot."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    flat: dict[str, float] = {}
+    for r in results:
+        m = r.measurement
+        if m is None or m.decode_tok_s is None:
+            continue
+        if r.budget_bytes is None:
+            flat[r.system] = m.decode_tok_s.median
+        else:
+            series.setdefault(r.system, []).append((r.budget_bytes, m.decode_tok_s.median))
+    if not any(len(points) > 1 for points in series.values()):
+        return False
+    largest = max(b for points in series.values() for b, _ in points)
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)) if largest >= s)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] / scale for p in points], [p[1] for p in points], marker="o", label=name)
+    for name, value in sorted(flat.items()):
+        ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+        ax.annotate(name, (ax.get_xlim()[0], value), fontsize=8, va="bottom", color="gray")
+    ax.set_xlabel(f"VRAM budget ({unit})")
+    ax.set_ylabel("decode tok/s")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
