@@ -407,13 +407,8 @@ void Engine::admit_cpu_misses() {
       remove(victim, true);
     }
     insert(key, slot, false);
-    out_->prefetches.push_back(key / E_);
-    out_->prefetches.push_back(key % E_);
-    out_->prefetches.push_back(slot);
-    out_->prefetches.push_back(victim >= 0 ? victim / E_ : -1);
-    out_->prefetches.push_back(victim >= 0 ? victim % E_ : -1);
+    emit_prefetch(key, slot, victim);
     ++total_.admissions;
-    total_.bytes_fetched += cfg_.expert_bytes;
   }
   cpu_misses_.clear();
 }

@@ -173,6 +173,8 @@ class Engine {
   void issue_prefetches(int layer);
   bool prefetch_one(int key);
   void admit_cpu_misses();
+  // Appends a background copy (layer, expert, slot, victim layer, victim expert) to the plan.
+  void emit_prefetch(int key, int slot, int victim);
   // -- schedule + cost model (cost_model.cpp) --
   void schedule_misses(int layer);
   // -- adapt (adapt.cpp) --

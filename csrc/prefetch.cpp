@@ -103,14 +103,18 @@ bool Engine::prefetch_one(int key) {
   insert(key, slot, true);
   needed_[key] = 1;  // later prefetches of this step must not evict it
   marked_.push_back(key);
+  emit_prefetch(key, slot, victim);
+  ++total_.prefetches;
+  return true;
+}
+
+void Engine::emit_prefetch(int key, int slot, int victim) {
   out_->prefetches.push_back(key / E_);
   out_->prefetches.push_back(key % E_);
   out_->prefetches.push_back(slot);
   out_->prefetches.push_back(victim >= 0 ? victim / E_ : -1);
   out_->prefetches.push_back(victim >= 0 ? victim % E_ : -1);
-  ++total_.prefetches;
   total_.bytes_fetched += cfg_.expert_bytes;
-  return true;
 }
 
 void Engine::issue_prefetches(int layer) {
