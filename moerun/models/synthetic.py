@@ -124,7 +124,7 @@ def _randomize_(model: torch.nn.Module, generator: torch.Generator) -> None:
             if not tensor.is_floating_point() or name.endswith("inv_freq"):
                 continue
             # [E, out, in] fused experts and [out, in] linears both have fan_in last.
-            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32, device=tensor.device)
             if tensor.dim() == 1 and "norm" in name:
                 value = 1.0 + 0.1 * noise
             elif tensor.dim() >= 2:
@@ -141,16 +141,22 @@ def build_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Save a random-weight model of ``config`` to ``path`` (safetensors, per-expert hub keys).
 
     The directory holds ``config.json``, ``generation_config.json`` and the safetensors file(s)
     (sharded with an index when ``max_shard_size`` is given, e.g. ``"200KB"``); no tokenizer.
-    The same ``config`` and ``seed`` always give the same weights. Returns the directory.
+    The same ``config``, ``seed`` and ``device`` always give the same weights (the random streams
+    of the CPU and of a GPU differ). ``device="cuda"`` builds a real-shape model in seconds instead
+    of the many minutes single-threaded CPU sampling takes; the model must fit that device.
+    Returns the directory.
     """
     path = Path(path)
-    generator = torch.Generator().manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _randomize_(model, generator)
     model.generation_config.pad_token_id = config.pad_token_id
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
