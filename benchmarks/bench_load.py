@@ -22,7 +22,8 @@ from moerun.models.synthetic import build_checkpoint, synthetic_config
 
 
 def _build(preset: str, overrides: dict, path: Path) -> None:
-    build_checkpoint(synthetic_config(preset, **overrides), path, dtype=torch.bfloat16, max_shard_size="4GB")
+    build_checkpoint(synthetic_config(preset, **overrides), path, dtype=torch.bfloat16, max_shard_size="4GB",
+                     device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main() -> None:
@@ -30,13 +31,15 @@ def main() -> None:
     p.add_argument("--preset", default="qwen1.5-moe-a2.7b")
     p.add_argument("--layers", type=int, default=None, help="num_hidden_layers override")
     p.add_argument("--dir", default="/tmp/moerun_bench_load", help="where the checkpoint is built")
+    p.add_argument("--checkpoint", default=None,
+                   help="time this existing checkpoint directory instead of building one")
     p.add_argument("--budget", default="auto")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args()
 
     overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    path = Path(args.dir) / f"{args.preset}-{args.layers or 'all'}"
-    if not (path / "config.json").is_file():
+    path = Path(args.checkpoint or Path(args.dir) / f"{args.preset}-{args.layers or 'all'}")
+    if args.checkpoint is None and not (path / "config.json").is_file():
         # Built in a child process so its memory does not count in this process's peak RSS.
         ctx = multiprocessing.get_context("spawn")
         child = ctx.Process(target=_build, args=(args.preset, overrides, path))

@@ -224,11 +224,16 @@ def _sum_pairs_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so what counts
+# is the environment when this module was imported, not now.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, inter_size, out) -> None:
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             f"fused_moe runs Triton kernels and x is on {x.device}: use a CUDA device, or set TRITON_INTERPRET=1 "
-            "before triton is imported to run them (slowly) on the CPU"
+            "before moerun.kernels.fused_moe is first imported to run them (slowly) on the CPU"
         )
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}; flatten batch and sequence first")

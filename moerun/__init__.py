@@ -3,7 +3,16 @@
 The dense part of the model lives on the GPU, routed experts in pinned host memory, and a fixed
 arena of GPU expert slots holds the experts a policy (a ``.moe`` file) chooses to keep.
 """
+import os as _os
+
 __version__ = "0.1.0"
+
+# Without a GPU, Triton can only interpret kernels, and it fixes compiled-or-interpreted when it is
+# imported (its library functions are decorated then). transformers imports triton as soon as a
+# model is built, so waiting for moerun.load(device="cpu") would be too late. Looking for the GPU
+# driver's device nodes keeps `import moerun` free of a torch import.
+if not any(_os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd")):
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def __getattr__(name: str):

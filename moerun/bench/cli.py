@@ -175,10 +175,6 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     _check_args(args)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    if not on_gpu and "triton" not in sys.modules:
-        # moerun's kernels run in Triton's interpreter on a CPU; Triton reads this switch when it is
-        # first imported, which the checkpoint inspection below would otherwise do first.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     budget_texts = (args.budgets or []) + (args.budget_list or []) or (["10GiB"] if on_gpu else ["experts:50%"])
     try:

@@ -144,3 +144,35 @@ def test_missing_tokenizer_has_a_clear_message_and_ids_still_generate(tiny):
 def test_bad_arguments_are_rejected(tiny, bad):
     with pytest.raises(ValueError):
         _load(tiny, **bad)
+
+
+def _run_python(code: str, env_update: dict) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_update)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what moerun does on a machine without a GPU")
+def test_import_moerun_puts_triton_in_interpreter_mode_without_a_gpu():
+    code = ("import moerun, triton.language.standard as s\n"
+            "from triton.runtime.interpreter import InterpretedFunction\n"
+            "assert isinstance(s.sigmoid, InterpretedFunction), type(s.sigmoid)\n")
+    done = _run_python(code, {})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_cpu_load_after_compiled_triton_import_says_what_to_do(tiny):
+    # triton imported in compiled mode before moerun: its library functions cannot be interpreted
+    # any more, so a CPU load must refuse with the fix instead of failing inside a kernel.
+    code = ("import triton.language.standard, moerun\n"
+            f"moerun.load({str(tiny)!r}, policy='balanced', device='cpu', max_context=64, progress=False)\n")
+    done = _run_python(code, {"TRITON_INTERPRET": "0"})
+    assert done.returncode != 0
+    assert "TRITON_INTERPRET" in done.stderr and "unset it or set it to 1" in done.stderr
+    done = _run_python(code, {})
+    assert done.returncode != 0
+    assert "imported before in compiled mode" in done.stderr, done.stderr[-2000:]
