@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weights dtype (default: bfloat16 on a GPU; float32 on CPU, where bf16 kernels are inexact)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and built-in weights")
+    p.add_argument("--sample", action="store_true",
+                   help="sample the full distribution (seeded, the same for every system) instead of greedy "
+                   "decoding: a random-weight model decoded greedily repeats itself and reuses the same experts, "
+                   "sampling gives near-uniform routing, the hard case for an expert cache")
     p.add_argument("--profile", action="store_true",
                    help="after each system's timed repeats, profile one more generation (torch.profiler "
                    "table + trace in --out; not counted in the table)")
@@ -155,7 +159,8 @@ def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str |
     row.system, row.notes = loaded.label, loaded.notes
     try:
         with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
-            row.measurement = measure(loaded, prompts, warmup, args.new_tokens, setup.device, args.time_limit_s, reps)
+            row.measurement = measure(loaded, prompts, warmup, args.new_tokens, setup.device, args.time_limit_s, reps,
+                                      sample_seed=args.seed if args.sample else None)
         if args.profile:
             stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
             for path in profile_generation(loaded.model, prompts[0], args.new_tokens, setup.device, stem):
@@ -204,12 +209,14 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
                   "experts": info.num_experts, "top_k": info.top_k},
         "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "time_limit_s": args.time_limit_s,
+                     "decoding": "sampled" if args.sample else "greedy",
                      "experts_implementation": _experts_implementation(), "fixed_bytes": probe.fixed_bytes},
     }
     print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
           f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
           f"top-{info.top_k}, {format_bytes(info.expert_bytes)}/expert); batch {args.batch}, prompt "
-          f"{args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} repeats", flush=True)
+          f"{args.prompt_len}, {args.new_tokens} new tokens ({'sampled' if args.sample else 'greedy'}), "
+          f"{args.repeats} repeats", flush=True)
 
     results: list[report.SystemResult] = []
     reference: list | None = None

@@ -1,6 +1,9 @@
 """Timing one loaded system: prefill, time to first token and decode speed over repeats.
 
-Each repeat greedily generates ``new_tokens`` tokens for one batch of prompts. A streamer stamps
+Each repeat generates ``new_tokens`` tokens for one batch of prompts, greedily or, when a
+sampling seed is given, by sampling the full distribution with that seed (every system draws the
+same random numbers). Greedy decoding of a random-weight model soon repeats itself, which keeps
+the same experts busy; sampling gives the near-uniform routing that is the hard case for a cache. A streamer stamps
 the time each step's tokens reach the host (the step is complete then), so time to first token
 and decode time come from one generation. Expert counters are read at the start of a repeat, at
 its first token and at its end, so prefill and decode traffic are reported apart, and warm-up and
@@ -54,25 +57,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate(model, input_ids: torch.Tensor, new_tokens: int, streamer=None) -> torch.Tensor:
+def _generate(model, input_ids: torch.Tensor, new_tokens: int, streamer=None,
+              sample_seed: int | None = None) -> torch.Tensor:
+    sampling = {}
+    if sample_seed is not None:
+        torch.manual_seed(sample_seed)  # seeds the CPU and every CUDA device
+        sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     return model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
+        min_new_tokens=new_tokens, streamer=streamer, **({"do_sample": False} | sampling),
     )
 
 
 def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
-                   on_first_token: Callable[[], None] | None = None) -> RepeatTiming:
-    """Generates ``new_tokens`` greedy tokens after ``input_ids`` [B, S] and times the phases.
+                   on_first_token: Callable[[], None] | None = None,
+                   sample_seed: int | None = None) -> RepeatTiming:
+    """Generates ``new_tokens`` tokens after ``input_ids`` [B, S] and times the phases.
 
-    ``on_first_token`` runs when the first generated token reaches the host (not when the model's
-    ``generate`` does not drive a streamer).
+    Greedy, or sampled with ``sample_seed``. ``on_first_token`` runs when the first generated token
+    reaches the host (not when the model's ``generate`` does not drive a streamer).
     """
     clock = _TokenClock(on_first_token)
     _sync(device)
     start_s = time.perf_counter()
     with torch.inference_mode():
-        output = _generate(model, input_ids, new_tokens, streamer=clock)
+        output = _generate(model, input_ids, new_tokens, streamer=clock, sample_seed=sample_seed)
     _sync(device)
     end_s = time.perf_counter()
     generated = output[:, input_ids.shape[1]:]                                   # [B, new_tokens]
@@ -84,7 +93,7 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torc
         _sync(device)
         first_start_s = time.perf_counter()
         with torch.inference_mode():
-            _generate(model, input_ids, 1)
+            _generate(model, input_ids, 1, sample_seed=sample_seed)
         _sync(device)
         first_token_s = start_s + (time.perf_counter() - first_start_s)
     return RepeatTiming(
@@ -130,22 +139,25 @@ def measure(
     device: torch.device,
     time_limit_s: float,
     progress=None,
+    sample_seed: int | None = None,
 ) -> Measurement:
     """Warm up once on ``warmup_prompt``, then time one generation per entry of ``prompts``.
 
     Stops early (after at least one repeat) once the timed repeats have taken ``time_limit_s``.
-    ``progress`` (a tqdm bar or None) is advanced once per repeat.
+    ``progress`` (a tqdm bar or None) is advanced once per repeat. With ``sample_seed``, repeat
+    ``i`` samples with seed ``sample_seed + i`` (greedy otherwise).
     """
     model = system.model
     timed_generate(model, warmup_prompt.to(device), min(new_tokens, 4), device)
     prefill, decode = ExpertCounters(), ExpertCounters()
     timings: list[RepeatTiming] = []
     spent_s = 0.0
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         start = system.counters()
         first: list[ExpertCounters] = []
         timing = timed_generate(model, prompt.to(device), new_tokens, device,
-                                on_first_token=lambda: first.append(system.counters()))
+                                on_first_token=lambda: first.append(system.counters()),
+                                sample_seed=None if sample_seed is None else sample_seed + index)
         end = system.counters()
         mid = first[0] if first else start     # no streamer: everything is counted as decode
         prefill, decode = prefill + (mid - start), decode + (end - mid)
@@ -172,7 +184,8 @@ def measure(
 def token_match(tokens: list[list[list[int]]], reference: list[list[list[int]]]) -> tuple[int, int]:
     """(matching tokens, compared tokens): per sequence, the length of the prefix equal to the reference.
 
-    Greedy decoding diverges for good after the first differing token, so the prefix is the honest count.
+    Decoding diverges for good after the first differing token, so the prefix is the honest count
+    (with sampling, the same seed draws the same numbers, so equal logits give equal tokens).
     """
     matched = compared = 0
     for repeat, ref_repeat in zip(tokens, reference):

@@ -90,6 +90,17 @@ def test_moerun_rows_run_each_policy_and_match_reference(tmp_path):
     assert rows["moerun:cpu_misses"].measurement.decode_counters.cpu_loads > 0
 
 
+def test_sampled_decoding_draws_the_same_tokens_in_every_system(checkpoints, tmp_path):
+    common = ["--model", str(checkpoints["mixtral"]), "--out", str(tmp_path), "--budget", "experts:50%",
+              "--prompt-len", "4", "--new-tokens", "6", "--repeats", "1"]
+    sampled = run_bench(common + ["--sample", "--systems", "hf-resident", "moerun", "--policies", "balanced"])
+    for r in sampled:
+        assert r.status == "ok", (r.system, r.status)
+        assert r.match == (6, 6), (r.system, r.match)
+    greedy = run_bench(common + ["--systems", "hf-resident"])
+    assert sampled[0].measurement.tokens != greedy[0].measurement.tokens  # sampling is really on
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
 def test_baselines_match_reference_tokens_on_batch(arch, checkpoints, tmp_path):
     results = run_bench([

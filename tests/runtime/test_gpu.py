@@ -20,7 +20,7 @@ PRESETS = [("qwen1.5-moe-a2.7b", {}), ("deepseek-v2-lite", dict(num_hidden_layer
 def fp32_checkpoint(request, tmp_path_factory):
     name, overrides = request.param
     cfg = synthetic_config(name, **{"num_hidden_layers": 2, **overrides})
-    return build_checkpoint(cfg, tmp_path_factory.mktemp(name), seed=0, dtype=torch.float32)
+    return build_checkpoint(cfg, tmp_path_factory.mktemp(name), seed=0, dtype=torch.float32, device="cuda")
 
 
 def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
@@ -41,7 +41,7 @@ def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
 
 def test_peak_gpu_memory_stays_within_budget(tmp_path):
     cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
-    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16)
+    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
