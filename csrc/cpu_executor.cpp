@@ -10,6 +10,8 @@ namespace moerun {
 namespace {
 constexpr int64_t kGateRowsPerTask = 32;  // rows of gate (and as many of up) per phase-1 task
 constexpr int64_t kDownRowsPerTask = 64;  // output columns per phase-2 task
+// Tokens per kernel call: one call streams its weight rows once for all of them (AMX tiles take 16).
+constexpr int64_t kTokenTile = 16;
 }  // namespace
 
 // The default leaves one physical core to the thread that drives the GPU: it must keep launching
@@ -27,12 +29,16 @@ CpuExecutor::~CpuExecutor() {
   }
 }
 
-void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
+void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
                          const int64_t* topk_ids, const float* topk_weights, int64_t K,
                          const std::vector<int64_t>& experts, float* out, std::shared_ptr<void> keep_alive) {
-  if (busy()) throw std::runtime_error("CpuExecutor.submit: the previous job is still running; call wait() first");
+  if (busy() || next_job_ < jobs_.size())
+    throw std::runtime_error("CpuExecutor.submit: the previous job is still running; call wait() first");
+  release_held();  // a finished job nobody waited for
+  if (layer < 0 || layer >= pool.num_layers())
+    throw std::out_of_range("CpuExecutor: layer " + std::to_string(layer) + " is outside [0, " +
+                            std::to_string(pool.num_layers()) + ")");
   const int64_t H = pool.hidden_size(), I = pool.inter_size();
-  const DType wd = pool.dtype();
   // Gather each expert's tokens into contiguous fp32 rows (the caller's x may be freed after return).
   jobs_.clear();
   row_token_.clear();
@@ -49,7 +55,7 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
           row_weight_.push_back(topk_weights[t * K + k]);
         }
     const int64_t n = static_cast<int64_t>(row_token_.size()) - first;
-    if (n > 0) jobs_.push_back({pool.expert_ptr(layer, e), first, n});
+    if (n > 0) jobs_.push_back({e, nullptr, first, n});
   }
   const int64_t rows = static_cast<int64_t>(row_token_.size());
   xg_.resize(static_cast<size_t>(rows * H));
@@ -59,24 +65,46 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
     for (int64_t c = 0; c < H; ++c) xg_[r * H + c] = load_as_f32(x, t * H + c, x_dtype);
   }
   std::memset(out, 0, static_cast<size_t>(T * H) * sizeof(float));
+  out_ = out;
   keep_alive_ = std::move(keep_alive);
-  if (jobs_.empty()) return;
+  host_ = &pool;
+  layer_ = layer;
+  next_job_ = 0;
+  round_size_ = static_cast<size_t>(pool.capacity());
+  if (!jobs_.empty()) start_round();
+}
 
+void CpuExecutor::start_round() {
+  const size_t j0 = next_job_, j1 = std::min(jobs_.size(), j0 + round_size_);
+  next_job_ = j1;
+  try {
+    for (size_t j = j0; j < j1; ++j) {
+      jobs_[j].weights = host_->acquire(layer_, jobs_[j].expert);
+      held_.push_back(jobs_[j].expert);
+    }
+  } catch (...) {
+    next_job_ = jobs_.size();
+    release_held();
+    throw;
+  }
+  const int64_t H = host_->hidden_size(), I = host_->inter_size();
+  const DType wd = host_->dtype();
   const int64_t gate_blocks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
   const int64_t down_blocks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
   const int64_t wb = dtype_bytes(wd);
   const CpuIsa isa = isa_;
+  float* out = out_;
   std::vector<ThreadPool::Phase> phases;
   // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
-  phases.push_back({static_cast<int64_t>(jobs_.size()) * gate_blocks, [=](int64_t task) {
-                      const Job& j = jobs_[static_cast<size_t>(task / gate_blocks)];
+  phases.push_back({static_cast<int64_t>(j1 - j0) * gate_blocks, [=](int64_t task) {
+                      const Job& j = jobs_[j0 + static_cast<size_t>(task / gate_blocks)];
                       const int64_t i0 = (task % gate_blocks) * kGateRowsPerTask;
                       const int64_t i1 = std::min(I, i0 + kGateRowsPerTask);
                       const int64_t n = i1 - i0;
-                      float g[4 * kGateRowsPerTask], u[4 * kGateRowsPerTask];  // [tile, n]
+                      float g[kTokenTile * kGateRowsPerTask], u[kTokenTile * kGateRowsPerTask];  // [tile, n]
                       const char* w = static_cast<const char*>(j.weights);
-                      for (int64_t t0 = 0; t0 < j.num_tokens; t0 += 4) {
-                        const int64_t tn = std::min<int64_t>(4, j.num_tokens - t0);
+                      for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
+                        const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
                         const float* xr = xg_.data() + (j.first_row + t0) * H;
                         matmul_rows(isa, w, wd, H, i0, i1, xr, tn, H, g, n);
                         matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, H, u, n);
@@ -92,11 +120,12 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
                       const int64_t c0 = task * kDownRowsPerTask;
                       const int64_t c1 = std::min(H, c0 + kDownRowsPerTask);
                       const int64_t n = c1 - c0;
-                      float y[4 * kDownRowsPerTask];
-                      for (const Job& j : jobs_) {
+                      float y[kTokenTile * kDownRowsPerTask];
+                      for (size_t jj = j0; jj < j1; ++jj) {
+                        const Job& j = jobs_[jj];
                         const char* down = static_cast<const char*>(j.weights) + 2 * I * H * wb;
-                        for (int64_t t0 = 0; t0 < j.num_tokens; t0 += 4) {
-                          const int64_t tn = std::min<int64_t>(4, j.num_tokens - t0);
+                        for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
+                          const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
                           matmul_rows(isa, down, wd, I, c0, c1, h_.data() + (j.first_row + t0) * I, tn, I, y, n);
                           for (int64_t t = 0; t < tn; ++t) {
                             const int64_t row = j.first_row + t0 + t;
@@ -110,9 +139,25 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
   pool_.submit(std::move(phases));
 }
 
+void CpuExecutor::release_held() {
+  for (int64_t e : held_) host_->release(layer_, e);
+  held_.clear();
+}
+
 void CpuExecutor::wait() {
   std::shared_ptr<void> held = std::move(keep_alive_);  // released however the job ended
-  pool_.wait();
+  for (;;) {
+    try {
+      pool_.wait();
+    } catch (...) {
+      next_job_ = jobs_.size();  // a failed round ends the job
+      release_held();
+      throw;
+    }
+    release_held();
+    if (next_job_ >= jobs_.size()) return;
+    start_round();  // a cache smaller than the job: the next experts, now that the last ones are free
+  }
 }
 
 }  // namespace moerun

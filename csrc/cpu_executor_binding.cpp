@@ -43,6 +43,7 @@ void submit(CpuExecutor& ex, const std::shared_ptr<HostPool>& pool, int64_t laye
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor w = topk_weights.contiguous();
   auto hold = std::make_shared<SubmitHold>(SubmitHold{out, pool});
+  py::gil_scoped_release release;  // a host-cache miss reads from disk
   ex.submit(*pool, layer, xc.data_ptr(), to_dtype(xc.scalar_type(), "x"), T, ids.data_ptr<int64_t>(),
             w.data_ptr<float>(), K, experts, out.data_ptr<float>(), hold);
 }

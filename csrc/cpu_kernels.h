@@ -9,15 +9,22 @@
 
 namespace moerun {
 
-enum class CpuIsa : int32_t { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+enum class CpuIsa : int32_t { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, AmxBf16 = 4 };
+
+// Below this many tokens the AMX path hands bf16 work to the AVX-512-BF16 kernel: with one or two
+// tokens the dot products already stream weights as fast as memory delivers them, and a tile
+// configuration per call would only add cost.
+constexpr int64_t kAmxMinTokens = 4;
 
 const char* cpu_isa_name(CpuIsa isa);
-// Best ISA this CPU and OS support. MOERUN_CPU_ISA=scalar|avx2|avx512|avx512_bf16 caps the choice.
+// Best ISA this CPU and OS support (AMX only once Linux grants this process the tile data state,
+// arch_prctl(ARCH_REQ_XCOMP_PERM)). MOERUN_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx_bf16 caps it.
 CpuIsa detect_cpu_isa();
 
 // Y[t, r - r0] = sum_c W[r, c] * X[t, c] for r in [r0, r1), t in [0, T).
 // W: row-major [rows, cols] of w_dtype; X: fp32 [T, ldx]; Y: fp32 [T, ldy]. Accumulates in fp32
-// (the AVX-512-BF16 path rounds X to bf16 first, as a bf16 model's activations already are).
+// (the AVX-512-BF16 and AMX paths round X to bf16 first, as a bf16 model's activations already are).
+// AMX tiles serve bf16 weights with T >= kAmxMinTokens, cols % 32 == 0, in blocks of 16 rows.
 void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const float* X,
                  int64_t T, int64_t ldx, float* Y, int64_t ldy);
 

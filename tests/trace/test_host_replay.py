@@ -1,0 +1,33 @@
+"""Trace replay with the host tier behind the GPU tier: host hit rate for a host capacity."""
+from __future__ import annotations
+
+import numpy as np
+
+from moerun.policy.config import CacheConfig, CompiledPolicy, HostConfig
+from moerun.trace.replay import replay
+from moerun.trace.synthetic import synthetic_trace
+
+
+def _policy(host: HostConfig | None = None) -> CompiledPolicy:
+    return CompiledPolicy(name="p", cache=CacheConfig(capacity=6, eviction="lru"), host=host)
+
+
+def test_host_tier_reads_every_gpu_miss_once_when_it_holds_every_expert():
+    t = synthetic_trace("zipf", num_tokens=120, num_layers=3, num_experts=12, top_k=2, seed=3)
+    s = replay(t, _policy(), host_capacity=3 * 12)
+    host = s["host"]
+    # The host tier sees what the runtime reads from the pool: every GPU copy and CPU run.
+    assert host["accesses"] == s["demand_fetches"] + s["prefetches"] + s["cpu_experts"]
+    # Holding every expert, it only misses the first read of each (layer, expert) the trace routes to.
+    distinct = len({(layer, int(e)) for layer in range(3) for e in np.unique(t.expert_ids[:, layer, :])})
+    assert host["misses"] == distinct
+    assert host["disk_bytes"] == distinct * s["expert_bytes"]
+    assert "host" not in replay(t, _policy())  # no host capacity: no host tier
+
+
+def test_lru_host_hit_rate_grows_with_capacity_and_policy_block_sets_it():
+    t = synthetic_trace("temporal", num_tokens=300, num_layers=4, num_experts=16, top_k=2, seed=5)
+    rates = [replay(t, _policy(), host_capacity=c)["host"]["hit_rate"] for c in (4, 16, 32, 64)]
+    assert rates == sorted(rates) and rates[0] < rates[-1]  # LRU: a larger cache holds a superset
+    from_block = replay(t, _policy(HostConfig(capacity=16, eviction="lfu")))["host"]
+    assert from_block["capacity"] == 16 and 0.0 <= from_block["hit_rate"] <= 1.0
