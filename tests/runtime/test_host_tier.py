@@ -10,6 +10,7 @@ from moerun.runtime.memory import BudgetError
 
 ARCH = "qwen2_moe"
 NEW_TOKENS = 6
+POLICY = "policy p { cache { eviction = lru } }"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_greedy_matches_transformers_with_the_host_cache_reading_from_disk(ckpt,
     top_k = synthetic_config(ARCH).num_experts_per_tok
     plan = _plan(ckpt)
     # Arena and host cache both hold one layer's top-k: every step misses in both tiers.
-    model = moerun.load(ckpt, policy=f"policy p {{ schedule {{ mode = {mode} }} }}", device="cpu",
+    model = moerun.load(ckpt, policy=f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}", device="cpu",
                         max_context=64, vram_budget=plan.fixed_bytes + top_k * plan.slot_bytes,
                         host_budget=top_k * plan.slot_bytes + 1, progress=False)
     host_mem = model.moerun.memory()["host"]
@@ -54,7 +55,7 @@ def test_greedy_matches_transformers_with_the_host_cache_reading_from_disk(ckpt,
 
 def test_policy_host_capacity_and_host_budget_the_smaller_wins(ckpt):
     plan = _plan(ckpt)
-    policy = "policy p { host { capacity = 5  eviction = lfu } }"
+    policy = "policy p { cache { eviction = lru } host { capacity = 5  eviction = lfu } }"
     mem = moerun.load(ckpt, policy=policy, device="cpu", max_context=64, progress=False).moerun.memory()
     assert mem["host"]["capacity"] == 5
     mem = moerun.load(ckpt, policy=policy, device="cpu", max_context=64, host_budget=3 * plan.slot_bytes,
@@ -67,9 +68,9 @@ def test_host_budget_below_one_layer_step_names_the_smallest_that_works(ckpt):
     top_k = synthetic_config(ARCH).num_experts_per_tok
     with pytest.raises(BudgetError, match=rf"holds 1 experts.*top_k = {top_k}.*smallest host budget that works "
                                           rf"is {top_k * plan.slot_bytes} bytes"):
-        moerun.load(ckpt, device="cpu", max_context=64, host_budget=plan.slot_bytes, progress=False)
+        moerun.load(ckpt, policy=POLICY, device="cpu", max_context=64, host_budget=plan.slot_bytes, progress=False)
     with pytest.raises(BudgetError, match="policy's host capacity 1"):
-        moerun.load(ckpt, policy="policy p { host { capacity = 1 } }", device="cpu", max_context=64,
+        moerun.load(ckpt, policy="policy p { cache { eviction = lru } host { capacity = 1 } }", device="cpu", max_context=64,
                     progress=False)
     with pytest.raises(ValueError, match="host_budget"):
-        moerun.load(ckpt, device="cpu", max_context=64, host_budget="lots", progress=False)
+        moerun.load(ckpt, policy=POLICY, device="cpu", max_context=64, host_budget="lots", progress=False)
