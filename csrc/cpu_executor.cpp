@@ -9,7 +9,7 @@
 namespace moerun {
 namespace {
 constexpr int64_t kGateRowsPerTask = 32;  // rows of gate (and as many of up) per phase-1 task
-constexpr int64_t kDownRowsPerTask = 64;  // output columns per phase-2 task
+constexpr int64_t kDownRowsPerTask = 32;  // output columns per phase-2 task (H / 32 tasks keep 15+ threads busy)
 // Tokens per kernel call: one call streams its weight rows once for all of them (AMX tiles take 16).
 constexpr int64_t kTokenTile = 16;
 }  // namespace
@@ -94,7 +94,36 @@ void CpuExecutor::start_round() {
   const int64_t wb = dtype_bytes(wd);
   const CpuIsa isa = isa_;
   float* out = out_;
+  // bf16 weights on AVX-512-BF16 / AMX read bf16 activations (and AMX VNNI tiles): made once per token
+  // tile here and in phase 1, not once per kernel call.
+  const bool round = wd == DType::BF16 && (isa == CpuIsa::Avx512Bf16 || isa == CpuIsa::AmxBf16);
+  const bool vnni = wd == DType::BF16 && isa == CpuIsa::AmxBf16 && H % 32 == 0 && I % 32 == 0;  // AMX tiles fit
+  const int64_t rows = static_cast<int64_t>(row_token_.size());
+  xb_.resize(round ? static_cast<size_t>(rows * H) : 0);
+  hb_.resize(round ? static_cast<size_t>(rows * I) : 0);
+  xv_.resize(vnni ? static_cast<size_t>(rows * H) : 0);
+  hv_.resize(vnni ? static_cast<size_t>(rows * I) : 0);
+  tiles_.clear();  // (job, first token) of every token tile of this round
+  for (size_t j = j0; j < j1; ++j)
+    for (int64_t t0 = 0; t0 < jobs_[j].num_tokens; t0 += kTokenTile) tiles_.push_back({j, t0});
+  auto acts = [=](const std::vector<float>& f, const std::vector<uint16_t>& b, const std::vector<uint16_t>& v,
+                  int64_t row, int64_t ld) {
+    return Acts{f.data() + row * ld, ld, round ? b.data() + row * ld : nullptr, vnni ? v.data() + row * ld : nullptr};
+  };
   std::vector<ThreadPool::Phase> phases;
+  if (round)  // Phase 0: this round's token rows rounded to bf16 (and packed for AMX), one tile per task.
+    phases.push_back({static_cast<int64_t>(tiles_.size()), [=](int64_t task) {
+                        const Job& j = jobs_[tiles_[static_cast<size_t>(task)].first];
+                        const int64_t t0 = tiles_[static_cast<size_t>(task)].second;
+                        const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
+                        const int64_t base = (j.first_row + t0) * H;
+                        for (int64_t t = 0; t < tn; ++t)
+                          for (int64_t c = 0; c < H; ++c) {
+                            const uint16_t v = f32_to_bf16(xg_[base + t * H + c]);
+                            xb_[base + t * H + c] = v;
+                            if (vnni) xv_[base + vnni_index(c, t, tn)] = v;
+                          }
+                      }});
   // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
   phases.push_back({static_cast<int64_t>(j1 - j0) * gate_blocks, [=](int64_t task) {
                       const Job& j = jobs_[j0 + static_cast<size_t>(task / gate_blocks)];
@@ -105,13 +134,17 @@ void CpuExecutor::start_round() {
                       const char* w = static_cast<const char*>(j.weights);
                       for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                         const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
-                        const float* xr = xg_.data() + (j.first_row + t0) * H;
-                        matmul_rows(isa, w, wd, H, i0, i1, xr, tn, H, g, n);
-                        matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, H, u, n);
+                        const Acts xr = acts(xg_, xb_, xv_, j.first_row + t0, H);
+                        matmul_rows(isa, w, wd, H, i0, i1, xr, tn, g, n);
+                        matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, u, n);
+                        const int64_t base = (j.first_row + t0) * I;
                         for (int64_t t = 0; t < tn; ++t)
                           for (int64_t i = 0; i < n; ++i) {
                             const float gv = g[t * n + i];
-                            h_[(j.first_row + t0 + t) * I + i0 + i] = gv / (1.f + std::exp(-gv)) * u[t * n + i];
+                            const float hv = gv / (1.f + std::exp(-gv)) * u[t * n + i];
+                            h_[base + t * I + i0 + i] = hv;
+                            if (round) hb_[base + t * I + i0 + i] = f32_to_bf16(hv);
+                            if (vnni) hv_[base + vnni_index(i0 + i, t, tn)] = f32_to_bf16(hv);
                           }
                       }
                     }});
@@ -126,7 +159,7 @@ void CpuExecutor::start_round() {
                         const char* down = static_cast<const char*>(j.weights) + 2 * I * H * wb;
                         for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                           const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
-                          matmul_rows(isa, down, wd, I, c0, c1, h_.data() + (j.first_row + t0) * I, tn, I, y, n);
+                          matmul_rows(isa, down, wd, I, c0, c1, acts(h_, hb_, hv_, j.first_row + t0, I), tn, y, n);
                           for (int64_t t = 0; t < tn; ++t) {
                             const int64_t row = j.first_row + t0 + t;
                             float* o = out + row_token_[row] * H + c0;

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -54,6 +55,9 @@ class CpuExecutor {
   size_t round_size_ = 0;         // experts per round (the pool's capacity)
   std::vector<float> xg_;         // [rows, H]  gathered token activations, fp32
   std::vector<float> h_;          // [rows, I]  silu(gate) * up
+  std::vector<uint16_t> xb_, hb_;  // the same rounded to bf16 (bf16 weights on AVX-512-BF16 / AMX)
+  std::vector<uint16_t> xv_, hv_;  // and in VNNI order per token tile (AMX)
+  std::vector<std::pair<size_t, int64_t>> tiles_;  // (job, first token) of the running round's token tiles
   std::vector<int64_t> row_token_;  // [rows] token index of each gathered row
   std::vector<float> row_weight_;   // [rows] gate weight of each gathered row
   float* out_ = nullptr;

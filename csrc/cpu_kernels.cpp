@@ -250,43 +250,54 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void rows_amx(const uint16_
 #endif
 
 template <int T>
-void rows_dispatch(CpuIsa isa, const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1, const float* X,
-                   int64_t ldx, float* Y, int64_t ldy) {
+void rows_dispatch(CpuIsa isa, const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
+                   float* Y, int64_t ldy) {
 #ifdef MOERUN_X86
   if (isa == CpuIsa::Avx512Bf16 && wd == DType::BF16) {
-    // Round this tile's activations to bf16 once per call (a call covers many rows).
-    thread_local std::vector<uint16_t> xb;
-    xb.resize(static_cast<size_t>(T * cols));
-    for (int t = 0; t < T; ++t)
-      for (int64_t c = 0; c < cols; ++c) xb[t * cols + c] = f32_to_bf16(X[t * ldx + c]);
-    rows_avx512_bf16<T>(static_cast<const uint16_t*>(W), cols, r0, r1, xb.data(), cols, X, ldx, Y, ldy);
+    const uint16_t* xb = x.bf16;
+    int64_t ldxb = x.ld;
+    if (xb == nullptr) {  // no rounded copy from the caller: round this tile once for the call's rows
+      thread_local std::vector<uint16_t> own;
+      own.resize(static_cast<size_t>(T * cols));
+      for (int t = 0; t < T; ++t)
+        for (int64_t c = 0; c < cols; ++c) own[t * cols + c] = f32_to_bf16(x.f32[t * x.ld + c]);
+      xb = own.data();
+      ldxb = cols;
+    }
+    rows_avx512_bf16<T>(static_cast<const uint16_t*>(W), cols, r0, r1, xb, ldxb, x.f32, x.ld, Y, ldy);
     return;
   }
-  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Avx512Bf16) return rows_avx512<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
-  if (isa == CpuIsa::Avx2) return rows_avx2<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Avx512Bf16) return rows_avx512<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
+  if (isa == CpuIsa::Avx2) return rows_avx2<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
 #endif
   (void)isa;
-  rows_scalar<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+  rows_scalar<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
 }
 
 }  // namespace
 
-void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const float* X,
-                 int64_t T, int64_t ldx, float* Y, int64_t ldy) {
+void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
+                 int64_t T, float* Y, int64_t ldy) {
   if (isa == CpuIsa::AmxBf16) {
 #ifdef MOERUN_AMX
     const int64_t tiled = (r1 - r0) / 16 * 16;
     if (w_dtype == DType::BF16 && T >= kAmxMinTokens && cols % 32 == 0 && tiled > 0) {
-      thread_local std::vector<uint16_t> xv;
       for (int64_t t0 = 0; t0 < T; t0 += 16) {
         const int n = static_cast<int>(T - t0 < 16 ? T - t0 : 16);
-        xv.resize(static_cast<size_t>(cols * n));
-        for (int t = 0; t < n; ++t)
-          for (int64_t c = 0; c < cols; ++c) xv[(c / 2) * 2 * n + 2 * t + (c % 2)] = f32_to_bf16(X[(t0 + t) * ldx + c]);
-        rows_amx(static_cast<const uint16_t*>(W), cols, r0, r0 + tiled, xv.data(), n, Y + t0 * ldy, ldy);
+        const uint16_t* xv = T <= 16 ? x.vnni : nullptr;
+        if (xv == nullptr) {  // no VNNI tile from the caller: pack this one for the call
+          thread_local std::vector<uint16_t> own;
+          own.resize(static_cast<size_t>(cols * n));
+          for (int t = 0; t < n; ++t)
+            for (int64_t c = 0; c < cols; ++c)
+              own[vnni_index(c, t, n)] = x.bf16 != nullptr ? x.bf16[(t0 + t) * x.ld + c]
+                                                           : f32_to_bf16(x.f32[(t0 + t) * x.ld + c]);
+          xv = own.data();
+        }
+        rows_amx(static_cast<const uint16_t*>(W), cols, r0, r0 + tiled, xv, n, Y + t0 * ldy, ldy);
       }
       if (r0 + tiled < r1)  // rows past the last whole tile
-        matmul_rows(CpuIsa::Avx512Bf16, W, w_dtype, cols, r0 + tiled, r1, X, T, ldx, Y + tiled, ldy);
+        matmul_rows(CpuIsa::Avx512Bf16, W, w_dtype, cols, r0 + tiled, r1, x, T, Y + tiled, ldy);
       return;
     }
 #endif
@@ -294,13 +305,13 @@ void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t
   }
   // Tiles of up to 4 tokens share each weight load (the weights, not the tokens, are the traffic).
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
-    const float* x = X + t0 * ldx;
+    const Acts xt{x.f32 + t0 * x.ld, x.ld, x.bf16 != nullptr ? x.bf16 + t0 * x.ld : nullptr, nullptr};
     float* y = Y + t0 * ldy;
     switch (static_cast<int>(T - t0 < 4 ? T - t0 : 4)) {
-      case 1: rows_dispatch<1>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
-      case 2: rows_dispatch<2>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
-      case 3: rows_dispatch<3>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
-      default: rows_dispatch<4>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
+      case 1: rows_dispatch<1>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+      case 2: rows_dispatch<2>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+      case 3: rows_dispatch<3>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+      default: rows_dispatch<4>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
     }
   }
 }

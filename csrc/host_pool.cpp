@@ -140,6 +140,7 @@ HostPool::~HostPool() {
     io_stop_ = true;
   }
   io_cv_.notify_all();
+  cv_.notify_all();  // a background read waiting for a slot gives up
   for (auto& t : io_threads_) t.join();
   free_chunks();
 }
@@ -316,6 +317,7 @@ const void* HostPool::acquire(int64_t layer, int64_t expert) {
     // Every slot holds an expert in use (copies in flight, a CPU job): wait for a release.
     tier_->unhold(static_cast<int>(key));
     ++stats_.slot_waits;
+    if (io_stop_) throw std::runtime_error("host pool is shutting down");
     if (cv_.wait_until(lock, deadline) == std::cv_status::timeout)
       throw std::runtime_error("host cache: no slot for (layer " + std::to_string(layer) + ", expert " +
                                std::to_string(expert) + ") after " + std::to_string(wait_timeout_s_) +

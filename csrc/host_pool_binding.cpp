@@ -18,7 +18,7 @@ at::Tensor expert_view(const std::shared_ptr<HostPool>& pool, int64_t layer, int
 at::Tensor checked_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* name) {
   if (t.dim() != 2 || t.size(0) != rows || t.size(1) != cols)
     throw std::invalid_argument(std::string("write_expert: ") + name + " must have shape [" + std::to_string(rows) +
-                                ", " + std::to_string(cols) + "], got " + c10::str(t.sizes()));
+                                ", " + std::to_string(cols) + "], got " + shape_str(t.sizes()));
   return t.detach().to(at::kCPU).contiguous();
 }
 

@@ -31,3 +31,17 @@ def test_lru_host_hit_rate_grows_with_capacity_and_policy_block_sets_it():
     assert rates == sorted(rates) and rates[0] < rates[-1]  # LRU: a larger cache holds a superset
     from_block = replay(t, _policy(HostConfig(capacity=16, eviction="lfu")))["host"]
     assert from_block["capacity"] == 16 and 0.0 <= from_block["hit_rate"] <= 1.0
+
+
+def test_replay_command_prints_the_host_tier(tmp_path, capsys):
+    from moerun.cli import main
+
+    out = tmp_path / "w.npz"
+    assert main(["trace", "synth", "zipf", str(out), "--tokens", "60", "--layers", "2", "--experts", "8",
+                 "--top-k", "2"]) == 0
+    capsys.readouterr()
+    policy = "policy p { cache { capacity = 4  eviction = lru } }"
+    assert main(["trace", "replay", str(out), "--policy", policy, "--host-capacity", "6"]) == 0
+    assert "host tier    hit rate" in capsys.readouterr().out
+    assert main(["trace", "replay", str(out), "--policy", policy]) == 0
+    assert "host tier" not in capsys.readouterr().out
