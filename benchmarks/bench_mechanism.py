@@ -303,6 +303,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run on any machine)")
+    ap.add_argument("--sections", help="comma-separated subset of cpu,host_tier,fetch,overlap,memory (default: all)")
     ap.add_argument("--tmp", help="directory for the host-tier benchmark's safetensors file (default: system tmp)")
     args = ap.parse_args()
     faulthandler.enable()
@@ -322,6 +323,8 @@ def main() -> None:
         sections["fetch"] = lambda: [bench_fetch(pool, n, repeat) for n in (1, 4, 8)]
         sections["overlap"] = lambda: bench_overlap(pool, CpuExecutor(), repeat)
         sections["memory"] = lambda: bench_memory(pool, CpuExecutor(), 100 if args.small else 1000)
+    if args.sections:
+        sections = {k: v for k, v in sections.items() if k in args.sections.split(",")}
     for name, run in sections.items():
         results[name] = run()
         print(name, json.dumps(results[name]), flush=True)  # progress, in case a later section fails
