@@ -46,8 +46,7 @@ void pread_all(int fd, void* dst, int64_t n, int64_t offset, const std::string& 
 
 ExpertFiles::ExpertFiles(int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size,
                          DType dtype)
-    : num_layers_(num_layers), num_experts_(num_experts), hidden_(hidden_size), inter_(inter_size), dtype_(dtype),
-      parts_(static_cast<size_t>(num_layers * num_experts * 3)) {}
+    : num_layers_(num_layers), num_experts_(num_experts), hidden_(hidden_size), inter_(inter_size), dtype_(dtype) {}
 
 ExpertFiles::~ExpertFiles() {
   for (auto& kv : fds_) ::close(kv.second);
@@ -85,11 +84,12 @@ void ExpertFiles::add(const std::vector<ExpertSource>& sources) {
                           Part{s.file[p], e->offset_bytes, e->size_bytes, dt});
     }
   }
+  if (parts_.empty()) parts_.resize(static_cast<size_t>(num_layers_ * num_experts_ * 3));  // on first use
   for (auto& kv : staged) parts_[kv.first] = std::move(kv.second);
 }
 
 bool ExpertFiles::has(int64_t layer, int64_t expert) const {
-  return parts_[static_cast<size_t>((layer * num_experts_ + expert) * 3)].bytes > 0;
+  return !parts_.empty() && parts_[static_cast<size_t>((layer * num_experts_ + expert) * 3)].bytes > 0;
 }
 
 int ExpertFiles::fd(const std::string& path) {

@@ -47,7 +47,7 @@ class ExpertFiles {
 
   int64_t num_layers_, num_experts_, hidden_, inter_;
   DType dtype_;
-  std::vector<Part> parts_;  // [L * E * 3]; bytes == 0 until added
+  std::vector<Part> parts_;  // [L * E * 3], allocated by the first add(); bytes == 0 until added
   std::unordered_map<std::string, SafetensorsHeader> headers_;
   std::mutex fd_mu_;
   std::unordered_map<std::string, int> fds_;

@@ -6,7 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 
 #include "cuda_check.h"
@@ -17,11 +17,12 @@ namespace {
 
 constexpr int kIoThreads = 2;  // background readers: a couple of reads in flight keep an NVMe queue busy
 
+// snprintf, not an ostringstream: on the GPU machine (extension built by /opt/gcc's g++, torch by another
+// compiler) the first ostringstream the extension built, in an error message, crashed the process.
 std::string gib(int64_t bytes) {
-  std::ostringstream os;
-  os.precision(3);
-  os << static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0) << " GiB";
-  return os.str();
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3g GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
+  return buf;
 }
 
 int64_t available_host_bytes() {
@@ -79,6 +80,13 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
                                 std::to_string(tier.capacity));
   cached_ = tier.capacity > 0 && tier.capacity < n;
   num_slots_ = cached_ ? tier.capacity : n;
+  // Before anything large is allocated (pool chunks, per-expert tables).
+  const int64_t avail = available_host_bytes();
+  if (avail > 0 && total_bytes() > avail)
+    throw std::runtime_error("the expert pool needs " + gib(total_bytes()) + " of host memory (" +
+                             std::to_string(num_slots_) + " experts x " + std::to_string(slot_bytes()) +
+                             " bytes) but only " + gib(avail) + " is available; set a host budget (host_budget) below " +
+                             gib(avail) + " (the pool then caches experts in front of the files) or free host memory");
   if (cached_) {
     if (!(tier.wait_timeout_s > 0)) throw std::invalid_argument("HostPool wait_timeout_s must be positive");
     tier_ = std::make_unique<policy::Engine>(host_tier_config(num_layers, num_experts, slot_bytes(), tier));
@@ -92,12 +100,6 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
 #endif
   experts_per_chunk_ = std::max<int64_t>(1, std::min<int64_t>(num_slots_, chunk_bytes / slot_bytes()));
   const int64_t total = total_bytes();
-  const int64_t avail = available_host_bytes();
-  if (avail > 0 && total > avail)
-    throw std::runtime_error("the expert pool needs " + gib(total) + " of host memory (" + std::to_string(num_slots_) +
-                             " experts x " + std::to_string(slot_bytes()) + " bytes) but only " + gib(avail) +
-                             " is available; set a host budget (host_budget) below " + gib(avail) +
-                             " (the pool then caches experts in front of the files) or free host memory");
   const int64_t num_chunks = (num_slots_ + experts_per_chunk_ - 1) / experts_per_chunk_;
   int64_t done_bytes = 0;
   for (int64_t c = 0; c < num_chunks; ++c) {
