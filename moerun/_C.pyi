@@ -78,5 +78,5 @@ class CpuExecutor:
                experts: Sequence[int], out: torch.Tensor) -> None: ...
     def wait(self) -> None: ...
     busy: bool
-    isa: str
+    isa: str  # scalar | avx2 | avx512 | avx512_bf16 | amx_bf16 (chosen at run time)
     num_threads: int

@@ -31,13 +31,17 @@ def _plan(ckpt):
     return moerun.memory_plan(ckpt, vram_budget=1 << 40, device="cpu", max_context=64)
 
 
-@pytest.mark.parametrize("mode", ["gpu_only", "cpu_fallback"])
-def test_greedy_matches_transformers_with_the_host_cache_reading_from_disk(ckpt, reference, mode):
+@pytest.mark.parametrize("mode,prefetch", [("gpu_only", "none"), ("cpu_fallback", "none"), ("gpu_only", "affinity")])
+def test_greedy_matches_transformers_with_the_host_cache_reading_from_disk(ckpt, reference, mode, prefetch):
     top_k = synthetic_config(ARCH).num_experts_per_tok
     plan = _plan(ckpt)
-    # Arena and host cache both hold one layer's top-k: every step misses in both tiers.
-    model = moerun.load(ckpt, policy=f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}", device="cpu",
-                        max_context=64, vram_budget=plan.fixed_bytes + top_k * plan.slot_bytes,
+    # The host cache holds one layer's top-k and the arena two (room for prefetches): both tiers miss
+    # every step.
+    # Prefetches read their host misses on the pool's I/O threads and copy once the bytes are there.
+    policy = (f"policy p {{ cache {{ eviction = lru }} prefetch {{ strategy = {prefetch}  budget = 2 }} "
+              f"schedule {{ mode = {mode} }} }}")
+    model = moerun.load(ckpt, policy=policy, device="cpu",
+                        max_context=64, vram_budget=plan.fixed_bytes + 2 * top_k * plan.slot_bytes,
                         host_budget=top_k * plan.slot_bytes + 1, progress=False)
     host_mem = model.moerun.memory()["host"]
     assert host_mem["capacity"] == top_k and host_mem["experts"] == 2 * 8
@@ -51,6 +55,8 @@ def test_greedy_matches_transformers_with_the_host_cache_reading_from_disk(ckpt,
     assert host["misses"] >= NEW_TOKENS and host["disk_bytes"] > 0 and host["evictions"] > 0
     if mode == "cpu_fallback":
         assert model.moerun.stats()["cpu_experts"] > 0
+    if prefetch != "none":
+        assert model.moerun.stats()["engine"]["prefetches"] > 0
 
 
 def test_policy_host_capacity_and_host_budget_the_smaller_wins(ckpt):
