@@ -48,7 +48,8 @@ def _sweep(args) -> int:
     from moerun.trace.sweep import format_rows, sweep, write_outputs
 
     trace = read_trace(args.trace)
-    rows = sweep(trace, [_compile(p) for p in args.policies], args.capacities, with_belady=not args.no_belady)
+    rows = sweep(trace, [_compile(p) for p in args.policies], args.capacities, with_belady=not args.no_belady,
+                 host_capacity=args.host_capacity)
     print(format_rows(rows))
     write_outputs(rows, args.json, args.plot, title=f"{trace.model}")
     return 0
@@ -108,6 +109,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write hit rate vs capacity to this PNG")
     p.add_argument("--no-belady", action="store_true")
+    p.add_argument("--host-capacity", type=int, default=None,
+                   help="experts in host memory: adds each row's host-tier hit rate")
     p.set_defaults(func=_guard(_sweep))
 
     p = sub.add_parser("stats", help="per-layer entropy, skew, reuse distance, next-layer predictability")

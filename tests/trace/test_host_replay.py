@@ -1,6 +1,8 @@
 """Trace replay with the host tier behind the GPU tier: host hit rate for a host capacity."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from moerun.policy.config import CacheConfig, CompiledPolicy, HostConfig
@@ -45,3 +47,17 @@ def test_replay_command_prints_the_host_tier(tmp_path, capsys):
     assert "host tier    hit rate" in capsys.readouterr().out
     assert main(["trace", "replay", str(out), "--policy", policy]) == 0
     assert "host tier" not in capsys.readouterr().out
+
+
+def test_sweep_rows_carry_the_host_hit_rate(tmp_path, capsys):
+    from moerun.cli import main
+
+    out = tmp_path / "w.npz"
+    assert main(["trace", "synth", "zipf", str(out), "--tokens", "60", "--layers", "2", "--experts", "8",
+                 "--top-k", "2"]) == 0
+    rows_json = tmp_path / "rows.json"
+    assert main(["trace", "sweep", str(out), "--policies", "policy p { cache { eviction = lru } }",
+                 "--capacities", "2", "4", "--host-capacity", "6", "--json", str(rows_json)]) == 0
+    assert "host hit" in capsys.readouterr().out
+    rows = json.loads(rows_json.read_text())
+    assert all(0.0 <= r["host_hit_rate"] <= 1.0 for r in rows) and len(rows) == 4  # lru + belady, 2 capacities
