@@ -1,4 +1,5 @@
-"""Microbenchmarks of the native mechanism (moerun._C): fetch throughput, CPU executor, overlap, memory.
+"""Microbenchmarks of the native mechanism (moerun._C): fetch throughput, CPU executor (per ISA),
+host tier (the pool as a cache in front of the files), overlap, memory.
 
     python benchmarks/bench_mechanism.py [--json out.json] [--small]
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -86,13 +89,14 @@ def bench_fetch(pool: HostPool, in_flight: int, rounds: int) -> dict:
     }
 
 
-def bench_cpu(pool: HostPool, executor: CpuExecutor, experts: int, repeat: int) -> dict:
-    """One token through `experts` experts: native executor vs torch bf16 on the same weights."""
+def bench_cpu(pool: HostPool, executor: CpuExecutor, experts: int, tokens: int, repeat: int) -> dict:
+    """`tokens` tokens through `experts` experts: native executor vs torch on the same weights, same threads."""
     H, I = pool.hidden_size, pool.inter_size
-    x = torch.randn(1, H).to(pool.dtype)
-    ids = torch.arange(experts, dtype=torch.int32).view(1, experts)
-    w = torch.full((1, experts), 1.0 / experts)
-    out = torch.empty(1, H)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g).to(pool.dtype)
+    ids = torch.arange(experts, dtype=torch.int32).repeat(tokens, 1)  # [T, experts]: every token, every expert
+    w = torch.full((tokens, experts), 1.0 / experts)
+    out = torch.empty(tokens, H)
     run = lambda: (executor.submit(pool, 0, x, ids, w, list(range(experts)), out), executor.wait())  # noqa: E731
     run()
     native_us = median_us(run, repeat)
@@ -100,16 +104,18 @@ def bench_cpu(pool: HostPool, executor: CpuExecutor, experts: int, repeat: int) 
     mats = [(v[: 2 * I * H].view(2 * I, H), v[2 * I * H: 3 * I * H].view(H, I)) for v in views]
 
     def torch_run():
-        y = torch.zeros(1, H, dtype=pool.dtype)
+        y = torch.zeros(tokens, H, dtype=pool.dtype)
         for gate_up, down in mats:
-            gu = F.linear(x, gate_up)  # [1, 2I]
+            gu = F.linear(x, gate_up)  # [T, 2I]
             y += F.linear(F.silu(gu[:, :I]) * gu[:, I:], down)
         return y
 
     torch_run()
     torch_us = median_us(torch_run, repeat)
+    time.sleep(0.2)  # let torch's OpenMP workers stop spinning before the next native run
     weight_bytes = experts * 3 * H * I * torch.finfo(pool.dtype).bits // 8
     return {
+        "tokens": tokens,
         "experts": experts,
         "isa": executor.isa,
         "threads": executor.num_threads,
@@ -119,6 +125,97 @@ def bench_cpu(pool: HostPool, executor: CpuExecutor, experts: int, repeat: int) 
         "torch_GBps": round(weight_bytes / torch_us / 1e3, 1),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def bench_cpu_isas(pool: HostPool, repeat: int) -> list[dict]:
+    """T = 1, 4, 16 tokens x 1, 2, 4 experts for the best ISA and, where AMX is the best, AVX-512-BF16 too.
+
+    torch gets the executor's thread count, so neither side runs with more threads than cores it may use.
+    """
+    best = CpuExecutor(1).isa
+    isas = ["avx512_bf16", "amx_bf16"] if best == "amx_bf16" else [best]
+    rows = []
+    for isa in isas:
+        os.environ["MOERUN_CPU_ISA"] = isa
+        executor = CpuExecutor()
+        torch.set_num_threads(executor.num_threads)
+        rows += [bench_cpu(pool, executor, e, t, repeat) for t in (1, 4, 16) for e in (1, 2, 4)]
+        del executor
+    os.environ.pop("MOERUN_CPU_ISA", None)
+    return rows
+
+
+def bench_host_tier(hidden: int, inter: int, dtype: torch.dtype, experts: int, capacity: int, repeat: int,
+                    tmp: str) -> dict:
+    """The host pool as a cache in front of a safetensors file: one expert read from disk (cold: dropped
+    from the page cache; warm: in it), a host hit, and demand fetches to the GPU that miss / hit in host."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for e in range(experts):
+        for name, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            tensors[f"e{e}.{name}"] = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    path = os.path.join(tmp, "experts.safetensors")
+    save_file(tensors, path)
+    del tensors
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+
+    def drop_page_cache():
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    sources = [(0, e, *((path, f"e{e}.{n}") for n in ("gate", "up", "down"))) for e in range(experts)]
+    pool = HostPool(1, experts, hidden, inter, dtype, capacity=capacity)
+    pool.fill(sources)
+    expert_bytes = 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    order = iter(range(10**9))
+
+    def miss():  # a new expert each time: with capacity < experts the LRU victim leaves
+        e = next(order) % experts
+        pool.acquire(0, e)
+        pool.release(0, e)
+
+    drop_page_cache()
+    cold = []
+    for _ in range(min(repeat, experts)):
+        drop_page_cache()
+        t0 = time.perf_counter()
+        miss()
+        cold.append((time.perf_counter() - t0) * 1e6)
+    for _ in range(experts):  # every expert once more, now into the page cache (the cold reads dropped it)
+        miss()
+    warm_us = median_us(miss, repeat)
+    pool.acquire(0, 0)
+    pool.release(0, 0)
+    hit_us = median_us(lambda: (pool.acquire(0, 0), pool.release(0, 0)), repeat)
+    out = {
+        "experts": experts, "capacity": capacity, "expert_MB": round(expert_bytes / 1e6, 1),
+        "cold_read_us": round(statistics.median(cold), 1),
+        "cold_read_GBps": round(expert_bytes / statistics.median(cold) / 1e3, 2),
+        "page_cache_read_us": round(warm_us, 1),
+        "page_cache_read_GBps": round(expert_bytes / warm_us / 1e3, 2),
+        "host_hit_us": round(hit_us, 1),
+    }
+    if torch.cuda.is_available() and build_info()["cuda"]:
+        dev = torch.device("cuda")
+        arena = ExpertArena(1, pool.slot_elems, pool.dtype, dev, 1, experts)
+        xfer = TransferEngine(arena, pool)
+
+        def fetch(e):
+            xfer.fetch(0, e, 0)
+            xfer.wait_slots([0])
+            xfer.release_slots([0])
+            torch.cuda.current_stream().synchronize()
+
+        out["fetch_host_miss_us"] = round(median_us(lambda: fetch(next(order) % experts), repeat), 1)
+        fetch(0)
+        out["fetch_host_hit_us"] = round(median_us(lambda: fetch(0), repeat), 1)
+        xfer.synchronize()
+    out["stats"] = pool.stats()
+    os.close(fd)
+    os.remove(path)
+    return out
 
 
 def bench_overlap(pool: HostPool, executor: CpuExecutor, repeat: int) -> dict:
@@ -206,6 +303,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run on any machine)")
+    ap.add_argument("--sections", help="comma-separated subset of cpu,host_tier,fetch,overlap,memory (default: all)")
+    ap.add_argument("--tmp", help="directory for the host-tier benchmark's safetensors file (default: system tmp)")
     args = ap.parse_args()
     faulthandler.enable()
     hidden, inter, experts, repeat = (256, 128, 8, 5) if args.small else (2048, 1408, 32, 30)
@@ -216,12 +315,16 @@ def main() -> None:
     t0 = time.perf_counter()
     pool = make_pool(experts, hidden, inter, dtype)
     results["pool_build_s"] = round(time.perf_counter() - t0, 2)
-    executor = CpuExecutor()
-    sections = {"cpu": lambda: [bench_cpu(pool, executor, n, repeat) for n in (1, 2, 4)]}
+    sections = {"cpu": lambda: bench_cpu_isas(pool, repeat),
+                "host_tier": lambda: bench_host_tier(hidden, inter, dtype, experts, experts // 4, repeat,
+                                                     args.tmp or tempfile.gettempdir())}
     if torch.cuda.is_available() and build_info()["cuda"]:
+        # One executor at a time: idle workers of another would compete for the same cores.
         sections["fetch"] = lambda: [bench_fetch(pool, n, repeat) for n in (1, 4, 8)]
-        sections["overlap"] = lambda: bench_overlap(pool, executor, repeat)
-        sections["memory"] = lambda: bench_memory(pool, executor, 100 if args.small else 1000)
+        sections["overlap"] = lambda: bench_overlap(pool, CpuExecutor(), repeat)
+        sections["memory"] = lambda: bench_memory(pool, CpuExecutor(), 100 if args.small else 1000)
+    if args.sections:
+        sections = {k: v for k, v in sections.items() if k in args.sections.split(",")}
     for name, run in sections.items():
         results[name] = run()
         print(name, json.dumps(results[name]), flush=True)  # progress, in case a later section fails

@@ -22,6 +22,15 @@ inline DType to_dtype(at::ScalarType t, const char* what) {
   }
 }
 
+// "[2, 65]": tensor sizes for error messages, from std::to_string alone. On the GPU machine (extension
+// built by /opt/gcc's g++, torch by another compiler) the first CpuExecutor error message built with
+// c10::str(sizes), which hands an ostringstream to libc10, was where the test process crashed.
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
 inline at::ScalarType to_torch(DType d) {
   switch (d) {
     case DType::F32: return at::kFloat;

@@ -9,7 +9,9 @@
 namespace moerun {
 namespace {
 constexpr int64_t kGateRowsPerTask = 32;  // rows of gate (and as many of up) per phase-1 task
-constexpr int64_t kDownRowsPerTask = 64;  // output columns per phase-2 task
+constexpr int64_t kDownRowsPerTask = 32;  // output columns per phase-2 task (H / 32 tasks keep 15+ threads busy)
+// Tokens per kernel call: one call streams its weight rows once for all of them (AMX tiles take 16).
+constexpr int64_t kTokenTile = 16;
 }  // namespace
 
 // The default leaves one physical core to the thread that drives the GPU: it must keep launching
@@ -27,12 +29,16 @@ CpuExecutor::~CpuExecutor() {
   }
 }
 
-void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
+void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
                          const int64_t* topk_ids, const float* topk_weights, int64_t K,
                          const std::vector<int64_t>& experts, float* out, std::shared_ptr<void> keep_alive) {
-  if (busy()) throw std::runtime_error("CpuExecutor.submit: the previous job is still running; call wait() first");
+  if (busy() || next_job_ < jobs_.size())
+    throw std::runtime_error("CpuExecutor.submit: the previous job is still running; call wait() first");
+  release_held();  // a finished job nobody waited for
+  if (layer < 0 || layer >= pool.num_layers())
+    throw std::out_of_range("CpuExecutor: layer " + std::to_string(layer) + " is outside [0, " +
+                            std::to_string(pool.num_layers()) + ")");
   const int64_t H = pool.hidden_size(), I = pool.inter_size();
-  const DType wd = pool.dtype();
   // Gather each expert's tokens into contiguous fp32 rows (the caller's x may be freed after return).
   jobs_.clear();
   row_token_.clear();
@@ -49,7 +55,7 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
           row_weight_.push_back(topk_weights[t * K + k]);
         }
     const int64_t n = static_cast<int64_t>(row_token_.size()) - first;
-    if (n > 0) jobs_.push_back({pool.expert_ptr(layer, e), first, n});
+    if (n > 0) jobs_.push_back({e, nullptr, first, n});
   }
   const int64_t rows = static_cast<int64_t>(row_token_.size());
   xg_.resize(static_cast<size_t>(rows * H));
@@ -59,31 +65,86 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
     for (int64_t c = 0; c < H; ++c) xg_[r * H + c] = load_as_f32(x, t * H + c, x_dtype);
   }
   std::memset(out, 0, static_cast<size_t>(T * H) * sizeof(float));
+  out_ = out;
   keep_alive_ = std::move(keep_alive);
-  if (jobs_.empty()) return;
+  host_ = &pool;
+  layer_ = layer;
+  next_job_ = 0;
+  round_size_ = static_cast<size_t>(pool.capacity());
+  if (!jobs_.empty()) start_round();
+}
 
+void CpuExecutor::start_round() {
+  const size_t j0 = next_job_, j1 = std::min(jobs_.size(), j0 + round_size_);
+  next_job_ = j1;
+  try {
+    for (size_t j = j0; j < j1; ++j) {
+      jobs_[j].weights = host_->acquire(layer_, jobs_[j].expert);
+      held_.push_back(jobs_[j].expert);
+    }
+  } catch (...) {
+    next_job_ = jobs_.size();
+    release_held();
+    throw;
+  }
+  const int64_t H = host_->hidden_size(), I = host_->inter_size();
+  const DType wd = host_->dtype();
   const int64_t gate_blocks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
   const int64_t down_blocks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
   const int64_t wb = dtype_bytes(wd);
   const CpuIsa isa = isa_;
+  float* out = out_;
+  // bf16 weights on AVX-512-BF16 / AMX read bf16 activations (and AMX VNNI tiles): made once per token
+  // tile here and in phase 1, not once per kernel call.
+  const bool round = wd == DType::BF16 && (isa == CpuIsa::Avx512Bf16 || isa == CpuIsa::AmxBf16);
+  const bool vnni = wd == DType::BF16 && isa == CpuIsa::AmxBf16 && H % 32 == 0 && I % 32 == 0;  // AMX tiles fit
+  const int64_t rows = static_cast<int64_t>(row_token_.size());
+  xb_.resize(round ? static_cast<size_t>(rows * H) : 0);
+  hb_.resize(round ? static_cast<size_t>(rows * I) : 0);
+  xv_.resize(vnni ? static_cast<size_t>(rows * H) : 0);
+  hv_.resize(vnni ? static_cast<size_t>(rows * I) : 0);
+  tiles_.clear();  // (job, first token) of every token tile of this round
+  for (size_t j = j0; j < j1; ++j)
+    for (int64_t t0 = 0; t0 < jobs_[j].num_tokens; t0 += kTokenTile) tiles_.push_back({j, t0});
+  auto acts = [=](const std::vector<float>& f, const std::vector<uint16_t>& b, const std::vector<uint16_t>& v,
+                  int64_t row, int64_t ld) {
+    return Acts{f.data() + row * ld, ld, round ? b.data() + row * ld : nullptr, vnni ? v.data() + row * ld : nullptr};
+  };
   std::vector<ThreadPool::Phase> phases;
+  if (round)  // Phase 0: this round's token rows rounded to bf16 (and packed for AMX), one tile per task.
+    phases.push_back({static_cast<int64_t>(tiles_.size()), [=](int64_t task) {
+                        const Job& j = jobs_[tiles_[static_cast<size_t>(task)].first];
+                        const int64_t t0 = tiles_[static_cast<size_t>(task)].second;
+                        const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
+                        const int64_t base = (j.first_row + t0) * H;
+                        for (int64_t t = 0; t < tn; ++t)
+                          for (int64_t c = 0; c < H; ++c) {
+                            const uint16_t v = f32_to_bf16(xg_[base + t * H + c]);
+                            xb_[base + t * H + c] = v;
+                            if (vnni) xv_[base + vnni_index(c, t, tn)] = v;
+                          }
+                      }});
   // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
-  phases.push_back({static_cast<int64_t>(jobs_.size()) * gate_blocks, [=](int64_t task) {
-                      const Job& j = jobs_[static_cast<size_t>(task / gate_blocks)];
+  phases.push_back({static_cast<int64_t>(j1 - j0) * gate_blocks, [=](int64_t task) {
+                      const Job& j = jobs_[j0 + static_cast<size_t>(task / gate_blocks)];
                       const int64_t i0 = (task % gate_blocks) * kGateRowsPerTask;
                       const int64_t i1 = std::min(I, i0 + kGateRowsPerTask);
                       const int64_t n = i1 - i0;
-                      float g[4 * kGateRowsPerTask], u[4 * kGateRowsPerTask];  // [tile, n]
+                      float g[kTokenTile * kGateRowsPerTask], u[kTokenTile * kGateRowsPerTask];  // [tile, n]
                       const char* w = static_cast<const char*>(j.weights);
-                      for (int64_t t0 = 0; t0 < j.num_tokens; t0 += 4) {
-                        const int64_t tn = std::min<int64_t>(4, j.num_tokens - t0);
-                        const float* xr = xg_.data() + (j.first_row + t0) * H;
-                        matmul_rows(isa, w, wd, H, i0, i1, xr, tn, H, g, n);
-                        matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, H, u, n);
+                      for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
+                        const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
+                        const Acts xr = acts(xg_, xb_, xv_, j.first_row + t0, H);
+                        matmul_rows(isa, w, wd, H, i0, i1, xr, tn, g, n);
+                        matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, u, n);
+                        const int64_t base = (j.first_row + t0) * I;
                         for (int64_t t = 0; t < tn; ++t)
                           for (int64_t i = 0; i < n; ++i) {
                             const float gv = g[t * n + i];
-                            h_[(j.first_row + t0 + t) * I + i0 + i] = gv / (1.f + std::exp(-gv)) * u[t * n + i];
+                            const float hv = gv / (1.f + std::exp(-gv)) * u[t * n + i];
+                            h_[base + t * I + i0 + i] = hv;
+                            if (round) hb_[base + t * I + i0 + i] = f32_to_bf16(hv);
+                            if (vnni) hv_[base + vnni_index(i0 + i, t, tn)] = f32_to_bf16(hv);
                           }
                       }
                     }});
@@ -92,12 +153,13 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
                       const int64_t c0 = task * kDownRowsPerTask;
                       const int64_t c1 = std::min(H, c0 + kDownRowsPerTask);
                       const int64_t n = c1 - c0;
-                      float y[4 * kDownRowsPerTask];
-                      for (const Job& j : jobs_) {
+                      float y[kTokenTile * kDownRowsPerTask];
+                      for (size_t jj = j0; jj < j1; ++jj) {
+                        const Job& j = jobs_[jj];
                         const char* down = static_cast<const char*>(j.weights) + 2 * I * H * wb;
-                        for (int64_t t0 = 0; t0 < j.num_tokens; t0 += 4) {
-                          const int64_t tn = std::min<int64_t>(4, j.num_tokens - t0);
-                          matmul_rows(isa, down, wd, I, c0, c1, h_.data() + (j.first_row + t0) * I, tn, I, y, n);
+                        for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
+                          const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
+                          matmul_rows(isa, down, wd, I, c0, c1, acts(h_, hb_, hv_, j.first_row + t0, I), tn, y, n);
                           for (int64_t t = 0; t < tn; ++t) {
                             const int64_t row = j.first_row + t0 + t;
                             float* o = out + row_token_[row] * H + c0;
@@ -110,9 +172,25 @@ void CpuExecutor::submit(const HostPool& pool, int64_t layer, const void* x, DTy
   pool_.submit(std::move(phases));
 }
 
+void CpuExecutor::release_held() {
+  for (int64_t e : held_) host_->release(layer_, e);
+  held_.clear();
+}
+
 void CpuExecutor::wait() {
   std::shared_ptr<void> held = std::move(keep_alive_);  // released however the job ended
-  pool_.wait();
+  for (;;) {
+    try {
+      pool_.wait();
+    } catch (...) {
+      next_job_ = jobs_.size();  // a failed round ends the job
+      release_held();
+      throw;
+    }
+    release_held();
+    if (next_job_ >= jobs_.size()) return;
+    start_round();  // a cache smaller than the job: the next experts, now that the last ones are free
+  }
 }
 
 }  // namespace moerun

@@ -18,7 +18,7 @@ void submit(CpuExecutor& ex, const std::shared_ptr<HostPool>& pool, int64_t laye
   auto host2d = [](const at::Tensor& t, const char* name) {
     if (!t.device().is_cpu() || t.dim() != 2)
       throw std::invalid_argument(std::string("CpuExecutor.submit: ") + name + " must be a 2-D host tensor, got " +
-                                  c10::str(t.sizes()) + " on " + t.device().str());
+                                  shape_str(t.sizes()) + " on " + t.device().str());
   };
   host2d(x, "x");
   host2d(topk_ids, "topk_ids");
@@ -26,23 +26,24 @@ void submit(CpuExecutor& ex, const std::shared_ptr<HostPool>& pool, int64_t laye
   host2d(out, "out");
   const int64_t T = x.size(0), K = topk_ids.size(1);
   if (x.size(1) != H)
-    throw std::invalid_argument("CpuExecutor.submit: x is " + c10::str(x.sizes()) + " but the pool's hidden size is " +
+    throw std::invalid_argument("CpuExecutor.submit: x is " + shape_str(x.sizes()) + " but the pool's hidden size is " +
                                 std::to_string(H));
   if (topk_ids.size(0) != T || topk_weights.sizes() != topk_ids.sizes())
-    throw std::invalid_argument("CpuExecutor.submit: topk_ids " + c10::str(topk_ids.sizes()) + " and topk_weights " +
-                                c10::str(topk_weights.sizes()) + " must both be [T, K] with T = " + std::to_string(T));
+    throw std::invalid_argument("CpuExecutor.submit: topk_ids " + shape_str(topk_ids.sizes()) + " and topk_weights " +
+                                shape_str(topk_weights.sizes()) + " must both be [T, K] with T = " + std::to_string(T));
   if (topk_ids.scalar_type() != at::kInt && topk_ids.scalar_type() != at::kLong)
     throw std::invalid_argument("CpuExecutor.submit: topk_ids must be int32 or int64");
   if (topk_weights.scalar_type() != at::kFloat)
     throw std::invalid_argument("CpuExecutor.submit: topk_weights must be float32");
   if (out.scalar_type() != at::kFloat || out.size(0) != T || out.size(1) != H || !out.is_contiguous())
     throw std::invalid_argument("CpuExecutor.submit: out must be a contiguous float32 [" + std::to_string(T) + ", " +
-                                std::to_string(H) + "] host tensor, got " + c10::str(out.sizes()) + " " +
+                                std::to_string(H) + "] host tensor, got " + shape_str(out.sizes()) + " " +
                                 c10::toString(out.scalar_type()));
   const at::Tensor xc = x.contiguous();
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor w = topk_weights.contiguous();
   auto hold = std::make_shared<SubmitHold>(SubmitHold{out, pool});
+  py::gil_scoped_release release;  // a host-cache miss reads from disk
   ex.submit(*pool, layer, xc.data_ptr(), to_dtype(xc.scalar_type(), "x"), T, ids.data_ptr<int64_t>(),
             w.data_ptr<float>(), K, experts, out.data_ptr<float>(), hold);
 }
@@ -68,7 +69,7 @@ void bind_cpu_executor(py::module& m) {
           "Block until the submitted experts are done.")
       .def_property_readonly("busy", &CpuExecutor::busy)
       .def_property_readonly("isa", [](const CpuExecutor& ex) { return std::string(cpu_isa_name(ex.isa())); },
-                             "Kernel instruction set chosen at run time: scalar, avx2, avx512 or avx512_bf16.")
+                             "Kernel instruction set chosen at run time: scalar, avx2, avx512, avx512_bf16 or amx_bf16 (tiles from 4 tokens on).")
       .def_property_readonly("num_threads", &CpuExecutor::num_threads);
 }
 

@@ -9,6 +9,12 @@
 #define MOERUN_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+// AMX intrinsics need GCC >= 11 or clang >= 12; older compilers build without the AMX path.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define MOERUN_AMX 1
+#endif
 #endif
 
 namespace moerun {
@@ -19,6 +25,7 @@ const char* cpu_isa_name(CpuIsa isa) {
     case CpuIsa::Avx2: return "avx2";
     case CpuIsa::Avx512: return "avx512";
     case CpuIsa::Avx512Bf16: return "avx512_bf16";
+    case CpuIsa::AmxBf16: return "amx_bf16";
   }
   return "?";
 }
@@ -44,6 +51,14 @@ CpuIsa detect_cpu_isa() {
       unsigned a71, b71, c71, d71;
       if (best == CpuIsa::Avx512 && __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71) && (a71 & (1u << 5)))
         best = CpuIsa::Avx512Bf16;
+#ifdef MOERUN_AMX
+      // AMX-BF16 (edx bit 22) + AMX-TILE (bit 24), tile state enabled by the OS (XCR0 bits 17, 18), and
+      // Linux's permission for this process to use the 8 KB tile data state (refused on old kernels).
+      const bool amx = (d7 & (1u << 22)) && (d7 & (1u << 24)) && (xcr0 & (3ull << 17)) == (3ull << 17);
+      constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+      if (best == CpuIsa::Avx512Bf16 && amx && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0)
+        best = CpuIsa::AmxBf16;
+#endif
     }
   }
 #endif
@@ -177,39 +192,126 @@ __attribute__((target("avx512f,avx512bf16"))) void rows_avx512_bf16(const uint16
 }
 #endif
 
+#ifdef MOERUN_AMX
+// 64-byte tile configuration (palette 1) as ldtilecfg reads it.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Y[t, r - r0] for n <= 16 tokens and rows [r0, r1), (r1 - r0) % 16 == 0, cols % 32 == 0.
+// A tiles are 16 weight rows x 32 bf16 read straight from W (no repacking); the B tile is 16 pairs of
+// columns x n tokens of Xv, the activations in VNNI order: Xv[c / 2][2 t + c % 2] = X[t][c].
+// C tiles (16 rows x n fp32) accumulate over cols; two row blocks per pass share each B load.
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) void rows_amx(const uint16_t* W, int64_t cols, int64_t r0,
+                                                                    int64_t r1, const uint16_t* Xv, int n, float* Y,
+                                                                    int64_t ldy) {
+  TileConfig cfg;
+  for (int i = 0; i < 2; ++i) cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(n * 4);  // tmm0-1: C
+  for (int i = 2; i < 4; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;                            // tmm2-3: A
+  cfg.rows[4] = 16, cfg.colsb[4] = static_cast<uint16_t>(n * 4);                              // tmm4: B
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[16 * 16];  // [16 rows, n]
+  const int64_t lda = cols * 2, ldb = n * 4;
+  auto scatter = [&](int64_t row0) {
+    for (int i = 0; i < 16; ++i)
+      for (int t = 0; t < n; ++t) Y[t * ldy + (row0 - r0) + i] = c[i * n + t];
+  };
+  int64_t r = r0;
+  for (; r + 32 <= r1; r += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k = 0; k < cols; k += 32) {
+      _tile_loadd(4, Xv + (k / 2) * 2 * n, ldb);
+      _tile_loadd(2, W + r * cols + k, lda);
+      _tile_loadd(3, W + (r + 16) * cols + k, lda);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_stored(0, c, ldb);
+    scatter(r);
+    _tile_stored(1, c, ldb);
+    scatter(r + 16);
+  }
+  for (; r < r1; r += 16) {
+    _tile_zero(0);
+    for (int64_t k = 0; k < cols; k += 32) {
+      _tile_loadd(4, Xv + (k / 2) * 2 * n, ldb);
+      _tile_loadd(2, W + r * cols + k, lda);
+      _tile_dpbf16ps(0, 2, 4);
+    }
+    _tile_stored(0, c, ldb);
+    scatter(r);
+  }
+  _tile_release();
+}
+#endif
+
 template <int T>
-void rows_dispatch(CpuIsa isa, const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1, const float* X,
-                   int64_t ldx, float* Y, int64_t ldy) {
+void rows_dispatch(CpuIsa isa, const void* W, DType wd, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
+                   float* Y, int64_t ldy) {
 #ifdef MOERUN_X86
   if (isa == CpuIsa::Avx512Bf16 && wd == DType::BF16) {
-    // Round this tile's activations to bf16 once per call (a call covers many rows).
-    thread_local std::vector<uint16_t> xb;
-    xb.resize(static_cast<size_t>(T * cols));
-    for (int t = 0; t < T; ++t)
-      for (int64_t c = 0; c < cols; ++c) xb[t * cols + c] = f32_to_bf16(X[t * ldx + c]);
-    rows_avx512_bf16<T>(static_cast<const uint16_t*>(W), cols, r0, r1, xb.data(), cols, X, ldx, Y, ldy);
+    const uint16_t* xb = x.bf16;
+    int64_t ldxb = x.ld;
+    if (xb == nullptr) {  // no rounded copy from the caller: round this tile once for the call's rows
+      thread_local std::vector<uint16_t> own;
+      own.resize(static_cast<size_t>(T * cols));
+      for (int t = 0; t < T; ++t)
+        for (int64_t c = 0; c < cols; ++c) own[t * cols + c] = f32_to_bf16(x.f32[t * x.ld + c]);
+      xb = own.data();
+      ldxb = cols;
+    }
+    rows_avx512_bf16<T>(static_cast<const uint16_t*>(W), cols, r0, r1, xb, ldxb, x.f32, x.ld, Y, ldy);
     return;
   }
-  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Avx512Bf16) return rows_avx512<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
-  if (isa == CpuIsa::Avx2) return rows_avx2<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+  if (isa == CpuIsa::Avx512 || isa == CpuIsa::Avx512Bf16) return rows_avx512<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
+  if (isa == CpuIsa::Avx2) return rows_avx2<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
 #endif
   (void)isa;
-  rows_scalar<T>(W, wd, cols, r0, r1, X, ldx, Y, ldy);
+  rows_scalar<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
 }
 
 }  // namespace
 
-void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const float* X,
-                 int64_t T, int64_t ldx, float* Y, int64_t ldy) {
+void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
+                 int64_t T, float* Y, int64_t ldy) {
+  if (isa == CpuIsa::AmxBf16) {
+#ifdef MOERUN_AMX
+    const int64_t tiled = (r1 - r0) / 16 * 16;
+    if (w_dtype == DType::BF16 && T >= kAmxMinTokens && cols % 32 == 0 && tiled > 0) {
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const int n = static_cast<int>(T - t0 < 16 ? T - t0 : 16);
+        const uint16_t* xv = T <= 16 ? x.vnni : nullptr;
+        if (xv == nullptr) {  // no VNNI tile from the caller: pack this one for the call
+          thread_local std::vector<uint16_t> own;
+          own.resize(static_cast<size_t>(cols * n));
+          for (int t = 0; t < n; ++t)
+            for (int64_t c = 0; c < cols; ++c)
+              own[vnni_index(c, t, n)] = x.bf16 != nullptr ? x.bf16[(t0 + t) * x.ld + c]
+                                                           : f32_to_bf16(x.f32[(t0 + t) * x.ld + c]);
+          xv = own.data();
+        }
+        rows_amx(static_cast<const uint16_t*>(W), cols, r0, r0 + tiled, xv, n, Y + t0 * ldy, ldy);
+      }
+      if (r0 + tiled < r1)  // rows past the last whole tile
+        matmul_rows(CpuIsa::Avx512Bf16, W, w_dtype, cols, r0 + tiled, r1, x, T, Y + tiled, ldy);
+      return;
+    }
+#endif
+    isa = CpuIsa::Avx512Bf16;  // AMX is a superset: the AVX-512-BF16 kernels serve everything else
+  }
   // Tiles of up to 4 tokens share each weight load (the weights, not the tokens, are the traffic).
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
-    const float* x = X + t0 * ldx;
+    const Acts xt{x.f32 + t0 * x.ld, x.ld, x.bf16 != nullptr ? x.bf16 + t0 * x.ld : nullptr, nullptr};
     float* y = Y + t0 * ldy;
     switch (static_cast<int>(T - t0 < 4 ? T - t0 : 4)) {
-      case 1: rows_dispatch<1>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
-      case 2: rows_dispatch<2>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
-      case 3: rows_dispatch<3>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
-      default: rows_dispatch<4>(isa, W, w_dtype, cols, r0, r1, x, ldx, y, ldy); break;
+      case 1: rows_dispatch<1>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+      case 2: rows_dispatch<2>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+      case 3: rows_dispatch<3>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+      default: rows_dispatch<4>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
     }
   }
 }

@@ -9,16 +9,37 @@
 
 namespace moerun {
 
-enum class CpuIsa : int32_t { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+enum class CpuIsa : int32_t { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, AmxBf16 = 4 };
+
+// Below this many tokens the AMX path hands bf16 work to the AVX-512-BF16 kernel: with one or two
+// tokens the dot products already stream weights as fast as memory delivers them, and a tile
+// configuration per call would only add cost.
+constexpr int64_t kAmxMinTokens = 4;
 
 const char* cpu_isa_name(CpuIsa isa);
-// Best ISA this CPU and OS support. MOERUN_CPU_ISA=scalar|avx2|avx512|avx512_bf16 caps the choice.
+// Best ISA this CPU and OS support (AMX only once Linux grants this process the tile data state,
+// arch_prctl(ARCH_REQ_XCOMP_PERM)). MOERUN_CPU_ISA=scalar|avx2|avx512|avx512_bf16|amx_bf16 caps it.
 CpuIsa detect_cpu_isa();
 
+// Activations of one matmul_rows call: T token rows of fp32, plus, for bf16 weights on AVX-512-BF16 and
+// AMX, the same rows rounded to bf16 once per job by the caller so no kernel call converts them again
+// (with many tokens, converting per call of 32 weight rows costs more than the dot products).
+struct Acts {
+  const float* f32;                // [T, ld]
+  int64_t ld;
+  const uint16_t* bf16 = nullptr;  // [T, ld] rounded to bf16, or null (the kernel rounds per call)
+  const uint16_t* vnni = nullptr;  // AMX, T <= 16: the bf16 rows in VNNI order (vnni_index), or null
+};
+
+// Where activation (token t, column c) of a tile of n <= 16 tokens sits in VNNI order: pairs of
+// columns per token, tokens side by side, so one AMX B-tile row holds 2 columns of all n tokens.
+inline int64_t vnni_index(int64_t c, int64_t t, int64_t n) { return (c / 2) * 2 * n + 2 * t + (c % 2); }
+
 // Y[t, r - r0] = sum_c W[r, c] * X[t, c] for r in [r0, r1), t in [0, T).
-// W: row-major [rows, cols] of w_dtype; X: fp32 [T, ldx]; Y: fp32 [T, ldy]. Accumulates in fp32
-// (the AVX-512-BF16 path rounds X to bf16 first, as a bf16 model's activations already are).
-void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const float* X,
-                 int64_t T, int64_t ldx, float* Y, int64_t ldy);
+// W: row-major [rows, cols] of w_dtype; Y: fp32 [T, ldy]. Accumulates in fp32 (the AVX-512-BF16 and
+// AMX paths use the bf16-rounded activations, as a bf16 model's activations already are).
+// AMX tiles serve bf16 weights with T >= kAmxMinTokens, cols % 32 == 0, in blocks of 16 rows.
+void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
+                 int64_t T, float* Y, int64_t ldy);
 
 }  // namespace moerun

@@ -107,7 +107,7 @@ void Engine::expire_ttl() {
     int key = lru_tail_[p];
     while (key >= 0 && part_clock_[p] - last_use_[key] > cfg_.ttl) {
       const int prev = lru_prev_[key];
-      if (!pinned_[key]) release(key);
+      if (evictable(key)) release(key);  // pinned and held experts stay
       key = prev;
     }
   }

@@ -18,7 +18,7 @@ at::Tensor expert_view(const std::shared_ptr<HostPool>& pool, int64_t layer, int
 at::Tensor checked_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* name) {
   if (t.dim() != 2 || t.size(0) != rows || t.size(1) != cols)
     throw std::invalid_argument(std::string("write_expert: ") + name + " must have shape [" + std::to_string(rows) +
-                                ", " + std::to_string(cols) + "], got " + c10::str(t.sizes()));
+                                ", " + std::to_string(cols) + "], got " + shape_str(t.sizes()));
   return t.detach().to(at::kCPU).contiguous();
 }
 
@@ -26,14 +26,26 @@ at::Tensor checked_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const
 
 void bind_host_pool(py::module& m) {
   py::class_<HostPool, std::shared_ptr<HostPool>>(m, "HostPool",
-                                                  "Every routed expert in (pinned) host memory, in the slot layout.")
+                                                  "Routed experts in (pinned) host memory, in the slot layout; with a capacity below the model's experts, a cache in front of the safetensors files.")
       .def(py::init([](int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size,
-                       at::ScalarType dtype, int64_t chunk_bytes, bool pinned) {
+                       at::ScalarType dtype, int64_t chunk_bytes, bool pinned, int64_t capacity, int eviction,
+                       double high_watermark, double low_watermark, double credit_decay, double wait_timeout_s) {
+             HostTierConfig tier;
+             tier.capacity = capacity;
+             tier.eviction = eviction;
+             tier.high_watermark = high_watermark;
+             tier.low_watermark = low_watermark;
+             tier.credit_decay = credit_decay;
+             tier.wait_timeout_s = wait_timeout_s;
              return std::make_shared<HostPool>(num_layers, num_experts, hidden_size, inter_size,
-                                               to_dtype(dtype, "HostPool dtype"), chunk_bytes, pinned);
+                                               to_dtype(dtype, "HostPool dtype"), chunk_bytes, pinned, tier);
            }),
            py::arg("num_layers"), py::arg("num_experts"), py::arg("hidden_size"), py::arg("inter_size"),
-           py::arg("dtype"), py::arg("chunk_bytes") = int64_t(1) << 30, py::arg("pinned") = true)
+           py::arg("dtype"), py::arg("chunk_bytes") = int64_t(1) << 30, py::arg("pinned") = true,
+           py::arg("capacity") = 0, py::arg("eviction") = 0, py::arg("high_watermark") = 0.9,
+           py::arg("low_watermark") = 0.7, py::arg("credit_decay") = 0.95, py::arg("wait_timeout_s") = 60.0,
+           "capacity: experts held in host memory (0 = all; fewer makes the pool a cache in front of the files). "
+           "eviction: the host tier's policy code (0 lru, 1 lfu, 2 score, 3 freq_threshold, 4 watermark).")
       .def(
           "fill",
           [](HostPool& pool, const std::vector<SourceSpec>& specs, int num_threads) {
@@ -54,7 +66,8 @@ void bind_host_pool(py::module& m) {
             pool.fill(sources, num_threads);
           },
           py::arg("sources"), py::arg("num_threads") = 0,
-          "Read experts from safetensors files. sources: [(layer, expert, (gate_file, gate_tensor), "
+          "Record and validate the experts' safetensors sources; a pool holding every expert reads them now, a "
+          "cache reads them on demand. sources: [(layer, expert, (gate_file, gate_tensor), "
           "(up_file, up_tensor), (down_file, down_tensor))]; gate/up [I, H], down [H, I]; F32/BF16/F16 "
           "converted to the pool dtype. num_threads 0 = all hardware threads (at most 16).")
       .def(
@@ -73,7 +86,42 @@ void bind_host_pool(py::module& m) {
           "Copy one expert from tensors (gate, up [I, H]; down [H, I]), converting to the pool dtype.")
       .def("view", &expert_view, py::arg("layer"), py::arg("expert"),
            "1-D tensor [slot_elems] aliasing the expert's pool memory (gate_up rows, then down).")
+      .def(
+          "acquire",
+          [](const std::shared_ptr<HostPool>& pool, int64_t layer, int64_t expert) {
+            {
+              py::gil_scoped_release release;
+              pool->acquire(layer, expert);
+            }
+            return expert_view(pool, layer, expert);
+          },
+          py::arg("layer"), py::arg("expert"),
+          "Hold the expert in host memory (a cache reads it from its files on a miss) and return its view; "
+          "pair with release().")
+      .def("release", &HostPool::release, py::arg("layer"), py::arg("expert"), "End one acquire() hold.")
+      .def("prefetch", &HostPool::prefetch, py::arg("layer"), py::arg("expert"),
+           "Start reading the expert into host memory on an I/O thread.")
+      .def("host_slot", &HostPool::host_slot, py::arg("layer"), py::arg("expert"),
+           "Host slot of the expert, -1 when it is not in host memory.")
       .def("filled", &HostPool::filled, py::arg("layer"), py::arg("expert"))
+      .def_property_readonly("cached", &HostPool::cached)
+      .def_property_readonly("capacity", &HostPool::capacity)
+      .def("stats",
+           [](const HostPool& p) {
+             const HostStats s = p.stats();
+             py::dict d;
+             d["hits"] = s.hits;
+             d["misses"] = s.misses;
+             d["disk_bytes"] = s.disk_bytes;
+             d["disk_time_us"] = s.disk_time_us;
+             d["evictions"] = s.evictions;
+             d["slot_waits"] = s.slot_waits;
+             d["prefetch_reads"] = s.prefetch_reads;
+             return d;
+           },
+           "Host tier counters: hits, misses (acquires that read from disk), disk_bytes, disk_time_us, "
+           "evictions, slot_waits (misses that waited for a held slot), prefetch_reads.")
+      .def("reset_stats", &HostPool::reset_stats)
       .def_property_readonly("filled_count", &HostPool::filled_count)
       .def_property_readonly("num_layers", &HostPool::num_layers)
       .def_property_readonly("num_experts", &HostPool::num_experts)

@@ -37,6 +37,7 @@ void Engine::reset() {
   next_use_.assign(keys, INT32_MAX);
   pinned_.assign(keys, 0);
   needed_.assign(keys, 0);
+  held_.assign(keys, 0);
   prefetched_.assign(keys, 0);
   lru_prev_.assign(keys, -1);
   lru_next_.assign(keys, -1);
@@ -197,7 +198,7 @@ void Engine::remove(int key, bool count_eviction) {
   if (count_eviction) ++total_.evictions;
 }
 
-bool Engine::evictable(int key) const { return !pinned_[key] && !needed_[key]; }
+bool Engine::evictable(int key) const { return !pinned_[key] && !needed_[key] && held_[key] == 0; }
 
 void Engine::release(int key) {
   const int slot = slot_of_[key];

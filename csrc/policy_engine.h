@@ -130,6 +130,11 @@ class Engine {
                       int64_t cpu_expert_tokens);
   void set_config(const EngineConfig& config);  // hot swap: contents kept, partitions re-fit
   void reset();
+  // Holds keep a resident key out of every eviction while its bytes are in use outside the engine
+  // (the host tier: a copy to the GPU or a CPU job reading them). Counted: one unhold per hold.
+  void hold(int key) { ++held_[key]; }
+  void unhold(int key) { --held_[key]; }
+  int held(int key) const { return held_[key]; }
 
   const EngineConfig& config() const { return cfg_; }
   const Counters& counters() const { return total_; }
@@ -198,6 +203,7 @@ class Engine {
   std::vector<int32_t> window_uses_; // freq_threshold: uses in the last freq_window accesses
   std::vector<int32_t> next_use_;    // belady
   std::vector<uint8_t> pinned_, needed_, prefetched_;
+  std::vector<int32_t> held_;        // hold() counts
   std::vector<int32_t> lru_prev_, lru_next_;  // per-partition LRU lists (for ttl and lru)
   // per slot
   std::vector<int32_t> slot_key_;    // resident key, -1 = free
@@ -292,12 +298,16 @@ class Engine {
 // Offline replay: the whole trace through one engine, in C++ (no per-step Python).
 // ids/weights: [tokens, layers, k] row-major; step_starts: [steps + 1] token offsets. With
 // oracle_predictions, lookahead/learned prefetch is fed the trace's true future routing.
+// With host_tier (an engine with top_k 1 whose slots are host slots, as HostPool builds it), every
+// expert the GPU tier copies in, prefetches or runs on the CPU is looked up in the host tier, as the
+// runtime's pool does: host_tier->counters() then holds the host tier's accesses and hits.
 struct ReplayResult {
   Counters counters;
   double simulated_us = 0.0;
 };
 ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
-                          const int64_t* step_starts, int64_t steps, bool oracle_predictions);
+                          const int64_t* step_starts, int64_t steps, bool oracle_predictions,
+                          Engine* host_tier = nullptr);
 
 }  // namespace policy
 }  // namespace moerun

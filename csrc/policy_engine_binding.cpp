@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "bindings.h"
+#include "host_pool.h"
 #include "policy_engine.h"
 
 namespace py = pybind11;
@@ -280,8 +281,19 @@ void bind_policy_engine(py::module& m) {
       .def("replay",
            [](PyEngine& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
               py::object weights, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
-              bool oracle_predictions) {
+              bool oracle_predictions, int64_t host_capacity, int host_eviction, double host_high_watermark,
+              double host_low_watermark) {
              const auto& cfg = self.engine.config();
+             std::unique_ptr<policy::Engine> host;
+             if (host_capacity > 0) {
+               HostTierConfig tier;
+               tier.capacity = host_capacity;
+               tier.eviction = host_eviction;
+               tier.high_watermark = host_high_watermark;
+               tier.low_watermark = host_low_watermark;
+               host = std::make_unique<policy::Engine>(
+                   host_tier_config(cfg.num_layers, cfg.num_experts, cfg.expert_bytes, tier));
+             }
              if (ids.ndim() != 3 || ids.shape(1) != cfg.num_layers || ids.shape(2) != cfg.top_k)
                throw std::invalid_argument("replay ids must be [tokens, num_layers, top_k]");
              py::array_t<float, py::array::c_style | py::array::forcecast> w;
@@ -298,11 +310,27 @@ void bind_policy_engine(py::module& m) {
              {
                py::gil_scoped_release nogil;
                policy::replay_trace(self.engine, ip, weights.is_none() ? nullptr : w.data(), ids.shape(0),
-                                    starts.data(), starts.size() - 1, oracle_predictions);
+                                    starts.data(), starts.size() - 1, oracle_predictions, host.get());
              }
-             return stats(self.engine);
+             py::dict d = stats(self.engine);
+             if (host) {
+               const policy::Counters& h = host->counters();
+               py::dict hd;
+               hd["capacity"] = host->config().capacity;
+               hd["accesses"] = h.accesses;
+               hd["hits"] = h.hits;
+               hd["misses"] = h.accesses - h.hits;
+               hd["hit_rate"] = h.accesses > 0 ? double(h.hits) / double(h.accesses) : 0.0;
+               hd["disk_bytes"] = (h.accesses - h.hits) * cfg.expert_bytes;
+               d["host"] = hd;
+             }
+             return d;
            },
-           py::arg("ids"), py::arg("weights"), py::arg("step_starts"), py::arg("oracle_predictions") = true);
+           py::arg("ids"), py::arg("weights"), py::arg("step_starts"), py::arg("oracle_predictions") = true,
+           py::arg("host_capacity") = 0, py::arg("host_eviction") = 0, py::arg("host_high_watermark") = 0.9,
+           py::arg("host_low_watermark") = 0.7,
+           "Replay a trace; with host_capacity > 0 a host tier behind the GPU tier reports its hit rate "
+           "under 'host'.");
 }
 
 }  // namespace moerun

@@ -13,7 +13,8 @@ namespace moerun {
 namespace policy {
 
 ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
-                          const int64_t* step_starts, int64_t steps, bool oracle_predictions) {
+                          const int64_t* step_starts, int64_t steps, bool oracle_predictions,
+                          Engine* host_tier) {
   const EngineConfig& cfg = engine.config();
   const int L = cfg.num_layers, E = cfg.num_experts, K = cfg.top_k;
   if (steps < 0 || step_starts[0] != 0 || step_starts[steps] != tokens)
@@ -40,7 +41,10 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
                        (cfg.prefetch == Prefetch::Lookahead || cfg.prefetch == Prefetch::Learned);
   std::vector<int32_t> step_ids, step_next;
   std::vector<float> step_w;
-  Plan plan;
+  Plan plan, host_plan;
+  auto host_access = [&](int layer, int32_t expert) {
+    host_tier->step(layer, &expert, nullptr, 1, host_plan);
+  };
   auto gather = [&](int64_t s, int l) {
     step_ids.clear(); step_w.clear(); step_next.clear();
     for (int64_t t = step_starts[s]; t < step_starts[s + 1]; ++t) {
@@ -62,6 +66,11 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
       gather(s, l);
       engine.step(l, step_ids.data(), weights != nullptr ? step_w.data() : nullptr,
                   int(step_ids.size()), plan, next_use.empty() ? nullptr : step_next.data());
+      if (host_tier != nullptr) {  // what the runtime reads from the host pool for this step
+        for (size_t i = 0; i < plan.fetches.size(); i += 4) host_access(l, plan.fetches[i]);
+        for (int32_t e : plan.cpu) host_access(l, e);
+        for (size_t i = 0; i < plan.prefetches.size(); i += 5) host_access(plan.prefetches[i], plan.prefetches[i + 1]);
+      }
     }
   }
   return {engine.counters(), engine.simulated_us()};

@@ -30,6 +30,20 @@ class DeviceScope {
 };
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
+
+// A host-pool hold that ends when the copy reading the expert's bytes has finished (run by CUDA on its
+// callback thread after the copy, in stream order; it makes no CUDA call).
+struct CopyHold {
+  HostPool* pool;
+  int64_t layer, expert;
+};
+void CUDART_CB end_copy_hold(void* arg) {
+  std::unique_ptr<CopyHold> h(static_cast<CopyHold*>(arg));
+  try {
+    h->pool->release(h->layer, h->expert);
+  } catch (...) {  // nothing can be reported from a CUDA callback; release only fails on misuse
+  }
+}
 inline cudaEvent_t as_event(void* e) { return static_cast<cudaEvent_t>(e); }
 
 // True when the event has completed (or was never recorded); false while it is pending.
@@ -110,8 +124,7 @@ TransferEngine::~TransferEngine() {
 #endif
 }
 
-void TransferEngine::issue(const Pending& p, bool demand) {
-  const void* src = pool_->expert_ptr(p.layer, p.expert);
+void TransferEngine::issue(const Pending& p, bool demand, const void* src) {
   void* dst = arena_->slot_ptr(p.slot);
   const int64_t bytes = arena_->slot_bytes();
   if (demand) {
@@ -136,6 +149,8 @@ void TransferEngine::issue(const Pending& p, bool demand) {
     }
     MOERUN_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, s));
     if (t) MOERUN_CUDA_CHECK(cudaEventRecord(as_event(t->end), s));
+    if (pool_->cached())
+      MOERUN_CUDA_CHECK(cudaLaunchHostFunc(s, end_copy_hold, new CopyHold{pool_.get(), p.layer, p.expert}));
     void* ready = ready_[static_cast<size_t>(p.slot)];
     MOERUN_CUDA_CHECK(cudaEventRecord(as_event(ready), s));
     if (!demand) inflight_prefetch_events_.push_back(ready);
@@ -143,6 +158,7 @@ void TransferEngine::issue(const Pending& p, bool demand) {
   }
 #endif
   std::memcpy(dst, src, static_cast<size_t>(bytes));
+  pool_->release(p.layer, p.expert);
 }
 
 void TransferEngine::fetch(int64_t layer, int64_t expert, int64_t slot, bool demand, void* compute_stream) {
@@ -160,10 +176,12 @@ void TransferEngine::fetch(int64_t layer, int64_t expert, int64_t slot, bool dem
   }
   arena_->assign(slot, layer, expert, compute_stream);
   if (demand) {
-    issue({layer, expert, slot}, true);
+    // A host-cache miss is read from disk here, before the copy (the step needs it now).
+    issue({layer, expert, slot}, true, pool_->acquire(layer, expert));
   } else {
     queue_.push_back({layer, expert, slot});
     ++queued_in_slot_[static_cast<size_t>(slot)];
+    pool_->prefetch(layer, expert);  // a host-cache miss is read on the pool's I/O threads meanwhile
   }
   poll();
 }
@@ -181,7 +199,7 @@ void TransferEngine::wait_slots(const std::vector<int64_t>& slots, void* compute
       Pending p = *it;
       queue_.erase(it);
       queued_in_slot_[static_cast<size_t>(slot)] = 0;
-      issue(p, true);
+      issue(p, true, pool_->acquire(p.layer, p.expert));
     }
 #ifdef MOERUN_WITH_CUDA
     if (cuda_)
@@ -231,11 +249,17 @@ void TransferEngine::poll() {
   std::unique_ptr<DeviceScope> scope;
   if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
 #endif
-  while (!queue_.empty() && inflight_prefetches() < max_inflight_) {
-    Pending p = queue_.front();
-    queue_.pop_front();
+  // In queue order, those whose bytes are in host memory (a host-cache miss waits for its read).
+  for (auto it = queue_.begin(); it != queue_.end() && inflight_prefetches() < max_inflight_;) {
+    const void* src = pool_->try_acquire(it->layer, it->expert);
+    if (src == nullptr) {
+      ++it;
+      continue;
+    }
+    const Pending p = *it;
+    it = queue_.erase(it);
     --queued_in_slot_[static_cast<size_t>(p.slot)];
-    issue(p, false);
+    issue(p, false, src);
   }
 #ifdef MOERUN_WITH_CUDA
   while (!timing_busy_.empty()) {
@@ -253,14 +277,19 @@ void TransferEngine::poll() {
 
 void TransferEngine::synchronize() {
 #ifdef MOERUN_WITH_CUDA
-  if (cuda_) {
-    DeviceScope scope(arena_->device_index());
-    while (!queue_.empty()) {
-      for (void* s : streams_) MOERUN_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
-      poll();
-    }
-    for (void* s : streams_) MOERUN_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
+  std::unique_ptr<DeviceScope> scope;
+  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+#endif
+  // Everything still queued goes out now, waiting for host-cache reads where needed.
+  while (!queue_.empty()) {
+    const Pending p = queue_.front();
+    queue_.pop_front();
+    --queued_in_slot_[static_cast<size_t>(p.slot)];
+    issue(p, false, pool_->acquire(p.layer, p.expert));
   }
+#ifdef MOERUN_WITH_CUDA
+  if (cuda_)
+    for (void* s : streams_) MOERUN_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
 #endif
   poll();
 }

@@ -6,6 +6,9 @@
 // their own stream; prefetches wait in a host-side queue and only a few are in flight on the GPU at a
 // time, so a demand fetch never queues behind many prefetches, and queued prefetches can be cancelled.
 // The engine updates the arena's slot table as it issues copies; it does not decide what to copy.
+// When the host pool is a cache, a demand fetch first makes the expert host-resident (reading it from
+// disk on a miss), a prefetch has it read on the pool's I/O threads and goes out once it is there; the
+// expert is held in the pool until its copy completes, so the host tier never evicts bytes in flight.
 // In the CPU-only build (or with a host arena) copies are memcpy and events complete at once.
 #pragma once
 #include <cstdint>
@@ -58,7 +61,8 @@ class TransferEngine {
   struct Pending {
     int64_t layer, expert, slot;
   };
-  void issue(const Pending& p, bool demand);
+  // Copies the expert's held host bytes `src` into its slot; the hold ends when the copy has finished.
+  void issue(const Pending& p, bool demand, const void* src);
   int64_t inflight_prefetches();
 
   std::shared_ptr<ExpertArena> arena_;

@@ -17,7 +17,9 @@ void bind_transfer(py::module& m) {
       .def(
           "fetch",
           [](TransferEngine& t, int64_t layer, int64_t expert, int64_t slot, bool demand) {
-            t.fetch(layer, expert, slot, demand, current_stream(t.device_index()));
+            void* stream = current_stream(t.device_index());
+            py::gil_scoped_release release;  // a host-cache miss reads from disk
+            t.fetch(layer, expert, slot, demand, stream);
           },
           py::arg("layer"), py::arg("expert"), py::arg("slot"), py::arg("demand") = true,
           "Copy (layer, expert) into slot and mark it resident in the arena. demand=False queues a prefetch.")

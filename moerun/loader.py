@@ -22,9 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from .models import MoeAdapter, adapter_for
-from .policy.config import CompiledPolicy
+from .policy.config import AUTO, CompiledPolicy, HostConfig
 from .runtime.handle import MoerunHandle
-from .runtime.memory import AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, parse_bytes, plan_memory, slot_elems
+from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
+                             slot_elems)
 from .runtime.moe_layer import OffloadedMoE
 from .runtime.offload import OffloadRuntime, uses_cost_model, uses_lookahead
 
@@ -53,7 +54,9 @@ def load(
         policy: ``.moe`` text, a path to a ``.moe`` file, a bundled policy name, or a CompiledPolicy.
         vram_budget: device bytes for everything moerun and the model allocate (int, ``"10GiB"``),
             or ``"auto"`` (free device memory minus a margin).
-        host_budget: host bytes for the expert pool; None = no limit.
+        host_budget: host bytes for the expert pool (int, ``"8GiB"``); None = no limit. Below the
+            routed experts' size (or with a smaller ``host { capacity }`` in the policy: the smaller
+            wins) the pool holds that many experts and reads the others from the files on demand.
         device: where the dense part and the arena live; default CUDA when available, else CPU.
         dtype: compute dtype; default the checkpoint's (``config.dtype``).
         max_context, max_batch: the KV cache and activations the budget reserves room for.
@@ -66,12 +69,8 @@ def load(
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
-    pool_bytes = len(moe_layers) * adapter.num_experts * plan.slot_bytes
-    if host_budget is not None and parse_bytes(host_budget, "host_budget") < pool_bytes:
-        raise BudgetError(
-            f"host_budget {host_budget} is smaller than the routed experts ({pool_bytes} bytes); "
-            "the host pool holds every routed expert, so raise host_budget or leave it None"
-        )
+    host_capacity = _host_capacity(compiled, host_budget, plan.slot_bytes,
+                                   len(moe_layers) * adapter.num_experts, adapter.top_k)
 
     if device.type == "cpu":
         _interpret_kernels()
@@ -79,7 +78,7 @@ def load(
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
     hf_model = _build_skeleton(config, dtype)
     runtime = _build_runtime(compiled, adapter, ckpt, plan, moe_layers, device, dtype,
-                             cpu_threads, copy_streams, bar)
+                             cpu_threads, copy_streams, host_capacity, bar)
     bar.set_postfix_str("dense weights"); bar.update()
     _replace_moe_blocks(hf_model, adapter, runtime, moe_layers)
     _load_dense_weights(hf_model, ckpt, adapter, non_expert, device, dtype, progress)
@@ -88,7 +87,8 @@ def load(
         hf_model.generation_config = GenerationConfig.from_pretrained(path)
     hf_model.eval()
     hf_model.moerun = MoerunHandle(
-        model=hf_model, runtime=runtime, plan=plan, moe_layers=moe_layers, checkpoint_path=path, pool_bytes=pool_bytes,
+        model=hf_model, runtime=runtime, plan=plan, moe_layers=moe_layers, checkpoint_path=path,
+        pool_bytes=runtime.pool.total_bytes,
         policy=compiled,
         model_info={"model_type": config.model_type, "path": str(path), "hidden_size": adapter.hidden_size,
                     "inter_size": adapter.expert_inter_size, "num_experts": adapter.num_experts,
@@ -233,6 +233,27 @@ def _compile_policy(policy, num_layers: int | None = None, num_experts: int | No
     return compile_policy(policy, num_layers=num_layers, num_experts=num_experts)
 
 
+def _host_capacity(compiled: CompiledPolicy, host_budget, slot_bytes: int, num_routed: int, top_k: int) -> int:
+    """Experts the host pool holds: every routed expert, or fewer (a cache in front of the files) when
+    ``host_budget`` or the policy's ``host { capacity }`` is smaller; the smaller of the two wins."""
+    capacity, limited_by = num_routed, None
+    if host_budget is not None:
+        budget = parse_bytes(host_budget, "host_budget")
+        if budget // slot_bytes < capacity:
+            capacity, limited_by = budget // slot_bytes, f"host_budget {host_budget} ({fmt_bytes(budget)})"
+    host = compiled.host
+    if host is not None and host.capacity != AUTO and host.capacity < capacity:
+        capacity, limited_by = host.capacity, f"the policy's host capacity {host.capacity}"
+    if capacity < top_k:
+        raise BudgetError(
+            f"{limited_by} holds {capacity} experts of {fmt_bytes(slot_bytes)} in host memory, but one layer "
+            f"step uses top_k = {top_k} experts at once; the smallest host budget that works is "
+            f"{top_k * slot_bytes} bytes ({fmt_bytes(top_k * slot_bytes)}), and every expert "
+            f"({fmt_bytes(num_routed * slot_bytes)}) needs no disk reads"
+        )
+    return capacity
+
+
 def _budget_bytes(vram_budget, device: torch.device) -> int:
     if vram_budget != "auto":
         return parse_bytes(vram_budget, "vram_budget")
@@ -328,17 +349,20 @@ def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter,
 # -- runtime ----------------------------------------------------------------------------------------
 def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
                    moe_layers: list[int], device: torch.device, dtype: torch.dtype,
-                   cpu_threads: int, copy_streams: int, bar) -> OffloadRuntime:
+                   cpu_threads: int, copy_streams: int, host_capacity: int, bar) -> OffloadRuntime:
     """Host pool (filled from the files), arena, transfer engine, CPU executor and policy engine."""
     from .native import CpuExecutor, ExpertArena, HostPool, TransferEngine
-    from .policy_engine import PolicyEngine
+    from .policy_engine import PolicyEngine, eviction_code
 
     num_layers, num_experts, elems = len(moe_layers), adapter.num_experts, slot_elems(adapter)
     engine = PolicyEngine(compiled, num_layers=num_layers, num_experts=num_experts, top_k=adapter.top_k,
                           num_slots=plan.num_slots, expert_bytes=plan.slot_bytes)
     # Pinned only when copies go to a GPU: pinning host memory for a CPU-only run buys nothing.
+    # Below every expert, the pool is a cache: fill() records the sources and misses read them.
+    host = compiled.host or HostConfig()
     pool = HostPool(num_layers, num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
-                    pinned=device.type == "cuda")
+                    pinned=device.type == "cuda", capacity=host_capacity, eviction=eviction_code(host.eviction),
+                    high_watermark=host.high_watermark, low_watermark=host.low_watermark)
     bar.set_postfix_str("experts -> host pool")
     for index, layer in enumerate(tqdm(moe_layers, desc="experts -> host pool", unit="layer",
                                        disable=bar.disable, leave=False)):

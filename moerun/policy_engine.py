@@ -28,6 +28,7 @@ from moerun.policy.config import (
     REPLAY_ONLY_EVICTIONS,
     SCHEDULE_MODES,
     CompiledPolicy,
+    HostConfig,
 )
 from moerun.policy.errors import PolicyError
 
@@ -51,6 +52,13 @@ _ENUM_PARAMS = {
     "prefetch.strategy": {n: i for i, n in enumerate(PREFETCH_STRATEGIES)},
     "schedule.mode": {n: i for i, n in enumerate(SCHEDULE_MODES)},
 }
+
+
+def eviction_code(name: str) -> int:
+    """Native ``policy::Eviction`` value of an eviction name (the host pool's tier takes it too)."""
+    return _EVICTION_CODES[name]
+
+
 # Native Param enum (csrc/policy_engine.h), in order.
 _PARAM_CODES = {
     name: i
@@ -226,8 +234,21 @@ class PolicyEngine:
         """Empty cache, zero counters, cost model back to its starting numbers."""
         self._native.reset()
 
-    def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True) -> dict:
+    def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True,
+               host: HostConfig | None = None) -> dict:
         """Run a whole trace (``expert_ids`` int32 ``[tokens, layers, k]``, ``gate_weights`` float32
-        or None, ``step_starts`` int64 ``[steps + 1]``) through this engine natively; returns stats."""
-        self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions)
-        return self.stats()
+        or None, ``step_starts`` int64 ``[steps + 1]``) through this engine natively; returns stats.
+
+        ``host`` with a capacity: a host tier of that many experts sits behind the GPU tier (as the
+        runtime's host pool does: every copied, prefetched or CPU-run expert is looked up in it); its
+        ``capacity, accesses, hits, misses, hit_rate, disk_bytes`` come back under ``"host"``.
+        """
+        tier = {}
+        if host is not None and host.capacity != AUTO:
+            tier = dict(host_capacity=host.capacity, host_eviction=eviction_code(host.eviction),
+                        host_high_watermark=host.high_watermark, host_low_watermark=host.low_watermark)
+        native = self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions, **tier)
+        out = self.stats()
+        if "host" in native:
+            out["host"] = dict(native["host"])
+        return out

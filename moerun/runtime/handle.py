@@ -36,12 +36,16 @@ class MoerunHandle:
 
     def stats(self) -> dict:
         """Counters since load or the last reset: hits, misses, fetches, bytes, CPU share, per layer,
-        plus the engine's own statistics under ``"engine"``."""
+        plus the engine's own statistics under ``"engine"`` and the host pool's under ``"host"``
+        (``hits``/``misses``: expert acquires served from host memory / read from disk, ``disk_bytes``,
+        ``disk_time_us``, ``evictions``, ``slot_waits``, ``prefetch_reads``; a pool holding every
+        expert only counts hits)."""
         # Keyed by the model's decoder-layer index (the runtime counts MoE layers only).
         counters = {layer: self.runtime.counters[i] for i, layer in enumerate(self.moe_layers)}
         out = summarize(counters)
         out["engine"] = self.runtime.engine.stats()
         out["prefetch_accuracy"] = out["engine"].get("prefetch_accuracy", 0.0)
+        out["host"] = self.runtime.pool.stats()
         return out
 
     def set_policy(self, policy) -> None:
@@ -84,13 +88,16 @@ class MoerunHandle:
         ))
 
     def memory(self) -> dict:
-        """Bytes: device ``{skeleton, kv_cache_reserve, workspace_reserve, arena, budget}``, host ``{pool}``."""
-        p = self.plan
+        """Bytes: device ``{skeleton, kv_cache_reserve, workspace_reserve, arena, budget}``; host ``{pool}``
+        with ``capacity`` (experts the pool holds) and ``experts`` (routed experts of the model): a
+        capacity below ``experts`` means the pool caches experts in front of the files."""
+        p, pool = self.plan, self.runtime.pool
         return {
             "device": {"skeleton": p.skeleton_bytes, "kv_cache_reserve": p.kv_cache_bytes,
                        "workspace_reserve": p.workspace_bytes, "arena": p.arena_bytes,
                        "num_slots": p.num_slots, "slot": p.slot_bytes, "budget": p.budget_bytes},
-            "host": {"pool": self.pool_bytes},
+            "host": {"pool": self.pool_bytes, "capacity": pool.capacity,
+                     "experts": pool.num_layers * pool.num_experts, "slot": pool.slot_bytes},
         }
 
     @property

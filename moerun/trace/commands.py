@@ -23,7 +23,7 @@ def _replay(args) -> int:
     trace = read_trace(args.trace)
     policy = _compile(args.policy)
     t0 = time.perf_counter()
-    s = replay(trace, policy, capacity=args.capacity, num_slots=args.slots)
+    s = replay(trace, policy, capacity=args.capacity, num_slots=args.slots, host_capacity=args.host_capacity)
     elapsed = time.perf_counter() - t0
     s["replay_accesses_per_s"] = trace.num_accesses / elapsed if elapsed > 0 else float("inf")
     if args.json:
@@ -37,6 +37,10 @@ def _replay(args) -> int:
           f"(prefetch accuracy {s['prefetch_accuracy']:.3f}), {s['bytes_fetched'] / 1e9:.2f} GB moved")
     print(f"  cpu share    {s['cpu_share']:.4f}  ({s['cpu_experts']} expert runs, overflow {s['overflow']})")
     print(f"  est. time    {s['estimated_ms']:.1f} ms (cost model)   adapt firings {s['adapt_firing_count']}")
+    if "host" in s:
+        h = s["host"]
+        print(f"  host tier    hit rate {h['hit_rate']:.4f} with {h['capacity']} experts in host memory "
+              f"({h['hits']} hits / {h['accesses']} reads, {h['disk_bytes'] / 1e9:.2f} GB from disk)")
     return 0
 
 
@@ -44,7 +48,8 @@ def _sweep(args) -> int:
     from moerun.trace.sweep import format_rows, sweep, write_outputs
 
     trace = read_trace(args.trace)
-    rows = sweep(trace, [_compile(p) for p in args.policies], args.capacities, with_belady=not args.no_belady)
+    rows = sweep(trace, [_compile(p) for p in args.policies], args.capacities, with_belady=not args.no_belady,
+                 host_capacity=args.host_capacity)
     print(format_rows(rows))
     write_outputs(rows, args.json, args.plot, title=f"{trace.model}")
     return 0
@@ -92,6 +97,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", required=True, help=".moe file, policy text, or bundled name")
     p.add_argument("--capacity", type=int, default=None, help="override the policy's cache capacity")
     p.add_argument("--slots", type=int, default=None, help="GPU expert slots (default: the capacity)")
+    p.add_argument("--host-capacity", type=int, default=None,
+                   help="experts in host memory: adds the host tier's hit rate (default: the policy's host block)")
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
     p.set_defaults(func=_guard(_replay))
 
@@ -102,6 +109,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write hit rate vs capacity to this PNG")
     p.add_argument("--no-belady", action="store_true")
+    p.add_argument("--host-capacity", type=int, default=None,
+                   help="experts in host memory: adds each row's host-tier hit rate")
     p.set_defaults(func=_guard(_sweep))
 
     p = sub.add_parser("stats", help="per-layer entropy, skew, reuse distance, next-layer predictability")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moerun.policy.config import AUTO, CompiledPolicy
+from moerun.policy.config import AUTO, CompiledPolicy, HostConfig
 from moerun.policy.errors import PolicyError
 from moerun.policy_engine import CostModel, PolicyEngine
 from moerun.trace.format import Trace
@@ -18,12 +18,15 @@ DEFAULT_EXPERT_BYTES = 3 * 1408 * 2048 * 2  # a Qwen1.5-MoE expert in bf16, when
 
 
 def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None, num_slots: int | None = None,
-           cost: CostModel | None = None, oracle_predictions: bool = True) -> dict:
+           cost: CostModel | None = None, oracle_predictions: bool = True,
+           host_capacity: int | None = None) -> dict:
     """Replay ``trace`` under ``policy``; returns the engine's stats plus ``estimated_ms`` (the cost
     model's time for the whole trace).
 
     ``capacity`` overrides the policy's cache capacity (and a per_layer total_budget that is auto);
     ``num_slots`` is the arena size (default: the capacity, i.e. no spare staging slots).
+    ``host_capacity`` (or the policy's ``host { capacity }``) adds the host tier behind the GPU tier:
+    its hit rate comes back under ``"host"`` (eviction and watermarks from the policy's host block).
     """
     if capacity is not None:
         policy = replace(policy, cache=replace(policy.cache, capacity=capacity))
@@ -36,8 +39,11 @@ def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None,
     expert_bytes = trace.expert_bytes or DEFAULT_EXPERT_BYTES
     engine = PolicyEngine(policy, num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
                           num_slots=num_slots, expert_bytes=expert_bytes, cost=cost, replay=True)
+    host = policy.host
+    if host_capacity is not None:
+        host = replace(host or HostConfig(), capacity=host_capacity)
     stats = engine.replay(trace.expert_ids, trace.gate_weights, trace.step_starts,
-                          oracle_predictions=oracle_predictions)
+                          oracle_predictions=oracle_predictions, host=host)
     stats["estimated_ms"] = stats["simulated_us"] / 1e3
     stats["num_slots"] = num_slots
     stats["expert_bytes"] = expert_bytes

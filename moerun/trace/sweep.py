@@ -15,9 +15,9 @@ BELADY = CompiledPolicy(name="belady", cache=CacheConfig(eviction="belady"))
 
 
 def sweep(trace: Trace, policies: Sequence[CompiledPolicy], capacities: Sequence[int], *,
-          with_belady: bool = True) -> list[dict]:
+          with_belady: bool = True, host_capacity: int | None = None) -> list[dict]:
     """One row per (policy, capacity): policy, capacity, hit_rate, misses, bytes_fetched, cpu_share,
-    estimated_ms."""
+    estimated_ms; with a host tier (``host_capacity``, or a policy's ``host`` block) also host_hit_rate."""
     chosen = list(policies) + ([BELADY] if with_belady and all(p.name != "belady" for p in policies) else [])
     rows = []
     for policy in chosen:
@@ -25,18 +25,23 @@ def sweep(trace: Trace, policies: Sequence[CompiledPolicy], capacities: Sequence
             p = policy
             if p.per_layer is not None:
                 p = replace(p, per_layer=replace(p.per_layer, total_budget=cap))
-            s = replay(trace, p, capacity=cap)
-            rows.append(dict(policy=policy.name, capacity=cap, hit_rate=s["hit_rate"], misses=s["misses"],
-                             bytes_fetched=s["bytes_fetched"], cpu_share=s["cpu_share"],
-                             estimated_ms=s["estimated_ms"]))
+            s = replay(trace, p, capacity=cap, host_capacity=host_capacity)
+            row = dict(policy=policy.name, capacity=cap, hit_rate=s["hit_rate"], misses=s["misses"],
+                       bytes_fetched=s["bytes_fetched"], cpu_share=s["cpu_share"], estimated_ms=s["estimated_ms"])
+            if "host" in s:
+                row["host_hit_rate"] = s["host"]["hit_rate"]
+            rows.append(row)
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'policy':<20} {'capacity':>8} {'hit_rate':>8} {'misses':>9} {'GB moved':>9} {'est. ms':>10}"]
+    host = any("host_hit_rate" in r for r in rows)
+    lines = [f"{'policy':<20} {'capacity':>8} {'hit_rate':>8} {'misses':>9} {'GB moved':>9} {'est. ms':>10}"
+             + (f" {'host hit':>8}" if host else "")]
     for r in rows:
         lines.append(f"{r['policy']:<20} {r['capacity']:>8} {r['hit_rate']:>8.4f} {r['misses']:>9} "
-                     f"{r['bytes_fetched'] / 1e9:>9.2f} {r['estimated_ms']:>10.1f}")
+                     f"{r['bytes_fetched'] / 1e9:>9.2f} {r['estimated_ms']:>10.1f}"
+                     + (f" {r.get('host_hit_rate', float('nan')):>8.4f}" if host else ""))
     return "\n".join(lines)
 
 

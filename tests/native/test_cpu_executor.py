@@ -80,22 +80,58 @@ def test_repeated_jobs_reuse_the_pool_and_stay_correct(executor):
         torch.testing.assert_close(out, reference(x, ids, torch.tensor([[0.7, 0.3]]), experts, params))
 
 
-def test_every_isa_this_cpu_offers_agrees(monkeypatch):
-    pool, params = make_pool(torch.bfloat16, seed=5)
-    x = torch.randn(2, H).bfloat16()
-    ids = torch.tensor([[1, 2], [2, 3]])
-    w = torch.tensor([[0.6, 0.4], [0.5, 0.5]])
-    want = reference(x, ids, w, [1, 2, 3], params)
-    best = CpuExecutor(1).isa
-    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    for isa in order[: order.index(best) + 1]:
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
+
+
+def reference64(x, ids, weights, experts, params):
+    """The float64 reference: same weights and activations as the executor reads, exact arithmetic."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e in experts:
+                gate, up, down = (w.double() for w in params[e])
+                h = F.silu(x[t].double() @ gate.T) * (x[t].double() @ up.T)
+                out[t] += float(weights[t, k]) * (h @ down.T)
+    return out
+
+
+def _run_every_isa(monkeypatch, isas, tokens, hidden, inter):
+    g = torch.Generator().manual_seed(tokens)
+    pool = HostPool(2, E, hidden, inter, torch.bfloat16)
+    params = {}
+    for e in range(E):
+        gate, up, down = (torch.randn(s, generator=g) / s[1] ** 0.5 for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+        pool.write_expert(1, e, gate, up, down)
+        params[e] = [w.bfloat16() for w in (gate, up, down)]
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    want = reference64(x, ids, w, [1, 2, 3], params).float()
+    for isa in isas:
         monkeypatch.setenv("MOERUN_CPU_ISA", isa)
-        ex = CpuExecutor(1)
+        ex = CpuExecutor(2)
         assert ex.isa == isa
-        out = torch.empty(2, H)
+        out = torch.empty(tokens, hidden)
         ex.submit(pool, 1, x, ids, w, [1, 2, 3], out)
         ex.wait()
-        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+        # bf16 paths round the SwiGLU activations to bf16 before the down projection.
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{isa}: {m}")
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+def test_every_isa_this_cpu_offers_matches_float64(monkeypatch, tokens):
+    best = CpuExecutor(1).isa
+    _run_every_isa(monkeypatch, ISAS[: ISAS.index(best) + 1], tokens, H, I)
+
+
+@pytest.mark.gpu  # only the GPU machine's Xeon has AMX; the test needs AMX, not the GPU
+@pytest.mark.parametrize("tokens", [4, 16, 21])
+def test_needs_amx_tile_path_matches_float64(monkeypatch, tokens):
+    if CpuExecutor(1).isa != "amx_bf16":
+        pytest.skip("needs a CPU with AMX-BF16 and a kernel that grants tile data (Linux >= 5.16)")
+    # I and H multiples of 32 and of the 16-row tiles: the AMX kernel runs both projections.
+    _run_every_isa(monkeypatch, ["avx512_bf16", "amx_bf16"], tokens, 128, 96)
 
 
 def test_defaults_to_physical_cores_but_one_and_reports_isa():
@@ -103,7 +139,7 @@ def test_defaults_to_physical_cores_but_one_and_reports_isa():
 
     ex = CpuExecutor()
     assert ex.num_threads == max(1, physical_cores() - 1)
-    assert ex.isa in {"scalar", "avx2", "avx512", "avx512_bf16"}
+    assert ex.isa in ISAS
 
 
 def test_bad_inputs_are_rejected_before_work(executor):
