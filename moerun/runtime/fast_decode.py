@@ -278,11 +278,16 @@ class FastDecoder:
             return original_forward(model_ref(), *args, **kwargs)
 
         def generate(*args, **kwargs):
-            cache = decoder._cache_for_generate(model_ref(), args, kwargs)
-            if cache is not None:
-                kwargs["past_key_values"] = cache
-                kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
-            return original_generate(model_ref(), *args, **kwargs)
+            if not decoder.enabled:
+                return original_generate(model_ref(), *args, **kwargs)
+            # The cache and the step buffers outlive this call and are updated in place by later ones:
+            # they must not become inference tensors (generate itself runs under no_grad).
+            with torch.inference_mode(False):
+                cache = decoder._cache_for_generate(model_ref(), args, kwargs)
+                if cache is not None:
+                    kwargs["past_key_values"] = cache
+                    kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
+                return original_generate(model_ref(), *args, **kwargs)
 
         forward.__signature__ = inspect.signature(model.forward)  # generate inspects forward's arguments
         forward.__doc__ = original_forward.__doc__
