@@ -252,6 +252,12 @@ def test_adapt_rules_that_fire_change_no_token(checkpoints, new_tokens):
 # the static KV cache, the forward/generate hooks, the segment code, the runtime's phases. The static
 # cache's attention reduces over max_context positions rather than the filled ones, so logits may differ
 # from the references in the last fp32 bits (atol 1e-4 as above); tokens must be identical.
+def _assert_matches(got, want):
+    """Identical tokens; logits within the tolerance above. ``got``/``want``: (tokens, logits)."""
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
 def _load_fast(path, slots=None, **kw):
     budget = _budget_for(path, slots, max_batch=kw.get("max_batch", 1)) if slots else "auto"
     return moerun.load(path, device="cpu", max_context=64, vram_budget=budget, fast_decode=True,
@@ -265,18 +271,15 @@ def test_fast_path_matches_transformers_path_and_plain_transformers(arch, budget
     prompt, ref_tokens, ref_logits = references[arch]
     top_k = synthetic_config(arch).num_experts_per_tok
     model = _load_fast(path, top_k if budget == "evict_every_step" else None, policy=_policy("gpu_only"))
-    tokens, logits = _generate(model, prompt)
+    fast = _generate(model, prompt)
     decode = model.moerun.stats()["decode"]
     assert decode["fast_steps"] == NEW_TOKENS - 1  # every step after the prefill
     assert decode["kv_cache_bytes"] == model.moerun.plan.kv_cache_bytes  # the planned reserve, exactly
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    _assert_matches(fast, (ref_tokens, ref_logits))
 
     model.moerun.fast_decode = False
-    slow_tokens, slow_logits = _generate(model, prompt)
+    _assert_matches(_generate(model, prompt), fast)
     assert model.moerun.stats()["decode"]["fast_steps"] == NEW_TOKENS - 1  # the switch took effect
-    assert torch.equal(slow_tokens, tokens)
-    torch.testing.assert_close(slow_logits, logits, rtol=1e-4, atol=1e-4)
     if budget == "evict_every_step":
         for counts in model.moerun.stats()["per_layer"].values():
             assert counts["evictions"] >= counts["steps"] - 1
@@ -289,13 +292,11 @@ def test_cpu_experts_and_lookahead_through_the_fast_path(checkpoints, references
     policy = ("policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 2 } "
               "schedule { mode = cpu_fallback } }")
     model = _load_fast(path, 4, policy=policy)
-    tokens, logits = _generate(model, prompt)
+    fast = _generate(model, prompt)
     stats = model.moerun.stats()
     assert stats["cpu_experts"] > 0 and stats["prefetches"] > 0 and stats["decode"]["fast_steps"] > 0
     model.moerun.fast_decode = False
-    slow_tokens, slow_logits = _generate(model, prompt)
-    assert torch.equal(tokens, slow_tokens)
-    torch.testing.assert_close(logits, slow_logits, rtol=1e-4, atol=1e-4)
+    _assert_matches(_generate(model, prompt), fast)
 
 
 def test_sampling_and_streamer_match_the_transformers_path(checkpoints):
