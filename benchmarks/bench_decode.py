@@ -1,7 +1,7 @@
 """Decode tok/s of the fast decode path against the transformers path, with its per-layer breakdown.
 
-Three rows on a built-in model (default: Qwen1.5-MoE-A2.7B shapes, bf16, random weights, so routing
-is close to uniform), batch 1, greedy:
+Three rows on a built-in model (default: Qwen1.5-MoE-A2.7B shapes, bf16, random weights), batch 1,
+greedy unless ``--sample``:
 
 - ``dense-only``: every expert resident, routed experts SKIPPED (a benchmark-only switch: the
   fast path's ``skip_routed_experts``; on the transformers path the runtime's step returns zeros).
@@ -9,11 +9,16 @@ is close to uniform), batch 1, greedy:
 - ``resident``: every expert resident (budget ``auto``).
 - ``budget``: ``--budget`` (default 10GiB) under ``--policy``.
 
+Greedy decoding of a random-weight model falls into a loop of repeated tokens, so its routing
+repeats (high hit rates); ``--sample`` samples from the whole vocabulary so that tokens, and with
+them the experts chosen, vary from step to step (close to uniform routing).
+
 Each row times the fast path (graphs captured by a warm-up generation) and the transformers path
 (``model.moerun.fast_decode = False``) on the same loaded model, compares their tokens over the
 shorter run, and gives the fast path's per-layer breakdown (``model.moerun.profile_decode``).
 
     MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --out decode.json
+    MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --rows budget --sample
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from moerun.bench.measure import timed_generate
 from moerun.bench.models import prepare_checkpoint
 
 
-def _tok_s(model, prompt, new_tokens: int, device) -> tuple[float, list]:
-    timing = timed_generate(model, prompt, new_tokens, device)
+def _tok_s(model, prompt, new_tokens: int, device, sample: bool) -> tuple[float, list]:
+    torch.manual_seed(0)  # both paths draw the same samples (their logits are the same)
+    timing = timed_generate(model, prompt, new_tokens, device, sample=sample)
     return timing.decode_steps / max(timing.decode_s, 1e-9), timing.tokens[0]
 
 
@@ -51,19 +57,19 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     handle.fast_decode = True
     handle.decoder.skip_routed_experts = skip_routed
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up: capture graphs
-    fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device)
+    fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
     with handle.profile_decode() as profile:
         model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
     handle.decoder.skip_routed_experts = False
 
     handle.fast_decode = False
     model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-    slow_tok_s, slow_tokens = _tok_s(model, prompt, args.slow_new_tokens, device)
+    slow_tok_s, slow_tokens = _tok_s(model, prompt, args.slow_new_tokens, device, args.sample)
     restore()
     n = min(len(fast_tokens), len(slow_tokens))
     same = sum(a == b for a, b in zip(fast_tokens[:n], slow_tokens[:n]))
     summary = profile.summary()
-    row = {"row": name, "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
+    row = {"row": name, "sample": args.sample, "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
            "speedup": fast_tok_s / max(slow_tok_s, 1e-9), "tokens_equal": f"{same}/{n}",
            "memory": handle.memory()["device"], "decode_stats": handle.stats()["decode"],
            "hit_rate": handle.stats()["hit_rate"], "cpu_share": handle.stats()["cpu_share"],
@@ -86,6 +92,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="fast path")
     p.add_argument("--slow-new-tokens", type=int, default=16, help="transformers path")
     p.add_argument("--profile-tokens", type=int, default=16)
+    p.add_argument("--sample", action="store_true",
+                   help="sample from the whole vocabulary (temperature 1) instead of greedy: a random-weight "
+                        "model's routing then varies per step, close to uniform (greedy repeats a loop)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
 

@@ -54,16 +54,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate(model, input_ids: torch.Tensor, new_tokens: int, streamer=None) -> torch.Tensor:
+def _generate(model, input_ids: torch.Tensor, new_tokens: int, streamer=None, sample: bool = False) -> torch.Tensor:
+    # Sampling from the whole vocabulary at temperature 1 (a random-weight model's tokens, hence its
+    # routing, then vary from step to step instead of repeating a greedy loop).
+    how = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     return model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
+        min_new_tokens=new_tokens, streamer=streamer, **how,
     )
 
 
 def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device,
-                   on_first_token: Callable[[], None] | None = None) -> RepeatTiming:
-    """Generates ``new_tokens`` greedy tokens after ``input_ids`` [B, S] and times the phases.
+                   on_first_token: Callable[[], None] | None = None, sample: bool = False) -> RepeatTiming:
+    """Generates ``new_tokens`` tokens after ``input_ids`` [B, S] (greedy, or sampled from the whole
+    vocabulary with ``sample``) and times the phases.
 
     ``on_first_token`` runs when the first generated token reaches the host (not when the model's
     ``generate`` does not drive a streamer).
@@ -72,7 +76,7 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torc
     _sync(device)
     start_s = time.perf_counter()
     with torch.inference_mode():
-        output = _generate(model, input_ids, new_tokens, streamer=clock)
+        output = _generate(model, input_ids, new_tokens, streamer=clock, sample=sample)
     _sync(device)
     end_s = time.perf_counter()
     generated = output[:, input_ids.shape[1]:]                                   # [B, new_tokens]
@@ -84,7 +88,7 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torc
         _sync(device)
         first_start_s = time.perf_counter()
         with torch.inference_mode():
-            _generate(model, input_ids, 1)
+            _generate(model, input_ids, 1, sample=sample)
         _sync(device)
         first_token_s = start_s + (time.perf_counter() - first_start_s)
     return RepeatTiming(

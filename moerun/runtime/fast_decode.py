@@ -35,8 +35,10 @@ import inspect
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.base import MoeAdapter
@@ -45,7 +47,8 @@ from .decode_profile import DecodeProfile
 from .offload import HostStep, OffloadRuntime, merge_cpu_partial
 from .segments import Segment
 
-# Tokens per sequence step the fast path takes (the fused kernel's decode path covers them).
+# Tokens per sequence step the fast path takes (the fused kernel's decode path covers them;
+# memory.py reserves room for a step of max_batch x this many tokens).
 MAX_STEP_TOKENS = 16
 # The decoder-layer structure the segments reproduce (pre-norm: attention then MLP, each with a residual).
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -77,6 +80,22 @@ def unsupported_reason(model) -> str | None:
             return (f"decoder layer {index} ({type(layer).__name__}) has children {sorted(children)}, not the "
                     f"pre-norm layout {sorted(_LAYER_CHILDREN)}")
     return None
+
+
+@dataclass
+class _MoeSegments:
+    """The segments of one MoE decoder layer (module docstring): A, A with the lookahead router
+    (None for the last MoE layer), B, E, and E with the CPU partial."""
+
+    block: nn.Module
+    a: Segment
+    a_ahead: Segment | None
+    b: Segment
+    e: Segment
+    e_cpu: Segment
+
+    def segments(self):
+        return [s for s in (self.a, self.a_ahead, self.b, self.e, self.e_cpu) if s is not None]
 
 
 def _notice(message: str) -> None:
@@ -138,17 +157,17 @@ class _StepBuffers:
             self.logits.copy_(model.lm_head(hs))
 
         self.head, self.tail = seg("head", head), seg("tail", tail)
-        self.layers = []  # per decoder layer: ("dense", seg) or ("moe", moe_index, block, A, B, E, E_cpu)
+        self.layers: list[Segment | _MoeSegments] = []  # per decoder layer: dense layers are one segment
         for index, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
             block = layer.mlp
             attn_kwargs = dict(position_ids=self.position_ids, past_key_values=cache, use_cache=True)
             if not hasattr(block, "moe_index"):
                 def dense(layer=layer, kw=attn_kwargs):
                     self.h.copy_(layer(self.h, attention_mask=self.mask, position_embeddings=self.pe, **kw))
-                self.layers.append(("dense", seg(f"dense{index}", dense)))
+                self.layers.append(seg(f"dense{index}", dense))
                 continue
 
-            def a(layer=layer, block=block, kw=attn_kwargs):
+            def a(layer=layer, block=block, kw=attn_kwargs, lookahead=False):
                 # The decoder layer's forward up to its MLP (transformers' order and ops).
                 residual = self.h
                 hs = layer.input_layernorm(self.h)
@@ -159,13 +178,14 @@ class _StepBuffers:
                 ids, weights = block.adapter.route(block.gate, self.x)  # [T, K], [T, K] fp32
                 self.ids.copy_(ids)
                 self.weights.copy_(weights)
-                if block.next_gate is not None:  # always computed: a policy swap may turn lookahead on
+                if lookahead:  # the next MoE layer's router on this x
                     self.pred.copy_(block.adapter.route(block.next_gate, self.x)[0])
                 if on_cuda:
                     self.host.x.copy_(self.x, non_blocking=True)
                     self.host.ids.copy_(self.ids, non_blocking=True)
                     self.host.weights.copy_(self.weights, non_blocking=True)
-                    self.host.pred.copy_(self.pred, non_blocking=True)
+                    if lookahead:
+                        self.host.pred.copy_(self.pred, non_blocking=True)
 
             def b(block=block):
                 decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)
@@ -177,14 +197,18 @@ class _StepBuffers:
                     y = y + shared
                 self.h.copy_(self.resid + y.view(self.h.shape))
 
-            self.layers.append(("moe", block, seg(f"A{index}", a), seg(f"B{index}", b), seg(f"E{index}", e),
-                                seg(f"Ecpu{index}", functools.partial(e, with_cpu=True))))
+            # Segment A with the lookahead router exists where there is a next MoE layer; which A runs
+            # follows the policy (a hot swap may turn lookahead on or off between steps).
+            a_ahead = seg(f"A{index}+ahead", functools.partial(a, lookahead=True)) if block.next_gate is not None \
+                else None
+            self.layers.append(_MoeSegments(block, seg(f"A{index}", a), a_ahead, seg(f"B{index}", b), seg(f"E{index}", e),
+                                            seg(f"Ecpu{index}", functools.partial(e, with_cpu=True))))
 
     def segments(self):
         yield self.head
         yield self.tail
         for entry in self.layers:
-            yield from (s for s in entry if isinstance(s, Segment))
+            yield from entry.segments() if isinstance(entry, _MoeSegments) else (entry,)
 
 
 class FastDecoder:
@@ -371,13 +395,15 @@ class FastDecoder:
             prof.begin_step()
         buf.head()
         for entry in buf.layers:
-            if entry[0] == "dense":
-                entry[1]()
+            if isinstance(entry, Segment):  # a dense decoder layer
+                entry()
                 continue
-            _, block, seg_a, seg_b, seg_e, seg_e_cpu = entry
+            block = entry.block
+            ahead = runtime.lookahead and entry.a_ahead is not None
+            seg_a = entry.a_ahead if ahead else entry.a
             if self.skip_routed_experts:  # benchmark-only: no sync, no plan, y stays zero
                 seg_a()
-                seg_e()
+                entry.e()
                 continue
             layer = block.layer
             t0 = time.perf_counter()
@@ -388,13 +414,13 @@ class FastDecoder:
             if stream is not None:
                 stream.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
             t_plan = time.perf_counter()
-            buf.host.started_at, buf.host.pred_layer = t0, block.next_moe_index
+            buf.host.started_at, buf.host.pred_layer = t0, block.next_moe_index if ahead else None
             step = runtime.begin(block.moe_index, buf.host)
             p1 = prof.now() if prof else None
             if prof:
                 prof.host_span(layer, "sync", t_sync, until_s=t_plan)
                 plan_ms = prof.host_span(layer, "plan", t_plan)
-            seg_b()
+            entry.b()
             b1 = prof.now() if prof else None
             runtime.after_kernel(step)
             if step.cpu_experts:
@@ -403,10 +429,10 @@ class FastDecoder:
                 if prof:
                     prof.host_span(layer, "cpu_wait", t_cpu)
                 e0 = prof.now() if prof else None
-                seg_e_cpu()
+                entry.e_cpu()
             else:
                 e0 = prof.now() if prof else None
-                seg_e()
+                entry.e()
             if prof:
                 e1 = prof.now()
                 prof.device_span(layer, "graph_a", a0, a1)
