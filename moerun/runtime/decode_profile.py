@@ -6,10 +6,11 @@ Phases of one MoE layer step (DESIGN.md, "one decode step through one MoE layer"
 - ``sync``: host time blocked waiting for those copies (it overlaps ``graph_a``);
 - ``plan``: host time of the policy engine's plan and issuing copies / CPU work;
 - ``copies_wait``: device time the compute stream waited on slot copies beyond ``plan``
-  (device gap between the events around planning, minus ``plan``, floored at zero);
+  (device gap from the end of A to the end of planning's waits, minus ``plan``, floored at zero;
+  the shared experts run in that gap, so it is approximate while they take longer than ``plan``);
 - ``cpu_wait``: host time blocked on the CPU executor;
-- ``graph_b``: device time of segment B (fused MoE) plus the merge segment (CPU partial, shared
-  expert, residual).
+- ``graph_b``: device time of the shared experts (segment S), the fused MoE (segment B) and the
+  merge segment (CPU partial, shared output, residual).
 
 Device times come from CUDA events (read once per step, when the step ends); on the CPU every
 phase is host time. The decoder calls nothing here unless a profile is open, so closed profiles

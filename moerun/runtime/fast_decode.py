@@ -13,10 +13,11 @@ segments over static buffers (segments.py) instead of transformers' per-layer Py
       A       input norm -> self-attention over the static KV cache -> residual -> post norm ->
               router -> top-k (+ the next MoE layer's router on the same x, for lookahead) ->
               x, ids, weights, predicted ids copied to pinned host buffers
-      (host)  wait for the copies (the layer's only sync); the runtime plans, issues copies,
+      S       shared experts on x (queued behind A: the GPU runs them while the host plans)
+      (host)  wait for A's copies (the layer's only sync); the runtime plans, issues copies,
               starts CPU experts, makes the stream wait on the slots (OffloadRuntime phases)
       B       fused MoE over the slots (reads the slot table on the device)
-      E       [+ CPU partial, when the plan has CPU experts] + shared expert + residual
+      E       [+ CPU partial, when the plan has CPU experts] + shared output + residual
     tail      final norm -> lm_head -> logits
 
 Prefill runs through transformers (eager) writing into the same static cache. The decoder hooks
@@ -85,17 +86,18 @@ def unsupported_reason(model) -> str | None:
 @dataclass
 class _MoeSegments:
     """The segments of one MoE decoder layer (module docstring): A, A with the lookahead router
-    (None for the last MoE layer), B, E, and E with the CPU partial."""
+    (None for the last MoE layer), S (None without shared experts), B, E, and E with the CPU partial."""
 
     block: nn.Module
     a: Segment
     a_ahead: Segment | None
+    shared: Segment | None
     b: Segment
     e: Segment
     e_cpu: Segment
 
     def segments(self):
-        return [s for s in (self.a, self.a_ahead, self.b, self.e, self.e_cpu) if s is not None]
+        return [s for s in (self.a, self.a_ahead, self.shared, self.b, self.e, self.e_cpu) if s is not None]
 
 
 def _notice(message: str) -> None:
@@ -122,6 +124,9 @@ class _StepBuffers:
         self.weights = torch.zeros(t, top_k, dtype=torch.float32, device=dev)  # [T, K]
         self.pred = torch.zeros(t, top_k, dtype=torch.long, device=dev)  # [T, K]
         self.y = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] routed experts' output
+        self.s = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] shared experts' output
+        # Recorded behind A's host copies: the host waits on it, not on the shared experts queued after.
+        self.copied = torch.cuda.Event() if dev.type == "cuda" else None
         self.logits = torch.zeros(batch, keep, cfg.vocab_size, dtype=dtype, device=dev)  # [B, keep, V]
         self.pe = None  # rotary (cos, sin) or whatever the model's rotary module returns, static
         on_cuda = dev.type == "cuda"
@@ -190,19 +195,24 @@ class _StepBuffers:
             def b(block=block):
                 decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)
 
-            def e(block=block, with_cpu=False):
+            def shared(block=block):
+                self.s.copy_(block.adapter.shared_output(block, self.x))
+
+            has_shared = bool(block.adapter.shared_modules)
+
+            def e(with_cpu=False, has_shared=has_shared):
                 y = merge_cpu_partial(self.y, self.host.cpu_out) if with_cpu else self.y  # [T, H]
-                shared = block.adapter.shared_output(block, self.x)
-                if shared is not None:
-                    y = y + shared
+                if has_shared:
+                    y = y + self.s
                 self.h.copy_(self.resid + y.view(self.h.shape))
 
             # Segment A with the lookahead router exists where there is a next MoE layer; which A runs
             # follows the policy (a hot swap may turn lookahead on or off between steps).
             a_ahead = seg(f"A{index}+ahead", functools.partial(a, lookahead=True)) if block.next_gate is not None \
                 else None
-            self.layers.append(_MoeSegments(block, seg(f"A{index}", a), a_ahead, seg(f"B{index}", b), seg(f"E{index}", e),
-                                            seg(f"Ecpu{index}", functools.partial(e, with_cpu=True))))
+            self.layers.append(_MoeSegments(
+                block, seg(f"A{index}", a), a_ahead, seg(f"S{index}", shared) if has_shared else None,
+                seg(f"B{index}", b), seg(f"E{index}", e), seg(f"Ecpu{index}", functools.partial(e, with_cpu=True))))
 
     def segments(self):
         yield self.head
@@ -403,6 +413,8 @@ class FastDecoder:
             seg_a = entry.a_ahead if ahead else entry.a
             if self.skip_routed_experts:  # benchmark-only: no sync, no plan, y stays zero
                 seg_a()
+                if entry.shared is not None:
+                    entry.shared()
                 entry.e()
                 continue
             layer = block.layer
@@ -410,9 +422,14 @@ class FastDecoder:
             a0 = prof.now() if prof else None
             seg_a()
             a1 = prof.now() if prof else None
+            if stream is not None:
+                buf.copied.record(stream)
+            if entry.shared is not None:
+                entry.shared()  # the GPU runs the shared experts while the host waits and plans
+            a2 = prof.now() if prof else None
             t_sync = time.perf_counter()
             if stream is not None:
-                stream.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
+                buf.copied.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
             t_plan = time.perf_counter()
             buf.host.started_at, buf.host.pred_layer = t0, block.next_moe_index if ahead else None
             step = runtime.begin(block.moe_index, buf.host)
@@ -437,6 +454,7 @@ class FastDecoder:
                 e1 = prof.now()
                 prof.device_span(layer, "graph_a", a0, a1)
                 prof.device_span(layer, "copies_wait", a1, p1, minus_ms=plan_ms)
+                prof.device_span(layer, "graph_b", a1, a2)  # the shared experts
                 prof.device_span(layer, "graph_b", p1, b1)
                 prof.device_span(layer, "graph_b", e0, e1)
             runtime.finish(step)
