@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from .models import MoeAdapter, adapter_for
 from .policy.config import AUTO, CompiledPolicy, HostConfig
+from .runtime.fast_decode import FastDecoder
 from .runtime.handle import MoerunHandle
 from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
                              slot_elems)
@@ -45,6 +46,7 @@ def load(
     revision: str = "main",
     cpu_threads: int = 0,
     copy_streams: int = 2,
+    fast_decode: bool | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
     """Load an MoE checkpoint with its routed experts offloaded under ``policy``.
@@ -59,7 +61,11 @@ def load(
             wins) the pool holds that many experts and reads the others from the files on demand.
         device: where the dense part and the arena live; default CUDA when available, else CPU.
         dtype: compute dtype; default the checkpoint's (``config.dtype``).
-        max_context, max_batch: the KV cache and activations the budget reserves room for.
+        max_context, max_batch: the KV cache and activations the budget reserves room for; the fast
+            decode path's static KV cache holds max_batch sequences of max_context tokens.
+        fast_decode: decode steps as CUDA graphs over a static KV cache (default: on for CUDA);
+            ``model.moerun.fast_decode`` switches it later. Where the model cannot use it, it stays
+            off with a one-line notice and decoding runs through transformers' layers.
     Returns:
         A transformers ``PreTrainedModel`` (``generate()`` works) with a ``model.moerun`` handle.
     """
@@ -86,8 +92,12 @@ def load(
     if (path / "generation_config.json").is_file():
         hf_model.generation_config = GenerationConfig.from_pretrained(path)
     hf_model.eval()
+    decoder = FastDecoder(hf_model, adapter, runtime, max_context=max_context, max_batch=max_batch,
+                          device=device, dtype=dtype)
+    decoder.install(hf_model)
+    decoder.set_enabled(device.type == "cuda" if fast_decode is None else fast_decode)
     hf_model.moerun = MoerunHandle(
-        model=hf_model, runtime=runtime, plan=plan, moe_layers=moe_layers, checkpoint_path=path,
+        model=hf_model, runtime=runtime, decoder=decoder, plan=plan, moe_layers=moe_layers, checkpoint_path=path,
         pool_bytes=runtime.pool.total_bytes,
         policy=compiled,
         model_info={"model_type": config.model_type, "path": str(path), "hidden_size": adapter.hidden_size,

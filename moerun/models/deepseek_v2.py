@@ -19,9 +19,10 @@ class DeepseekV2Adapter(MoeAdapter):
         return self.config.n_routed_experts
 
     def kv_elems_per_token(self) -> int:
-        # transformers caches MLA keys/values expanded per head (not the compressed latent).
+        # transformers (5.17 on) caches MLA's compressed latent, not per-head keys/values: the
+        # normalised kv latent [kv_lora_rank] and the shared rotary key [qk_rope_head_dim].
         cfg = self.config
-        return cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
     def moe_layers(self) -> list[int]:
         return list(range(self.config.first_k_dense_replace, self.num_layers))

@@ -3,8 +3,9 @@
 stats() — runtime counters per layer and in total, merged with the policy engine's statistics
 (hit rate, prefetch accuracy, adapt firings); set_policy() — hot swap between steps; record_trace()
 — a context manager writing the experts chosen while it is open in the trace format; memory() —
-device bytes of skeleton / KV reserve / arena and host bytes of the pool; tokenizer — the
-checkpoint's tokenizer when it has one.
+device bytes of skeleton / KV reserve / arena and host bytes of the pool; fast_decode — the switch
+of the fast decode path (fast_decode.py); profile_decode() — a context manager collecting its
+per-layer time breakdown; tokenizer — the checkpoint's tokenizer when it has one.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
+from .decode_profile import DecodeProfile
+from .fast_decode import FastDecoder
 from .memory import MemoryPlan
 from .offload import OffloadRuntime
 from .stats import summarize
@@ -22,10 +25,11 @@ from .trace_recorder import TraceRecorder
 class MoerunHandle:
     """Offloading controls of one model returned by :func:`moerun.load`."""
 
-    def __init__(self, *, model, runtime: OffloadRuntime, plan: MemoryPlan, moe_layers: list[int],
-                 checkpoint_path: Path, pool_bytes: int, policy, model_info: dict):
+    def __init__(self, *, model, runtime: OffloadRuntime, decoder: FastDecoder, plan: MemoryPlan,
+                 moe_layers: list[int], checkpoint_path: Path, pool_bytes: int, policy, model_info: dict):
         self._model = weakref.ref(model)  # the model holds this handle: no reference cycle
         self.runtime = runtime
+        self.decoder = decoder
         self.plan = plan
         self.moe_layers = list(moe_layers)
         self.checkpoint_path = checkpoint_path
@@ -46,7 +50,34 @@ class MoerunHandle:
         out["engine"] = self.runtime.engine.stats()
         out["prefetch_accuracy"] = out["engine"].get("prefetch_accuracy", 0.0)
         out["host"] = self.runtime.pool.stats()
+        out["decode"] = self.decoder.stats()
         return out
+
+    @property
+    def fast_decode(self) -> bool:
+        """Whether decode steps run through the fast path (CUDA graphs over a static KV cache).
+
+        Set it to False for transformers' layers (the reference path); setting True where the model
+        cannot use the fast path leaves it off with a one-line notice.
+        """
+        return self.decoder.enabled
+
+    @fast_decode.setter
+    def fast_decode(self, enabled: bool) -> None:
+        self.decoder.set_enabled(bool(enabled))
+
+    @contextlib.contextmanager
+    def profile_decode(self) -> Iterator[DecodeProfile]:
+        """Collect the per-layer time breakdown of fast-path decode steps while open
+        (``profile.summary()``); device phases are timed with CUDA events."""
+        if self.decoder.profile is not None:
+            raise RuntimeError("profile_decode is already open on this model; close it before opening another")
+        profile = DecodeProfile(self.decoder.device)
+        self.decoder.profile = profile
+        try:
+            yield profile
+        finally:
+            self.decoder.profile = None
 
     def set_policy(self, policy) -> None:
         """Replace the policy (a compiled policy, ``.moe`` text, path or bundled name) between steps.

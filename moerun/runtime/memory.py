@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.base import MoeAdapter
+from .fast_decode import MAX_STEP_TOKENS
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -62,6 +63,7 @@ class MemoryPlan:
     skeleton_bytes: int      # non-expert weights (embeddings, attention, norms, routers, shared experts)
     kv_cache_bytes: int      # KV cache of max_batch sequences of max_context tokens
     workspace_bytes: int     # activations of a max_batch x max_context prefill + fixed scratch
+                             # + the fast decode path's step buffers and graph pool
     slot_bytes: int          # one expert slot
     num_slots: int
     min_slots: int           # slots a step of one token needs (top_k)
@@ -80,21 +82,34 @@ class MemoryPlan:
         return self.fixed_bytes + self.min_slots * self.slot_bytes
 
 
-def workspace_bytes(adapter: MoeAdapter, itemsize: int, tokens: int) -> int:
-    """Peak activation memory of a forward over ``tokens`` tokens, plus fixed scratch.
-
-    Per token: a few hidden-size tensors (residual, norm output, attention output, MoE output),
-    the widest MLP intermediate three times (gate, up, product), the routed pairs' fp32 scratch,
-    and the router's fp32 scores.
-    """
+def _activation_bytes_per_token(adapter: MoeAdapter, itemsize: int) -> int:
+    """A few hidden-size tensors (residual, norm output, attention output, MoE output), the widest
+    MLP intermediate three times (gate, up, product), the routed pairs' fp32 scratch, and the
+    router's fp32 scores."""
     cfg = adapter.config
     widest = max(getattr(cfg, "intermediate_size", 0) or 0,
                  getattr(cfg, "shared_expert_intermediate_size", 0) or 0,
                  adapter.top_k * adapter.expert_inter_size)
-    per_token = itemsize * (8 * adapter.hidden_size + 3 * widest) + 4 * (
+    return itemsize * (8 * adapter.hidden_size + 3 * widest) + 4 * (
         adapter.top_k * adapter.expert_inter_size + 2 * adapter.num_experts
     )
-    return WORKSPACE_BASE_BYTES + tokens * per_token + 4 * cfg.vocab_size * max(1, tokens // 1024)
+
+
+def workspace_bytes(adapter: MoeAdapter, itemsize: int, tokens: int) -> int:
+    """Peak activation memory of a forward over ``tokens`` tokens, plus fixed scratch."""
+    per_token = _activation_bytes_per_token(adapter, itemsize)
+    return WORKSPACE_BASE_BYTES + tokens * per_token + 4 * adapter.config.vocab_size * max(1, tokens // 1024)
+
+
+def decode_graph_bytes(adapter: MoeAdapter, itemsize: int, max_batch: int, max_context: int) -> int:
+    """What the fast decode path keeps besides the KV cache, for its largest step (max_batch x
+    MAX_STEP_TOKENS tokens): the step's static buffers and its graphs' private memory pool (both about
+    the step's activations and logits), the fp32 attention scores and the mask over max_context."""
+    cfg = adapter.config
+    tokens = max_batch * MAX_STEP_TOKENS
+    activations = tokens * (_activation_bytes_per_token(adapter, itemsize) + itemsize * cfg.vocab_size)
+    attention = tokens * max_context * (2 * 4 * cfg.num_attention_heads + 4)
+    return 2 * activations + attention
 
 
 def plan_memory(
@@ -114,7 +129,8 @@ def plan_memory(
     itemsize = torch.tensor([], dtype=dtype).element_size()
     tokens = max_batch * max_context
     kv = adapter.num_layers * adapter.kv_elems_per_token() * itemsize * tokens
-    work = workspace_bytes(adapter, itemsize, tokens)
+    # The prefill's activations and the fast decode path's buffers and graph pool are both kept.
+    work = workspace_bytes(adapter, itemsize, tokens) + decode_graph_bytes(adapter, itemsize, max_batch, max_context)
     slot = slot_elems(adapter) * itemsize
     min_slots = min(adapter.top_k, max_slots)
     fixed = skeleton_bytes + kv + work

@@ -15,6 +15,10 @@ engine's, the arena's and the pool's layer id, so dense layers cost no slots):
    (pairs not resident contribute zero), and the slots' release events are recorded;
 6. the CPU partial sum is added.
 
+``run`` is these phases in order (``to_host``, ``begin``, ``moe_kernel``, ``after_kernel``,
+``wait_cpu`` + :func:`merge_cpu_partial`, ``finish``); the fast decode path (fast_decode.py) calls
+the same phases, with the device-side ones inside its CUDA graphs.
+
 This module decides nothing: the engine decides, the mechanism moves bytes. It knows nothing
 about transformers modules (see moe_layer.py).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +46,40 @@ class _PinnedBuffer:
         if self.buf.numel() < numel:
             self.buf = torch.empty(max(numel, 2 * self.buf.numel()), dtype=self.dtype, pin_memory=self.pin)
         return self.buf[:numel]
+
+
+@dataclass
+class HostStep:
+    """Host-side inputs of one layer step: pinned copies of the router's output and the tokens.
+
+    The transformers path fills them per call (:meth:`OffloadRuntime.to_host`); the fast decode
+    path owns static ones that its captured graphs copy into.
+    """
+
+    x: torch.Tensor               # [T, H] tokens (the CPU experts' input)
+    ids: torch.Tensor             # [T, K] int64 routed experts
+    weights: torch.Tensor         # [T, K] fp32 gate weights
+    pred: torch.Tensor | None     # [T, K] int64 next MoE layer's predicted experts (lookahead)
+    pred_layer: int | None        # which MoE layer ``pred`` predicts
+    cpu_out: torch.Tensor         # [T, H] fp32 the CPU executor's partial sum
+    started_at: float = 0.0       # perf_counter() when the step began (for the cost model)
+
+
+@dataclass
+class StepPlan:
+    """One layer step's plan as the runtime carries it out (engine lists read once)."""
+
+    layer: int
+    start: float
+    cpu_start: float
+    expert_ids: np.ndarray        # [T*K]
+    slots: list
+    hits: list
+    fetches: list
+    prefetches: list
+    releases: list
+    cpu_experts: list = field(default_factory=list)
+    cpu_us: float = 0.0
 
 
 class OffloadRuntime:
@@ -84,7 +123,6 @@ class OffloadRuntime:
         self._pred_host = _PinnedBuffer(torch.int64, on_cuda)
         self._x_host: dict[torch.dtype, _PinnedBuffer] = {}
         self._cpu_out_buf = _PinnedBuffer(torch.float32, on_cuda)
-        self._cpu_out: torch.Tensor | None = None
         self.observe_timings = observe_timings
         self._last_copy = (0.0, 0)
 
@@ -101,17 +139,34 @@ class OffloadRuntime:
 
         ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device;
         ``predicted`` = (next layer, its predicted ids ``[T, K]``) feeds lookahead prefetch.
+        The transformers path calls this; the fast decode path calls the same phases with its
+        static buffers, the kernel and the CPU merge inside CUDA graphs.
         """
-        start = time.perf_counter()
-        x_host, ids_host, weights_host, pred_host = self._to_host(x, ids, weights, predicted)  # the one sync
+        host = self.to_host(x, ids, weights, predicted)  # the one sync
+        step = self.begin(layer, host)
+        y = self.moe_kernel(layer, x, ids, weights)
+        self.after_kernel(step)
+        if step.cpu_experts:
+            self.wait_cpu(step)
+            y = merge_cpu_partial(y, host.cpu_out)
+        self.finish(step)
+        return y
+
+    def begin(self, layer: int, host: HostStep) -> StepPlan:
+        """Plan layer ``layer``'s step from its host copies, issue the demand copies, start the CPU
+        experts, and make the compute stream wait for the slots the kernel reads.
+
+        Called once the host copies in ``host`` are complete (after the step's one sync).
+        """
+        start = host.started_at
         self.transfer.poll()  # issue prefetches queued behind the in-flight limit
         # The engine reads ids/weights through the buffer protocol: numpy views, no list building.
-        expert_ids = ids_host.view(-1).numpy()  # [T*K] the layer's routed ids
-        if pred_host is not None:
-            self.engine.observe_prediction(predicted[0], pred_host.view(-1).numpy())
-        plan = self.engine.step(layer, expert_ids, weights_host.view(-1).numpy())
+        expert_ids = host.ids.view(-1).numpy()  # [T*K] the layer's routed ids
+        if self.lookahead and host.pred is not None and host.pred_layer is not None:
+            self.engine.observe_prediction(host.pred_layer, host.pred.view(-1).numpy())
+        plan = self.engine.step(layer, expert_ids, host.weights.view(-1).numpy())
         if self.recorder is not None:
-            self.recorder.record(layer, ids_host, weights_host)
+            self.recorder.record(layer, host.ids, host.weights)
 
         # Each plan property builds a fresh list: read each once.
         hits, fetches, prefetches = plan.hits, plan.fetches, plan.prefetches
@@ -122,32 +177,47 @@ class OffloadRuntime:
         cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
         cpu_start = time.perf_counter()
         if cpu_experts:
-            self._start_cpu(layer, x_host, ids_host, weights_host, cpu_experts)
-
+            self.cpu_executor.submit(self.pool, layer, host.x, host.ids, host.weights, cpu_experts,
+                                     host.cpu_out)
         slots = [slot for _, slot in hits] + [slot for _, slot, _, _ in fetches]
         self.transfer.wait_slots(slots)
-        y = self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights, self.inter_size)
-        self.transfer.release_slots(slots)
+        return StepPlan(layer=layer, start=start, cpu_start=cpu_start, expert_ids=expert_ids,
+                        slots=slots, hits=hits, fetches=fetches, prefetches=prefetches,
+                        releases=plan.releases, cpu_experts=cpu_experts)
+
+    def moe_kernel(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused kernel over layer ``layer``'s slots (reads the slot table on the device, so
+        it is graph-capturable): ``[T, H]`` with pairs not resident contributing zero."""
+        return self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights,
+                               self.inter_size, out)
+
+    def after_kernel(self, step: StepPlan) -> None:
+        """Release the slots the kernel read, issue prefetches, drop released experts."""
+        self.transfer.release_slots(step.slots)
         # Prefetches go out after the kernel launch: one may bring in an expert that this step
         # runs on the CPU, and the kernel must not also see it in the slot table.
-        for p_layer, p_expert, slot, _, _ in prefetches:
+        for p_layer, p_expert, slot, _, _ in step.prefetches:
             self.transfer.fetch(p_layer, p_expert, slot, False)
         # Released experts (staged for this step only, TTL/watermark evictions, shrinks) leave the
         # table after the kernel, unless this plan already gave their slot to another expert.
-        for slot, r_layer, r_expert in plan.releases:
+        for slot, r_layer, r_expert in step.releases:
             if self.arena.occupant(slot) == (r_layer, r_expert):
                 self.arena.evict(slot)
-        cpu_us, cpu_pairs = 0.0, 0
-        if cpu_experts:
-            y = self._add_cpu(y)
-            cpu_us = (time.perf_counter() - cpu_start) * 1e6
-            cpu_pairs = int(np.isin(expert_ids, cpu_experts).sum())
-        self.counters[layer].add_step(num_pairs=len(expert_ids), hits=hits, fetches=fetches,
-                                      prefetches=prefetches, num_cpu=len(cpu_experts),
-                                      slot_bytes=self.slot_bytes)
+
+    def wait_cpu(self, step: StepPlan) -> None:
+        """Block until the CPU executor has written this step's partial sum."""
+        self.cpu_executor.wait()
+        step.cpu_us = (time.perf_counter() - step.cpu_start) * 1e6
+
+    def finish(self, step: StepPlan) -> None:
+        """Count the carried-out plan; feed measured times to the cost model when it is used."""
+        self.counters[step.layer].add_step(num_pairs=len(step.expert_ids), hits=step.hits,
+                                           fetches=step.fetches, prefetches=step.prefetches,
+                                           num_cpu=len(step.cpu_experts), slot_bytes=self.slot_bytes)
         if self.observe_timings:
-            self._observe_timing(layer, (time.perf_counter() - start) * 1e6, cpu_us, cpu_pairs)
-        return y
+            cpu_pairs = int(np.isin(step.expert_ids, step.cpu_experts).sum()) if step.cpu_experts else 0
+            self._observe_timing(step.layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
 
     def _observe_timing(self, layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
         """Feed measured copy and CPU times to the engine's cost model (hybrid scheduling).
@@ -162,12 +232,13 @@ class OffloadRuntime:
         self.engine.observe_timing(layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
                                    cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
 
-    def _to_host(self, x, ids, weights, predicted):
+    def to_host(self, x, ids, weights, predicted) -> HostStep:
         """Copy x, ids, weights (and predicted ids) into pinned buffers; wait for the copies once.
 
         x comes along every step (T*H elements, small at decode) so that experts the plan sends
         to the CPU need no second sync.
         """
+        start = time.perf_counter()
         t, k = ids.shape
         if self.device.type == "cuda":
             buf = self._x_host.setdefault(x.dtype, _PinnedBuffer(x.dtype, True))
@@ -179,30 +250,31 @@ class OffloadRuntime:
         weights_host = self._weights_host.take(t * k).view(t, k)
         ids_host.copy_(ids, non_blocking=True)
         weights_host.copy_(weights, non_blocking=True)
-        pred_host = None
+        pred_host, pred_layer = None, None
         if predicted is not None:
-            pred = predicted[1]
+            pred_layer, pred = predicted
             pred_host = self._pred_host.take(pred.numel()).view(pred.shape)
             pred_host.copy_(pred, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return x_host, ids_host, weights_host, pred_host
-
-    def _start_cpu(self, layer, x_host, ids_host, weights_host, cpu_experts) -> None:
-        """Start the CPU executor on the (token, expert) pairs whose expert runs on the CPU."""
-        self._cpu_out = self._cpu_out_buf.take(x_host.numel()).view(x_host.shape)  # [T, H] fp32
-        self.cpu_executor.submit(self.pool, layer, x_host, ids_host, weights_host, cpu_experts, self._cpu_out)
-
-    def _add_cpu(self, y: torch.Tensor) -> torch.Tensor:
-        self.cpu_executor.wait()
-        partial = self._cpu_out.to(y.device, non_blocking=True)  # [T, H] fp32
-        return (y.float() + partial).to(y.dtype)
+        cpu_out = self._cpu_out_buf.take(x.numel()).view(x.shape)  # [T, H] fp32
+        return HostStep(x=x_host, ids=ids_host, weights=weights_host, pred=pred_host,
+                        pred_layer=pred_layer, cpu_out=cpu_out, started_at=start)
 
     # -- control --------------------------------------------------------------------------------
     def set_policy(self, policy) -> None:
         """Swap the engine's policy between steps; resident experts stay where they are."""
         self.engine.set_policy(policy)
         self.lookahead, self.observe_timings = uses_lookahead(policy), uses_cost_model(policy)
+
+
+def merge_cpu_partial(y: torch.Tensor, cpu_out: torch.Tensor) -> torch.Tensor:
+    """``y`` ``[T, H]`` plus the CPU executor's fp32 partial ``[T, H]`` (pinned host), summed in fp32.
+
+    Device ops only (an async H2D copy and an add): the fast decode path captures it in a graph.
+    """
+    partial = cpu_out.to(y.device, non_blocking=True)  # [T, H] fp32
+    return (y.float() + partial).to(y.dtype)
 
 
 def uses_lookahead(policy) -> bool:

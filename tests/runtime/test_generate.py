@@ -5,17 +5,20 @@ interpreter. Where a step runs experts on the CPU executor, the sum of the route
 accumulated in a different order than transformers' (fused kernel for resident experts + CPU
 partial), so logits may differ in the last fp32 bits: those tests also compare logits with
 atol 1e-4 and still require identical greedy tokens (the synthetic models' top-2 logit margins are
-far above that).
+far above that). The second half runs the same checks through the fast decode path.
 """
 from importlib import resources
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 import moerun
 from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic_config
+from moerun.runtime.decode_cache import ContextOverflowError
+from moerun.runtime.decode_profile import PHASES
 
 NEW_TOKENS = 8
 LRU_AUTO = "policy tight { cache { eviction = lru } }"
@@ -242,3 +245,142 @@ def test_adapt_rules_that_fire_change_no_token(checkpoints, new_tokens):
     out = model.generate(prompt, **kw)
     assert model.moerun.stats()["engine"]["adapt_firing_count"] >= 3
     assert torch.equal(out, ref)
+
+
+# -- the fast decode path -----------------------------------------------------------------------------
+# On the CPU its segments run eagerly (no graph capture), so everything else of the fast path runs here:
+# the static KV cache, the forward/generate hooks, the segment code, the runtime's phases. The static
+# cache's attention reduces over max_context positions rather than the filled ones, so logits may differ
+# from the references in the last fp32 bits (atol 1e-4 as above); tokens must be identical.
+def _assert_matches(got, want):
+    """Identical tokens; logits within the tolerance above. ``got``/``want``: (tokens, logits)."""
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def _load_fast(path, slots=None, **kw):
+    budget = _budget_for(path, slots, max_batch=kw.get("max_batch", 1)) if slots else "auto"
+    return moerun.load(path, device="cpu", max_context=64, vram_budget=budget, fast_decode=True,
+                       progress=False, **kw)
+
+
+@pytest.mark.parametrize("budget", ["evict_every_step", "resident"])
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_fast_path_matches_transformers_path_and_plain_transformers(arch, budget, checkpoints, references):
+    path = checkpoints[arch]
+    prompt, ref_tokens, ref_logits = references[arch]
+    top_k = synthetic_config(arch).num_experts_per_tok
+    model = _load_fast(path, top_k if budget == "evict_every_step" else None, policy=_policy("gpu_only"))
+    fast = _generate(model, prompt)
+    decode = model.moerun.stats()["decode"]
+    assert decode["fast_steps"] == NEW_TOKENS - 1  # every step after the prefill
+    assert decode["kv_cache_bytes"] == model.moerun.plan.kv_cache_bytes  # the planned reserve, exactly
+    _assert_matches(fast, (ref_tokens, ref_logits))
+
+    model.moerun.fast_decode = False
+    _assert_matches(_generate(model, prompt), fast)
+    assert model.moerun.stats()["decode"]["fast_steps"] == NEW_TOKENS - 1  # the switch took effect
+    if budget == "evict_every_step":
+        for counts in model.moerun.stats()["per_layer"].values():
+            assert counts["evictions"] >= counts["steps"] - 1
+
+
+def test_cpu_experts_and_lookahead_through_the_fast_path(checkpoints, references):
+    # Hybrid scheduling with lookahead prefetch: the CPU-partial segment and the predicted ids run.
+    path = checkpoints["qwen2_moe"]
+    prompt = references["qwen2_moe"][0]
+    policy = ("policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 2 } "
+              "schedule { mode = cpu_fallback } }")
+    model = _load_fast(path, 4, policy=policy)
+    fast = _generate(model, prompt)
+    stats = model.moerun.stats()
+    assert stats["cpu_experts"] > 0 and stats["prefetches"] > 0 and stats["decode"]["fast_steps"] > 0
+    model.moerun.fast_decode = False
+    _assert_matches(_generate(model, prompt), fast)
+
+
+def test_sampling_and_streamer_match_the_transformers_path(checkpoints):
+    path = checkpoints["mixtral"]
+    prompt = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
+    model = _load_fast(path, policy=LRU_AUTO)
+    streamer = _Collect()
+    torch.manual_seed(0)
+    fast = model.generate(prompt, streamer=streamer, **kw)
+    assert model.moerun.stats()["decode"]["fast_steps"] == 5
+    model.moerun.fast_decode = False
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(prompt, **kw), fast)
+    assert streamer.chunks[0] == prompt[0].tolist() and streamer.chunks[-1] == "end"
+    assert [c[0] for c in streamer.chunks[1:-1]] == fast[0, 4:].tolist()
+
+
+def test_left_padded_batch_matches_and_larger_batches_fall_back(checkpoints):
+    path = checkpoints["qwen3_moe"]
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left-padded second row
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    ref = AutoModelForCausalLM.from_pretrained(path).generate(ids, attention_mask=mask, **kw)
+    model = _load_fast(path, 3, policy=LRU_AUTO, max_batch=2)
+    with torch.inference_mode():  # the cache made here is reused outside inference mode below
+        assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref[:2])
+    assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref[:2])
+    assert model.moerun.stats()["decode"]["fast_steps"] == 2 * (NEW_TOKENS - 1)
+    with pytest.warns(RuntimeWarning, match="more than max_batch=2"):
+        out = model.generate(ids, attention_mask=mask, **kw)  # 3 > max_batch: transformers' layers
+    assert torch.equal(out, ref)
+    assert model.moerun.stats()["decode"]["fast_steps"] == 2 * (NEW_TOKENS - 1)
+
+
+def test_generation_past_max_context_is_a_clear_error(checkpoints):
+    path = checkpoints["olmoe"]
+    model = moerun.load(path, device="cpu", max_context=10, fast_decode=True, progress=False)
+    prompt = torch.tensor([[5, 9, 17, 33, 4, 8]])
+    with pytest.raises(ContextOverflowError, match=r"max_context=10.*moerun.load\(\.\.\., max_context=N\)"):
+        model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    # Within the limit (6 + 5 tokens, the last one never fed back) the same model generates again.
+    out = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ref = AutoModelForCausalLM.from_pretrained(path).generate(prompt, max_new_tokens=5, min_new_tokens=5,
+                                                               do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_unsupported_layer_falls_back_with_a_notice(checkpoints, references):
+    path = checkpoints["deepseek_v2"]
+    prompt, ref_tokens, _ = references["deepseek_v2"]
+    model = _load_fast(path, policy=LRU_AUTO)
+    model.model.layers[1].extra_norm = nn.Identity()  # a layout the segments do not reproduce
+    model.moerun.fast_decode = False
+    with pytest.warns(RuntimeWarning, match="fast decode path off for this model: decoder layer 1"):
+        model.moerun.fast_decode = True
+    assert not model.moerun.fast_decode
+    tokens, _ = _generate(model, prompt)
+    assert model.moerun.stats()["decode"]["fast_steps"] == 0
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_hot_policy_swap_mid_generation_with_the_fast_path(checkpoints, references):
+    path = checkpoints["olmoe"]
+    prompt, ref, _ = references["olmoe"]
+    model = _load_fast(path, 5, policy=_policy("gpu_only"))
+    swapper = _SwapEvery(model, [_policy("gpu_only", "lfu"), _policy("cpu_fallback"), _policy("hybrid")], 2)
+    out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         logits_processor=LogitsProcessorList([swapper]))
+    assert swapper.calls == NEW_TOKENS
+    assert torch.equal(out, ref)
+    assert model.moerun.stats()["decode"]["fast_steps"] == NEW_TOKENS - 1
+
+
+def test_profile_breaks_down_every_moe_layer(checkpoints, references):
+    path = checkpoints["deepseek_v3"]
+    prompt = references["deepseek_v3"][0]
+    model = _load_fast(path, policy=LRU_AUTO)
+    with model.moerun.profile_decode() as profile:
+        model.generate(prompt, max_new_tokens=4, do_sample=False)
+    summary = profile.summary()
+    assert summary["steps"] == 3
+    assert sorted(summary["per_layer_ms"]) == model.moerun.moe_layers
+    for phases in summary["per_layer_ms"].values():
+        assert set(phases) == set(PHASES) and phases["graph_a"] > 0 and phases["graph_b"] > 0
+    assert model.moerun.decoder.profile is None

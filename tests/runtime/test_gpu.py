@@ -3,10 +3,12 @@
 Random-weight checkpoints with the shapes of published models, cut to a few layers so each test
 takes seconds. The identity test runs in fp32 (the kernels accumulate in fp32 and transformers'
 fp32 matmuls are exact to the last bits that matter for argmax); the memory test runs in bf16.
+Decoding takes the fast path (CUDA graphs, on by default on CUDA); the bf16 fast-path test holds its
+graphs to the transformers path over the same static cache, which runs the same kernels eagerly.
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StaticCache
 
 import moerun
 from moerun.models.synthetic import build_checkpoint, synthetic_config
@@ -37,6 +39,29 @@ def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
     out = model.generate(prompt, max_new_tokens=16, do_sample=False)
     assert torch.equal(out, ref)
     assert model.moerun.stats()["evictions"] > 0
+    assert model.moerun.stats()["decode"]["graph_replays"] > 0
+
+
+@pytest.mark.parametrize("mode", ["gpu_only", "cpu_fallback"])
+def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, tmp_path):
+    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
+    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16)
+    plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=256)
+    budget = plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes  # every step misses
+    model = moerun.load(path, policy=f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}",
+                        vram_budget=budget, max_context=256, progress=False)
+    prompt = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    kw = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    fast = model.generate(prompt, **kw)
+    again = model.generate(prompt, **kw)  # graphs reused across generate() calls
+    decode = model.moerun.stats()["decode"]
+    assert decode["graphs"] > 0 and decode["graph_replays"] > 2 * decode["graphs"]
+    if mode == "cpu_fallback":
+        assert model.moerun.stats()["cpu_experts"] > 0
+    model.moerun.fast_decode = False
+    cache = StaticCache(config=model.config, max_cache_len=256)
+    ref = model.generate(prompt, past_key_values=cache, disable_compile=True, **kw)
+    assert torch.equal(fast, ref) and torch.equal(again, ref)
 
 
 def test_peak_gpu_memory_stays_within_budget(tmp_path):
@@ -51,6 +76,7 @@ def test_peak_gpu_memory_stays_within_budget(tmp_path):
     model.generate(prompt, max_new_tokens=64, do_sample=False)
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= budget, f"peak {peak} bytes over the budget {budget}"
+    assert model.moerun.stats()["decode"]["graph_replays"] > 0  # the fast path's graphs are counted
     after_first = torch.cuda.max_memory_allocated()
     model.generate(prompt[:, :8], max_new_tokens=64, do_sample=False)
     assert torch.cuda.max_memory_allocated() == after_first  # flat after the first run

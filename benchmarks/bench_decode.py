@@ -1,0 +1,133 @@
+"""Decode tok/s of the fast decode path against the transformers path, with its per-layer breakdown.
+
+Three rows on a built-in model (default: Qwen1.5-MoE-A2.7B shapes, bf16, random weights), batch 1,
+greedy unless ``--sample``:
+
+- ``dense-only``: every expert resident, routed experts SKIPPED (a benchmark-only switch: the
+  fast path's ``skip_routed_experts``; on the transformers path the runtime's step returns zeros).
+  Times the dense part alone; its tokens are not the model's.
+- ``resident``: every expert resident (budget ``auto``).
+- ``budget``: ``--budget`` (default 10GiB) under ``--policy``.
+
+Greedy decoding of a random-weight model falls into a loop of repeated tokens, so its routing
+repeats (high hit rates); ``--sample`` samples from the whole vocabulary so that tokens, and with
+them the experts chosen, vary from step to step (close to uniform routing).
+
+Each row times the fast path (graphs captured by a warm-up generation) and the transformers path
+(``model.moerun.fast_decode = False``) on the same loaded model, compares their tokens over the
+shorter run, and gives the fast path's per-layer breakdown (``model.moerun.profile_decode``).
+
+    MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --out decode.json
+    MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --rows budget --sample
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from transformers import AutoConfig
+
+import moerun
+from moerun.bench.measure import timed_generate
+from moerun.bench.models import prepare_checkpoint
+
+
+def _tok_s(model, prompt, new_tokens: int, device, sample: bool) -> tuple[float, list]:
+    # Seeded: both paths draw the same samples (their logits are the same).
+    timing = timed_generate(model, prompt, new_tokens, device, sample_seed=0 if sample else None)
+    return timing.decode_steps / max(timing.decode_s, 1e-9), timing.tokens[0]
+
+
+def _skip_routed_on_transformers_path(model):
+    """Benchmark-only: the transformers path's MoE step returns zeros (routed experts skipped)."""
+    runtime = model.moerun.runtime
+    original = runtime.run
+    runtime.run = lambda layer, x, *args, **kwargs: torch.zeros_like(x)
+    return lambda: setattr(runtime, "run", original)
+
+
+def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
+    handle = model.moerun
+    # Dense-only: prefill (both paths) and the transformers path's decode skip through the runtime's
+    # step, the fast path's decode steps through its own switch.
+    restore = _skip_routed_on_transformers_path(model) if skip_routed else (lambda: None)
+    handle.fast_decode = True
+    handle.decoder.skip_routed_experts = skip_routed
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up: capture graphs
+    fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
+    with handle.profile_decode() as profile:
+        model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
+    handle.decoder.skip_routed_experts = False
+
+    handle.fast_decode = False
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+    slow_tok_s, slow_tokens = _tok_s(model, prompt, args.slow_new_tokens, device, args.sample)
+    restore()
+    n = min(len(fast_tokens), len(slow_tokens))
+    same = sum(a == b for a, b in zip(fast_tokens[:n], slow_tokens[:n]))
+    summary = profile.summary()
+    row = {"row": name, "sample": args.sample, "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
+           "speedup": fast_tok_s / max(slow_tok_s, 1e-9), "tokens_equal": f"{same}/{n}",
+           "memory": handle.memory()["device"], "decode_stats": handle.stats()["decode"],
+           "hit_rate": handle.stats()["hit_rate"], "cpu_share": handle.stats()["cpu_share"],
+           "profile": summary}
+    phases = " ".join(f"{p}={v:.3f}" for p, v in summary["layer_sum_ms"].items())
+    print(f"[{name}] fast {fast_tok_s:.1f} tok/s | transformers path {slow_tok_s:.2f} tok/s | "
+          f"x{row['speedup']:.1f} | tokens equal {same}/{n} | step {summary['step_ms']:.2f} ms; "
+          f"sum over MoE layers (ms/step): {phases}", flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="qwen1.5-moe-a2.7b", help="a built-in model of moerun.bench")
+    p.add_argument("--budget", default="10GiB")
+    p.add_argument("--policy", default="balanced.moe")
+    p.add_argument("--rows", nargs="+", default=["dense-only", "resident", "budget"],
+                   choices=["dense-only", "resident", "budget"])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128, help="fast path")
+    p.add_argument("--slow-new-tokens", type=int, default=16, help="transformers path")
+    p.add_argument("--profile-tokens", type=int, default=16)
+    p.add_argument("--sample", action="store_true",
+                   help="sample from the whole vocabulary (temperature 1) instead of greedy: a random-weight "
+                        "model's routing then varies per step, close to uniform (greedy repeats a loop)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = prepare_checkpoint(args.model, dtype=dtype)
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompt = torch.randint(3, min(1000, vocab), (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    max_context = args.prompt_len + max(args.new_tokens, args.slow_new_tokens, args.profile_tokens)
+    rows = []
+    loads = [("resident", "auto", [r for r in ("dense-only", "resident") if r in args.rows]),
+             ("budget", args.budget, ["budget"] if "budget" in args.rows else [])]
+    for _, budget, names in loads:
+        if not names:
+            continue
+        start = time.perf_counter()
+        model = moerun.load(path, policy=args.policy, vram_budget=budget, device=device, dtype=dtype,
+                            max_context=max_context, progress=False)
+        print(f"loaded {path.name} at budget {budget} in {time.perf_counter() - start:.1f} s: "
+              f"{model.moerun.memory()['device']['num_slots']} slots", flush=True)
+        for name in names:
+            rows.append(_row(name if name != "budget" else f"budget {budget}", model, prompt, args, device,
+                             skip_routed=name == "dense-only"))
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "model": args.model, "args": vars(args), "rows": rows}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Per-layer time breakdown of fast-path decode steps, collected only while a profile is open.
+
+Phases of one MoE layer step (DESIGN.md, "one decode step through one MoE layer"):
+
+- ``graph_a``: device time of segment A (norm, attention, norm, router, top-k, copies to host);
+- ``sync``: host time blocked waiting for those copies (it overlaps ``graph_a``);
+- ``plan``: host time of the policy engine's plan and issuing copies / CPU work;
+- ``copies_wait``: device time the compute stream waited on slot copies beyond ``plan``
+  (device gap from the end of A to the end of planning's waits, minus ``plan``, floored at zero;
+  the shared experts run in that gap, so it is approximate while they take longer than ``plan``);
+- ``cpu_wait``: host time blocked on the CPU executor;
+- ``graph_b``: device time of the shared experts (segment S), the fused MoE (segment B) and the
+  merge segment (CPU partial, shared output, residual).
+
+Device times come from CUDA events (read once per step, when the step ends); on the CPU every
+phase is host time. The decoder calls nothing here unless a profile is open, so closed profiles
+cost nothing.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+PHASES = ("graph_a", "sync", "plan", "copies_wait", "cpu_wait", "graph_b")
+
+
+class DecodeProfile:
+    """Accumulates phase times per MoE layer (decoder-layer index) over fast-path steps."""
+
+    def __init__(self, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.steps = 0
+        self.step_ms = 0.0  # host wall time of whole steps (embedding to logits)
+        self._sum_ms: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PHASES, 0.0))
+        self._pending: list[tuple[int, str, object, object, float]] = []  # (layer, phase, start, end, minus_ms)
+        self._step_start = 0.0
+
+    # -- marks ----------------------------------------------------------------------------------
+    def now(self):
+        """A time mark on the compute stream (CUDA event) or the host clock (CPU)."""
+        if self.on_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def device_span(self, layer: int, phase: str, start, end, minus_ms: float = 0.0) -> None:
+        """Add the time between two marks of :meth:`now` (less ``minus_ms``, floored at 0)."""
+        self._pending.append((layer, phase, start, end, minus_ms))
+
+    def host_span(self, layer: int, phase: str, start_s: float, until_s: float | None = None) -> float:
+        """Add host time from ``start_s`` to ``until_s`` (default now; perf_counter seconds); returns ms."""
+        ms = ((time.perf_counter() if until_s is None else until_s) - start_s) * 1e3
+        self._sum_ms[layer][phase] += ms
+        return ms
+
+    def begin_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def end_step(self) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        for layer, phase, start, end, minus_ms in self._pending:
+            ms = start.elapsed_time(end) if self.on_cuda else (end - start) * 1e3
+            self._sum_ms[layer][phase] += max(0.0, ms - minus_ms)
+        self._pending.clear()
+        self.step_ms += (time.perf_counter() - self._step_start) * 1e3
+        self.steps += 1
+
+    # -- report ---------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """``{"steps", "step_ms", "per_layer_ms": {layer: {phase: ms}}, "layer_sum_ms": {phase: ms}}``,
+        every time a mean per step."""
+        n = max(self.steps, 1)
+        per_layer = {layer: {p: v / n for p, v in phases.items()} for layer, phases in sorted(self._sum_ms.items())}
+        total = {p: sum(phases[p] for phases in per_layer.values()) for p in PHASES}
+        return {"steps": self.steps, "step_ms": self.step_ms / n, "per_layer_ms": per_layer,
+                "layer_sum_ms": total}

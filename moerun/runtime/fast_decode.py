@@ -1,0 +1,463 @@
+"""The fast decode path: decode steps as CUDA graphs over a static KV cache, one host sync per MoE layer.
+
+Notation: B sequences, Q new tokens per sequence (1..16), T = B*Q tokens, H hidden size, K experts
+per token, V vocabulary, L = max_context.
+
+A decode step runs the model's own transformers modules (embedding, rotary embedding, norms,
+attention, routers, shared experts, lm_head), so the math is transformers' op for op, but as
+segments over static buffers (segments.py) instead of transformers' per-layer Python:
+
+    head      input ids -> embedding, rotary (cos, sin)
+    per decoder layer, dense:  the whole decoder layer
+    per decoder layer, MoE:
+      A       input norm -> self-attention over the static KV cache -> residual -> post norm ->
+              router -> top-k (+ the next MoE layer's router on the same x, for lookahead) ->
+              x, ids, weights, predicted ids copied to pinned host buffers
+      S       shared experts on x (queued behind A: the GPU runs them while the host plans)
+      (host)  wait for A's copies (the layer's only sync); the runtime plans, issues copies,
+              starts CPU experts, makes the stream wait on the slots (OffloadRuntime phases)
+      B       fused MoE over the slots (reads the slot table on the device)
+      E       [+ CPU partial, when the plan has CPU experts] + shared output + residual
+    tail      final norm -> lm_head -> logits
+
+Prefill runs through transformers (eager) writing into the same static cache. The decoder hooks
+the model's ``forward`` (decode steps with its cache go to the fast path, everything else to
+transformers) and ``generate`` (which gets the moerun cache when the caller passes none), so
+``generate()`` with greedy or sampled decoding, stopping criteria, streamers and left-padded
+batches uses it transparently. Segments are built per (B, Q, logits kept) and reused across
+generate() calls while the batch size stays.
+
+This module knows nothing about the policy or the mechanism beyond OffloadRuntime's phases.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..models.base import MoeAdapter
+from .decode_cache import DecodeCache
+from .decode_profile import DecodeProfile
+from .offload import HostStep, OffloadRuntime, merge_cpu_partial
+from .segments import Segment
+
+# Tokens per sequence step the fast path takes (the fused kernel's decode path covers them;
+# memory.py reserves room for a step of max_batch x this many tokens).
+MAX_STEP_TOKENS = 16
+# The decoder-layer structure the segments reproduce (pre-norm: attention then MLP, each with a residual).
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# forward() arguments a decode step may carry; any other argument (or a true output_* flag) goes to transformers.
+_STEP_ARGS = {"input_ids", "position_ids", "past_key_values", "attention_mask", "use_cache", "logits_to_keep",
+              "return_dict", "output_attentions", "output_hidden_states", "output_router_logits"}
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run ``model`` (one line), or None when it can."""
+    cfg = model.config
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in _ATTENTION_IMPLEMENTATIONS:
+        return f"attention implementation {impl!r} (the fast path runs {' or '.join(_ATTENTION_IMPLEMENTATIONS)})"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "sliding-window attention layers (the fast path covers full attention only)"
+    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention (the fast path covers full attention only)"
+    decoder = model.get_decoder()
+    for name in ("embed_tokens", "rotary_emb", "norm", "layers"):
+        if not hasattr(decoder, name):
+            return f"the decoder has no {name!r} (an unknown model layout)"
+    if getattr(decoder.rotary_emb, "rope_type", "default") in ("dynamic", "longrope"):
+        return f"rope type {decoder.rotary_emb.rope_type!r} updates its tables from the sequence length"
+    for index, layer in enumerate(decoder.layers[: cfg.num_hidden_layers]):
+        children = {name for name, _ in layer.named_children()}
+        if children != _LAYER_CHILDREN:
+            return (f"decoder layer {index} ({type(layer).__name__}) has children {sorted(children)}, not the "
+                    f"pre-norm layout {sorted(_LAYER_CHILDREN)}")
+    return None
+
+
+@dataclass
+class _MoeSegments:
+    """The segments of one MoE decoder layer (module docstring): A, A with the lookahead router
+    (None for the last MoE layer), S (None without shared experts), B, E, and E with the CPU partial."""
+
+    block: nn.Module
+    a: Segment
+    a_ahead: Segment | None
+    shared: Segment | None
+    b: Segment
+    e: Segment
+    e_cpu: Segment
+
+    def segments(self):
+        return [s for s in (self.a, self.a_ahead, self.shared, self.b, self.e, self.e_cpu) if s is not None]
+
+
+def _notice(message: str) -> None:
+    warnings.warn(f"moerun: {message}", RuntimeWarning, stacklevel=3)
+
+
+class _StepBuffers:
+    """Static buffers and segments of one (B, Q, logits kept) step shape."""
+
+    def __init__(self, decoder: "FastDecoder", batch: int, tokens: int, keep: int, mask: torch.Tensor):
+        model = decoder.model()
+        dev, dtype = decoder.device, decoder.dtype
+        cfg, base = model.config, model.get_decoder()
+        hidden, top_k = decoder.adapter.hidden_size, decoder.adapter.top_k
+        t = batch * tokens
+        self.batch, self.tokens, self.keep = batch, tokens, keep
+        self.input_ids = torch.zeros(batch, tokens, dtype=torch.long, device=dev)  # [B, Q]
+        self.position_ids = torch.zeros(batch, tokens, dtype=torch.long, device=dev)  # [B, Q]
+        self.mask = torch.zeros_like(mask)  # [B, 1, Q, L] as transformers builds it (bool or additive)
+        self.h = torch.zeros(batch, tokens, hidden, dtype=dtype, device=dev)  # [B, Q, H] residual stream
+        self.resid = torch.zeros_like(self.h)  # [B, Q, H] after attention + residual
+        self.x = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] MoE input
+        self.ids = torch.zeros(t, top_k, dtype=torch.long, device=dev)  # [T, K]
+        self.weights = torch.zeros(t, top_k, dtype=torch.float32, device=dev)  # [T, K]
+        self.pred = torch.zeros(t, top_k, dtype=torch.long, device=dev)  # [T, K]
+        self.y = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] routed experts' output
+        self.s = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] shared experts' output
+        # Recorded behind A's host copies: the host waits on it, not on the shared experts queued after.
+        self.copied = torch.cuda.Event() if dev.type == "cuda" else None
+        self.logits = torch.zeros(batch, keep, cfg.vocab_size, dtype=dtype, device=dev)  # [B, keep, V]
+        self.pe = None  # rotary (cos, sin) or whatever the model's rotary module returns, static
+        on_cuda = dev.type == "cuda"
+        if on_cuda:
+            def pinned(like):
+                return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            self.host = HostStep(x=pinned(self.x), ids=pinned(self.ids), weights=pinned(self.weights),
+                                 pred=pinned(self.pred), pred_layer=None,
+                                 cpu_out=torch.empty(t, hidden, dtype=torch.float32, pin_memory=True))
+        else:  # host tensors are the device tensors: nothing to copy
+            self.host = HostStep(x=self.x, ids=self.ids, weights=self.weights, pred=self.pred, pred_layer=None,
+                                 cpu_out=torch.empty(t, hidden, dtype=torch.float32))
+        cache = decoder.cache.cache
+
+        def seg(name, fn):
+            return Segment(name, fn, capture=decoder.capture, pool=decoder.pool)
+
+        def head():
+            self.h.copy_(base.embed_tokens(self.input_ids))
+            pe = base.rotary_emb(self.h, self.position_ids)
+            if self.pe is None:
+                self.pe = tuple(p.clone() for p in pe) if isinstance(pe, tuple) else pe.clone()
+            elif isinstance(pe, tuple):
+                for dst, src in zip(self.pe, pe):
+                    dst.copy_(src)
+            else:
+                self.pe.copy_(pe)
+
+        def tail():
+            hs = base.norm(self.h)
+            if keep != tokens:
+                hs = hs[:, -keep:, :]
+            self.logits.copy_(model.lm_head(hs))
+
+        self.head, self.tail = seg("head", head), seg("tail", tail)
+        self.layers: list[Segment | _MoeSegments] = []  # per decoder layer: dense layers are one segment
+        for index, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
+            block = layer.mlp
+            attn_kwargs = dict(position_ids=self.position_ids, past_key_values=cache, use_cache=True)
+            if not hasattr(block, "moe_index"):
+                def dense(layer=layer, kw=attn_kwargs):
+                    self.h.copy_(layer(self.h, attention_mask=self.mask, position_embeddings=self.pe, **kw))
+                self.layers.append(seg(f"dense{index}", dense))
+                continue
+
+            def a(layer=layer, block=block, kw=attn_kwargs, lookahead=False):
+                # The decoder layer's forward up to its MLP (transformers' order and ops).
+                residual = self.h
+                hs = layer.input_layernorm(self.h)
+                hs, _ = layer.self_attn(hidden_states=hs, attention_mask=self.mask,
+                                        position_embeddings=self.pe, **kw)
+                self.resid.copy_(residual + hs)
+                self.x.copy_(layer.post_attention_layernorm(self.resid).reshape(t, hidden))
+                ids, weights = block.adapter.route(block.gate, self.x)  # [T, K], [T, K] fp32
+                self.ids.copy_(ids)
+                self.weights.copy_(weights)
+                if lookahead:  # the next MoE layer's router on this x
+                    self.pred.copy_(block.adapter.route(block.next_gate, self.x)[0])
+                if on_cuda:
+                    self.host.x.copy_(self.x, non_blocking=True)
+                    self.host.ids.copy_(self.ids, non_blocking=True)
+                    self.host.weights.copy_(self.weights, non_blocking=True)
+                    if lookahead:
+                        self.host.pred.copy_(self.pred, non_blocking=True)
+
+            def b(block=block):
+                decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)
+
+            def shared(block=block):
+                self.s.copy_(block.adapter.shared_output(block, self.x))
+
+            has_shared = bool(block.adapter.shared_modules)
+
+            def e(with_cpu=False, has_shared=has_shared):
+                y = merge_cpu_partial(self.y, self.host.cpu_out) if with_cpu else self.y  # [T, H]
+                if has_shared:
+                    y = y + self.s
+                self.h.copy_(self.resid + y.view(self.h.shape))
+
+            # Segment A with the lookahead router exists where there is a next MoE layer; which A runs
+            # follows the policy (a hot swap may turn lookahead on or off between steps).
+            a_ahead = seg(f"A{index}+ahead", functools.partial(a, lookahead=True)) if block.next_gate is not None \
+                else None
+            self.layers.append(_MoeSegments(
+                block, seg(f"A{index}", a), a_ahead, seg(f"S{index}", shared) if has_shared else None,
+                seg(f"B{index}", b), seg(f"E{index}", e), seg(f"Ecpu{index}", functools.partial(e, with_cpu=True))))
+
+    def segments(self):
+        yield self.head
+        yield self.tail
+        for entry in self.layers:
+            yield from entry.segments() if isinstance(entry, _MoeSegments) else (entry,)
+
+
+class FastDecoder:
+    """Runs decode steps of one loaded model through segments over a static KV cache."""
+
+    def __init__(self, model, adapter: MoeAdapter, runtime: OffloadRuntime, *, max_context: int,
+                 max_batch: int, device: torch.device, dtype: torch.dtype):
+        self.model = weakref.ref(model)  # the model holds the decoder (through its handle)
+        self.adapter = adapter
+        self.runtime = runtime
+        self.device, self.dtype = device, dtype
+        self.cache = DecodeCache(model.config, max_context, max_batch)
+        self.capture = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.enabled = False
+        self._skip_routed = False
+        self.profile: DecodeProfile | None = None
+        self.fast_steps = 0
+        self._shapes: dict[tuple[int, int, int], _StepBuffers] = {}
+        self._notified: set[str] = set()
+
+    # -- switch ---------------------------------------------------------------------------------
+    def set_enabled(self, enabled: bool) -> bool:
+        """Turn the fast path on or off; on is refused (with a one-line notice) where unsupported."""
+        if enabled:
+            reason = unsupported_reason(self.model())
+            if reason is not None:
+                _notice(f"fast decode path off for this model: {reason}; decoding runs through transformers' layers")
+                enabled = False
+        self.enabled = enabled
+        return enabled
+
+    @property
+    def skip_routed_experts(self) -> bool:
+        """Benchmark-only switch: MoE layers skip their routed experts (no sync, no plan, no kernel;
+        the routed output is zero), so a step times the dense part alone. Tokens are not the model's."""
+        return self._skip_routed
+
+    @skip_routed_experts.setter
+    def skip_routed_experts(self, skip: bool) -> None:
+        self._skip_routed = bool(skip)
+        for buf in self._shapes.values():
+            buf.y.zero_()
+
+    def stats(self) -> dict:
+        """Fast-path steps, graphs captured and replayed, segments run eagerly."""
+        segs = [s for buf in self._shapes.values() for s in buf.segments()]
+        return {"enabled": self.enabled, "fast_steps": self.fast_steps,
+                "graphs": sum(s.graph is not None for s in segs),
+                "graph_replays": sum(s.replays for s in segs),
+                "eager_segment_calls": sum(s.calls - s.replays for s in segs),
+                "kv_cache_bytes": self.cache.nbytes()}
+
+    # -- generate / forward hooks -----------------------------------------------------------------
+    def start_generation(self, batch_size: int):
+        """The static cache, emptied, for a generation of ``batch_size`` sequences."""
+        cache, replaced = self.cache.start(batch_size)
+        if replaced:
+            self._shapes.clear()  # their segments were built over the previous cache
+        return cache
+
+    def _takes(self, args, kwargs) -> bool:
+        """Whether this forward call is a decode step the fast path runs."""
+        if args or not self.enabled or torch.is_grad_enabled() or set(kwargs) - _STEP_ARGS:
+            return False
+        if any(kwargs.get(flag) for flag in ("output_attentions", "output_hidden_states", "output_router_logits")):
+            return False
+        if kwargs.get("return_dict") is False or kwargs.get("use_cache") is False:
+            return False
+        if not isinstance(kwargs.get("logits_to_keep", 0), int):  # index tensors: transformers slices them
+            return False
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.dim() != 2 or ids.shape[0] != self.cache.batch_size:
+            return False
+        # Prefill (the first forward of a generation) runs through transformers.
+        return 1 <= ids.shape[1] <= MAX_STEP_TOKENS and self.cache.length > ids.shape[1]
+
+    def install(self, model) -> None:
+        """Route the model's decode steps and generate() through this decoder."""
+        original_forward, original_generate = type(model).forward, type(model).generate
+        model_ref, decoder = weakref.ref(model), self
+
+        def forward(*args, **kwargs):
+            if decoder.cache.owns(kwargs.get("past_key_values")):
+                tokens = kwargs.get("input_ids", args[0] if args else None)
+                if tokens is None:
+                    tokens = kwargs["inputs_embeds"]
+                decoder.cache.advance(tokens.shape[1])  # raises before a write past max_context
+                if decoder._takes(args, kwargs):
+                    return decoder.step(**kwargs)
+            return original_forward(model_ref(), *args, **kwargs)
+
+        def generate(*args, **kwargs):
+            if not decoder.enabled:
+                return original_generate(model_ref(), *args, **kwargs)
+            # The cache and the step buffers outlive this call and are updated in place by later ones:
+            # they must not become inference tensors (generate itself runs under no_grad).
+            with torch.inference_mode(False):
+                cache = decoder._cache_for_generate(model_ref(), args, kwargs)
+                if cache is not None:
+                    kwargs["past_key_values"] = cache
+                    kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
+                return original_generate(model_ref(), *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(model.forward)  # generate inspects forward's arguments
+        forward.__doc__ = original_forward.__doc__
+        generate.__signature__ = inspect.signature(model.generate)
+        generate.__doc__ = original_generate.__doc__
+        model.forward, model.generate = forward, generate
+
+    def _cache_for_generate(self, model, args, kwargs):
+        if not self.enabled or kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+            return None
+        config = kwargs.get("generation_config") or model.generation_config
+        if any(k in kwargs for k in ("assistant_model", "prompt_lookup_num_tokens")) or \
+                getattr(config, "cache_implementation", None) is not None:
+            return None
+        if (kwargs.get("num_beams") or config.num_beams or 1) != 1:
+            self._notice_once("beams", "beam search runs through transformers' layers (the fast path decodes "
+                                       "one hypothesis per sequence)")
+            return None
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
+        if inputs is None:
+            return None
+        batch = inputs.shape[0] * (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        if not self.cache.fits(batch):
+            self._notice_once(f"batch{batch}", f"a batch of {batch} sequences is more than max_batch="
+                                               f"{self.cache.max_batch}: it decodes through transformers' layers "
+                                               "(load with a larger max_batch for the fast path)")
+            return None
+        return self.start_generation(batch)
+
+    def _notice_once(self, key: str, message: str) -> None:
+        if key not in self._notified:
+            self._notified.add(key)
+            _notice(message)
+
+    # -- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, *, input_ids: torch.Tensor, past_key_values, attention_mask=None, position_ids=None,
+             logits_to_keep: int = 0, **_flags) -> CausalLMOutputWithPast:
+        """One decode step of ``input_ids`` ``[B, Q]`` (already counted in the cache length)."""
+        batch, tokens = input_ids.shape
+        start = self.cache.length - tokens  # positions written before this step
+        if position_ids is None:
+            position_ids = torch.arange(start, start + tokens, device=input_ids.device).expand(batch, tokens)
+        mask = self._mask(input_ids, attention_mask, past_key_values, position_ids)
+        keep = min(logits_to_keep, tokens) if logits_to_keep > 0 else tokens  # 0 keeps every position
+        buf = self._shapes.get((batch, tokens, keep))
+        if buf is None or buf.mask.shape != mask.shape or buf.mask.dtype != mask.dtype:
+            buf = self._shapes[(batch, tokens, keep)] = _StepBuffers(self, batch, tokens, keep, mask)
+        buf.input_ids.copy_(input_ids)
+        buf.position_ids.copy_(position_ids)
+        buf.mask.copy_(mask)
+        self._run(buf)
+        self.fast_steps += 1
+        return CausalLMOutputWithPast(logits=buf.logits.clone(), past_key_values=past_key_values)
+
+    def _mask(self, input_ids, attention_mask, cache, position_ids) -> torch.Tensor:
+        """The 4-D mask ``[B, 1, Q, L]`` transformers' attention expects (generate builds it for
+        static caches; otherwise built here with the same function)."""
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+        if attention_mask is None or attention_mask.dim() == 2:
+            from transformers.masking_utils import create_masks_for_generate
+
+            model = self.model()
+            batch, tokens = input_ids.shape
+            attention_mask = create_masks_for_generate(
+                config=model.config, inputs_embeds=torch.empty((batch, tokens, 0), dtype=self.dtype,
+                                                               device=input_ids.device),
+                attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids)
+            if isinstance(attention_mask, dict):
+                attention_mask = attention_mask["full_attention"]
+        if attention_mask is None or attention_mask.dim() != 4:
+            raise RuntimeError("the fast decode path needs transformers' 4-D attention mask for a static cache; "
+                               "turn it off with model.moerun.fast_decode = False")
+        return attention_mask
+
+    def _run(self, buf: _StepBuffers) -> None:
+        prof, runtime = self.profile, self.runtime
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if prof:
+            prof.begin_step()
+        buf.head()
+        for entry in buf.layers:
+            if isinstance(entry, Segment):  # a dense decoder layer
+                entry()
+                continue
+            block = entry.block
+            ahead = runtime.lookahead and entry.a_ahead is not None
+            seg_a = entry.a_ahead if ahead else entry.a
+            if self.skip_routed_experts:  # benchmark-only: no sync, no plan, y stays zero
+                seg_a()
+                if entry.shared is not None:
+                    entry.shared()
+                entry.e()
+                continue
+            layer = block.layer
+            t0 = time.perf_counter()
+            a0 = prof.now() if prof else None
+            seg_a()
+            a1 = prof.now() if prof else None
+            if stream is not None:
+                buf.copied.record(stream)
+            if entry.shared is not None:
+                entry.shared()  # the GPU runs the shared experts while the host waits and plans
+            a2 = prof.now() if prof else None
+            t_sync = time.perf_counter()
+            if stream is not None:
+                buf.copied.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
+            t_plan = time.perf_counter()
+            buf.host.started_at, buf.host.pred_layer = t0, block.next_moe_index if ahead else None
+            step = runtime.begin(block.moe_index, buf.host)
+            p1 = prof.now() if prof else None
+            if prof:
+                prof.host_span(layer, "sync", t_sync, until_s=t_plan)
+                plan_ms = prof.host_span(layer, "plan", t_plan)
+            entry.b()
+            b1 = prof.now() if prof else None
+            runtime.after_kernel(step)
+            if step.cpu_experts:
+                t_cpu = time.perf_counter()
+                runtime.wait_cpu(step)
+                if prof:
+                    prof.host_span(layer, "cpu_wait", t_cpu)
+                e0 = prof.now() if prof else None
+                entry.e_cpu()
+            else:
+                e0 = prof.now() if prof else None
+                entry.e()
+            if prof:
+                e1 = prof.now()
+                prof.device_span(layer, "graph_a", a0, a1)
+                prof.device_span(layer, "copies_wait", a1, p1, minus_ms=plan_ms)
+                prof.device_span(layer, "graph_b", a1, a2)  # the shared experts
+                prof.device_span(layer, "graph_b", p1, b1)
+                prof.device_span(layer, "graph_b", e0, e1)
+            runtime.finish(step)
+        buf.tail()
+        if prof:
+            prof.end_step()
