@@ -17,7 +17,8 @@ load-balancing aux loss: ``output_router_logits=True``, ``router_aux_loss_coef``
 5. lookahead recall: layer l+1's router applied to layer l's MoE input (what ``lookahead``
    prefetch does live) against the true top-k of layer l+1, at budget k and 2k.
 
-Outputs in ``--out``: ``<name>_<kind>.npz`` traces, ``train_log.json`` (curves, perplexities,
+Outputs in ``--out``: ``<name>_<kind>.npz`` traces (kinds code, prose, mixed: held-out text;
+``train``: training text, the learned predictor's training data), ``train_log.json`` (curves, perplexities,
 recall, tokens/s) and a text log. ``--tiny`` runs everything with toy shapes in seconds (CPU test).
 
     python benchmarks/train_moe.py --corpus .dev/traces/corpus --out OUT --ckpt-dir /tmp/ckpt
@@ -214,7 +215,7 @@ def record(model, adapter, docs: list[np.ndarray], device: torch.device, name: s
                   step_starts=np.arange(n_tok + 1, dtype=np.int64), prompt_starts=np.array(prompt_starts, np.int64),
                   num_experts=adapter.num_experts, model=f"moerun-{name}-trained", arch=adapter.model_type,
                   expert_bytes=3 * adapter.hidden_size * adapter.expert_inter_size * 2,
-                  extra=dict(workload=f"heldout-{kind}", source="benchmarks/train_moe.py", dtype="bfloat16",
+                  extra=dict(workload=f"heldout-{kind}" if kind != "train" else "train-text", source="benchmarks/train_moe.py", dtype="bfloat16",
                              batch=1, teacher_forced=True))
     recall = dict(kind=kind, tokens=n_tok, recall_at_k=(hit_k / (n_tok * K)).tolist(),
                   recall_at_2k=(hit_2k / (n_tok * K)).tolist(),
@@ -224,10 +225,17 @@ def record(model, adapter, docs: list[np.ndarray], device: torch.device, name: s
     return trace, recall
 
 
-def heldout_docs(corpus, kind: str, max_doc: int, max_tokens: int, min_doc: int = 16) -> list[np.ndarray]:
-    """Held-out documents of ``kind``, each cut to ``max_doc`` tokens, until ``max_tokens`` in all."""
-    toks, starts = corpus[f"heldout_{kind}"], corpus[f"heldout_{kind}_starts"]
-    ends = np.append(starts[1:], toks.size)
+def trace_docs(corpus, kind: str, max_doc: int, max_tokens: int, eos_id: int, min_doc: int = 16) -> list[np.ndarray]:
+    """Documents to trace, each cut to ``max_doc`` tokens, until ``max_tokens`` in all: held-out
+    documents of ``kind``, or for ``kind == "train"`` the start of the training stream (documents
+    end at EOS), whose routing trains the learned predictor."""
+    if kind == "train":
+        toks = corpus["train"][:64 * max_tokens]
+        ends = np.flatnonzero(toks == eos_id) + 1
+        starts = np.append(0, ends[:-1])
+    else:
+        toks, starts = corpus[f"heldout_{kind}"], corpus[f"heldout_{kind}_starts"]
+        ends = np.append(starts[1:], toks.size)
     docs, total = [], 0
     for s, e in zip(starts, ends):
         doc = toks[s:min(e, s + max_doc, s + max_tokens - total)]
@@ -249,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seconds", type=float, default=210.0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--trace-tokens", type=str, default="olmoe=16384,mixtral=16384",
+    ap.add_argument("--trace-tokens", type=str, default="olmoe=12288,mixtral=16384",
                     help="held-out tokens traced per kind, per model")
+    ap.add_argument("--predictor-trace-tokens", type=int, default=32768,
+                    help="training-text tokens traced per model (the learned predictor's training data)")
     ap.add_argument("--max-doc", type=int, default=512, help="tokens of one held-out document (one prompt)")
     ap.add_argument("--ppl-tokens", type=int, default=200_000, help="held-out tokens per kind for perplexity")
     ap.add_argument("--seed", type=int, default=0)
@@ -299,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(corpus_dir / "tokenizer.json", path / "tokenizer.json")
         adapter = adapter_for(model.config)
         recall = {}
-        for kind in KINDS:
-            docs = heldout_docs(corpus, kind, args.max_doc, trace_tokens[name])
+        for kind in KINDS + ("train",):
+            n = args.predictor_trace_tokens if kind == "train" else trace_tokens[name]
+            docs = trace_docs(corpus, kind, args.max_doc, n, info["eos_id"])
             trace, recall[kind] = record(model, adapter, docs, device, name, kind)
             trace.extra.update(seed=args.seed, steps=tr["steps"])
             write_trace(out / f"{name}_{kind}.npz", trace)
