@@ -247,11 +247,37 @@ def trace_docs(corpus, kind: str, max_doc: int, max_tokens: int, eos_id: int, mi
     return docs
 
 
+def plot_curves(log_path: Path, png_path: Path) -> None:
+    """Training LM loss (and aux loss) per step of every model in ``train_log.json``, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    models = json.loads(Path(log_path).read_text())["models"]
+    fig, (ax, ax_aux) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, m in models.items():
+        steps = [c["step"] for c in m["train"]["curve"]]
+        ppl = ", ".join(f"{k} {v:.1f}" for k, v in m["perplexity"].items())
+        ax.plot(steps, [c["lm_loss"] for c in m["train"]["curve"]], label=f"{name} (held-out ppl: {ppl})")
+        ax_aux.plot(steps, [c["aux_loss"] / m["config"].get("num_experts_per_tok", 1) for c in m["train"]["curve"]],
+                    label=name)
+    ax.set(xlabel="step", ylabel="LM loss (nats/token)", title="training loss")
+    ax_aux.set(xlabel="step", ylabel="aux loss / k (1.0 = perfectly balanced)", title="load-balancing loss")
+    for a in (ax, ax_aux):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", required=True, help="directory written by benchmarks/moe_corpus.py")
-    ap.add_argument("--out", required=True, help="traces, train_log.json")
-    ap.add_argument("--ckpt-dir", required=True, help="where the trained checkpoints are written")
+    ap.add_argument("--corpus", help="directory written by benchmarks/moe_corpus.py")
+    ap.add_argument("--out", help="traces, train_log.json")
+    ap.add_argument("--ckpt-dir", help="where the trained checkpoints are written")
+    ap.add_argument("--plot", nargs=2, metavar=("LOG", "PNG"), help="only plot a train_log.json's curves")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: sized from --train-seconds)")
     ap.add_argument("--train-seconds", type=float, default=210.0)
@@ -267,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot_curves(Path(args.plot[0]), Path(args.plot[1]))
+        return 0
+    if not (args.corpus and args.out and args.ckpt_dir):
+        ap.error("--corpus, --out and --ckpt-dir are required (unless --plot)")
     device = torch.device(args.device)
     out, ckpt_dir, corpus_dir = Path(args.out), Path(args.ckpt_dir), Path(args.corpus)
     for f in ("corpus.npz", "corpus.json", "tokenizer.json"):
