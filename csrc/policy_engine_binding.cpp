@@ -280,7 +280,7 @@ void bind_policy_engine(py::module& m) {
       .def("replay",
            [](PyEngine& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
               py::object weights, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
-              bool oracle_predictions) {
+              bool oracle_predictions, py::object predicted_ids, py::object predicted_scores) {
              const auto& cfg = self.engine.config();
              if (ids.ndim() != 3 || ids.shape(1) != cfg.num_layers || ids.shape(2) != cfg.top_k)
                throw std::invalid_argument("replay ids must be [tokens, num_layers, top_k]");
@@ -295,14 +295,33 @@ void bind_policy_engine(py::module& m) {
                if (ip[i] < 0 || ip[i] >= cfg.num_experts)
                  throw std::invalid_argument("expert id " + std::to_string(ip[i]) + " out of range (model has " +
                                              std::to_string(cfg.num_experts) + " experts)");
+             // A predictor's output: ids [steps, layers, depth, width] (-1 = none), scores alike.
+             policy::ReplayPredictions pred;
+             py::array_t<int32_t, py::array::c_style | py::array::forcecast> pid;
+             py::array_t<float, py::array::c_style | py::array::forcecast> psc;
+             if (!predicted_ids.is_none()) {
+               pid = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(predicted_ids);
+               if (!pid || pid.ndim() != 4 || pid.shape(0) != starts.size() - 1 || pid.shape(1) != cfg.num_layers)
+                 throw std::invalid_argument("predicted ids must be [steps, num_layers, depth, width]");
+               pred.ids = pid.data();
+               pred.depth = int(pid.shape(2));
+               pred.width = int(pid.shape(3));
+               if (!predicted_scores.is_none()) {
+                 psc = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(predicted_scores);
+                 if (!psc || psc.ndim() != 4 || psc.size() != pid.size())
+                   throw std::invalid_argument("predicted scores must match the predicted ids' shape");
+                 pred.scores = psc.data();
+               }
+             }
              {
                py::gil_scoped_release nogil;
                policy::replay_trace(self.engine, ip, weights.is_none() ? nullptr : w.data(), ids.shape(0),
-                                    starts.data(), starts.size() - 1, oracle_predictions);
+                                    starts.data(), starts.size() - 1, oracle_predictions, pred);
              }
              return stats(self.engine);
            },
-           py::arg("ids"), py::arg("weights"), py::arg("step_starts"), py::arg("oracle_predictions") = true);
+           py::arg("ids"), py::arg("weights"), py::arg("step_starts"), py::arg("oracle_predictions") = true,
+           py::arg("predicted_ids") = py::none(), py::arg("predicted_scores") = py::none());
 }
 
 }  // namespace moerun

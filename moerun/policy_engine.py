@@ -226,8 +226,15 @@ class PolicyEngine:
         """Empty cache, zero counters, cost model back to its starting numbers."""
         self._native.reset()
 
-    def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True) -> dict:
+    def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True,
+               predictions: tuple | None = None) -> dict:
         """Run a whole trace (``expert_ids`` int32 ``[tokens, layers, k]``, ``gate_weights`` float32
-        or None, ``step_starts`` int64 ``[steps + 1]``) through this engine natively; returns stats."""
-        self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions)
+        or None, ``step_starts`` int64 ``[steps + 1]``) through this engine natively; returns stats.
+
+        ``predictions`` = (ids int32, scores float32), both ``[steps, layers, depth, width]``: what
+        a predictor said at each step and layer about layers l+1..l+depth (-1 = no id); lookahead and
+        learned prefetch are fed these instead of the trace's true routing.
+        """
+        pred_ids, pred_scores = predictions if predictions is not None else (None, None)
+        self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions, pred_ids, pred_scores)
         return self.stats()
