@@ -141,3 +141,19 @@ def test_learned_prefetch_load_errors(tiny_olmoe, correlated, tmp_path):
     path = correlated[2].save(tmp_path / "p.npz")  # 3 layers, the tiny model has 2
     with pytest.raises(PolicyError, match="but the model has 2 x 8, top-2"):
         _load(tiny_olmoe, _learned(path))
+
+
+def test_trace_predictor_command(tmp_path, capsys):
+    from moerun.cli import main
+    from moerun.trace.format import write_trace
+
+    full = synthetic_trace("correlated", num_tokens=256, num_layers=3, num_experts=8, top_k=2, seed=3)
+    train = write_trace(tmp_path / "train.npz", _tokens(full, 0, 192))
+    test = write_trace(tmp_path / "test.npz", _tokens(full, 192, 256))
+    out = tmp_path / "p.npz"
+    assert main(["trace", "predictor", str(train), "--out", str(out), "--eval", str(test), "--hidden", "16",
+                 "--epochs", "1"]) == 0
+    assert "recall@k" in capsys.readouterr().out
+    assert load_predictor(out, num_layers=3, num_experts=8, top_k=2).extra["accuracy"][str(test)]["examples"] == 128
+    assert main(["trace", "predictor", str(tmp_path / "missing.npz"), "--out", str(out)]) == 1
+    assert "no such trace file" in capsys.readouterr().out
