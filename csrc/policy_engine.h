@@ -297,7 +297,9 @@ class Engine {
 
 // Offline replay: the whole trace through one engine, in C++ (no per-step Python).
 // ids/weights: [tokens, layers, k] row-major; step_starts: [steps + 1] token offsets. With
-// oracle_predictions, lookahead/learned prefetch is fed the trace's true future routing.
+// oracle_predictions, lookahead/learned prefetch is fed the trace's true future routing. A
+// predictor's output instead (pred_ids/pred_scores, [steps, layers, depth, width] row-major, -1 =
+// no id): before layer l's step of step s, layer l+d gets the width ids of [s, l, d-1].
 // With host_tier (an engine with top_k 1 whose slots are host slots, as HostPool builds it), every
 // expert the GPU tier copies in, prefetches or runs on the CPU is looked up in the host tier, as the
 // runtime's pool does: host_tier->counters() then holds the host tier's accesses and hits.
@@ -305,9 +307,14 @@ struct ReplayResult {
   Counters counters;
   double simulated_us = 0.0;
 };
+struct ReplayPredictions {
+  const int32_t* ids = nullptr;
+  const float* scores = nullptr;
+  int depth = 0, width = 0;
+};
 ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
                           const int64_t* step_starts, int64_t steps, bool oracle_predictions,
-                          Engine* host_tier = nullptr);
+                          const ReplayPredictions& predictions = {}, Engine* host_tier = nullptr);
 
 }  // namespace policy
 }  // namespace moerun

@@ -281,8 +281,8 @@ void bind_policy_engine(py::module& m) {
       .def("replay",
            [](PyEngine& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
               py::object weights, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
-              bool oracle_predictions, int64_t host_capacity, int host_eviction, double host_high_watermark,
-              double host_low_watermark) {
+              bool oracle_predictions, py::object predicted_ids, py::object predicted_scores,
+              int64_t host_capacity, int host_eviction, double host_high_watermark, double host_low_watermark) {
              const auto& cfg = self.engine.config();
              std::unique_ptr<policy::Engine> host;
              if (host_capacity > 0) {
@@ -307,10 +307,28 @@ void bind_policy_engine(py::module& m) {
                if (ip[i] < 0 || ip[i] >= cfg.num_experts)
                  throw std::invalid_argument("expert id " + std::to_string(ip[i]) + " out of range (model has " +
                                              std::to_string(cfg.num_experts) + " experts)");
+             // A predictor's output: ids [steps, layers, depth, width] (-1 = none), scores alike.
+             policy::ReplayPredictions pred;
+             py::array_t<int32_t, py::array::c_style | py::array::forcecast> pid;
+             py::array_t<float, py::array::c_style | py::array::forcecast> psc;
+             if (!predicted_ids.is_none()) {
+               pid = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(predicted_ids);
+               if (!pid || pid.ndim() != 4 || pid.shape(0) != starts.size() - 1 || pid.shape(1) != cfg.num_layers)
+                 throw std::invalid_argument("predicted ids must be [steps, num_layers, depth, width]");
+               pred.ids = pid.data();
+               pred.depth = int(pid.shape(2));
+               pred.width = int(pid.shape(3));
+               if (!predicted_scores.is_none()) {
+                 psc = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(predicted_scores);
+                 if (!psc || psc.ndim() != 4 || psc.size() != pid.size())
+                   throw std::invalid_argument("predicted scores must match the predicted ids' shape");
+                 pred.scores = psc.data();
+               }
+             }
              {
                py::gil_scoped_release nogil;
                policy::replay_trace(self.engine, ip, weights.is_none() ? nullptr : w.data(), ids.shape(0),
-                                    starts.data(), starts.size() - 1, oracle_predictions, host.get());
+                                    starts.data(), starts.size() - 1, oracle_predictions, pred, host.get());
              }
              py::dict d = stats(self.engine);
              if (host) {
@@ -327,10 +345,11 @@ void bind_policy_engine(py::module& m) {
              return d;
            },
            py::arg("ids"), py::arg("weights"), py::arg("step_starts"), py::arg("oracle_predictions") = true,
+           py::arg("predicted_ids") = py::none(), py::arg("predicted_scores") = py::none(),
            py::arg("host_capacity") = 0, py::arg("host_eviction") = 0, py::arg("host_high_watermark") = 0.9,
            py::arg("host_low_watermark") = 0.7,
-           "Replay a trace; with host_capacity > 0 a host tier behind the GPU tier reports its hit rate "
-           "under 'host'.");
+           "Replay a trace; predicted_ids/scores feed lookahead/learned prefetch a predictor's output; with "
+           "host_capacity > 0 a host tier behind the GPU tier reports its hit rate under 'host'.");
 }
 
 }  // namespace moerun

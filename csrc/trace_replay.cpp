@@ -2,7 +2,7 @@
 // sweep does not pay a Python call per step. Steps run token-group by token-group, layer by layer,
 // exactly as the runtime calls the engine. For Belady the next use of every access is precomputed
 // from the trace; with oracle predictions, lookahead/learned prefetch is fed the true routing of the
-// next layers (the best a predictor could do).
+// next layers (the best a predictor could do); given a predictor's output, it is fed that instead.
 #include <climits>
 #include <stdexcept>
 #include <vector>
@@ -14,7 +14,7 @@ namespace policy {
 
 ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
                           const int64_t* step_starts, int64_t steps, bool oracle_predictions,
-                          Engine* host_tier) {
+                          const ReplayPredictions& predictions, Engine* host_tier) {
   const EngineConfig& cfg = engine.config();
   const int L = cfg.num_layers, E = cfg.num_experts, K = cfg.top_k;
   if (steps < 0 || step_starts[0] != 0 || step_starts[steps] != tokens)
@@ -37,8 +37,9 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
             }
       }
   }
-  const bool predict = oracle_predictions &&
-                       (cfg.prefetch == Prefetch::Lookahead || cfg.prefetch == Prefetch::Learned);
+  const bool predicting = cfg.prefetch == Prefetch::Lookahead || cfg.prefetch == Prefetch::Learned;
+  const bool given = predicting && predictions.ids != nullptr;
+  const bool predict = predicting && oracle_predictions && !given;
   std::vector<int32_t> step_ids, step_next;
   std::vector<float> step_w;
   Plan plan, host_plan;
@@ -57,6 +58,13 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
   for (int64_t s = 0; s < steps; ++s) {
     if (step_starts[s + 1] < step_starts[s]) throw std::invalid_argument("step_starts must not decrease");
     for (int l = 0; l < L; ++l) {
+      if (given)
+        for (int d = 1; d <= engine.config().lookahead && d <= predictions.depth && l + d < L; ++d) {
+          const size_t at = ((size_t(s) * L + l) * predictions.depth + (d - 1)) * predictions.width;
+          engine.observe_prediction(l + d, predictions.ids + at,
+                                    predictions.scores != nullptr ? predictions.scores + at : nullptr,
+                                    predictions.width);
+        }
       if (predict)
         for (int d = 1; d <= engine.config().lookahead && l + d < L; ++d) {
           gather(s, l + d);

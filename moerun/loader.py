@@ -28,7 +28,7 @@ from .runtime.handle import MoerunHandle
 from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
                              slot_elems)
 from .runtime.moe_layer import OffloadedMoE
-from .runtime.offload import OffloadRuntime, uses_cost_model, uses_lookahead
+from .runtime.offload import OffloadRuntime, learned_predictor, uses_cost_model, uses_lookahead
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -73,6 +73,8 @@ def load(
     path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
     moe_layers = adapter.moe_layers()
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
+    predictor = learned_predictor(compiled, num_layers=len(moe_layers), num_experts=adapter.num_experts,
+                                  top_k=adapter.top_k)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
     host_capacity = _host_capacity(compiled, host_budget, plan.slot_bytes,
@@ -84,7 +86,7 @@ def load(
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
     hf_model = _build_skeleton(config, dtype)
     runtime = _build_runtime(compiled, adapter, ckpt, plan, moe_layers, device, dtype,
-                             cpu_threads, copy_streams, host_capacity, bar)
+                             cpu_threads, copy_streams, host_capacity, bar, predictor)
     bar.set_postfix_str("dense weights"); bar.update()
     _replace_moe_blocks(hf_model, adapter, runtime, moe_layers)
     _load_dense_weights(hf_model, ckpt, adapter, non_expert, device, dtype, progress)
@@ -359,7 +361,8 @@ def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter,
 # -- runtime ----------------------------------------------------------------------------------------
 def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
                    moe_layers: list[int], device: torch.device, dtype: torch.dtype,
-                   cpu_threads: int, copy_streams: int, host_capacity: int, bar) -> OffloadRuntime:
+                   cpu_threads: int, copy_streams: int, host_capacity: int, bar,
+                   predictor=None) -> OffloadRuntime:
     """Host pool (filled from the files), arena, transfer engine, CPU executor and policy engine."""
     from .native import CpuExecutor, ExpertArena, HostPool, TransferEngine
     from .policy_engine import PolicyEngine, eviction_code
@@ -388,5 +391,5 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
         engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=cpu_executor,
         inter_size=adapter.expert_inter_size, num_layers=num_layers, num_experts=num_experts,
         slot_bytes=plan.slot_bytes, device=device,
-        lookahead=uses_lookahead(compiled), observe_timings=uses_cost_model(compiled),
+        lookahead=uses_lookahead(compiled), observe_timings=uses_cost_model(compiled), predictor=predictor,
     )

@@ -235,19 +235,24 @@ class PolicyEngine:
         self._native.reset()
 
     def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True,
-               host: HostConfig | None = None) -> dict:
+               predictions: tuple | None = None, host: HostConfig | None = None) -> dict:
         """Run a whole trace (``expert_ids`` int32 ``[tokens, layers, k]``, ``gate_weights`` float32
         or None, ``step_starts`` int64 ``[steps + 1]``) through this engine natively; returns stats.
 
+        ``predictions`` = (ids int32, scores float32), both ``[steps, layers, depth, width]``: what
+        a predictor said at each step and layer about layers l+1..l+depth (-1 = no id); lookahead and
+        learned prefetch are fed these instead of the trace's true routing.
         ``host`` with a capacity: a host tier of that many experts sits behind the GPU tier (as the
         runtime's host pool does: every copied, prefetched or CPU-run expert is looked up in it); its
         ``capacity, accesses, hits, misses, hit_rate, disk_bytes`` come back under ``"host"``.
         """
+        pred_ids, pred_scores = predictions if predictions is not None else (None, None)
         tier = {}
         if host is not None and host.capacity != AUTO:
             tier = dict(host_capacity=host.capacity, host_eviction=eviction_code(host.eviction),
                         host_high_watermark=host.high_watermark, host_low_watermark=host.low_watermark)
-        native = self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions, **tier)
+        native = self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions, pred_ids,
+                                     pred_scores, **tier)
         out = self.stats()
         if "host" in native:
             out["host"] = dict(native["host"])

@@ -6,6 +6,7 @@ name in the block's dataclass, so the schema table and config.py are the whole m
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from . import config, ir, schema
 from .errors import PolicyError, did_you_mean
@@ -47,6 +48,8 @@ def compile_policy_ir(policy: ir.Policy, source: str = "<string>") -> config.Com
             fields = {s.key: _python_value(params[s.key], s.value) for s in section.settings}
             blocks[section.name] = fields
     prefetch = blocks.get("prefetch", {})
+    if prefetch.get("predictor"):
+        prefetch["predictor"] = _resolve_path(prefetch["predictor"], source)
     if prefetch.get("strategy", "none") != "none" and "budget" not in prefetch:
         capacity = blocks.get("cache", {}).get("capacity", config.AUTO)
         budget = DEFAULT_PREFETCH_BUDGET
@@ -68,6 +71,14 @@ def compile_policy_ir(policy: ir.Policy, source: str = "<string>") -> config.Com
     )
 
 
+def _resolve_path(path: str, source: str) -> str:
+    """A relative path in a policy file is relative to that file (else to the working directory)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and Path(source).is_file():
+        p = Path(source).resolve().parent / p
+    return str(p)
+
+
 def _python_value(param: schema.Param, value: ir.Value):
     if param.kind in ("int", "float"):
         if isinstance(value, ir.Word):      # auto
@@ -79,6 +90,8 @@ def _python_value(param: schema.Param, value: ir.Value):
         return value.text
     if param.kind == "metrics":
         return tuple(schema.resolve_metric(item.text) for item in value.items)
+    if param.kind == "path":
+        return value.text
     return tuple((item.first.value, item.second.value) if isinstance(item, ir.Pair) else (-1, item.value)
                  for item in value.items)
 

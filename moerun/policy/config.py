@@ -73,6 +73,7 @@ class PrefetchConfig:
     lookahead: int = 1                   # how many layers ahead to prefetch
     affinity_threshold: float = 0.1      # affinity: min transition probability L -> L+1
     history_window: int = 64             # history: tokens of co-occurrence kept
+    predictor: str = ""                  # learned: predictor file (moerun.expert_predictor); "" = none
 
 
 @dataclass(frozen=True)

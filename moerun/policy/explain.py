@@ -60,7 +60,8 @@ def explain(policy: config.CompiledPolicy) -> str:
     else:
         lines.append(f"- prefetch: {p.strategy}, up to {p.budget} experts per layer step, {p.lookahead} layer(s) ahead"
                      + (f", transitions with probability >= {p.affinity_threshold}" if p.strategy == "affinity" else "")
-                     + (f", co-occurrence over {p.history_window} tokens" if p.strategy == "history" else "") + ".")
+                     + (f", co-occurrence over {p.history_window} tokens" if p.strategy == "history" else "")
+                     + (f", predictor {p.predictor}" if p.predictor else "") + ".")
     lines.append(f"- misses: {_SCHEDULE_WORDS[s.mode]}"
                  + (f" (CPU when a copy would take over {s.offload_threshold_ms} ms)"
                     if s.mode == "hybrid" and s.offload_threshold_ms else "") + ".")

@@ -28,11 +28,13 @@ def format_policy(policy_file: ir.PolicyFile) -> str:
 
 
 def format_value(value: ir.Value | ir.Pair) -> str:
-    """The canonical text of one value: ``16``, ``0.9``, ``lru``, ``[0:3, 7]``."""
+    """The canonical text of one value: ``16``, ``0.9``, ``lru``, ``"file.npz"``, ``[0:3, 7]``."""
     if isinstance(value, ir.Number):
         return str(value.value) if isinstance(value.value, int) else repr(float(value.value))
     if isinstance(value, ir.Word):
         return value.text
+    if isinstance(value, ir.String):
+        return f'"{value.text}"'
     if isinstance(value, ir.Pair):
         return f"{format_value(value.first)}:{format_value(value.second)}"
     return "[" + ", ".join(format_value(item) for item in value.items) + "]"

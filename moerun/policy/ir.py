@@ -47,6 +47,14 @@ class Word:
 
 
 @dataclass(frozen=True)
+class String:
+    """A double-quoted text value (a file path: ``predictor = "experts.npz"``), without its quotes."""
+
+    text: str
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Pair:
     """``LAYER:EXPERT`` inside a list (``pin = [0:3, 5]``)."""
 
@@ -66,7 +74,7 @@ class List:
     span: Span = _span()
 
 
-Value = Union[Number, Word, List]
+Value = Union[Number, Word, String, List]
 
 
 # -- statements -----------------------------------------------------------------------------------

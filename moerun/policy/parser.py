@@ -189,6 +189,9 @@ class _Builder:
         if tree.data == "word":
             tok = tree.children[0]
             return ir.Word(str(tok), _token_span(tok))
+        if tree.data == "string":
+            tok = tree.children[0]
+            return ir.String(str(tok)[1:-1], _token_span(tok))
         items = []
         for item in tree.children:
             if item is None:

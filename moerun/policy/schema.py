@@ -14,8 +14,8 @@ from . import config
 class Param:
     """One ``key = value`` a block accepts.
 
-    ``kind``: ``int``, ``float``, ``enum``, ``bool``, ``metrics`` (list of metric names) or ``pin``
-    (list of ``EXPERT`` or ``LAYER:EXPERT``). Bounds are inclusive unless ``*_open``.
+    ``kind``: ``int``, ``float``, ``enum``, ``bool``, ``metrics`` (list of metric names), ``pin``
+    (list of ``EXPERT`` or ``LAYER:EXPERT``) or ``path`` (a double-quoted file path). Bounds are inclusive unless ``*_open``.
     """
 
     kind: str
@@ -73,6 +73,7 @@ BLOCKS: dict[str, dict[str, Param]] = {
         "affinity_threshold": Param("float", lo=0.0, hi=1.0, adaptable=True,
                                     doc="affinity: least transition probability"),
         "history_window": Param("int", lo=1, doc="history: tokens of co-occurrence kept"),
+        "predictor": Param("path", doc="learned: the expert-predictor file (.npz, relative to the policy file)"),
     },
     "schedule": {
         "mode": Param("enum", choices=config.SCHEDULE_MODES, adaptable=True, doc="where a miss runs"),

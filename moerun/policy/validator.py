@@ -31,6 +31,7 @@ REQUIRES = {
     ("cache", "low_watermark"): (("cache", "eviction"), ("watermark",)),
     ("cache", "credit_decay"): (("cache", "eviction"), ("watermark",)),
     ("schedule", "offload_threshold_ms"): (("schedule", "mode"), ("hybrid",)),
+    ("prefetch", "predictor"): (("prefetch", "strategy"), ("learned",)),
 }
 # MoE-PolicyLang extensions this runtime does not implement, with what to write instead.
 _TIERS_HINT = ("multi-tier (mixed dtype) expert caches are not supported; the pinned host tier is "
@@ -167,6 +168,12 @@ class _Checker:
             return value.text == "true" if kind == "bool" else value.text
         if kind == "metrics":
             return self.metric_list(value, what)
+        if kind == "path":
+            if not isinstance(value, ir.String) or not value.text.strip():
+                self.error(f"'{what}' must be a file path in double quotes", value.span,
+                           f'write: {what.rpartition(".")[2]} = "experts.npz"')
+                return None
+            return value.text
         return self.pin_list(value, what)
 
     @staticmethod

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..expert_predictor import load_predictor, step_top
+from ..policy.errors import PolicyError
 from .stats import LayerCounters
 from .trace_recorder import TraceRecorder
 
@@ -100,6 +102,7 @@ class OffloadRuntime:
         device: torch.device,
         lookahead: bool,
         observe_timings: bool,
+        predictor=None,
     ):
         self.engine = engine
         self.arena = arena
@@ -112,6 +115,8 @@ class OffloadRuntime:
         self.slot_bytes = slot_bytes
         self.device = device
         self.lookahead = lookahead
+        self.predictor = predictor  # ExpertPredictor of `learned` prefetch, or None
+        self._step_ids: list[torch.Tensor | None] = [None] * num_layers  # this step's ids per layer
         self.counters = [LayerCounters() for _ in range(num_layers)]
         self.recorder: TraceRecorder | None = None
         # Imported here, not at module import: on the CPU the loader first puts Triton in
@@ -164,6 +169,8 @@ class OffloadRuntime:
         expert_ids = host.ids.view(-1).numpy()  # [T*K] the layer's routed ids
         if self.lookahead and host.pred is not None and host.pred_layer is not None:
             self.engine.observe_prediction(host.pred_layer, host.pred.view(-1).numpy())
+        if self.predictor is not None:
+            self._predict(layer, host.ids)
         plan = self.engine.step(layer, expert_ids, host.weights.view(-1).numpy())
         if self.recorder is not None:
             self.recorder.record(layer, host.ids, host.weights)
@@ -219,6 +226,23 @@ class OffloadRuntime:
             cpu_pairs = int(np.isin(step.expert_ids, step.cpu_experts).sum()) if step.cpu_experts else 0
             self._observe_timing(step.layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
 
+    def _predict(self, layer: int, ids_host: torch.Tensor) -> None:
+        """Learned prefetch: the predictor scores the next layers' experts from this step's routing
+        at this layer and the ones before it; the engine gets the best ids with their scores."""
+        p = self.predictor
+        t, k = ids_host.shape
+        self._step_ids[layer] = ids_host.clone()
+        hist = torch.full((t, p.history, k), -1, dtype=torch.int64)  # [T, H, K] layers l, l-1, ...
+        for j in range(min(p.history, layer + 1)):
+            prev = self._step_ids[layer - j]
+            if prev is not None and prev.shape[0] == t:  # same step (layers run in order)
+                hist[:, j] = prev
+        probs = p.predict(hist, torch.full((t,), layer, dtype=torch.int64))  # [T, D, E]
+        ids, scores = step_top(probs, torch.zeros(t, dtype=torch.int64), 1, min(self.num_experts, k * t))
+        for d in range(1, p.horizon + 1):
+            if layer + d < self.num_layers:
+                self.engine.observe_prediction(layer + d, ids[0, d - 1].numpy(), scores[0, d - 1].numpy())
+
     def _observe_timing(self, layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
         """Feed measured copy and CPU times to the engine's cost model (hybrid scheduling).
 
@@ -264,8 +288,11 @@ class OffloadRuntime:
     # -- control --------------------------------------------------------------------------------
     def set_policy(self, policy) -> None:
         """Swap the engine's policy between steps; resident experts stay where they are."""
+        predictor = learned_predictor(policy, num_layers=self.num_layers, num_experts=self.num_experts,
+                                      top_k=self.engine.shape["top_k"])
         self.engine.set_policy(policy)
         self.lookahead, self.observe_timings = uses_lookahead(policy), uses_cost_model(policy)
+        self.predictor = predictor
 
 
 def merge_cpu_partial(y: torch.Tensor, cpu_out: torch.Tensor) -> torch.Tensor:
@@ -280,6 +307,20 @@ def merge_cpu_partial(y: torch.Tensor, cpu_out: torch.Tensor) -> torch.Tensor:
 def uses_lookahead(policy) -> bool:
     """Whether ``policy`` wants the next layer's router applied to the current hidden state."""
     return policy.prefetch.strategy == "lookahead"
+
+
+def learned_predictor(policy, *, num_layers: int, num_experts: int, top_k: int):
+    """The ExpertPredictor ``policy``'s learned prefetch runs live, or None when it names none and
+    does not prefetch with ``learned``; PolicyError when the file is missing or does not fit."""
+    pf = policy.prefetch
+    if not pf.predictor:
+        if pf.strategy == "learned":
+            raise PolicyError(f"policy '{policy.name}' prefetches with strategy learned but names no predictor; "
+                              'to run live it needs one: prefetch { predictor = "FILE" } (train it with '
+                              "`moerun trace predictor`)")
+        return None
+    return load_predictor(pf.predictor, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                          lookahead=pf.lookahead)
 
 
 def uses_cost_model(policy) -> bool:

@@ -1,6 +1,6 @@
 """``moerun trace ...``: replay a trace under a policy, sweep policies x capacities, show routing
-stats, write synthetic traces. Policies are anything ``moerun.policy.compile_policy`` takes: a
-``.moe`` path, policy text, or a bundled name."""
+stats, train the learned prefetch predictor, write synthetic traces. Policies are anything
+``moerun.policy.compile_policy`` takes: a ``.moe`` path, policy text, or a bundled name."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,25 @@ def _stats(args) -> int:
     return 0
 
 
+def _predictor(args) -> int:
+    from moerun.expert_predictor import accuracy, train_predictor  # torch: only for this command
+
+    traces = [read_trace(p) for p in args.traces]
+    predictor = train_predictor(traces, history=args.history, horizon=args.horizon, hidden=args.hidden,
+                                epochs=args.epochs, seed=args.seed)
+    report = {}
+    for path in args.eval:
+        trace = read_trace(path)
+        trace.check_model(num_layers=predictor.num_layers, num_experts=predictor.num_experts, top_k=predictor.top_k)
+        report[path] = accuracy(predictor, trace)
+        a = report[path]
+        print(f"{path}: top-1 {a['top1']:.3f}  primary top-1 {a['top1_primary']:.3f} / top-2 "
+              f"{a['top2_primary']:.3f}  recall@k {a['recall_at_k']:.3f}  ({a['examples']} token-layer pairs)")
+    predictor.save(args.out, accuracy=report)
+    print(f"wrote {args.out}: history {args.history}, horizon {args.horizon}, hidden {args.hidden}")
+    return 0
+
+
 def _synth(args) -> int:
     trace = synthetic_trace(args.workload, num_tokens=args.tokens, num_layers=args.layers,
                             num_experts=args.experts, top_k=args.top_k, batch=args.batch, seed=args.seed)
@@ -88,7 +107,7 @@ def _guard(func):
 
 
 def add_parser(subparsers) -> None:
-    """Register ``moerun trace replay|sweep|stats|synth``."""
+    """Register ``moerun trace replay|sweep|stats|predictor|synth``."""
     trace = subparsers.add_parser("trace", help="replay, sweep and inspect routing traces")
     sub = trace.add_subparsers(dest="trace_command", required=True)
 
@@ -117,6 +136,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("trace")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_guard(_stats))
+
+    p = sub.add_parser("predictor", help="train the learned-prefetch expert predictor on traces")
+    p.add_argument("traces", nargs="+", help="training traces (one model)")
+    p.add_argument("--out", required=True, help="predictor file to write (.npz)")
+    p.add_argument("--eval", nargs="*", default=[], help="traces to report its accuracy on")
+    p.add_argument("--history", type=int, default=2, help="layers of routing it looks at")
+    p.add_argument("--horizon", type=int, default=1, help="layers ahead it predicts")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_guard(_predictor))
 
     p = sub.add_parser("synth", help="write a seeded synthetic trace")
     p.add_argument("workload", choices=WORKLOADS)

@@ -2,8 +2,11 @@
 
 The whole trace runs inside the engine (moerun._C), step by step as the runtime would call it, so
 what replay reports is what the runtime would decide. Belady (the optimal offline eviction) runs
-here only: the engine is given each access's next use. Lookahead/learned prefetch get the trace's
-true next-layer routing as predictions (an upper bound on any predictor) unless told otherwise.
+here only: the engine is given each access's next use. Learned prefetch with a predictor file
+(``prefetch.predictor``) gets that predictor's output, computed for the whole trace at once by the
+same code the runtime runs (:mod:`moerun.expert_predictor`); lookahead, and learned without a
+predictor, get the trace's true next-layer routing (an upper bound on any predictor) unless told
+otherwise.
 """
 from __future__ import annotations
 
@@ -37,13 +40,21 @@ def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None,
                               "(pass --capacity or --slots)")
         num_slots = cap
     expert_bytes = trace.expert_bytes or DEFAULT_EXPERT_BYTES
+    predictions = None
+    if policy.prefetch.strategy == "learned" and policy.prefetch.predictor:
+        from moerun.expert_predictor import load_predictor, predict_trace  # torch: only when needed
+
+        predictor = load_predictor(policy.prefetch.predictor, num_layers=trace.num_layers,
+                                   num_experts=trace.num_experts, top_k=trace.top_k,
+                                   lookahead=policy.prefetch.lookahead)
+        predictions = predict_trace(predictor, trace.expert_ids, trace.step_starts)
     engine = PolicyEngine(policy, num_layers=trace.num_layers, num_experts=trace.num_experts, top_k=trace.top_k,
                           num_slots=num_slots, expert_bytes=expert_bytes, cost=cost, replay=True)
     host = policy.host
     if host_capacity is not None:
         host = replace(host or HostConfig(), capacity=host_capacity)
     stats = engine.replay(trace.expert_ids, trace.gate_weights, trace.step_starts,
-                          oracle_predictions=oracle_predictions, host=host)
+                          oracle_predictions=oracle_predictions, predictions=predictions, host=host)
     stats["estimated_ms"] = stats["simulated_us"] / 1e3
     stats["num_slots"] = num_slots
     stats["expert_bytes"] = expert_bytes

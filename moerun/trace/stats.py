@@ -5,6 +5,8 @@
 - reuse_distance_median: median number of the layer's accesses between two uses of an expert.
 - next_layer_predictability: how often a token's expert at layer l+1 is the one most often seen
   after its layer-l experts (the best single-guess accuracy of an affinity table, in-sample).
+- prev_token_overlap: share of a token's experts at the layer that the token before it (in trace
+  order) also used there: what a cache of only the last step's experts would hit.
 """
 from __future__ import annotations
 
@@ -44,16 +46,18 @@ def layer_stats(trace: Trace) -> list[dict]:
             guesses = best[ids]                                             # [N, K]
             hit = (guesses[:, :, None] == nxt[:, None, :]).any(axis=2)
             pred = float(hit.mean())
+        overlap = float((ids[1:, :, None] == ids[:-1, None, :]).any(-1).mean()) if len(ids) > 1 else float("nan")
         out.append(dict(layer=l, entropy_bits=entropy, max_entropy_bits=float(np.log2(E)), skew_top10=skew,
-                        reuse_distance_median=reuse, next_layer_predictability=pred))
+                        reuse_distance_median=reuse, next_layer_predictability=pred, prev_token_overlap=overlap))
     return out
 
 
 def format_table(rows: list[dict]) -> str:
     """The per-layer stats as an aligned text table."""
-    head = f"{'layer':>5} {'entropy':>8} {'skew10%':>8} {'reuse':>7} {'next-pred':>9}"
+    head = f"{'layer':>5} {'entropy':>8} {'skew10%':>8} {'reuse':>7} {'next-pred':>9} {'prev-tok':>8}"
     lines = [head]
     for r in rows:
         lines.append(f"{r['layer']:>5} {r['entropy_bits']:>8.3f} {r['skew_top10']:>8.3f} "
-                     f"{r['reuse_distance_median']:>7.1f} {r['next_layer_predictability']:>9.3f}")
+                     f"{r['reuse_distance_median']:>7.1f} {r['next_layer_predictability']:>9.3f} "
+                     f"{r['prev_token_overlap']:>8.3f}")
     return "\n".join(lines)
