@@ -189,4 +189,4 @@ def test_readme_policy_example_compiles():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## The policy language in short", 1)[1]
     example = section.split("```", 2)[1]
-    assert compile_policy(example).name == "balanced"
+    assert compile_policy(example).name == "example"
