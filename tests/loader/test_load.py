@@ -150,10 +150,14 @@ def _run_python(code: str, env_update: dict) -> "subprocess.CompletedProcess":
     import os
     import subprocess
     import sys
+    import tempfile
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_update)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # Run outside the checkout: `python -c` puts the working directory first on sys.path, and the
+    # source tree's moerun/ lacks the packaged kernels and policies of the installed one.
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what moerun does on a machine without a GPU")
