@@ -7,11 +7,14 @@ greedy unless ``--sample``:
   fast path's ``skip_routed_experts``; on the transformers path the runtime's step returns zeros).
   Times the dense part alone; its tokens are not the model's.
 - ``resident``: every expert resident (budget ``auto``).
-- ``budget``: ``--budget`` (default 10GiB) under ``--policy``.
+- ``budget``: ``--budget`` (default 10GiB), one row per ``--policy``.
 
 Greedy decoding of a random-weight model falls into a loop of repeated tokens, so its routing
-repeats (high hit rates); ``--sample`` samples from the whole vocabulary so that tokens, and with
-them the experts chosen, vary from step to step (close to uniform routing).
+repeats (high hit rates); ``--sample`` samples from the whole vocabulary so that tokens vary, yet a
+random-weight model's routing stays concentrated (93 % hits at 10 GiB on the H100). ``--routing
+uniform`` draws every token's experts uniformly at random on the device (the fast path's
+``uniform_routing`` switch): the worst case for any cache, the one the issue's target names; those
+rows run the fast path only.
 
 Each row times the fast path (graphs captured by a warm-up generation) and the transformers path
 (``model.moerun.fast_decode = False``) on the same loaded model, compares their tokens over the
@@ -19,6 +22,8 @@ shorter run, and gives the fast path's per-layer breakdown (``model.moerun.profi
 
     MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --out decode.json
     MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --rows budget --sample
+    MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --rows budget --routing uniform
+    MOERUN_CACHE=/tmp/mc python benchmarks/bench_decode.py --compile   # segments fused by torch.compile
 """
 from __future__ import annotations
 
@@ -51,32 +56,45 @@ def _skip_routed_on_transformers_path(model):
 
 def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     handle = model.moerun
+    uniform = args.routing == "uniform" and not skip_routed
     # Dense-only: prefill (both paths) and the transformers path's decode skip through the runtime's
     # step, the fast path's decode steps through its own switch.
     restore = _skip_routed_on_transformers_path(model) if skip_routed else (lambda: None)
     handle.fast_decode = True
     handle.decoder.skip_routed_experts = skip_routed
-    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up: capture graphs
+    handle.decoder.uniform_routing = uniform
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up: compile, capture
+    warmup_s = time.perf_counter() - start
+    handle.reset_stats()  # the row's counters: its timed and profiled generations
     fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
     with handle.profile_decode() as profile:
         model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
     handle.decoder.skip_routed_experts = False
+    handle.decoder.uniform_routing = False
+    stats = handle.stats()
 
-    handle.fast_decode = False
-    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-    slow_tok_s, slow_tokens = _tok_s(model, prompt, args.slow_new_tokens, device, args.sample)
+    slow_tok_s, same, n = None, 0, 0
+    if not uniform:  # uniform routing exists on the fast path only (its tokens are not the model's)
+        handle.fast_decode = False
+        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        slow_tok_s, slow_tokens = _tok_s(model, prompt, args.slow_new_tokens, device, args.sample)
+        n = min(len(fast_tokens), len(slow_tokens))
+        same = sum(a == b for a, b in zip(fast_tokens[:n], slow_tokens[:n]))
     restore()
-    n = min(len(fast_tokens), len(slow_tokens))
-    same = sum(a == b for a, b in zip(fast_tokens[:n], slow_tokens[:n]))
     summary = profile.summary()
-    row = {"row": name, "sample": args.sample, "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
-           "speedup": fast_tok_s / max(slow_tok_s, 1e-9), "tokens_equal": f"{same}/{n}",
-           "memory": handle.memory()["device"], "decode_stats": handle.stats()["decode"],
-           "hit_rate": handle.stats()["hit_rate"], "cpu_share": handle.stats()["cpu_share"],
-           "profile": summary}
+    row = {"row": name, "sample": args.sample, "routing": "uniform" if uniform else "model",
+           "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
+           "speedup": fast_tok_s / slow_tok_s if slow_tok_s else None,
+           "tokens_equal": f"{same}/{n}" if n else None,
+           "memory": handle.memory()["device"], "decode_stats": stats["decode"],
+           "hit_rate": stats["hit_rate"], "cpu_share": stats["cpu_share"], "bytes_copied": stats["bytes_copied"],
+           "warmup_s": warmup_s, "profile": summary}
     phases = " ".join(f"{p}={v:.3f}" for p, v in summary["layer_sum_ms"].items())
-    print(f"[{name}] fast {fast_tok_s:.1f} tok/s | transformers path {slow_tok_s:.2f} tok/s | "
-          f"x{row['speedup']:.1f} | tokens equal {same}/{n} | step {summary['step_ms']:.2f} ms; "
+    versus = (f"transformers path {slow_tok_s:.2f} tok/s | x{row['speedup']:.1f} | tokens equal {same}/{n}"
+              if slow_tok_s else "uniform routing (fast path only)")
+    print(f"[{name}] fast {fast_tok_s:.1f} tok/s | {versus} | hit rate {stats['hit_rate']:.3f} | CPU share "
+          f"{stats['cpu_share']:.3f} | warm-up {warmup_s:.1f} s | step {summary['step_ms']:.2f} ms; "
           f"sum over MoE layers (ms/step): {phases}", flush=True)
     return row
 
@@ -85,7 +103,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen1.5-moe-a2.7b", help="a built-in model of moerun.bench")
     p.add_argument("--budget", default="10GiB")
-    p.add_argument("--policy", default="balanced.moe")
+    p.add_argument("--policy", nargs="+", default=["balanced.moe"],
+                   help="the budget row's policies (one row each, hot-swapped on the same loaded model)")
     p.add_argument("--rows", nargs="+", default=["dense-only", "resident", "budget"],
                    choices=["dense-only", "resident", "budget"])
     p.add_argument("--prompt-len", type=int, default=32)
@@ -95,6 +114,11 @@ def main() -> None:
     p.add_argument("--sample", action="store_true",
                    help="sample from the whole vocabulary (temperature 1) instead of greedy: a random-weight "
                         "model's routing then varies per step, close to uniform (greedy repeats a loop)")
+    p.add_argument("--routing", choices=["model", "uniform"], default="model",
+                   help="uniform: the budget and resident rows draw every token's experts uniformly at random "
+                        "(the fast path's uniform_routing switch: the worst case for a cache)")
+    p.add_argument("--compile", action="store_true",
+                   help="moerun.load(compile_decode=True): fuse the fast path's small kernels (torch.compile)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
 
@@ -112,13 +136,17 @@ def main() -> None:
         if not names:
             continue
         start = time.perf_counter()
-        model = moerun.load(path, policy=args.policy, vram_budget=budget, device=device, dtype=dtype,
-                            max_context=max_context, progress=False)
+        model = moerun.load(path, policy=args.policy[0], vram_budget=budget, device=device, dtype=dtype,
+                            max_context=max_context, compile_decode=args.compile, progress=False)
         print(f"loaded {path.name} at budget {budget} in {time.perf_counter() - start:.1f} s: "
               f"{model.moerun.memory()['device']['num_slots']} slots", flush=True)
         for name in names:
-            rows.append(_row(name if name != "budget" else f"budget {budget}", model, prompt, args, device,
-                             skip_routed=name == "dense-only"))
+            if name != "budget":
+                rows.append(_row(name, model, prompt, args, device, skip_routed=name == "dense-only"))
+                continue
+            for policy in args.policy:
+                model.moerun.set_policy(policy)
+                rows.append(_row(f"budget {budget} {policy}", model, prompt, args, device, skip_routed=False))
         del model
         gc.collect()
         if device.type == "cuda":

@@ -158,6 +158,15 @@ void Engine::lru_push_front(int key) {
   lru_head_[p] = key;
 }
 
+int Engine::warm(int key) {
+  if (key < 0 || key >= L_ * E_) throw std::out_of_range("warm: key out of range");
+  const int p = partition_of(key);
+  if (slot_of_[key] >= 0 || part_size_[p] >= part_cap_[p]) return -1;
+  const int slot = take_free_slot();
+  if (slot >= 0) insert(key, slot, false);
+  return slot;
+}
+
 int Engine::take_free_slot() {
   if (free_slots_.empty()) return -1;
   const int s = free_slots_.back();

@@ -128,6 +128,9 @@ class Engine {
   // Measured times of the last step of `layer`; re-estimates the cost model.
   void observe_timing(int layer, double layer_us, double copy_us, int64_t copy_bytes, double cpu_us,
                       int64_t cpu_expert_tokens);
+  // Places key in a free slot of its partition without counting an access (the arena filled at
+  // start-up when it holds every expert). Returns the slot, or -1 when resident or no room.
+  int warm(int key);
   void set_config(const EngineConfig& config);  // hot swap: contents kept, partitions re-fit
   void reset();
   // Holds keep a resident key out of every eviction while its bytes are in use outside the engine

@@ -273,6 +273,13 @@ void bind_policy_engine(py::module& m) {
            py::arg("cpu_us"), py::arg("cpu_expert_tokens"))
       .def("set_config", [](PyEngine& self, const py::dict& d) { self.engine.set_config(config_from_dict(d)); })
       .def("reset", [](PyEngine& self) { self.engine.reset(); })
+      .def("warm", [](PyEngine& self, int layer, int expert) {
+             const auto& c = self.engine.config();
+             if (layer < 0 || layer >= c.num_layers || expert < 0 || expert >= c.num_experts)
+               throw std::out_of_range("warm: (layer, expert) out of range");
+             return self.engine.warm(layer * c.num_experts + expert);
+           }, py::arg("layer"), py::arg("expert"),
+           "Place (layer, expert) in a free slot without counting an access; its slot, or -1 (resident or no room).")
       .def("lookup", [](const PyEngine& self, int layer, int expert) { return self.engine.lookup(layer, expert); })
       .def("metric", [](const PyEngine& self, int metric, int64_t window) {
              return self.engine.metric(policy::Metric(metric), window);

@@ -208,6 +208,11 @@ class PolicyEngine:
         self._native.set_config(native_config(policy, cost=self.cost, replay=self.replay_mode, **self.shape))
         self.policy = policy
 
+    def warm(self, layer: int, expert: int) -> int:
+        """Place (layer, expert) in a free slot of its partition without counting an access (start-up
+        fill of an arena that holds every expert); its slot, or -1 when resident or without room."""
+        return self._native.warm(layer, expert)
+
     def lookup(self, layer: int, expert: int) -> int:
         """Slot holding (layer, expert), -1 when not resident."""
         return self._native.lookup(layer, expert)

@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and built-in weights")
     p.add_argument("--sample", action="store_true",
                    help="sample the full distribution (seeded, the same for every system) instead of greedy "
-                   "decoding: a random-weight model decoded greedily repeats itself and reuses the same experts, "
-                   "sampling gives near-uniform routing, the hard case for an expert cache")
+                   "decoding: a random-weight model decoded greedily repeats itself and reuses the same experts; "
+                   "sampled tokens vary, though a random-weight model still routes unevenly (for uniform "
+                   "routing see benchmarks/bench_decode.py --routing uniform)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="moerun rows without torch.compile of the fast decode path (on CUDA it is on: the "
+                   "warm-up generation then compiles for tens of seconds, untimed)")
     p.add_argument("--profile", action="store_true",
                    help="after each system's timed repeats, profile one more generation (torch.profiler "
                    "table + trace in --out; not counted in the table)")
@@ -225,7 +229,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
             checkpoint=checkpoint, info=info, device=device, dtype=dtype,
             experts_implementation=header["settings"]["experts_implementation"], fixed_bytes=probe.fixed_bytes,
             calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=Path(scratch),
-            max_context=seq_len, max_batch=args.batch,
+            max_context=seq_len, max_batch=args.batch, compile_decode=args.compile and device.type == "cuda",
         )
         bar = tqdm(_plan(args, budgets, policies), desc="systems", unit="run", file=sys.stderr)
         for system, budget, policy in bar:

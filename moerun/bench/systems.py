@@ -46,6 +46,7 @@ class BenchSetup:
     scratch_dir: Path              # hf-auto's offload folder on CPU-only runs
     max_context: int               # prompt + generated tokens of one sequence
     max_batch: int
+    compile_decode: bool = False   # moerun rows: fuse the fast path's kernels (moerun.load(compile_decode=))
 
 
 @dataclass
@@ -250,7 +251,8 @@ def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str) -> LoadedSyst
     try:
         model = moerun.load(
             str(setup.checkpoint), policy=policy, vram_budget=budget_bytes, device=setup.device,
-            dtype=setup.dtype, max_context=setup.max_context, max_batch=setup.max_batch, progress=False,
+            dtype=setup.dtype, max_context=setup.max_context, max_batch=setup.max_batch,
+            compile_decode=setup.compile_decode, progress=False,
         )
     except BudgetError as exc:
         raise SystemSkipped(str(exc)) from exc

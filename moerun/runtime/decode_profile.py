@@ -12,6 +12,9 @@ Phases of one MoE layer step (DESIGN.md, "one decode step through one MoE layer"
 - ``graph_b``: device time of the shared experts (segment S), the fused MoE (segment B) and the
   merge segment (CPU partial, shared output, residual).
 
+Steps that run as one whole-step graph (every expert resident, or routed experts skipped) have no
+layer phases: they count in ``steps``, ``step_ms`` and ``whole_steps`` only.
+
 Device times come from CUDA events (read once per step, when the step ends); on the CPU every
 phase is host time. The decoder calls nothing here unless a profile is open, so closed profiles
 cost nothing.
@@ -32,6 +35,7 @@ class DecodeProfile:
     def __init__(self, device: torch.device):
         self.on_cuda = device.type == "cuda"
         self.steps = 0
+        self.whole_steps = 0  # steps run as one graph: no per-layer phases
         self.step_ms = 0.0  # host wall time of whole steps (embedding to logits)
         self._sum_ms: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PHASES, 0.0))
         self._pending: list[tuple[int, str, object, object, float]] = []  # (layer, phase, start, end, minus_ms)
@@ -59,7 +63,8 @@ class DecodeProfile:
     def begin_step(self) -> None:
         self._step_start = time.perf_counter()
 
-    def end_step(self) -> None:
+    def end_step(self, whole: bool = False) -> None:
+        self.whole_steps += whole
         if self.on_cuda:
             torch.cuda.synchronize()
         for layer, phase, start, end, minus_ms in self._pending:
@@ -71,10 +76,11 @@ class DecodeProfile:
 
     # -- report ---------------------------------------------------------------------------------
     def summary(self) -> dict:
-        """``{"steps", "step_ms", "per_layer_ms": {layer: {phase: ms}}, "layer_sum_ms": {phase: ms}}``,
-        every time a mean per step."""
-        n = max(self.steps, 1)
+        """``{"steps", "whole_steps", "step_ms", "per_layer_ms": {layer: {phase: ms}}, "layer_sum_ms":
+        {phase: ms}}``, every time a mean per step (layer phases: per step that has them)."""
+        n = max(self.steps - self.whole_steps, 1)
         per_layer = {layer: {p: v / n for p, v in phases.items()} for layer, phases in sorted(self._sum_ms.items())}
         total = {p: sum(phases[p] for phases in per_layer.values()) for p in PHASES}
-        return {"steps": self.steps, "step_ms": self.step_ms / n, "per_layer_ms": per_layer,
+        return {"steps": self.steps, "whole_steps": self.whole_steps, "step_ms": self.step_ms / max(self.steps, 1),
+                "per_layer_ms": per_layer,
                 "layer_sum_ms": total}

@@ -20,6 +20,13 @@ segments over static buffers (segments.py) instead of transformers' per-layer Py
       E       [+ CPU partial, when the plan has CPU experts] + shared output + residual
     tail      final norm -> lm_head -> logits
 
+When no expert can miss (the arena holds every expert: it is filled at load), no layer needs the
+host between A and B: the whole step (head, every layer's A, S, B, E, tail) is one graph, one
+launch and one sync per step, and the engine reads each layer's routing afterwards
+(``OffloadRuntime.account``: the same accesses in the same order, so statistics and adapt rules
+see what a planned step shows). ``compile_backend`` fuses the segments' device parts with
+torch.compile before capture (segments.py).
+
 Prefill runs through transformers (eager) writing into the same static cache. The decoder hooks
 the model's ``forward`` (decode steps with its cache go to the fast path, everything else to
 transformers) and ``generate`` (which gets the moerun cache when the caller passes none), so
@@ -46,7 +53,7 @@ from ..models.base import MoeAdapter
 from .decode_cache import DecodeCache
 from .decode_profile import DecodeProfile
 from .offload import HostStep, OffloadRuntime, merge_cpu_partial
-from .segments import Segment
+from .segments import Segment, compiled
 
 # Tokens per sequence step the fast path takes (the fused kernel's decode path covers them;
 # memory.py reserves room for a step of max_batch x this many tokens).
@@ -86,9 +93,12 @@ def unsupported_reason(model) -> str | None:
 @dataclass
 class _MoeSegments:
     """The segments of one MoE decoder layer (module docstring): A, A with the lookahead router
-    (None for the last MoE layer), S (None without shared experts), B, E, and E with the CPU partial."""
+    (None for the last MoE layer), S (None without shared experts), B, E, and E with the CPU partial;
+    and the layer's host buffers (its own ids and weights, so that a whole-step graph can leave
+    every layer's routing on the host for the engine to read after the step)."""
 
     block: nn.Module
+    host: HostStep
     a: Segment
     a_ahead: Segment | None
     shared: Segment | None
@@ -111,7 +121,7 @@ class _StepBuffers:
         model = decoder.model()
         dev, dtype = decoder.device, decoder.dtype
         cfg, base = model.config, model.get_decoder()
-        hidden, top_k = decoder.adapter.hidden_size, decoder.adapter.top_k
+        hidden, top_k, num_experts = decoder.adapter.hidden_size, decoder.adapter.top_k, decoder.adapter.num_experts
         t = batch * tokens
         self.batch, self.tokens, self.keep = batch, tokens, keep
         self.input_ids = torch.zeros(batch, tokens, dtype=torch.long, device=dev)  # [B, Q]
@@ -128,32 +138,32 @@ class _StepBuffers:
         # Recorded behind A's host copies: the host waits on it, not on the shared experts queued after.
         self.copied = torch.cuda.Event() if dev.type == "cuda" else None
         self.logits = torch.zeros(batch, keep, cfg.vocab_size, dtype=dtype, device=dev)  # [B, keep, V]
-        self.pe = None  # rotary (cos, sin) or whatever the model's rotary module returns, static
+        pe = base.rotary_emb(self.h, self.position_ids)  # rotary (cos, sin) or whatever the model returns
+        self.pe = tuple(p.clone() for p in pe) if isinstance(pe, tuple) else pe.clone()  # static
         on_cuda = dev.type == "cuda"
         if on_cuda:
             def pinned(like):
                 return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-            self.host = HostStep(x=pinned(self.x), ids=pinned(self.ids), weights=pinned(self.weights),
-                                 pred=pinned(self.pred), pred_layer=None,
-                                 cpu_out=torch.empty(t, hidden, dtype=torch.float32, pin_memory=True))
         else:  # host tensors are the device tensors: nothing to copy
-            self.host = HostStep(x=self.x, ids=self.ids, weights=self.weights, pred=self.pred, pred_layer=None,
-                                 cpu_out=torch.empty(t, hidden, dtype=torch.float32))
+            def pinned(like):
+                return like
+        # x, pred and the CPU partial serve one layer at a time; ids and weights are per layer.
+        x_host, pred_host = pinned(self.x), pinned(self.pred)
+        cpu_out = torch.empty(t, hidden, dtype=torch.float32, pin_memory=on_cuda)  # [T, H]
         cache = decoder.cache.cache
+        backend = decoder.compile_backend
 
         def seg(name, fn):
-            return Segment(name, fn, capture=decoder.capture, pool=decoder.pool)
+            return Segment(name, fn, capture=decoder.capture, pool=decoder.pool, warmup=2 if backend else 1)
+
+        def device_part(name, fn):  # device-only work: compiled when the decoder compiles
+            return compiled(fn, name, backend) if backend else fn
 
         def head():
             self.h.copy_(base.embed_tokens(self.input_ids))
             pe = base.rotary_emb(self.h, self.position_ids)
-            if self.pe is None:
-                self.pe = tuple(p.clone() for p in pe) if isinstance(pe, tuple) else pe.clone()
-            elif isinstance(pe, tuple):
-                for dst, src in zip(self.pe, pe):
-                    dst.copy_(src)
-            else:
-                self.pe.copy_(pe)
+            for dst, src in zip(self.pe, pe) if isinstance(pe, tuple) else ((self.pe, pe),):
+                dst.copy_(src)
 
         def tail():
             hs = base.norm(self.h)
@@ -161,7 +171,8 @@ class _StepBuffers:
                 hs = hs[:, -keep:, :]
             self.logits.copy_(model.lm_head(hs))
 
-        self.head, self.tail = seg("head", head), seg("tail", tail)
+        self._head_fn, self._tail_fn = device_part("head", head), device_part("tail", tail)
+        self.head, self.tail = seg("head", self._head_fn), seg("tail", self._tail_fn)
         self.layers: list[Segment | _MoeSegments] = []  # per decoder layer: dense layers are one segment
         for index, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
             block = layer.mlp
@@ -169,10 +180,12 @@ class _StepBuffers:
             if not hasattr(block, "moe_index"):
                 def dense(layer=layer, kw=attn_kwargs):
                     self.h.copy_(layer(self.h, attention_mask=self.mask, position_embeddings=self.pe, **kw))
-                self.layers.append(seg(f"dense{index}", dense))
+                self.layers.append(seg(f"dense{index}", device_part(f"dense{index}", dense)))
                 continue
+            host = HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), pred=pred_host,
+                            pred_layer=None, cpu_out=cpu_out)
 
-            def a(layer=layer, block=block, kw=attn_kwargs, lookahead=False):
+            def a_device(layer=layer, block=block, kw=attn_kwargs, lookahead=False):
                 # The decoder layer's forward up to its MLP (transformers' order and ops).
                 residual = self.h
                 hs = layer.input_layernorm(self.h)
@@ -185,12 +198,18 @@ class _StepBuffers:
                 self.weights.copy_(weights)
                 if lookahead:  # the next MoE layer's router on this x
                     self.pred.copy_(block.adapter.route(block.next_gate, self.x)[0])
-                if on_cuda:
-                    self.host.x.copy_(self.x, non_blocking=True)
-                    self.host.ids.copy_(self.ids, non_blocking=True)
-                    self.host.weights.copy_(self.weights, non_blocking=True)
+
+            def a(device_fn, host=host, lookahead=False):
+                device_fn()
+                if decoder.uniform_routing:  # benchmark-only (FastDecoder.uniform_routing)
+                    self.ids.copy_(torch.rand(t, num_experts, device=dev).topk(top_k, dim=-1).indices)
+                    self.weights.fill_(1.0 / top_k)
+                if on_cuda:  # outside the compiled part: device -> pinned host copies
+                    host.x.copy_(self.x, non_blocking=True)
+                    host.ids.copy_(self.ids, non_blocking=True)
+                    host.weights.copy_(self.weights, non_blocking=True)
                     if lookahead:
-                        self.host.pred.copy_(self.pred, non_blocking=True)
+                        host.pred.copy_(self.pred, non_blocking=True)
 
             def b(block=block):
                 decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)
@@ -200,23 +219,51 @@ class _StepBuffers:
 
             has_shared = bool(block.adapter.shared_modules)
 
-            def e(with_cpu=False, has_shared=has_shared):
-                y = merge_cpu_partial(self.y, self.host.cpu_out) if with_cpu else self.y  # [T, H]
+            def e(has_shared=has_shared):
+                y = self.y  # [T, H]
+                if has_shared:
+                    y = y + self.s
+                self.h.copy_(self.resid + y.view(self.h.shape))
+
+            def e_cpu(has_shared=has_shared):
+                y = merge_cpu_partial(self.y, cpu_out)  # [T, H]
                 if has_shared:
                     y = y + self.s
                 self.h.copy_(self.resid + y.view(self.h.shape))
 
             # Segment A with the lookahead router exists where there is a next MoE layer; which A runs
             # follows the policy (a hot swap may turn lookahead on or off between steps).
-            a_ahead = seg(f"A{index}+ahead", functools.partial(a, lookahead=True)) if block.next_gate is not None \
-                else None
+            a_ahead = None
+            if block.next_gate is not None:
+                ahead_device = device_part(f"A{index}+ahead", functools.partial(a_device, lookahead=True))
+                a_ahead = seg(f"A{index}+ahead", functools.partial(a, ahead_device, lookahead=True))
             self.layers.append(_MoeSegments(
-                block, seg(f"A{index}", a), a_ahead, seg(f"S{index}", shared) if has_shared else None,
-                seg(f"B{index}", b), seg(f"E{index}", e), seg(f"Ecpu{index}", functools.partial(e, with_cpu=True))))
+                block, host, seg(f"A{index}", functools.partial(a, device_part(f"A{index}", a_device))), a_ahead,
+                seg(f"S{index}", device_part(f"S{index}", shared)) if has_shared else None,
+                seg(f"B{index}", b), seg(f"E{index}", device_part(f"E{index}", e)), seg(f"Ecpu{index}", e_cpu)))
+        # Whole-step graphs (one launch per step) for steps that need no host decision between layers.
+        self.whole = {"resident": seg("step", functools.partial(self._whole_step, routed=True)),
+                      "skip_routed": seg("step-dense", functools.partial(self._whole_step, routed=False))}
+
+    def _whole_step(self, routed: bool) -> None:
+        """A whole decode step with no host sync: every MoE layer runs A, S, B (when ``routed``) and E."""
+        self._head_fn()
+        for entry in self.layers:
+            if isinstance(entry, Segment):
+                entry.fn()
+                continue
+            entry.a.fn()
+            if entry.shared is not None:
+                entry.shared.fn()
+            if routed:
+                entry.b.fn()
+            entry.e.fn()
+        self._tail_fn()
 
     def segments(self):
         yield self.head
         yield self.tail
+        yield from self.whole.values()
         for entry in self.layers:
             yield from entry.segments() if isinstance(entry, _MoeSegments) else (entry,)
 
@@ -225,7 +272,7 @@ class FastDecoder:
     """Runs decode steps of one loaded model through segments over a static KV cache."""
 
     def __init__(self, model, adapter: MoeAdapter, runtime: OffloadRuntime, *, max_context: int,
-                 max_batch: int, device: torch.device, dtype: torch.dtype):
+                 max_batch: int, device: torch.device, dtype: torch.dtype, compile_backend: str | None = None):
         self.model = weakref.ref(model)  # the model holds the decoder (through its handle)
         self.adapter = adapter
         self.runtime = runtime
@@ -233,10 +280,13 @@ class FastDecoder:
         self.cache = DecodeCache(model.config, max_context, max_batch)
         self.capture = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.compile_backend = compile_backend  # torch.compile backend of the segments' device parts, or None
         self.enabled = False
         self._skip_routed = False
+        self._uniform_routing = False
         self.profile: DecodeProfile | None = None
         self.fast_steps = 0
+        self.whole_steps = 0  # fast steps run as one graph (no expert could miss)
         self._shapes: dict[tuple[int, int, int], _StepBuffers] = {}
         self._notified: set[str] = set()
 
@@ -263,10 +313,25 @@ class FastDecoder:
         for buf in self._shapes.values():
             buf.y.zero_()
 
+    @property
+    def uniform_routing(self) -> bool:
+        """Benchmark-only switch: every MoE layer's experts are drawn uniformly at random per token
+        (K distinct, equal gate weights) instead of by its router, on the device inside the step, so
+        the engine, copies and CPU experts see the worst case for any cache (random-weight
+        checkpoints route far from uniformly). Tokens are not the model's."""
+        return self._uniform_routing
+
+    @uniform_routing.setter
+    def uniform_routing(self, uniform: bool) -> None:
+        if bool(uniform) != self._uniform_routing:
+            self._uniform_routing = bool(uniform)
+            self._shapes.clear()  # their graphs were captured with the other routing
+
     def stats(self) -> dict:
-        """Fast-path steps, graphs captured and replayed, segments run eagerly."""
+        """Fast-path steps (and how many ran as one whole-step graph), graphs captured and replayed,
+        segments run eagerly."""
         segs = [s for buf in self._shapes.values() for s in buf.segments()]
-        return {"enabled": self.enabled, "fast_steps": self.fast_steps,
+        return {"enabled": self.enabled, "fast_steps": self.fast_steps, "whole_steps": self.whole_steps,
                 "graphs": sum(s.graph is not None for s in segs),
                 "graph_replays": sum(s.replays for s in segs),
                 "eager_segment_calls": sum(s.calls - s.replays for s in segs),
@@ -400,9 +465,33 @@ class FastDecoder:
 
     def _run(self, buf: _StepBuffers) -> None:
         prof, runtime = self.profile, self.runtime
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         if prof:
             prof.begin_step()
+        whole = True
+        if self.skip_routed_experts:  # benchmark-only: no sync, no plan, y stays zero
+            buf.whole["skip_routed"]()
+            self.whole_steps += 1
+        elif runtime.all_resident():
+            # No expert can miss, so no layer needs a host decision before its kernel: the step is one
+            # graph, and the engine reads every layer's routing afterwards (same accesses, same order).
+            buf.whole["resident"]()
+            self.whole_steps += 1
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            for entry in buf.layers:
+                if isinstance(entry, _MoeSegments):
+                    entry.host.started_at, entry.host.pred_layer = time.perf_counter(), None
+                    runtime.account(entry.block.moe_index, entry.host)
+        else:
+            self._run_layers(buf, prof)
+            whole = False
+        if prof:
+            prof.end_step(whole)
+
+    def _run_layers(self, buf: _StepBuffers, prof: DecodeProfile | None) -> None:
+        """A step with one host sync per MoE layer: the engine plans each layer between A and B."""
+        runtime = self.runtime
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         buf.head()
         for entry in buf.layers:
             if isinstance(entry, Segment):  # a dense decoder layer
@@ -411,12 +500,6 @@ class FastDecoder:
             block = entry.block
             ahead = runtime.lookahead and entry.a_ahead is not None
             seg_a = entry.a_ahead if ahead else entry.a
-            if self.skip_routed_experts:  # benchmark-only: no sync, no plan, y stays zero
-                seg_a()
-                if entry.shared is not None:
-                    entry.shared()
-                entry.e()
-                continue
             layer = block.layer
             t0 = time.perf_counter()
             a0 = prof.now() if prof else None
@@ -431,8 +514,8 @@ class FastDecoder:
             if stream is not None:
                 buf.copied.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
             t_plan = time.perf_counter()
-            buf.host.started_at, buf.host.pred_layer = t0, block.next_moe_index if ahead else None
-            step = runtime.begin(block.moe_index, buf.host)
+            entry.host.started_at, entry.host.pred_layer = t0, block.next_moe_index if ahead else None
+            step = runtime.begin(block.moe_index, entry.host)
             p1 = prof.now() if prof else None
             if prof:
                 prof.host_span(layer, "sync", t_sync, until_s=t_plan)
@@ -459,5 +542,3 @@ class FastDecoder:
                 prof.device_span(layer, "graph_b", e0, e1)
             runtime.finish(step)
         buf.tail()
-        if prof:
-            prof.end_step()

@@ -18,7 +18,7 @@ from .decode_profile import DecodeProfile
 from .fast_decode import FastDecoder
 from .memory import MemoryPlan
 from .offload import OffloadRuntime
-from .stats import summarize
+from .stats import LayerCounters, summarize
 from .trace_recorder import TraceRecorder
 
 
@@ -52,6 +52,12 @@ class MoerunHandle:
         out["host"] = self.runtime.pool.stats()
         out["decode"] = self.decoder.stats()
         return out
+
+    def reset_stats(self) -> None:
+        """Start the runtime's counters (everything :meth:`stats` sums per layer) from zero; the
+        engine's own statistics under ``"engine"`` keep counting since load (they drive its policy)."""
+        for i in range(len(self.runtime.counters)):
+            self.runtime.counters[i] = LayerCounters()
 
     @property
     def fast_decode(self) -> bool:

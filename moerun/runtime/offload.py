@@ -130,6 +130,9 @@ class OffloadRuntime:
         self._cpu_out_buf = _PinnedBuffer(torch.float32, on_cuda)
         self.observe_timings = observe_timings
         self._last_copy = (0.0, 0)
+        self._total_experts = num_layers * num_experts
+        self._fetches_issued = 0  # demand fetches and prefetches handed to the transfer engine
+        self._settled_at = -1  # _fetches_issued when every copy was last known landed
 
     # -- the step -------------------------------------------------------------------------------
     def run(
@@ -180,6 +183,7 @@ class OffloadRuntime:
         # fetch() also records the new occupant in the arena's slot table (stream-ordered).
         for expert, slot, _, _ in fetches:
             self.transfer.fetch(layer, expert, slot, True)
+        self._fetches_issued += len(fetches) + len(prefetches)
 
         cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
         cpu_start = time.perf_counter()
@@ -217,14 +221,57 @@ class OffloadRuntime:
         self.cpu_executor.wait()
         step.cpu_us = (time.perf_counter() - step.cpu_start) * 1e6
 
-    def finish(self, step: StepPlan) -> None:
-        """Count the carried-out plan; feed measured times to the cost model when it is used."""
+    def finish(self, step: StepPlan, timed: bool = True) -> None:
+        """Count the carried-out plan; feed measured times to the cost model when it is used
+        (``timed=False``: the step's times were not measured layer by layer)."""
         self.counters[step.layer].add_step(num_pairs=len(step.expert_ids), hits=step.hits,
                                            fetches=step.fetches, prefetches=step.prefetches,
                                            num_cpu=len(step.cpu_experts), slot_bytes=self.slot_bytes)
-        if self.observe_timings:
+        if self.observe_timings and timed:
             cpu_pairs = int(np.isin(step.expert_ids, step.cpu_experts).sum()) if step.cpu_experts else 0
             self._observe_timing(step.layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
+
+    def fill_arena(self) -> int:
+        """When the arena has a slot for every expert, copy them all in now (start-up): nothing can
+        miss later, so waiting for first uses would only add misses. Returns how many were placed
+        (0 when the arena is smaller; a policy capacity below the arena's also limits it)."""
+        if self.arena.num_slots < self._total_experts:
+            return 0
+        placed = 0
+        for layer in range(self.num_layers):
+            for expert in range(self.num_experts):
+                slot = self.engine.warm(layer, expert)
+                if slot >= 0:
+                    self.transfer.fetch(layer, expert, slot, True)
+                    placed += 1
+        self.transfer.synchronize()
+        self._fetches_issued += placed
+        self._settled_at = self._fetches_issued
+        return placed
+
+    def all_resident(self) -> bool:
+        """Whether every expert of every layer sits in a slot with its copy landed, so that no step
+        can miss (the fast decode path then runs a whole step as one graph and plans afterwards).
+
+        Blocks on the copy streams once after new fetches, never in a steady resident state.
+        """
+        if self.arena.resident_count < self._total_experts or self.transfer.queued_prefetches:
+            return False
+        if self._settled_at != self._fetches_issued:
+            self.transfer.synchronize()
+            self._settled_at = self._fetches_issued
+        return True
+
+    def account(self, layer: int, host: HostStep) -> None:
+        """Plan and count a step of layer ``layer`` that the GPU has already run over resident
+        slots (:meth:`all_resident`): the engine sees the same accesses as in a planned step, so
+        statistics, adapt rules and eviction state stay the same; releases are applied now."""
+        step = self.begin(layer, host)
+        if step.fetches or step.cpu_experts:
+            raise RuntimeError(f"moerun internal error: layer {layer} planned {len(step.fetches)} fetches and "
+                               f"{len(step.cpu_experts)} CPU experts with every expert resident")
+        self.after_kernel(step)
+        self.finish(step, timed=False)
 
     def _predict(self, layer: int, ids_host: torch.Tensor) -> None:
         """Learned prefetch: the predictor scores the next layers' experts from this step's routing

@@ -298,3 +298,16 @@ def test_cpu_fallback_under_lru_admits_only_into_free_slots():
     assert resident(engine, 0) == {1}
     p = engine.step(0, [2], None)
     assert p.cpu == [(2,)] and p.prefetches == [] and resident(engine, 0) == {1}
+
+
+def test_warm_places_experts_without_counting_an_access_and_respects_capacity():
+    engine = make(CacheConfig(capacity=3), slots=4)
+    slots = [engine.warm(0, e) for e in range(4)]
+    assert sorted(slots[:3]) == sorted(set(slots[:3])) and min(slots[:3]) >= 0
+    assert slots[3] == -1  # the policy's capacity (3), not the arena's 4 slots
+    assert engine.warm(0, 0) == -1  # already resident
+    assert engine.stats()["accesses"] == 0 and resident(engine, 0) == {0, 1, 2}
+    plan = engine.step(0, [1], [1.0])
+    assert plan.hits == [(1, slots[1])] and not plan.fetches
+    with pytest.raises(IndexError, match="out of range"):
+        engine.warm(2, 0)

@@ -64,6 +64,28 @@ def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, tmp_path):
     assert torch.equal(fast, ref) and torch.equal(again, ref)
 
 
+@pytest.mark.parametrize("budget", ["resident", "evicting"])
+def test_compiled_segments_match_the_transformers_path_in_bf16(budget, tmp_path):
+    # Inductor fuses the segments' small ops (rounding as eager does: emulate_precision_casts);
+    # resident: every step is one whole-step graph; evicting: a graph pair per layer around the plan.
+    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
+    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
+    plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=256)
+    slots = plan.num_slots if budget == "resident" else plan.num_slots // 4
+    model = moerun.load(path, policy="policy p { cache { eviction = lru } }", compile_decode=True,
+                        vram_budget=plan.fixed_bytes + slots * plan.slot_bytes, max_context=256, progress=False)
+    prompt = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    fast = model.generate(prompt, **kw)
+    decode = model.moerun.stats()["decode"]
+    assert decode["graph_replays"] > 0
+    assert decode["whole_steps"] == (decode["fast_steps"] if budget == "resident" else 0)
+    model.moerun.fast_decode = False
+    cache = StaticCache(config=model.config, max_cache_len=256)
+    ref = model.generate(prompt, past_key_values=cache, disable_compile=True, **kw)
+    assert torch.equal(fast, ref)
+
+
 def test_peak_gpu_memory_stays_within_budget(tmp_path):
     cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
     path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
@@ -80,3 +102,25 @@ def test_peak_gpu_memory_stays_within_budget(tmp_path):
     after_first = torch.cuda.max_memory_allocated()
     model.generate(prompt[:, :8], max_new_tokens=64, do_sample=False)
     assert torch.cuda.max_memory_allocated() == after_first  # flat after the first run
+
+
+def test_gpu_memory_is_flat_across_1000_decode_steps(tmp_path):
+    # After start-up and a first generation (graphs captured, buffers sized), 1000 decode steps that
+    # evict every step allocate nothing: the arena, the static cache and the graph pool are reused.
+    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
+    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
+    plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=1100)
+    model = moerun.load(path, policy="balanced", vram_budget=plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes,
+                        max_context=1100, progress=False)
+    prompt = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    model.generate(prompt, max_new_tokens=16, do_sample=False)
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    model.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=True, top_k=0)
+    torch.cuda.synchronize()
+    stats = model.moerun.stats()
+    assert stats["decode"]["fast_steps"] >= 1000 and stats["fetches"] > 1000
+    assert torch.cuda.memory_allocated() == allocated and torch.cuda.memory_reserved() == reserved
+    # Within the run only generate()'s own per-step tensors (logits of one token, the ids) come and go.
+    assert torch.cuda.max_memory_allocated() - allocated < 16 << 20
