@@ -99,7 +99,7 @@ TransferEngine::TransferEngine(std::shared_ptr<ExpertArena> arena, std::shared_p
     cudaEvent_t a, b;
     MOERUN_CUDA_CHECK(cudaEventCreate(&a));
     MOERUN_CUDA_CHECK(cudaEventCreate(&b));
-    timings_.push_back({a, b, false});
+    timings_.push_back({a, b, false, 0});
   }
 #endif
 }
@@ -143,6 +143,7 @@ void TransferEngine::issue(const Pending& p, bool demand, const void* src) {
     if (!timings_[timing_head_].busy) {
       t = &timings_[timing_head_];
       t->busy = true;
+      t->bytes = bytes;
       timing_busy_.push_back(timing_head_);
       timing_head_ = (timing_head_ + 1) % kTimingRing;
       MOERUN_CUDA_CHECK(cudaEventRecord(as_event(t->start), s));
@@ -268,6 +269,7 @@ void TransferEngine::poll() {
     float ms = 0.f;
     MOERUN_CUDA_CHECK(cudaEventElapsedTime(&ms, as_event(t.start), as_event(t.end)));
     stats_.copy_time_us += 1000.0 * ms;
+    stats_.timed_bytes += t.bytes;
     ++stats_.timed_copies;
     t.busy = false;
     timing_busy_.pop_front();

@@ -26,6 +26,7 @@ struct TransferStats {
   int64_t demand_fetches = 0, prefetches = 0, cancelled_prefetches = 0;
   int64_t demand_bytes = 0, prefetch_bytes = 0;
   int64_t timed_copies = 0;   // copies whose duration has been read back
+  int64_t timed_bytes = 0;    // their bytes (not every copy is timed: bandwidth = timed_bytes / copy_time_us)
   double copy_time_us = 0;    // summed duration of those copies (GPU clock)
 };
 
@@ -83,6 +84,7 @@ class TransferEngine {
     void* start;
     void* end;
     bool busy;
+    int64_t bytes;
   };
   std::vector<Timing> timings_;       // ring of timing-event pairs
   size_t timing_head_ = 0;

@@ -59,11 +59,13 @@ void bind_transfer(py::module& m) {
              d["demand_bytes"] = s.demand_bytes;
              d["prefetch_bytes"] = s.prefetch_bytes;
              d["timed_copies"] = s.timed_copies;
+             d["timed_bytes"] = s.timed_bytes;
              d["copy_time_us"] = s.copy_time_us;
              return d;
            },
            "Counters: demand_fetches, prefetches, cancelled_prefetches, demand_bytes, prefetch_bytes, "
-           "timed_copies, copy_time_us (GPU-clock duration of the timed copies).")
+           "timed_copies, timed_bytes, copy_time_us (GPU-clock duration of the timed copies; not every copy is "
+           "timed, so their bandwidth is timed_bytes / copy_time_us).")
       .def("reset_stats", &TransferEngine::reset_stats);
 }
 

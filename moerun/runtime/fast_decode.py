@@ -22,9 +22,10 @@ segments over static buffers (segments.py) instead of transformers' per-layer Py
 
 When no expert can miss (the arena holds every expert: it is filled at load), no layer needs the
 host between A and B: the whole step (head, every layer's A, S, B, E, tail) is one graph, one
-launch and one sync per step, and the engine reads each layer's routing afterwards
-(``OffloadRuntime.account``: the same accesses in the same order, so statistics and adapt rules
-see what a planned step shows). ``compile_backend`` fuses the segments' device parts with
+launch per step, and the engine reads each layer's routing one step later, on the host while the
+next step's graph runs (``OffloadRuntime.account``: the same accesses in the same order, so
+statistics and adapt rules see what a planned step shows; ``flush_accounting`` catches up before
+anything reads them). ``compile_backend`` fuses the segments' device parts with
 torch.compile before capture (segments.py).
 
 Prefill runs through transformers (eager) writing into the same static cache. The decoder hooks
@@ -94,11 +95,13 @@ def unsupported_reason(model) -> str | None:
 class _MoeSegments:
     """The segments of one MoE decoder layer (module docstring): A, A with the lookahead router
     (None for the last MoE layer), S (None without shared experts), B, E, and E with the CPU partial;
-    and the layer's host buffers (its own ids and weights, so that a whole-step graph can leave
-    every layer's routing on the host for the engine to read after the step)."""
+    the layer's host buffers, two sets (each layer has its own ids and weights, so that a whole-step
+    graph leaves every layer's routing on the host, and whole steps alternate between the sets so the
+    engine reads one step's while the next step runs); and A's function with the host set as argument."""
 
     block: nn.Module
-    host: HostStep
+    hosts: tuple[HostStep, HostStep]
+    run_a: functools.partial  # run_a(host=...): A's device part, then the copies into that host set
     a: Segment
     a_ahead: Segment | None
     shared: Segment | None
@@ -112,6 +115,60 @@ class _MoeSegments:
 
 def _notice(message: str) -> None:
     warnings.warn(f"moerun: {message}", RuntimeWarning, stacklevel=3)
+
+
+# -- the device parts of the segments ----------------------------------------------------------------
+# Functions of the step buffers and the layer's modules (not closures over one layer), so that with
+# compile_decode one compiled function serves every layer: torch.compile treats the modules'
+# parameters and the buffers' tensors as inputs. (The attention still specializes on its layer index,
+# which selects the layer's KV cache, so the compiler retraces it per layer; its generated code is
+# reused from the compiler's cache.)
+def _head(buf: "_StepBuffers", base) -> None:
+    buf.h.copy_(base.embed_tokens(buf.input_ids))
+    pe = base.rotary_emb(buf.h, buf.position_ids)
+    for dst, src in zip(buf.pe, pe) if isinstance(pe, tuple) else ((buf.pe, pe),):
+        dst.copy_(src)
+
+
+def _tail(buf: "_StepBuffers", model, keep: int) -> None:
+    hs = model.get_decoder().norm(buf.h)  # [B, Q, H]
+    if keep != hs.shape[1]:
+        hs = hs[:, -keep:, :]
+    buf.logits.copy_(model.lm_head(hs))
+
+
+def _dense(buf: "_StepBuffers", layer, cache) -> None:
+    buf.h.copy_(layer(buf.h, attention_mask=buf.mask, position_embeddings=buf.pe, position_ids=buf.position_ids,
+                      past_key_values=cache, use_cache=True))
+
+
+def _attention_router(buf: "_StepBuffers", layer, block, cache, lookahead: bool) -> None:
+    """The decoder layer's forward up to its MLP (transformers' order and ops), then the router."""
+    t, hidden = buf.x.shape
+    residual = buf.h
+    hs = layer.input_layernorm(buf.h)
+    hs, _ = layer.self_attn(hidden_states=hs, attention_mask=buf.mask, position_embeddings=buf.pe,
+                            position_ids=buf.position_ids, past_key_values=cache, use_cache=True)
+    buf.resid.copy_(residual + hs)
+    buf.x.copy_(layer.post_attention_layernorm(buf.resid).reshape(t, hidden))
+    ids, weights = block.adapter.route(block.gate, buf.x)  # [T, K], [T, K] fp32
+    buf.ids.copy_(ids)
+    buf.weights.copy_(weights)
+    if lookahead:  # the next MoE layer's router on this x
+        buf.pred.copy_(block.adapter.route(block.next_gate, buf.x)[0])
+
+
+def _shared(buf: "_StepBuffers", block) -> None:
+    buf.s.copy_(block.adapter.shared_output(block, buf.x))
+
+
+def _residual(buf: "_StepBuffers", has_shared: bool) -> None:
+    y = buf.y + buf.s if has_shared else buf.y  # [T, H]
+    buf.h.copy_(buf.resid + y.view(buf.h.shape))
+
+
+_DEVICE_PARTS = {"head": _head, "tail": _tail, "dense": _dense, "attention_router": _attention_router,
+                 "shared": _shared, "residual": _residual}
 
 
 class _StepBuffers:
@@ -151,55 +208,26 @@ class _StepBuffers:
         x_host, pred_host = pinned(self.x), pinned(self.pred)
         cpu_out = torch.empty(t, hidden, dtype=torch.float32, pin_memory=on_cuda)  # [T, H]
         cache = decoder.cache.cache
-        backend = decoder.compile_backend
+        warmup = 2 if decoder.compile_backend else 1
 
         def seg(name, fn):
-            return Segment(name, fn, capture=decoder.capture, pool=decoder.pool, warmup=2 if backend else 1)
+            return Segment(name, fn, capture=decoder.capture, pool=decoder.pool, warmup=warmup)
 
-        def device_part(name, fn):  # device-only work: compiled when the decoder compiles
-            return compiled(fn, name, backend) if backend else fn
+        def device_part(kind, *args):  # device-only work of one kind, compiled once per kind when compiling
+            return functools.partial(decoder.device_fn(kind), self, *args)
 
-        def head():
-            self.h.copy_(base.embed_tokens(self.input_ids))
-            pe = base.rotary_emb(self.h, self.position_ids)
-            for dst, src in zip(self.pe, pe) if isinstance(pe, tuple) else ((self.pe, pe),):
-                dst.copy_(src)
-
-        def tail():
-            hs = base.norm(self.h)
-            if keep != tokens:
-                hs = hs[:, -keep:, :]
-            self.logits.copy_(model.lm_head(hs))
-
-        self._head_fn, self._tail_fn = device_part("head", head), device_part("tail", tail)
+        self._head_fn, self._tail_fn = device_part("head", base), device_part("tail", model, keep)
         self.head, self.tail = seg("head", self._head_fn), seg("tail", self._tail_fn)
         self.layers: list[Segment | _MoeSegments] = []  # per decoder layer: dense layers are one segment
         for index, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
             block = layer.mlp
-            attn_kwargs = dict(position_ids=self.position_ids, past_key_values=cache, use_cache=True)
             if not hasattr(block, "moe_index"):
-                def dense(layer=layer, kw=attn_kwargs):
-                    self.h.copy_(layer(self.h, attention_mask=self.mask, position_embeddings=self.pe, **kw))
-                self.layers.append(seg(f"dense{index}", device_part(f"dense{index}", dense)))
+                self.layers.append(seg(f"dense{index}", device_part("dense", layer, cache)))
                 continue
-            host = HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), pred=pred_host,
-                            pred_layer=None, cpu_out=cpu_out)
+            hosts = tuple(HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), pred=pred_host,
+                                   pred_layer=None, cpu_out=cpu_out) for _ in range(2))
 
-            def a_device(layer=layer, block=block, kw=attn_kwargs, lookahead=False):
-                # The decoder layer's forward up to its MLP (transformers' order and ops).
-                residual = self.h
-                hs = layer.input_layernorm(self.h)
-                hs, _ = layer.self_attn(hidden_states=hs, attention_mask=self.mask,
-                                        position_embeddings=self.pe, **kw)
-                self.resid.copy_(residual + hs)
-                self.x.copy_(layer.post_attention_layernorm(self.resid).reshape(t, hidden))
-                ids, weights = block.adapter.route(block.gate, self.x)  # [T, K], [T, K] fp32
-                self.ids.copy_(ids)
-                self.weights.copy_(weights)
-                if lookahead:  # the next MoE layer's router on this x
-                    self.pred.copy_(block.adapter.route(block.next_gate, self.x)[0])
-
-            def a(device_fn, host=host, lookahead=False):
+            def a(device_fn, host=hosts[0], lookahead=False):
                 device_fn()
                 if decoder.uniform_routing:  # benchmark-only (FastDecoder.uniform_routing)
                     self.ids.copy_(torch.rand(t, num_experts, device=dev).topk(top_k, dim=-1).indices)
@@ -214,18 +242,7 @@ class _StepBuffers:
             def b(block=block):
                 decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)
 
-            def shared(block=block):
-                self.s.copy_(block.adapter.shared_output(block, self.x))
-
-            has_shared = bool(block.adapter.shared_modules)
-
-            def e(has_shared=has_shared):
-                y = self.y  # [T, H]
-                if has_shared:
-                    y = y + self.s
-                self.h.copy_(self.resid + y.view(self.h.shape))
-
-            def e_cpu(has_shared=has_shared):
+            def e_cpu(has_shared=bool(block.adapter.shared_modules)):
                 y = merge_cpu_partial(self.y, cpu_out)  # [T, H]
                 if has_shared:
                     y = y + self.s
@@ -235,24 +252,31 @@ class _StepBuffers:
             # follows the policy (a hot swap may turn lookahead on or off between steps).
             a_ahead = None
             if block.next_gate is not None:
-                ahead_device = device_part(f"A{index}+ahead", functools.partial(a_device, lookahead=True))
-                a_ahead = seg(f"A{index}+ahead", functools.partial(a, ahead_device, lookahead=True))
+                a_ahead = seg(f"A{index}+ahead", functools.partial(
+                    a, device_part("attention_router", layer, block, cache, True), lookahead=True))
+            has_shared = bool(block.adapter.shared_modules)
+            run_a = functools.partial(a, device_part("attention_router", layer, block, cache, False))
             self.layers.append(_MoeSegments(
-                block, host, seg(f"A{index}", functools.partial(a, device_part(f"A{index}", a_device))), a_ahead,
-                seg(f"S{index}", device_part(f"S{index}", shared)) if has_shared else None,
-                seg(f"B{index}", b), seg(f"E{index}", device_part(f"E{index}", e)), seg(f"Ecpu{index}", e_cpu)))
+                block, hosts, run_a, seg(f"A{index}", run_a), a_ahead,
+                seg(f"S{index}", device_part("shared", block)) if has_shared else None,
+                seg(f"B{index}", b), seg(f"E{index}", device_part("residual", has_shared)), seg(f"Ecpu{index}", e_cpu)))
         # Whole-step graphs (one launch per step) for steps that need no host decision between layers.
-        self.whole = {"resident": seg("step", functools.partial(self._whole_step, routed=True)),
-                      "skip_routed": seg("step-dense", functools.partial(self._whole_step, routed=False))}
+        # "resident" has one graph per host set; done[i] marks the end of the last replay of resident[i].
+        self.whole = {"resident": [seg(f"step{i}", functools.partial(self._whole_step, routed=True, hosts=i))
+                                   for i in range(2)],
+                      "skip_routed": [seg("step-dense", functools.partial(self._whole_step, routed=False))]}
+        self.done = [torch.cuda.Event() if on_cuda else None for _ in range(2)]
+        self.parity = 0  # the host set of the next whole step
 
-    def _whole_step(self, routed: bool) -> None:
-        """A whole decode step with no host sync: every MoE layer runs A, S, B (when ``routed``) and E."""
+    def _whole_step(self, routed: bool, hosts: int = 0) -> None:
+        """A whole decode step with no host sync: every MoE layer runs A (its routing copied into host
+        set ``hosts``), S, B (when ``routed``) and E."""
         self._head_fn()
         for entry in self.layers:
             if isinstance(entry, Segment):
                 entry.fn()
                 continue
-            entry.a.fn()
+            entry.run_a(host=entry.hosts[hosts])
             if entry.shared is not None:
                 entry.shared.fn()
             if routed:
@@ -263,7 +287,8 @@ class _StepBuffers:
     def segments(self):
         yield self.head
         yield self.tail
-        yield from self.whole.values()
+        for graphs in self.whole.values():
+            yield from graphs
         for entry in self.layers:
             yield from entry.segments() if isinstance(entry, _MoeSegments) else (entry,)
 
@@ -280,15 +305,41 @@ class FastDecoder:
         self.cache = DecodeCache(model.config, max_context, max_batch)
         self.capture = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.compile_backend = compile_backend  # torch.compile backend of the segments' device parts, or None
+        self._compile_backend = compile_backend
+        self._device_fns: dict[str, object] = {}
         self.enabled = False
         self._skip_routed = False
         self._uniform_routing = False
         self.profile: DecodeProfile | None = None
         self.fast_steps = 0
         self.whole_steps = 0  # fast steps run as one graph (no expert could miss)
+        self._pending: tuple[_StepBuffers, int] | None = None  # a whole step whose routing the engine has not read
         self._shapes: dict[tuple[int, int, int], _StepBuffers] = {}
         self._notified: set[str] = set()
+
+    @property
+    def compile_backend(self) -> str | None:
+        """torch.compile backend of the segments' device parts ("inductor", or "eager" to trace only),
+        or None (no compiling). Setting it rebuilds the segments at the next step."""
+        return self._compile_backend
+
+    @compile_backend.setter
+    def compile_backend(self, backend: str | None) -> None:
+        if backend != self._compile_backend:
+            self._compile_backend = backend
+            self._device_fns.clear()
+            self._shapes.clear()
+
+    def device_fn(self, kind: str):
+        """The device part of one kind of segment (``_DEVICE_PARTS``), compiled once for every layer
+        and step shape when the decoder compiles."""
+        fn = self._device_fns.get(kind)
+        if fn is None:
+            fn = _DEVICE_PARTS[kind]
+            if self.compile_backend:
+                fn = compiled(fn, self.compile_backend)
+            self._device_fns[kind] = fn
+        return fn
 
     # -- switch ---------------------------------------------------------------------------------
     def set_enabled(self, enabled: bool) -> bool:
@@ -374,6 +425,7 @@ class FastDecoder:
                 decoder.cache.advance(tokens.shape[1])  # raises before a write past max_context
                 if decoder._takes(args, kwargs):
                     return decoder.step(**kwargs)
+            decoder.flush_accounting()  # the engine sees the steps in order
             return original_forward(model_ref(), *args, **kwargs)
 
         def generate(*args, **kwargs):
@@ -386,7 +438,10 @@ class FastDecoder:
                 if cache is not None:
                     kwargs["past_key_values"] = cache
                     kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
-                return original_generate(model_ref(), *args, **kwargs)
+                try:
+                    return original_generate(model_ref(), *args, **kwargs)
+                finally:
+                    decoder.flush_accounting()
 
         forward.__signature__ = inspect.signature(model.forward)  # generate inspects forward's arguments
         forward.__doc__ = original_forward.__doc__
@@ -469,24 +524,41 @@ class FastDecoder:
             prof.begin_step()
         whole = True
         if self.skip_routed_experts:  # benchmark-only: no sync, no plan, y stays zero
-            buf.whole["skip_routed"]()
+            self.flush_accounting()
+            buf.whole["skip_routed"][0]()
             self.whole_steps += 1
         elif runtime.all_resident():
             # No expert can miss, so no layer needs a host decision before its kernel: the step is one
-            # graph, and the engine reads every layer's routing afterwards (same accesses, same order).
-            buf.whole["resident"]()
+            # graph. The engine reads every layer's routing one step later (same accesses, same order),
+            # on the host while the next step's graph runs on the GPU.
+            hosts, buf.parity = buf.parity, buf.parity ^ 1
+            buf.whole["resident"][hosts]()
+            if buf.done[hosts] is not None:
+                buf.done[hosts].record(torch.cuda.current_stream(self.device))
+            self.flush_accounting()
+            self._pending = (buf, hosts)
             self.whole_steps += 1
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            for entry in buf.layers:
-                if isinstance(entry, _MoeSegments):
-                    entry.host.started_at, entry.host.pred_layer = time.perf_counter(), None
-                    runtime.account(entry.block.moe_index, entry.host)
         else:
+            self.flush_accounting()
             self._run_layers(buf, prof)
             whole = False
         if prof:
             prof.end_step(whole)
+
+    def flush_accounting(self) -> None:
+        """Let the engine read the routing of the last whole step, if not yet read (the handle calls
+        this before statistics, policy swaps and traces are read, and generate() at its end)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        buf, hosts = pending
+        if buf.done[hosts] is not None:
+            buf.done[hosts].synchronize()
+        for entry in buf.layers:
+            if isinstance(entry, _MoeSegments):
+                host = entry.hosts[hosts]
+                host.started_at, host.pred_layer = time.perf_counter(), None
+                self.runtime.account(entry.block.moe_index, host)
 
     def _run_layers(self, buf: _StepBuffers, prof: DecodeProfile | None) -> None:
         """A step with one host sync per MoE layer: the engine plans each layer between A and B."""
@@ -514,8 +586,9 @@ class FastDecoder:
             if stream is not None:
                 buf.copied.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
             t_plan = time.perf_counter()
-            entry.host.started_at, entry.host.pred_layer = t0, block.next_moe_index if ahead else None
-            step = runtime.begin(block.moe_index, entry.host)
+            host = entry.hosts[0]
+            host.started_at, host.pred_layer = t0, block.next_moe_index if ahead else None
+            step = runtime.begin(block.moe_index, host)
             p1 = prof.now() if prof else None
             if prof:
                 prof.host_span(layer, "sync", t_sync, until_s=t_plan)

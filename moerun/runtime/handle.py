@@ -44,6 +44,7 @@ class MoerunHandle:
         (``hits``/``misses``: expert acquires served from host memory / read from disk, ``disk_bytes``,
         ``disk_time_us``, ``evictions``, ``slot_waits``, ``prefetch_reads``; a pool holding every
         expert only counts hits)."""
+        self.decoder.flush_accounting()
         # Keyed by the model's decoder-layer index (the runtime counts MoE layers only).
         counters = {layer: self.runtime.counters[i] for i, layer in enumerate(self.moe_layers)}
         out = summarize(counters)
@@ -56,6 +57,7 @@ class MoerunHandle:
     def reset_stats(self) -> None:
         """Start the runtime's counters (everything :meth:`stats` sums per layer) from zero; the
         engine's own statistics under ``"engine"`` keep counting since load (they drive its policy)."""
+        self.decoder.flush_accounting()
         for i in range(len(self.runtime.counters)):
             self.runtime.counters[i] = LayerCounters()
 
@@ -93,6 +95,7 @@ class MoerunHandle:
         from ..loader import _compile_policy
 
         compiled = _compile_policy(policy, len(self.moe_layers), self.model_info["num_experts"])
+        self.decoder.flush_accounting()  # the last step counts under the policy it ran with
         self.runtime.set_policy(compiled)
         self.policy = compiled
 
@@ -105,12 +108,14 @@ class MoerunHandle:
         """
         if self.runtime.recorder is not None:
             raise RuntimeError("record_trace is already open on this model; close it before opening another")
+        self.decoder.flush_accounting()  # a step before the trace opened stays out of it
         recorder = TraceRecorder(len(self.moe_layers))
         hook = self._model().get_decoder().register_forward_pre_hook(_prompt_marker(recorder), with_kwargs=True)
         self.runtime.recorder = recorder
         try:
             yield recorder
         finally:
+            self.decoder.flush_accounting()
             self.runtime.recorder = None
             hook.remove()
         from ..trace.format import Trace, write_trace

@@ -293,13 +293,15 @@ class OffloadRuntime:
     def _observe_timing(self, layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
         """Feed measured copy and CPU times to the engine's cost model (hybrid scheduling).
 
-        Copy time is the transfer engine's GPU-clock total since the last call; layer time is the
-        host's view of the step (it includes the wait for the previous layer's GPU work).
+        Copy time and bytes are those of the copies the transfer engine timed since the last call
+        (it times a sample of them: dividing by all copied bytes would overstate the bandwidth and
+        send every miss to the GPU); layer time is the host's view of the step (it includes the wait
+        for the previous layer's GPU work).
         """
         t = self.transfer.stats()
         copy_us = t["copy_time_us"] - self._last_copy[0]
-        copy_bytes = t["demand_bytes"] + t["prefetch_bytes"] - self._last_copy[1]
-        self._last_copy = (t["copy_time_us"], t["demand_bytes"] + t["prefetch_bytes"])
+        copy_bytes = t["timed_bytes"] - self._last_copy[1]
+        self._last_copy = (t["copy_time_us"], t["timed_bytes"])
         self.engine.observe_timing(layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
                                    cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
 

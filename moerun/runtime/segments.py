@@ -20,18 +20,25 @@ from typing import Callable
 import torch
 
 
-def compiled(fn: Callable[[], None], name: str, backend: str) -> Callable[[], None]:
-    """``fn`` compiled by ``torch.compile`` with its own compile cache.
+# Compiled decode parts specialize per layer (the attention picks its layer's KV cache by an index)
+# and per step shape, beyond torch.compile's default of 8 variants per function; past the limit it
+# would silently run the rest eagerly.
+_RECOMPILE_LIMIT = 512
 
-    The per-layer closures of a decode step share one code object, and torch.compile keys its
-    cache (and its recompile limit) by code object: every layer would count as a recompile of the
-    first and the limit would drop later layers to eager. A fresh top-level code object per
-    segment keeps one cache entry per segment.
+
+def compiled(fn: Callable[..., None], backend: str) -> Callable[..., None]:
+    """``fn`` compiled by ``torch.compile`` (``backend``: "inductor" fuses kernels; "eager" only
+    traces, for tests), rounding as eager does, with room for a variant per layer and step shape.
+
+    Raises torch's recompile limits (process-wide settings of torch._dynamo) to at least 512.
     """
-    namespace = {"_fn": fn}
-    exec(compile("def segment():\n    _fn()\n", f"<moerun segment {name}>", "exec"), namespace)  # noqa: S102
-    options = {"emulate_precision_casts": True} if backend == "inductor" else None  # round as eager does
-    return torch.compile(namespace["segment"], backend=backend, dynamic=False, options=options)
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * _RECOMPILE_LIMIT)
+    options = {"emulate_precision_casts": True} if backend == "inductor" else None
+    return torch.compile(fn, backend=backend, dynamic=False, options=options)
 
 
 class Segment:

@@ -68,6 +68,12 @@ def test_gpu_fetches_order_against_the_compute_stream():
     for e in range(4):
         assert torch.equal(got[e].cpu(), pool.view(1, e))
         assert arena.slot_table[1, e].item() == e
+    xfer.synchronize()
+    xfer.poll()  # reads back the copies' timings
+    s = xfer.stats()
+    # Bandwidth estimates divide the timed copies' bytes by their time: both count the same copies.
+    assert 0 < s["timed_copies"] <= 4 and s["timed_bytes"] == s["timed_copies"] * arena.slot_bytes
+    assert s["copy_time_us"] > 0
 
 
 @pytest.mark.gpu

@@ -6,6 +6,8 @@ fp32 matmuls are exact to the last bits that matter for argmax); the memory test
 Decoding takes the fast path (CUDA graphs, on by default on CUDA); the bf16 fast-path test holds its
 graphs to the transformers path over the same static cache, which runs the same kernels eagerly.
 """
+import gc
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
@@ -23,6 +25,21 @@ def fp32_checkpoint(request, tmp_path_factory):
     name, overrides = request.param
     cfg = synthetic_config(name, **{"num_hidden_layers": 2, **overrides})
     return build_checkpoint(cfg, tmp_path_factory.mktemp(name), seed=0, dtype=torch.float32, device="cuda")
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    """Each test's models (arena, graphs, caches) are gone before the next measures memory."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
+def qwen_bf16(tmp_path_factory):
+    """Qwen1.5-MoE-A2.7B shapes cut to 4 layers, bf16, sampled on the GPU once for the module."""
+    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
+    return build_checkpoint(cfg, tmp_path_factory.mktemp("qwen_bf16"), seed=0, dtype=torch.bfloat16, device="cuda")
 
 
 def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
@@ -43,9 +60,8 @@ def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
 
 
 @pytest.mark.parametrize("mode", ["gpu_only", "cpu_fallback"])
-def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, tmp_path):
-    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
-    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16)
+def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, qwen_bf16):
+    path = qwen_bf16
     plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=256)
     budget = plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes  # every step misses
     model = moerun.load(path, policy=f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}",
@@ -65,11 +81,10 @@ def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, tmp_path):
 
 
 @pytest.mark.parametrize("budget", ["resident", "evicting"])
-def test_compiled_segments_match_the_transformers_path_in_bf16(budget, tmp_path):
+def test_compiled_segments_match_the_transformers_path_in_bf16(budget, qwen_bf16):
     # Inductor fuses the segments' small ops (rounding as eager does: emulate_precision_casts);
     # resident: every step is one whole-step graph; evicting: a graph pair per layer around the plan.
-    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
-    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
+    path = qwen_bf16
     plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=256)
     slots = plan.num_slots if budget == "resident" else plan.num_slots // 4
     model = moerun.load(path, policy="policy p { cache { eviction = lru } }", compile_decode=True,
@@ -86,9 +101,8 @@ def test_compiled_segments_match_the_transformers_path_in_bf16(budget, tmp_path)
     assert torch.equal(fast, ref)
 
 
-def test_peak_gpu_memory_stays_within_budget(tmp_path):
-    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
-    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
+def test_peak_gpu_memory_stays_within_budget(qwen_bf16):
+    path = qwen_bf16
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -104,11 +118,10 @@ def test_peak_gpu_memory_stays_within_budget(tmp_path):
     assert torch.cuda.max_memory_allocated() == after_first  # flat after the first run
 
 
-def test_gpu_memory_is_flat_across_1000_decode_steps(tmp_path):
+def test_gpu_memory_is_flat_across_1000_decode_steps(qwen_bf16):
     # After start-up and a first generation (graphs captured, buffers sized), 1000 decode steps that
     # evict every step allocate nothing: the arena, the static cache and the graph pool are reused.
-    cfg = synthetic_config("qwen1.5-moe-a2.7b", num_hidden_layers=4)
-    path = build_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16, device="cuda")
+    path = qwen_bf16
     plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=1100)
     model = moerun.load(path, policy="balanced", vram_budget=plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes,
                         max_context=1100, progress=False)
