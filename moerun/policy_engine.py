@@ -187,6 +187,8 @@ class PolicyEngine:
         self.replay_mode = replay
         self.policy = policy
         self._native = _C.PolicyEngine(native_config(policy, cost=self.cost, replay=replay, **self.shape))
+        # (engine clock at the swap, policy): adapt firings name rules of the policy they fired under.
+        self._policies: list[tuple[int, CompiledPolicy]] = [(0, policy)]
         self.step = self._native.step  # the hot call: no Python frame in between
 
     def observe_prediction(self, layer: int, expert_ids: Sequence[int],
@@ -206,6 +208,7 @@ class PolicyEngine:
         """Hot swap: new parameters from the next step; cache contents kept (a smaller capacity
         evicts, reported in the next plan's ``releases``)."""
         self._native.set_config(native_config(policy, cost=self.cost, replay=self.replay_mode, **self.shape))
+        self._policies.append((self._native.stats()["accesses"], policy))
         self.policy = policy
 
     def warm(self, layer: int, expert: int) -> int:
@@ -227,17 +230,22 @@ class PolicyEngine:
         """Counters and rates: accesses, hits, misses, hit_rate, demand_fetches, prefetches,
         prefetch_accuracy, evictions, releases, cpu_share, overflow, bytes_fetched, capacities,
         cost_model (current estimates), cost_prediction_error, routing_prediction_accuracy,
-        adapt_firings ([{access, rule, value}]), simulated_us."""
+        adapt_firings ([{access, rule, value, policy, metric, op, threshold}]: the rule of the policy in
+        force when it fired), simulated_us."""
         s = self._native.stats()
         s["policy"] = self.policy.name
         for f in s["adapt_firings"]:
-            rule = self.policy.adapt[f["rule"]]
+            # A firing at clock c happened under the last policy swapped in before c (a firing needs an access).
+            policy = next((p for start, p in reversed(self._policies) if start < f["access"]), self._policies[0][1])
+            rule = policy.adapt[f["rule"]]
+            f["policy"] = policy.name
             f["metric"], f["op"], f["threshold"] = rule.metric, rule.op, rule.threshold
         return s
 
     def reset(self) -> None:
         """Empty cache, zero counters, cost model back to its starting numbers."""
         self._native.reset()
+        self._policies = [(0, self.policy)]
 
     def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True,
                predictions: tuple | None = None, host: HostConfig | None = None) -> dict:

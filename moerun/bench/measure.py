@@ -148,7 +148,8 @@ def measure(
     ``i`` samples with seed ``sample_seed + i`` (greedy otherwise).
     """
     model = system.model
-    timed_generate(model, warmup_prompt.to(device), min(new_tokens, 4), device)
+    # Enough steps that moerun's fast path has compiled and captured all its graphs (up to 6 steps).
+    timed_generate(model, warmup_prompt.to(device), min(new_tokens, 8), device)
     prefill, decode = ExpertCounters(), ExpertCounters()
     timings: list[RepeatTiming] = []
     spent_s = 0.0

@@ -311,3 +311,16 @@ def test_warm_places_experts_without_counting_an_access_and_respects_capacity():
     assert plan.hits == [(1, slots[1])] and not plan.fetches
     with pytest.raises(IndexError, match="out of range"):
         engine.warm(2, 0)
+
+
+def test_adapt_firings_name_the_rules_of_the_policy_they_fired_under_after_a_swap():
+    rule = AdaptRule(metric="hit_rate", op="<", threshold=0.99, window=4, assignments=(("cache.eviction", "lru"),))
+    engine = make(CacheConfig(capacity=2), adapt=(rule,))
+    for e in range(8):
+        engine.step(0, [e], [1.0])
+    fired = engine.stats()["adapt_firings"]
+    assert fired and fired[0]["metric"] == "hit_rate" and fired[0]["policy"] == "t"
+    engine.set_policy(CompiledPolicy(name="plain", cache=CacheConfig(capacity=2)))  # no adapt rules
+    engine.step(0, [1], [1.0])
+    after = engine.stats()["adapt_firings"]
+    assert after[: len(fired)] == fired  # still described by the policy that had the rule

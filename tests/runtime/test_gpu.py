@@ -119,8 +119,9 @@ def test_peak_gpu_memory_stays_within_budget(qwen_bf16):
 
 
 def test_gpu_memory_is_flat_across_1000_decode_steps(qwen_bf16):
-    # After start-up and a first generation (graphs captured, buffers sized), 1000 decode steps that
-    # evict every step allocate nothing: the arena, the static cache and the graph pool are reused.
+    # After start-up and a first generation (graphs captured, buffers sized), 1000 sampled decode steps
+    # that keep fetching and evicting allocate nothing: the arena, the static cache and the graph pool
+    # are reused.
     path = qwen_bf16
     plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=1100)
     model = moerun.load(path, policy="balanced", vram_budget=plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes,
@@ -133,7 +134,7 @@ def test_gpu_memory_is_flat_across_1000_decode_steps(qwen_bf16):
     model.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=True, top_k=0)
     torch.cuda.synchronize()
     stats = model.moerun.stats()
-    assert stats["decode"]["fast_steps"] >= 1000 and stats["fetches"] > 1000
+    assert stats["decode"]["fast_steps"] >= 1000 and stats["fetches"] > 100 and stats["evictions"] > 100
     assert torch.cuda.memory_allocated() == allocated and torch.cuda.memory_reserved() == reserved
     # Within the run only generate()'s own per-step tensors (logits of one token, the ids) come and go.
     assert torch.cuda.max_memory_allocated() - allocated < 16 << 20
