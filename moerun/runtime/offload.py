@@ -232,10 +232,13 @@ class OffloadRuntime:
             self._observe_timing(step.layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
 
     def fill_arena(self) -> int:
-        """When the arena has a slot for every expert, copy them all in now (start-up): nothing can
-        miss later, so waiting for first uses would only add misses. Returns how many were placed
-        (0 when the arena is smaller; a policy capacity below the arena's also limits it)."""
-        if self.arena.num_slots < self._total_experts:
+        """When the arena and the policy's capacity hold every expert, copy them all in now
+        (start-up): nothing can miss later, so waiting for first uses would only add misses.
+        Returns how many were placed (0 when anything is smaller: which experts to keep is then
+        the policy's choice, made as the routing comes)."""
+        caps = self.engine.stats()["capacities"]  # [flat capacity] or one per layer
+        fits_policy = sum(caps) >= self._total_experts and (len(caps) == 1 or min(caps) >= self.num_experts)
+        if self.arena.num_slots < self._total_experts or not fits_policy:
             return 0
         placed = 0
         for layer in range(self.num_layers):

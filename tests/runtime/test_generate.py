@@ -426,3 +426,16 @@ def test_reset_stats_starts_the_counters_from_zero(checkpoints, references):
     stats = model.moerun.stats()
     assert stats["fetches"] == stats["hits"] == stats["steps"] == 0
     assert stats["engine"]["accesses"] == engine_accesses  # the engine's own statistics keep counting
+
+
+def test_arena_is_filled_at_load_only_when_the_policy_keeps_every_expert(checkpoints, references):
+    path = checkpoints["qwen2_moe"]
+    prompt = references["qwen2_moe"][0]
+    full = _load_fast(path, policy=_policy("gpu_only"))  # room for every expert: filled at load
+    arena = full.moerun.runtime.arena
+    assert arena.resident_count == arena.num_layers * arena.num_experts
+    capped = _load_fast(path, policy="policy p { cache { capacity = 4  eviction = lru } }")
+    assert capped.moerun.runtime.arena.resident_count == 0  # which 4 to keep is the policy's call
+    _generate(capped, prompt)
+    stats = capped.moerun.stats()
+    assert stats["fetches"] > 0 and stats["decode"]["whole_steps"] == 0
