@@ -91,13 +91,14 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
            "tokens_equal": f"{same}/{n}" if n else None,
            "memory": handle.memory()["device"], "decode_stats": stats["decode"],
            "hit_rate": stats["hit_rate"], "cpu_share": stats["cpu_share"], "bytes_copied": stats["bytes_copied"],
+           "cost_model": stats["engine"]["cost_model"],  # what the hybrid schedule believed at the end
            "warmup_s": warmup_s, "profile": summary}
     phases = " ".join(f"{p}={v:.3f}" for p, v in summary["layer_sum_ms"].items())
     versus = (f"transformers path {slow_tok_s:.2f} tok/s | x{row['speedup']:.1f} | tokens equal {same}/{n}"
               if slow_tok_s else "uniform routing (fast path only)")
     print(f"[{name}] fast {fast_tok_s:.1f} tok/s | {versus} | hit rate {stats['hit_rate']:.3f} | CPU share "
           f"{stats['cpu_share']:.3f} | warm-up {warmup_s:.1f} s | step {summary['step_ms']:.2f} ms; "
-          f"sum over MoE layers (ms/step): {phases}", flush=True)
+          f"sum over MoE layers (ms/step): {phases} | cost model {stats['engine']['cost_model']}", flush=True)
     return row
 
 

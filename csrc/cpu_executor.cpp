@@ -70,6 +70,7 @@ void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_d
   host_ = &pool;
   layer_ = layer;
   next_job_ = 0;
+  job_us_ = 0.0;
   round_size_ = static_cast<size_t>(pool.capacity());
   if (!jobs_.empty()) start_round();
 }
@@ -187,6 +188,7 @@ void CpuExecutor::wait() {
       release_held();
       throw;
     }
+    if (!held_.empty()) job_us_ += pool_.last_job_us();  // a round ran (not a second wait after the end)
     release_held();
     if (next_job_ >= jobs_.size()) return;
     start_round();  // a cache smaller than the job: the next experts, now that the last ones are free

@@ -35,6 +35,9 @@ class CpuExecutor {
               std::shared_ptr<void> keep_alive);
   void wait();
   bool busy() const { return pool_.busy(); }
+  // Worker time of the last job (its rounds summed), valid after wait(): what the experts cost,
+  // whatever the caller did between submit and wait.
+  double last_job_us() const { return job_us_; }
   CpuIsa isa() const { return isa_; }
   int num_threads() const { return pool_.num_threads(); }
 
@@ -53,6 +56,7 @@ class CpuExecutor {
   std::vector<Job> jobs_;
   size_t next_job_ = 0;           // first job of the next round
   size_t round_size_ = 0;         // experts per round (the pool's capacity)
+  double job_us_ = 0.0;           // worker time of the current job's finished rounds
   std::vector<float> xg_;         // [rows, H]  gathered token activations, fp32
   std::vector<float> h_;          // [rows, I]  silu(gate) * up
   std::vector<uint16_t> xb_, hb_;  // the same rounded to bf16 (bf16 weights on AVX-512-BF16 / AMX)

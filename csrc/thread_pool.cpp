@@ -80,6 +80,7 @@ void ThreadPool::submit(std::vector<Phase> phases) {
       arrived_[p].store(0, std::memory_order_relaxed);
     }
     error_ = nullptr;
+    submitted_ = std::chrono::steady_clock::now();
     done_.store(false, std::memory_order_release);
     generation_.fetch_add(1, std::memory_order_acq_rel);
   }
@@ -130,6 +131,7 @@ void ThreadPool::worker_loop() {
       if (p + 1 == num_phases) {
         if (arrived == workers) {
           std::lock_guard<std::mutex> lock(mu_);
+          finished_ = std::chrono::steady_clock::now();
           done_.store(true, std::memory_order_release);
           done_cv_.notify_all();
         }

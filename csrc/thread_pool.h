@@ -3,6 +3,7 @@
 // Workers spin briefly between jobs (low wake-up latency on the decode path), then sleep.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -35,6 +36,9 @@ class ThreadPool {
   // Blocks until the job is done; rethrows the first exception a task raised.
   void wait();
   bool busy() const { return !done_.load(std::memory_order_acquire); }
+  // Wall time of the last finished job, submit to its last task (valid after wait()); unlike the
+  // caller's view it excludes whatever the caller did before waiting.
+  double last_job_us() const { return std::chrono::duration<double, std::micro>(finished_ - submitted_).count(); }
   int num_threads() const { return static_cast<int>(threads_.size()); }
 
  private:
@@ -51,6 +55,7 @@ class ThreadPool {
   std::condition_variable work_cv_, done_cv_;
   std::exception_ptr error_;
   size_t max_phases_ = 8;
+  std::chrono::steady_clock::time_point submitted_, finished_;  // finished_ written under mu_ by the last worker
 };
 
 }  // namespace moerun

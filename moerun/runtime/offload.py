@@ -73,7 +73,6 @@ class StepPlan:
 
     layer: int
     start: float
-    cpu_start: float
     expert_ids: np.ndarray        # [T*K]
     slots: list
     hits: list
@@ -186,13 +185,12 @@ class OffloadRuntime:
         self._fetches_issued += len(fetches) + len(prefetches)
 
         cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
-        cpu_start = time.perf_counter()
         if cpu_experts:
             self.cpu_executor.submit(self.pool, layer, host.x, host.ids, host.weights, cpu_experts,
                                      host.cpu_out)
         slots = [slot for _, slot in hits] + [slot for _, slot, _, _ in fetches]
         self.transfer.wait_slots(slots)
-        return StepPlan(layer=layer, start=start, cpu_start=cpu_start, expert_ids=expert_ids,
+        return StepPlan(layer=layer, start=start, expert_ids=expert_ids,
                         slots=slots, hits=hits, fetches=fetches, prefetches=prefetches,
                         releases=plan.releases, cpu_experts=cpu_experts)
 
@@ -219,7 +217,10 @@ class OffloadRuntime:
     def wait_cpu(self, step: StepPlan) -> None:
         """Block until the CPU executor has written this step's partial sum."""
         self.cpu_executor.wait()
-        step.cpu_us = (time.perf_counter() - step.cpu_start) * 1e6
+        # The executor's own time, not the host's wall time since submit: that also counts whatever the
+        # host did meanwhile (a first kernel launch compiling, say) and once taught the cost model that
+        # CPU experts cost seconds, after which it never chose the CPU again.
+        step.cpu_us = self.cpu_executor.last_job_us
 
     def finish(self, step: StepPlan, timed: bool = True) -> None:
         """Count the carried-out plan; feed measured times to the cost model when it is used

@@ -80,6 +80,19 @@ def test_repeated_jobs_reuse_the_pool_and_stay_correct(executor):
         torch.testing.assert_close(out, reference(x, ids, torch.tensor([[0.7, 0.3]]), experts, params))
 
 
+def test_last_job_us_is_the_workers_time_not_the_callers(executor):
+    # The cost model learns the CPU's rate from it: time the caller spends elsewhere between submit
+    # and wait (here a sleep, in a decode step a kernel launch that compiles) must not count.
+    import time
+
+    pool, _ = make_pool(torch.float32)
+    ids = torch.tensor([[0, 1]])
+    executor.submit(pool, 1, torch.randn(1, H), ids, torch.ones(1, 2), [0, 1], torch.empty(1, H))
+    time.sleep(0.3)
+    executor.wait()
+    assert 0 < executor.last_job_us < 0.2e6
+
+
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 
 
