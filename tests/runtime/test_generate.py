@@ -439,3 +439,22 @@ def test_arena_is_filled_at_load_only_when_the_policy_keeps_every_expert(checkpo
     _generate(capped, prompt)
     stats = capped.moerun.stats()
     assert stats["fetches"] > 0 and stats["decode"]["whole_steps"] == 0
+
+
+def test_uniform_routing_switch_draws_distinct_experts_for_the_engine(checkpoints, references, tmp_path):
+    # The benchmark switch replaces every router's choice on the device, so the engine, the trace and
+    # the kernels see it: K distinct experts per token, spread over all experts, weights 1/K.
+    from moerun.trace.format import read_trace
+
+    path = checkpoints["qwen2_moe"]
+    prompt = references["qwen2_moe"][0]
+    model = _load_fast(path, 4, policy=_policy("gpu_only"))
+    model.moerun.decoder.uniform_routing = True
+    with model.moerun.record_trace(tmp_path / "uniform.npz"):
+        model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    trace = read_trace(tmp_path / "uniform.npz")
+    decode = trace.expert_ids[trace.step_starts[1]:]  # [steps, L, K]: the fast path's steps
+    k = decode.shape[-1]
+    assert decode.shape[0] == 15 and all(len(set(row)) == k for row in decode.reshape(-1, k).tolist())
+    assert len(set(decode.reshape(-1).tolist())) == synthetic_config("qwen2_moe").num_experts
+    assert (trace.gate_weights[trace.step_starts[1]:] == 1.0 / k).all()
