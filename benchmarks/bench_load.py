@@ -70,6 +70,7 @@ def main() -> None:
         "host_bound_bytes": bound, "within_host_bound": peak_rss_bytes <= bound,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "memory": mem,
+        "stages_seconds": {k: round(v, 3) for k, v in model.moerun.load_seconds.items()},
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def load(
     """
     if not isinstance(compile_decode, bool):
         raise TypeError(f"compile_decode must be True or False, not {compile_decode!r}")
+    stages = _Stages()
     device = _pick_device(device)
     path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
     moe_layers = adapter.moe_layers()
@@ -88,15 +90,19 @@ def load(
 
     if device.type == "cpu":
         _interpret_kernels()
+    stages.mark("checkpoint and plan")
 
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
     hf_model = _build_skeleton(config, dtype)
+    stages.mark("skeleton")
     runtime = _build_runtime(compiled, adapter, ckpt, plan, moe_layers, device, dtype,
-                             cpu_threads, copy_streams, host_capacity, bar, predictor)
+                             cpu_threads, copy_streams, host_capacity, bar, predictor, stages)
     runtime.fill_arena()
+    stages.mark("arena fill")
     bar.set_postfix_str("dense weights"); bar.update()
     _replace_moe_blocks(hf_model, adapter, runtime, moe_layers)
     _load_dense_weights(hf_model, ckpt, adapter, non_expert, device, dtype, progress)
+    stages.mark("dense weights")
     bar.update()
     if (path / "generation_config.json").is_file():
         hf_model.generation_config = GenerationConfig.from_pretrained(path)
@@ -113,6 +119,8 @@ def load(
                     "inter_size": adapter.expert_inter_size, "num_experts": adapter.num_experts,
                     "top_k": adapter.top_k, "dtype": str(dtype).replace("torch.", "")},
     )
+    stages.mark("handle")
+    hf_model.moerun.load_seconds = stages.seconds
     bar.update(); bar.close()
     return hf_model
 
@@ -366,10 +374,24 @@ def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter,
 
 
 # -- runtime ----------------------------------------------------------------------------------------
+class _Stages:
+    """Wall seconds of load()'s stages, in order (``model.moerun.load_seconds``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """The stage ``name`` ended now (it began at the previous mark)."""
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
                    moe_layers: list[int], device: torch.device, dtype: torch.dtype,
                    cpu_threads: int, copy_streams: int, host_capacity: int, bar,
-                   predictor=None) -> OffloadRuntime:
+                   predictor=None, stages: _Stages | None = None) -> OffloadRuntime:
     """Host pool (filled from the files), arena, transfer engine, CPU executor and policy engine."""
     from .native import CpuExecutor, ExpertArena, HostPool, TransferEngine
     from .policy_engine import PolicyEngine, eviction_code
@@ -383,6 +405,8 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
     pool = HostPool(num_layers, num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
                     pinned=device.type == "cuda", capacity=host_capacity, eviction=eviction_code(host.eviction),
                     high_watermark=host.high_watermark, low_watermark=host.low_watermark)
+    if stages:
+        stages.mark("host pool: allocate (pin)")
     bar.set_postfix_str("experts -> host pool")
     for index, layer in enumerate(tqdm(moe_layers, desc="experts -> host pool", unit="layer",
                                        disable=bar.disable, leave=False)):
@@ -391,9 +415,13 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
             keys = adapter.expert_keys(layer, expert)
             entries.append((index, expert, *[(str(ckpt.tensors[k].file), k) for k in (keys.gate, keys.up, keys.down)]))
         pool.fill(entries, num_threads=cpu_threads)
+    if stages:
+        stages.mark("host pool: fill from files")
     arena = ExpertArena(plan.num_slots, elems, dtype, device, num_layers, num_experts)
     transfer = TransferEngine(arena, pool, copy_streams)
     cpu_executor = CpuExecutor(cpu_threads)
+    if stages:
+        stages.mark("arena, transfer engine, CPU executor")
     return OffloadRuntime(
         engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=cpu_executor,
         inter_size=adapter.expert_inter_size, num_layers=num_layers, num_experts=num_experts,

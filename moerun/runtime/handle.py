@@ -36,6 +36,7 @@ class MoerunHandle:
         self.pool_bytes = pool_bytes
         self.policy = policy
         self.model_info = dict(model_info)
+        self.load_seconds: dict[str, float] = {}  # load()'s stages, in order: where the load time went
         self._tokenizer = None
 
     def stats(self) -> dict:

@@ -55,6 +55,19 @@ def test_memory_report_fits_the_budget(tiny):
     assert mem["host"]["pool"] == 2 * 8 * dev["slot"]
 
 
+def test_load_reports_its_stages_in_order(tiny):
+    import time
+
+    start = time.perf_counter()
+    model = _load(tiny)
+    total = time.perf_counter() - start
+    stages = model.moerun.load_seconds
+    assert list(stages) == ["checkpoint and plan", "skeleton", "host pool: allocate (pin)",
+                            "host pool: fill from files", "arena, transfer engine, CPU executor", "arena fill",
+                            "dense weights", "handle"]
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= total
+
+
 def test_budget_too_small_names_the_smallest_budget_that_works(tiny):
     with pytest.raises(BudgetError, match=r"smallest budget that works is .* \((\d+) bytes\)") as err:
         _load(tiny, vram_budget="1MiB")
