@@ -145,6 +145,43 @@ def bench_cpu_isas(pool: HostPool, repeat: int) -> list[dict]:
     return rows
 
 
+def bench_cpu_gapped(pool: HostPool, repeat: int) -> list[dict]:
+    """3 experts x 1 token (a uniform-routing decode layer's CPU share), jobs separated by a busy gap.
+
+    In a decode step CPU jobs come between the GPU's layers, not back to back: the workers have
+    spun out (or slept) when the next one comes. Busy gaps stand for the host thread syncing and
+    planning; the time is the caller's, submit to wait's return, as a decode step sees it.
+    """
+    experts, tokens = 3, 1
+    x = torch.randn(tokens, pool.hidden_size).to(pool.dtype)
+    ids = torch.arange(experts, dtype=torch.int32).repeat(tokens, 1)
+    w = torch.full((tokens, experts), 1.0 / experts)
+    out = torch.empty(tokens, pool.hidden_size)
+    weight_bytes = experts * 3 * pool.hidden_size * pool.inter_size * torch.finfo(pool.dtype).bits // 8
+    rows = []
+    default = CpuExecutor().num_threads
+    for threads in sorted({default, max(1, default // 2), 1}, reverse=True):
+        executor = CpuExecutor(threads)
+        for gap_us in (0, 300, 2000):
+            times, jobs = [], []
+            for _ in range(repeat + 3):
+                end = time.perf_counter() + gap_us * 1e-6
+                while time.perf_counter() < end:
+                    pass
+                t0 = time.perf_counter()
+                executor.submit(pool, 0, x, ids, w, list(range(experts)), out)
+                executor.wait()
+                times.append((time.perf_counter() - t0) * 1e6)
+                jobs.append(executor.last_job_us)
+            us = statistics.median(times[3:])
+            rows.append({"threads": threads, "gap_us": gap_us, "median_us": round(us, 1),
+                         "p90_us": round(sorted(times[3:])[int(0.9 * (len(times) - 3))], 1),
+                         "job_us": round(statistics.median(jobs[3:]), 1),
+                         "GBps": round(weight_bytes / us / 1e3, 1)})
+        del executor
+    return rows
+
+
 def bench_host_tier(hidden: int, inter: int, dtype: torch.dtype, experts: int, capacity: int, repeat: int,
                     tmp: str) -> dict:
     """The host pool as a cache in front of a safetensors file: one expert read from disk (cold: dropped
@@ -303,7 +340,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run on any machine)")
-    ap.add_argument("--sections", help="comma-separated subset of cpu,host_tier,fetch,overlap,memory (default: all)")
+    ap.add_argument("--sections", help="comma-separated subset of cpu,cpu_gapped,host_tier,fetch,overlap,memory (default: all)")
     ap.add_argument("--tmp", help="directory for the host-tier benchmark's safetensors file (default: system tmp)")
     args = ap.parse_args()
     faulthandler.enable()
@@ -316,6 +353,7 @@ def main() -> None:
     pool = make_pool(experts, hidden, inter, dtype)
     results["pool_build_s"] = round(time.perf_counter() - t0, 2)
     sections = {"cpu": lambda: bench_cpu_isas(pool, repeat),
+                "cpu_gapped": lambda: bench_cpu_gapped(pool, 4 * repeat),
                 "host_tier": lambda: bench_host_tier(hidden, inter, dtype, experts, experts // 4, repeat,
                                                      args.tmp or tempfile.gettempdir())}
     if torch.cuda.is_available() and build_info()["cuda"]:

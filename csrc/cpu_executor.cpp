@@ -14,8 +14,8 @@ constexpr int64_t kDownRowsPerTask = 32;  // output columns per phase-2 task (H 
 constexpr int64_t kTokenTile = 16;
 }  // namespace
 
-// The default leaves one physical core to the thread that drives the GPU: it must keep launching
-// kernels and copies while the experts run here, and a starved driver thread stalls the whole step.
+// The default counts the caller (it works on the job inside wait()) and leaves one physical core to the
+// CUDA driver's own threads and the copy callbacks: a starved one stalls the whole step.
 static int default_threads(int requested) {
   return requested > 0 ? requested : std::max(1, physical_core_count() - 1);
 }

@@ -20,7 +20,8 @@ namespace moerun {
 
 class CpuExecutor {
  public:
-  // num_threads 0 = one per physical core but one (left to the thread driving the GPU).
+  // num_threads: threads that run the experts, the caller's included (it works inside wait());
+  // 0 = one per physical core but one.
   explicit CpuExecutor(int num_threads);
   // Waits for a running job: its tasks read the buffers below, which die before the thread pool.
   ~CpuExecutor();

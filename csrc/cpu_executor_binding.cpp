@@ -54,7 +54,7 @@ void bind_cpu_executor(py::module& m) {
   m.def("physical_cores", &physical_core_count, "Physical cores this process may run on.");
   py::class_<CpuExecutor, std::shared_ptr<CpuExecutor>>(
       m, "CpuExecutor", "Runs SwiGLU experts on host threads straight from a HostPool (fp32 accumulation).")
-      .def(py::init<int>(), py::arg("num_threads") = 0, "num_threads 0 = one thread per physical core but one (left to the thread driving the GPU).")
+      .def(py::init<int>(), py::arg("num_threads") = 0, "num_threads: threads that run the experts, the caller included (it works inside wait()); 0 = one per physical core but one.")
       .def("submit", &submit, py::arg("pool"), py::arg("layer"), py::arg("x"), py::arg("topk_ids"),
            py::arg("topk_weights"), py::arg("experts"), py::arg("out"),
            "Start the listed experts of `layer` for the tokens routed to them; returns at once. "

@@ -46,12 +46,32 @@ int physical_core_count() {
   return cores.empty() ? allowed : std::min(allowed, static_cast<int>(cores.size()));
 }
 
+namespace {
+// Workers spin this long for the next job before sleeping: between the layers of a decode step the CPU
+// experts come every few hundred microseconds, and a sleeping worker takes long to wake (longest on a VM,
+// where its idle virtual CPU was descheduled).
+constexpr auto kIdleSpin = std::chrono::microseconds(400);
+
+// One step of a spin-wait: pause, and after a while give the core away, so that a task holder that
+// shares it with this spinner (more runnable threads than cores) gets to finish.
+inline void relax(int& spins) {
+  if (++spins < 2048)
+    MOERUN_PAUSE();
+  else
+    std::this_thread::yield();
+}
+}  // namespace
+
 ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = physical_core_count();
   num_threads = std::min(num_threads, 256);
   next_task_.reset(new std::atomic<int64_t>[max_phases_]);
-  arrived_.reset(new std::atomic<int>[max_phases_]);
-  for (int i = 0; i < num_threads; ++i) threads_.emplace_back([this] { worker_loop(); });
+  finished_tasks_.reset(new std::atomic<int64_t>[max_phases_]);
+  for (size_t p = 0; p < max_phases_; ++p) {
+    next_task_[p].store(0, std::memory_order_relaxed);
+    finished_tasks_[p].store(0, std::memory_order_relaxed);
+  }
+  for (int i = 1; i < num_threads; ++i) threads_.emplace_back([this] { worker_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -71,25 +91,62 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::submit(std::vector<Phase> phases) {
   if (busy()) throw std::runtime_error("ThreadPool: a job is still running; call wait() before submitting another");
+  phases.erase(std::remove_if(phases.begin(), phases.end(), [](const Phase& p) { return p.num_tasks <= 0; }),
+               phases.end());
   if (phases.size() > max_phases_) throw std::invalid_argument("ThreadPool: too many phases in one job");
+  // Workers still walking through the last job's (finished) phases read phases_: let them leave first.
+  open_.store(false);
+  for (int spins = 0; active_.load() != 0;) relax(spins);
   {
     std::lock_guard<std::mutex> lock(mu_);
     phases_ = std::move(phases);
     for (size_t p = 0; p < max_phases_; ++p) {
       next_task_[p].store(0, std::memory_order_relaxed);
-      arrived_[p].store(0, std::memory_order_relaxed);
+      finished_tasks_[p].store(0, std::memory_order_relaxed);
     }
     error_ = nullptr;
-    submitted_ = std::chrono::steady_clock::now();
-    done_.store(false, std::memory_order_release);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
+    failed_.store(false, std::memory_order_relaxed);
+    started_ = finished_ = std::chrono::steady_clock::now();
+    if (!phases_.empty()) {
+      done_.store(false, std::memory_order_release);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+    }
   }
-  work_cv_.notify_all();
+  open_.store(true);
+  if (!phases_.empty()) work_cv_.notify_all();
+}
+
+void ThreadPool::run_job() {
+  const size_t num_phases = phases_.size();
+  for (size_t p = 0; p < num_phases; ++p) {
+    const Phase& phase = phases_[p];
+    for (int64_t i; (i = next_task_[p].fetch_add(1, std::memory_order_relaxed)) < phase.num_tasks;) {
+      if (p == 0 && i == 0) started_ = std::chrono::steady_clock::now();  // read after done_ (acquire)
+      if (!failed_.load(std::memory_order_relaxed)) {  // after a failure the job only runs out its count
+        try {
+          phase.run(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!error_) error_ = std::current_exception();
+          failed_.store(true, std::memory_order_relaxed);
+        }
+      }
+      const int64_t finished = finished_tasks_[p].fetch_add(1, std::memory_order_acq_rel) + 1;
+      if (finished == phase.num_tasks && p + 1 == num_phases) {
+        std::lock_guard<std::mutex> lock(mu_);
+        finished_ = std::chrono::steady_clock::now();
+        done_.store(true, std::memory_order_release);
+        done_cv_.notify_all();
+      }
+    }
+    // Phase barrier: the next phase reads what this one wrote.
+    for (int spins = 0; finished_tasks_[p].load(std::memory_order_acquire) < phase.num_tasks;) relax(spins);
+  }
 }
 
 void ThreadPool::wait() {
-  // Spin a little first: a decode-step job finishes within tens of microseconds of the caller's wait.
-  for (int i = 0; i < 20000 && busy(); ++i) MOERUN_PAUSE();
+  if (busy()) run_job();  // the caller would only wait: it takes tasks like a worker
+  for (int i = 0; i < 20000 && busy(); ++i) MOERUN_PAUSE();  // the last tasks are in other threads' hands
   if (busy()) {
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [this] { return !busy(); });
@@ -104,8 +161,7 @@ void ThreadPool::wait() {
 void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   while (true) {
-    // Wait for a new job: spin ~50 µs, then sleep.
-    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+    const auto spin_until = std::chrono::steady_clock::now() + kIdleSpin;
     while (generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed) &&
            std::chrono::steady_clock::now() < spin_until)
       MOERUN_PAUSE();
@@ -114,32 +170,20 @@ void ThreadPool::worker_loop() {
       work_cv_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
     }
     if (stop_.load()) return;
-    seen = generation_.load(std::memory_order_acquire);
-    const int workers = static_cast<int>(threads_.size());
-    const size_t num_phases = phases_.size();
-    for (size_t p = 0; p < num_phases; ++p) {
-      const Phase& phase = phases_[p];
-      for (int64_t i; (i = next_task_[p].fetch_add(1, std::memory_order_relaxed)) < phase.num_tasks;) {
-        try {
-          phase.run(i);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mu_);
-          if (!error_) error_ = std::current_exception();
-        }
-      }
-      const int arrived = arrived_[p].fetch_add(1, std::memory_order_acq_rel) + 1;
-      if (p + 1 == num_phases) {
-        if (arrived == workers) {
-          std::lock_guard<std::mutex> lock(mu_);
-          finished_ = std::chrono::steady_clock::now();
-          done_.store(true, std::memory_order_release);
-          done_cv_.notify_all();
-        }
-      } else {
-        // Phase barrier: the next phase reads what this one wrote.
-        while (arrived_[p].load(std::memory_order_acquire) < workers) MOERUN_PAUSE();
-      }
+    // Enter before looking at the job (submit() clears open_, then waits for active_ to drain: one of
+    // the two sees the other's store, so no worker reads phases_ while submit() replaces them).
+    active_.fetch_add(1);
+    if (!open_.load()) {  // a job is being submitted: look again once it is
+      active_.fetch_sub(1);
+      MOERUN_PAUSE();
+      continue;
     }
+    const uint64_t generation = generation_.load(std::memory_order_acquire);
+    if (generation != seen) {
+      seen = generation;
+      run_job();
+    }
+    active_.fetch_sub(1);
   }
 }
 

@@ -12,6 +12,7 @@ This module knows nothing about graphs or experts.
 """
 from __future__ import annotations
 
+import torch
 from transformers import StaticCache
 
 
@@ -78,3 +79,59 @@ class DecodeCache:
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
         return total
+
+
+class DecodeMask:
+    """generate()'s 4-D attention mask over the static cache, extended by one column per decode step.
+
+    For a static cache transformers' generate() rebuilds the whole ``[B, 1, 1, L]`` mask from the 2-D
+    padding mask before every decode step (``create_masks_for_generate``: a few hundred microseconds of
+    Python with the GPU idle, a tenth of a fast-path step). A one-token step at position ``p`` differs
+    from the step before only in column ``p``, which is the 2-D mask's newest column (generate()
+    appends it), so after transformers built one decode mask this keeps a copy and writes that column
+    on the device. Anything else (prefill, several tokens, a mask that does not continue the last
+    one, another cache) goes to transformers' function, which starts a new copy.
+    """
+
+    def __init__(self, cache: DecodeCache):
+        self.cache = cache
+        self._mask: torch.Tensor | None = None  # [B, 1, 1, L] the last decode step's mask (our copy)
+        self._key: str | None = None  # transformers returned {key: mask} (layer types) rather than a mask
+        self._columns = 0  # 2-D mask length (positions seen) of that step
+
+    def reset(self) -> None:
+        self._mask, self._columns = None, 0
+
+    def build(self, original, *args, **kwargs):
+        """``create_masks_for_generate``'s result for these arguments: extended from the last step's
+        when it continues it, else ``original(*args, **kwargs)`` (remembered when it is a decode mask)."""
+        pad, tokens, cache = kwargs.get("attention_mask"), _query_length(kwargs), kwargs.get("past_key_values")
+        padded = isinstance(pad, torch.Tensor) and pad.dim() == 2
+        decode = not args and tokens == 1 and self.cache.owns(cache) and (pad is None or padded)
+        # Positions the step's token sees, itself included (the 2-D mask's length when there is one).
+        columns = pad.shape[1] if padded else self.cache.length + 1
+        mask = self._mask
+        if (decode and mask is not None and columns == self._columns + 1 and self.cache.length == columns - 1
+                and columns <= mask.shape[-1] and (pad is None or pad.shape[0] == mask.shape[0])):
+            col = mask[:, 0, 0, columns - 1]  # [B] the new token's own column
+            if pad is None:  # no padding: the token attends to itself
+                col.fill_(True if mask.dtype == torch.bool else 0.0)
+            elif mask.dtype == torch.bool:
+                col.copy_(pad[:, columns - 1] != 0)
+            else:  # additive: transformers' 0 where attending, the dtype's minimum elsewhere
+                col.copy_(torch.where(pad[:, columns - 1] != 0, 0.0, torch.finfo(mask.dtype).min))
+            self._columns = columns
+            return {self._key: mask} if self._key is not None else mask
+        out = original(*args, **kwargs)
+        self._mask = None
+        if decode:
+            key = next(iter(out)) if isinstance(out, dict) and len(out) == 1 else None
+            built = out[key] if key is not None else out
+            if isinstance(built, torch.Tensor) and built.dim() == 4 and built.shape[2] == 1:
+                self._mask, self._key, self._columns = built.contiguous().clone(), key, columns
+        return out
+
+
+def _query_length(kwargs) -> int | None:
+    embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))  # the name changed across versions
+    return embeds.shape[1] if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2 else None

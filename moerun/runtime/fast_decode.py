@@ -48,10 +48,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.base import MoeAdapter
-from .decode_cache import DecodeCache
+from .decode_cache import DecodeCache, DecodeMask
 from .decode_profile import DecodeProfile
 from .offload import HostStep, OffloadRuntime, merge_cpu_partial
 from .segments import Segment, compiled
@@ -227,15 +228,14 @@ class _StepBuffers:
             hosts = tuple(HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), pred=pred_host,
                                    pred_layer=None, cpu_out=cpu_out) for _ in range(2))
 
-            def a(device_fn, host=hosts[0], lookahead=False):
+            def a(device_fn, host=hosts[0], lookahead=False, to_host=("x", "ids", "weights")):
                 device_fn()
                 if decoder.uniform_routing:  # benchmark-only (FastDecoder.uniform_routing)
                     self.ids.copy_(torch.rand(t, num_experts, device=dev).topk(top_k, dim=-1).indices)
                     self.weights.fill_(1.0 / top_k)
                 if on_cuda:  # outside the compiled part: device -> pinned host copies
-                    host.x.copy_(self.x, non_blocking=True)
-                    host.ids.copy_(self.ids, non_blocking=True)
-                    host.weights.copy_(self.weights, non_blocking=True)
+                    for name in to_host:
+                        getattr(host, name).copy_(getattr(self, name), non_blocking=True)
                     if lookahead:
                         host.pred.copy_(self.pred, non_blocking=True)
 
@@ -269,14 +269,17 @@ class _StepBuffers:
         self.parity = 0  # the host set of the next whole step
 
     def _whole_step(self, routed: bool, hosts: int = 0) -> None:
-        """A whole decode step with no host sync: every MoE layer runs A (its routing copied into host
-        set ``hosts``), S, B (when ``routed``) and E."""
+        """A whole decode step with no host sync: every MoE layer runs A, S, B (when ``routed``) and E.
+
+        Only what the engine's accounting reads goes to the host (set ``hosts``): the routing, when the
+        routed experts run. Every copy is a graph node the step waits on (a few microseconds each).
+        """
         self._head_fn()
         for entry in self.layers:
             if isinstance(entry, Segment):
                 entry.fn()
                 continue
-            entry.run_a(host=entry.hosts[hosts])
+            entry.run_a(host=entry.hosts[hosts], to_host=("ids", "weights") if routed else ())
             if entry.shared is not None:
                 entry.shared.fn()
             if routed:
@@ -303,6 +306,7 @@ class FastDecoder:
         self.runtime = runtime
         self.device, self.dtype = device, dtype
         self.cache = DecodeCache(model.config, max_context, max_batch)
+        self.mask = DecodeMask(self.cache)
         self.capture = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._compile_backend = compile_backend
@@ -392,6 +396,7 @@ class FastDecoder:
     def start_generation(self, batch_size: int):
         """The static cache, emptied, for a generation of ``batch_size`` sequences."""
         cache, replaced = self.cache.start(batch_size)
+        self.mask.reset()
         if replaced:
             self._shapes.clear()  # their segments were built over the previous cache
         return cache
@@ -443,6 +448,20 @@ class FastDecoder:
                 finally:
                     decoder.flush_accounting()
 
+        # generate() asks the model for its static-cache masks by this name before every step.
+        own_masks = inspect.getattr_static(type(model), "create_masks_for_generate", None)
+
+        def original_masks(*args, **kwargs):
+            if own_masks is None:
+                return create_masks_for_generate(*args, **kwargs)
+            return own_masks.__get__(model_ref(), type(model_ref()))(*args, **kwargs)
+
+        def create_masks(*args, **kwargs):
+            if not decoder.enabled:
+                return original_masks(*args, **kwargs)
+            return decoder.mask.build(original_masks, *args, **kwargs)
+
+        model.create_masks_for_generate = create_masks
         forward.__signature__ = inspect.signature(model.forward)  # generate inspects forward's arguments
         forward.__doc__ = original_forward.__doc__
         generate.__signature__ = inspect.signature(model.generate)

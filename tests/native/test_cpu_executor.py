@@ -80,6 +80,42 @@ def test_repeated_jobs_reuse_the_pool_and_stay_correct(executor):
         torch.testing.assert_close(out, reference(x, ids, torch.tensor([[0.7, 0.3]]), experts, params))
 
 
+def test_one_thread_runs_the_job_on_the_caller_inside_wait():
+    # num_threads counts the caller: with one there are no workers, and wait() does all the work.
+    ex = CpuExecutor(num_threads=1)
+    assert ex.num_threads == 1
+    pool, params = make_pool(torch.float32, seed=5)
+    x, ids, w = torch.randn(3, H), torch.tensor([[0, 1], [2, 3], [1, 4]]), torch.rand(3, 2)
+    out = torch.full((3, H), float("nan"))
+    ex.submit(pool, 1, x, ids, w, [1, 2, 4], out)
+    assert ex.busy  # nothing ran yet: no worker took a task
+    ex.wait()
+    assert not ex.busy
+    torch.testing.assert_close(out, reference(x, ids, w, [1, 2, 4], params))
+
+
+def test_more_threads_than_cores_back_to_back_and_after_sleeps_stay_correct():
+    # Workers outnumber the cores (2 on CI): some wake after the caller and the others have finished
+    # a phase or the whole job, and must neither run a task twice nor read the next job's phases.
+    import time
+
+    ex = CpuExecutor(num_threads=8)
+    pool, params = make_pool(torch.float32, seed=6)
+    for step in range(60):
+        g = torch.Generator().manual_seed(100 + step)
+        t = 1 + step % 3
+        x = torch.randn(t, H, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(t)])  # [T, 3]
+        w = torch.rand(t, 3, generator=g)
+        experts = sorted({int(e) for e in ids.flatten()})[: 1 + step % 4]
+        out = torch.full((t, H), float("nan"))
+        ex.submit(pool, 1, x, ids, w, experts, out)
+        if step % 5 == 0:
+            time.sleep(0.002)  # longer than the workers' spin: they sleep before the next job
+        ex.wait()
+        torch.testing.assert_close(out, reference(x, ids, w, experts, params), msg=lambda m: f"step {step}: {m}")
+
+
 def test_last_job_us_is_the_workers_time_not_the_callers(executor):
     # The cost model learns the CPU's rate from it: time the caller spends elsewhere between submit
     # and wait (here a sleep, in a decode step a kernel launch that compiles) must not count.

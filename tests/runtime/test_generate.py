@@ -342,6 +342,40 @@ def test_left_padded_batch_matches_and_larger_batches_fall_back(checkpoints):
     assert model.moerun.stats()["decode"]["fast_steps"] == 2 * (NEW_TOKENS - 1)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask, an additive one
+def test_decode_mask_extended_on_the_device_equals_transformers_own(checkpoints, attention):
+    # generate() asks for a fresh 4-D static-cache mask before every step; the fast path extends the
+    # last one by the new column instead. Every step's mask must be the one transformers would build.
+    path = checkpoints["qwen3_moe"]
+    model = _load_fast(path, policy=LRU_AUTO, max_batch=2)
+    model.set_attn_implementation(attention)
+    decoder = model.moerun.decoder
+    build, extended = decoder.mask.build, []
+
+    def checked(original, *args, **kwargs):
+        was = decoder.mask._columns
+        out = build(original, *args, **kwargs)
+        want = original(*args, **kwargs)
+        got, want = (out["full_attention"], want["full_attention"]) if isinstance(want, dict) else (out, want)
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == want.dtype and torch.equal(got, want.expand_as(got))
+        extended.append(decoder.mask._columns == was + 1 and was > 0)
+        return out
+
+    decoder.mask.build = checked
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left-padded second row
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    padded = model.generate(ids, attention_mask=mask, **kw)
+    unpadded = model.generate(ids[:1, 2:], **kw)  # no 2-D mask at all
+    assert sum(extended) == 2 * (NEW_TOKENS - 2)  # all decode steps but each generation's first
+    model.moerun.fast_decode = False
+    assert torch.equal(model.generate(ids, attention_mask=mask, **kw), padded)
+    assert torch.equal(model.generate(ids[:1, 2:], **kw), unpadded)
+
+
 def test_generation_past_max_context_is_a_clear_error(checkpoints):
     path = checkpoints["olmoe"]
     model = moerun.load(path, device="cpu", max_context=10, fast_decode=True, progress=False)
