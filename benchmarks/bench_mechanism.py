@@ -150,7 +150,9 @@ def bench_cpu_gapped(pool: HostPool, repeat: int) -> list[dict]:
 
     In a decode step CPU jobs come between the GPU's layers, not back to back: the workers have
     spun out (or slept) when the next one comes. Busy gaps stand for the host thread syncing and
-    planning; the time is the caller's, submit to wait's return, as a decode step sees it.
+    planning; the time is the caller's, submit to wait's return, as a decode step sees it. Each job
+    takes the next 3 of the pool's experts, so (unlike ``bench_cpu``'s same experts every call) the
+    weights come from memory, not from the last level cache, as under uniform routing.
     """
     experts, tokens = 3, 1
     x = torch.randn(tokens, pool.hidden_size).to(pool.dtype)
@@ -169,7 +171,8 @@ def bench_cpu_gapped(pool: HostPool, repeat: int) -> list[dict]:
                 while time.perf_counter() < end:
                     pass
                 t0 = time.perf_counter()
-                executor.submit(pool, 0, x, ids, w, list(range(experts)), out)
+                first = (len(times) * experts) % (pool.num_experts - experts + 1)
+                executor.submit(pool, 0, x, ids + first, w, list(range(first, first + experts)), out)
                 executor.wait()
                 times.append((time.perf_counter() - t0) * 1e6)
                 jobs.append(executor.last_job_us)

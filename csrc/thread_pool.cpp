@@ -62,15 +62,19 @@ inline void relax(int& spins) {
 }
 }  // namespace
 
+ThreadPool::Job::Job(std::vector<Phase> p)
+    : phases(std::move(p)),
+      next_task(new std::atomic<int64_t>[phases.size()]),
+      finished_tasks(new std::atomic<int64_t>[phases.size()]) {
+  for (size_t i = 0; i < phases.size(); ++i) {
+    next_task[i].store(0, std::memory_order_relaxed);
+    finished_tasks[i].store(0, std::memory_order_relaxed);
+  }
+}
+
 ThreadPool::ThreadPool(int num_threads) {
   if (num_threads <= 0) num_threads = physical_core_count();
   num_threads = std::min(num_threads, 256);
-  next_task_.reset(new std::atomic<int64_t>[max_phases_]);
-  finished_tasks_.reset(new std::atomic<int64_t>[max_phases_]);
-  for (size_t p = 0; p < max_phases_; ++p) {
-    next_task_[p].store(0, std::memory_order_relaxed);
-    finished_tasks_[p].store(0, std::memory_order_relaxed);
-  }
   for (int i = 1; i < num_threads; ++i) threads_.emplace_back([this] { worker_loop(); });
 }
 
@@ -93,34 +97,27 @@ void ThreadPool::submit(std::vector<Phase> phases) {
   if (busy()) throw std::runtime_error("ThreadPool: a job is still running; call wait() before submitting another");
   phases.erase(std::remove_if(phases.begin(), phases.end(), [](const Phase& p) { return p.num_tasks <= 0; }),
                phases.end());
-  if (phases.size() > max_phases_) throw std::invalid_argument("ThreadPool: too many phases in one job");
-  // Workers still walking through the last job's (finished) phases read phases_: let them leave first.
-  open_.store(false);
-  for (int spins = 0; active_.load() != 0;) relax(spins);
+  auto job = std::make_shared<Job>(std::move(phases));
+  const bool empty = job->phases.empty();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    phases_ = std::move(phases);
-    for (size_t p = 0; p < max_phases_; ++p) {
-      next_task_[p].store(0, std::memory_order_relaxed);
-      finished_tasks_[p].store(0, std::memory_order_relaxed);
-    }
+    job_ = std::move(job);
     error_ = nullptr;
     failed_.store(false, std::memory_order_relaxed);
     started_ = finished_ = std::chrono::steady_clock::now();
-    if (!phases_.empty()) {
+    if (!empty) {
       done_.store(false, std::memory_order_release);
       generation_.fetch_add(1, std::memory_order_acq_rel);
     }
   }
-  open_.store(true);
-  if (!phases_.empty()) work_cv_.notify_all();
+  if (!empty) work_cv_.notify_all();
 }
 
-void ThreadPool::run_job() {
-  const size_t num_phases = phases_.size();
+void ThreadPool::run_job(Job& job) {
+  const size_t num_phases = job.phases.size();
   for (size_t p = 0; p < num_phases; ++p) {
-    const Phase& phase = phases_[p];
-    for (int64_t i; (i = next_task_[p].fetch_add(1, std::memory_order_relaxed)) < phase.num_tasks;) {
+    const Phase& phase = job.phases[p];
+    for (int64_t i; (i = job.next_task[p].fetch_add(1, std::memory_order_relaxed)) < phase.num_tasks;) {
       if (p == 0 && i == 0) started_ = std::chrono::steady_clock::now();  // read after done_ (acquire)
       if (!failed_.load(std::memory_order_relaxed)) {  // after a failure the job only runs out its count
         try {
@@ -131,7 +128,7 @@ void ThreadPool::run_job() {
           failed_.store(true, std::memory_order_relaxed);
         }
       }
-      const int64_t finished = finished_tasks_[p].fetch_add(1, std::memory_order_acq_rel) + 1;
+      const int64_t finished = job.finished_tasks[p].fetch_add(1, std::memory_order_acq_rel) + 1;
       if (finished == phase.num_tasks && p + 1 == num_phases) {
         std::lock_guard<std::mutex> lock(mu_);
         finished_ = std::chrono::steady_clock::now();
@@ -140,12 +137,19 @@ void ThreadPool::run_job() {
       }
     }
     // Phase barrier: the next phase reads what this one wrote.
-    for (int spins = 0; finished_tasks_[p].load(std::memory_order_acquire) < phase.num_tasks;) relax(spins);
+    for (int spins = 0; job.finished_tasks[p].load(std::memory_order_acquire) < phase.num_tasks;) relax(spins);
   }
 }
 
 void ThreadPool::wait() {
-  if (busy()) run_job();  // the caller would only wait: it takes tasks like a worker
+  if (busy()) {  // the caller would only wait: it takes tasks like a worker
+    std::shared_ptr<Job> job;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job = job_;
+    }
+    if (job) run_job(*job);
+  }
   for (int i = 0; i < 20000 && busy(); ++i) MOERUN_PAUSE();  // the last tasks are in other threads' hands
   if (busy()) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -165,25 +169,15 @@ void ThreadPool::worker_loop() {
     while (generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed) &&
            std::chrono::steady_clock::now() < spin_until)
       MOERUN_PAUSE();
-    if (generation_.load(std::memory_order_acquire) == seen) {
+    std::shared_ptr<Job> job;
+    {
       std::unique_lock<std::mutex> lock(mu_);
       work_cv_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+      if (stop_.load()) return;
+      seen = generation_.load();
+      job = job_;
     }
-    if (stop_.load()) return;
-    // Enter before looking at the job (submit() clears open_, then waits for active_ to drain: one of
-    // the two sees the other's store, so no worker reads phases_ while submit() replaces them).
-    active_.fetch_add(1);
-    if (!open_.load()) {  // a job is being submitted: look again once it is
-      active_.fetch_sub(1);
-      MOERUN_PAUSE();
-      continue;
-    }
-    const uint64_t generation = generation_.load(std::memory_order_acquire);
-    if (generation != seen) {
-      seen = generation;
-      run_job();
-    }
-    active_.fetch_sub(1);
+    run_job(*job);  // a job already done by others costs one pass over its spent counters
   }
 }
 

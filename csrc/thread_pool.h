@@ -49,26 +49,27 @@ class ThreadPool {
   int num_threads() const { return static_cast<int>(threads_.size()) + 1; }
 
  private:
+  // One submitted job. Workers hold it by shared_ptr: one that wakes after its job is done still walks
+  // through that job's (spent) counters, never the next job's, so submit() need not wait for it.
+  struct Job {
+    explicit Job(std::vector<Phase> p);
+    std::vector<Phase> phases;
+    std::unique_ptr<std::atomic<int64_t>[]> next_task;       // per phase: next task index to take
+    std::unique_ptr<std::atomic<int64_t>[]> finished_tasks;  // per phase: tasks done (the barrier)
+  };
   void worker_loop();
-  void run_job();  // work on the current job's phases until none has tasks left to take
+  void run_job(Job& job);  // work on the job's phases until none has tasks left to take
 
   std::vector<std::thread> threads_;
-  std::vector<Phase> phases_;
-  std::unique_ptr<std::atomic<int64_t>[]> next_task_;  // per phase: next task index to take
-  std::unique_ptr<std::atomic<int64_t>[]> finished_tasks_;  // per phase: tasks done (the barrier)
+  std::shared_ptr<Job> job_;  // the current job; read and replaced under mu_
   std::atomic<uint64_t> generation_{0};
-  // Workers inside run_job(); submit() waits for stragglers of the last job to leave before it
-  // replaces phases_, and `open_` (cleared first) keeps new ones out meanwhile.
-  std::atomic<int> active_{0};
-  std::atomic<bool> open_{true};
   std::atomic<bool> done_{true};
   std::atomic<bool> failed_{false};
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable work_cv_, done_cv_;
   std::exception_ptr error_;
-  size_t max_phases_ = 8;
-  std::chrono::steady_clock::time_point started_, finished_;  // finished_ written under mu_
+  std::chrono::steady_clock::time_point started_, finished_;  // written under mu_ or before done_ (release)
 };
 
 }  // namespace moerun
