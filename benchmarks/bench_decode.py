@@ -72,9 +72,9 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
     with handle.profile_decode() as profile:
         model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
+    stats = handle.stats()  # before the switches go off: turning uniform routing off drops its graphs
     handle.decoder.skip_routed_experts = False
     handle.decoder.uniform_routing = False
-    stats = handle.stats()
 
     slow_tok_s, same, n = None, 0, 0
     if not uniform:  # uniform routing exists on the fast path only (its tokens are not the model's)

@@ -47,10 +47,12 @@ int physical_core_count() {
 }
 
 namespace {
-// Workers spin this long for the next job before sleeping: between the layers of a decode step the CPU
-// experts come every few hundred microseconds, and a sleeping worker takes long to wake (longest on a VM,
-// where its idle virtual CPU was descheduled).
-constexpr auto kIdleSpin = std::chrono::microseconds(400);
+// Workers spin this long for the next job before sleeping. In a decode step CPU experts come every
+// layer or few (0.3-2 ms apart), and a sleeping worker is slow to wake: on the H100 machine (a VM, whose
+// idle virtual CPUs the host deschedules) workers spinning only 400 us missed most jobs, the caller ran
+// them alone at a tenth of the pool's rate, and the cost model learned that CPU experts cost ~2 ms.
+// Spinning yields the core now and then, so it costs nothing another thread wants.
+constexpr auto kIdleSpin = std::chrono::milliseconds(5);
 
 // One step of a spin-wait: pause, and after a while give the core away, so that a task holder that
 // shares it with this spinner (more runnable threads than cores) gets to finish.
@@ -166,9 +168,12 @@ void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   while (true) {
     const auto spin_until = std::chrono::steady_clock::now() + kIdleSpin;
-    while (generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed) &&
-           std::chrono::steady_clock::now() < spin_until)
-      MOERUN_PAUSE();
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed) &&
+                        std::chrono::steady_clock::now() < spin_until;)
+      if (++spins % 256 == 0)
+        std::this_thread::yield();
+      else
+        MOERUN_PAUSE();
     std::shared_ptr<Job> job;
     {
       std::unique_lock<std::mutex> lock(mu_);
