@@ -1,5 +1,6 @@
 #include "host_pool.h"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,7 +16,8 @@
 namespace moerun {
 namespace {
 
-constexpr int64_t kPinThreads = 8;  // threads that allocate (page-lock) the pool's chunks
+constexpr int64_t kPinThreads = 8;  // threads that allocate, fault in and page-lock the pool's chunks
+constexpr uint8_t kChunkMapped = 0, kChunkCudaHostAlloc = 1;  // how a pool chunk was allocated
 constexpr int kIoThreads = 2;  // background readers: a couple of reads in flight keep an NVMe queue busy
 
 // snprintf, not an ostringstream: on the GPU machine (extension built by /opt/gcc's g++, torch by another
@@ -104,25 +106,39 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
   const int64_t num_chunks = (num_slots_ + experts_per_chunk_ - 1) / experts_per_chunk_;
   auto chunk_size = [&](int64_t c) { return std::min(experts_per_chunk_, num_slots_ - c * experts_per_chunk_) * slot_bytes(); };
   std::vector<char*> chunks(static_cast<size_t>(num_chunks), nullptr);
+  std::vector<uint8_t> chunk_alloc(static_cast<size_t>(num_chunks), kChunkMapped);
+  // Chunks are anonymous mappings backed by huge pages where the kernel offers them, touched here (the
+  // kernel zero-fills them as they fault in) and then page-locked with cudaHostRegister. Pinning was most
+  // of a large pool's load time (the H100 machine: cudaHostAlloc took 10.7-11.0 s of a 14.4-14.7 s load for
+  // 25 GB, on one thread or eight alike): cudaHostAlloc zero-fills and locks 4 KB pages one call at a
+  // time, whereas faulting-in runs on every thread at once and a registered huge page is one lock.
   auto allocate = [&](int64_t c) {
-    void* p = nullptr;
-    bool ok;
-#ifdef MOERUN_WITH_CUDA
-    if (pinned_) {
-      ok = cudaHostAlloc(&p, static_cast<size_t>(chunk_size(c)), cudaHostAllocPortable) == cudaSuccess;
-      if (!ok) cudaGetLastError();  // clear the sticky-free error state of this failed call
-    } else {
-      ok = posix_memalign(&p, 4096, static_cast<size_t>(chunk_size(c))) == 0;
-    }
-#else
-    ok = posix_memalign(&p, 4096, static_cast<size_t>(chunk_size(c))) == 0;
+    const size_t bytes = static_cast<size_t>(chunk_size(c));
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages the pool still works
 #endif
-    chunks[static_cast<size_t>(c)] = ok ? static_cast<char*>(p) : nullptr;
+    volatile char* bytes_ptr = static_cast<char*>(p);
+    for (size_t off = 0; off < bytes; off += 4096) bytes_ptr[off] = 0;
+#ifdef MOERUN_WITH_CUDA
+    if (pinned_ && cudaHostRegister(p, bytes, cudaHostRegisterPortable) != cudaSuccess) {
+      cudaGetLastError();  // clear the error state of this failed call
+      munmap(p, bytes);
+      // Some systems refuse to register what they would allocate pinned themselves: try that.
+      void* q = nullptr;
+      if (cudaHostAlloc(&q, bytes, cudaHostAllocPortable) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+      }
+      chunk_alloc[static_cast<size_t>(c)] = kChunkCudaHostAlloc;
+      chunks[static_cast<size_t>(c)] = static_cast<char*>(q);
+      return;
+    }
+#endif
+    chunks[static_cast<size_t>(c)] = static_cast<char*>(p);
   };
-  // Page-locking is most of a large pool's load time (the H100 machine: 10.7 s of 14.7 s for 25 GB on
-  // one thread), and the kernel zeroes and pins the pages of different chunks independently: chunks
-  // are allocated on several threads.
-  const int64_t num_threads = pinned_ ? std::min<int64_t>(num_chunks, kPinThreads) : 1;
+  const int64_t num_threads = std::min<int64_t>(num_chunks, kPinThreads);
   std::atomic<int64_t> next{0};
   auto worker = [&] {
     for (int64_t c; (c = next.fetch_add(1)) < num_chunks;) allocate(c);
@@ -142,6 +158,7 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
     }
     chunks_.push_back(chunks[static_cast<size_t>(c)]);  // in order: slot_ptr() indexes them
   }
+  chunk_alloc_ = std::move(chunk_alloc);
   if (failed > 0) {
     free_chunks();
     throw std::runtime_error(std::string("could not ") + (pinned_ ? "pin " : "allocate ") + std::to_string(failed) +
@@ -170,15 +187,18 @@ HostPool::~HostPool() {
 }
 
 void HostPool::free_chunks() {
-  for (char* p : chunks_) {
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    char* p = chunks_[c];
     if (p == nullptr) continue;  // a chunk whose allocation failed
 #ifdef MOERUN_WITH_CUDA
-    if (pinned_) {
+    if (chunk_alloc_[c] == kChunkCudaHostAlloc) {
       cudaFreeHost(p);
       continue;
     }
+    if (pinned_) cudaHostUnregister(p);
 #endif
-    std::free(p);
+    munmap(p, static_cast<size_t>(std::min(experts_per_chunk_, num_slots_ - static_cast<int64_t>(c) * experts_per_chunk_) *
+                                  slot_bytes()));
   }
   chunks_.clear();
 }
