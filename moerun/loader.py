@@ -65,6 +65,12 @@ def load(
         dtype: compute dtype; default the checkpoint's (``config.dtype``).
         max_context, max_batch: the KV cache and activations the budget reserves room for; the fast
             decode path's static KV cache holds max_batch sequences of max_context tokens.
+        revision: the hub revision to resolve from the local cache (ignored for a directory).
+        cpu_threads: threads that compute CPU experts, the calling thread included (it works while it
+            waits for them), and read experts into the host pool; 0 = defaults (for CPU experts one per
+            physical core but one).
+        copy_streams: CUDA streams the transfer engine copies experts on (demand copies on the first,
+            prefetches on the others).
         fast_decode: decode steps as CUDA graphs over a static KV cache (default: on for CUDA);
             ``model.moerun.fast_decode`` switches it later. Where the model cannot use it, it stays
             off with a one-line notice and decoding runs through transformers' layers.
