@@ -69,7 +69,7 @@ void bind_cpu_executor(py::module& m) {
           "Block until the submitted experts are done.")
       .def_property_readonly("busy", &CpuExecutor::busy)
       .def_property_readonly("last_job_us", &CpuExecutor::last_job_us,
-                             "Worker wall time of the last job (submit to its last task, rounds summed), after wait().")
+                             "Wall time of the last job (first task started to last task done, rounds summed), after wait().")
       .def_property_readonly("isa", [](const CpuExecutor& ex) { return std::string(cpu_isa_name(ex.isa())); },
                              "Kernel instruction set chosen at run time: scalar, avx2, avx512, avx512_bf16 or amx_bf16 (tiles from 4 tokens on).")
       .def_property_readonly("num_threads", &CpuExecutor::num_threads);

@@ -104,7 +104,6 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
   experts_per_chunk_ = std::max<int64_t>(1, std::min<int64_t>(num_slots_, chunk_bytes / slot_bytes()));
   const int64_t total = total_bytes();
   const int64_t num_chunks = (num_slots_ + experts_per_chunk_ - 1) / experts_per_chunk_;
-  auto chunk_size = [&](int64_t c) { return std::min(experts_per_chunk_, num_slots_ - c * experts_per_chunk_) * slot_bytes(); };
   std::vector<char*> chunks(static_cast<size_t>(num_chunks), nullptr);
   std::vector<uint8_t> chunk_alloc(static_cast<size_t>(num_chunks), kChunkMapped);
   // Chunks are anonymous mappings backed by huge pages where the kernel offers them, touched here (the
@@ -186,6 +185,10 @@ HostPool::~HostPool() {
   free_chunks();
 }
 
+int64_t HostPool::chunk_size(int64_t c) const {
+  return std::min(experts_per_chunk_, num_slots_ - c * experts_per_chunk_) * slot_bytes();
+}
+
 void HostPool::free_chunks() {
   for (size_t c = 0; c < chunks_.size(); ++c) {
     char* p = chunks_[c];
@@ -197,8 +200,7 @@ void HostPool::free_chunks() {
     }
     if (pinned_) cudaHostUnregister(p);
 #endif
-    munmap(p, static_cast<size_t>(std::min(experts_per_chunk_, num_slots_ - static_cast<int64_t>(c) * experts_per_chunk_) *
-                                  slot_bytes()));
+    munmap(p, static_cast<size_t>(chunk_size(static_cast<int64_t>(c))));
   }
   chunks_.clear();
 }

@@ -116,6 +116,7 @@ class HostPool {
   int64_t num_slots_;
   int64_t experts_per_chunk_;
   std::vector<char*> chunks_;
+  int64_t chunk_size(int64_t c) const;  // bytes of chunk c (the last one may hold fewer experts)
   std::vector<uint8_t> chunk_alloc_;  // per chunk: mapped (+ registered when pinned_) or cudaHostAlloc'ed
   ExpertFiles files_;
   double wait_timeout_s_;
