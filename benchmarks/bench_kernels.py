@@ -6,7 +6,8 @@ times ``fused_moe`` with every expert resident (CUDA-graph replays, so launch ga
 rotates 16 input sets so the experts are not served from L2), and times transformers' own experts
 implementations (grouped_mm, batched_mm, eager) and a per-expert torch loop on the same inputs.
 With ``--tune`` it sweeps launch configs and writes the best per shape to ``--config-out``
-(the format of ``kernels/fused_moe_configs.json``).
+(the format of ``kernels/fused_moe_configs.json``; merged into the file if it exists). The prefill's
+time per kernel (profiler) says where it goes.
 
     python benchmarks/bench_kernels.py --tune --out results.json --config-out fused_moe_configs.json
 """
@@ -46,6 +47,10 @@ PREFILL_SWEEP = [
         (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
         (64, 256, 64, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
         (128, 64, 64, 4, 4), (128, 128, 32, 8, 5), (128, 256, 64, 8, 2), (128, 256, 32, 8, 4),
+        # smaller M tiles waste less on padding (an expert's last block): Qwen's ~136 pairs per expert
+        # fill two 128-row blocks (1.9x the useful rows) but three 64-row ones (1.4x)
+        (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 5),
+        (64, 256, 32, 8, 5), (128, 128, 64, 4, 4),
     ]
 ]
 
@@ -79,6 +84,27 @@ def graph_us(fns, replays: int = 20) -> float:
         for f in fns:
             f()
     return median_us(graph.replay, reps=replays) / len(fns)
+
+
+def kernel_us(fn, reps: int = 10) -> dict:
+    """Device time per call of each kernel fn() launches, by kernel name (profiler, eager launches:
+    a kernel's own duration does not include the host's launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = ev.cuda_time_total
+        if us > 0:
+            out[ev.key[:60]] = us / reps
+    return out
 
 
 def device_ceilings() -> dict:
@@ -166,7 +192,7 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
     fl = prob.floors(decode_tokens, sets[0][1])
     row["decode_floor_bytes"], row["decode_floor_flops"] = fl["bytes"], fl["flops"]
     row["decode_floor_us"] = floor_us(fl, ceilings)
-    sweep = DECODE_SWEEP if tune else [best["decode"]]
+    sweep = DECODE_SWEEP if tune in ("both", "decode") else [best["decode"]]
     decode_times = {}
     for dc in sweep:
         cfg = FusedMoeConfig(decode=dc, prefill=best["prefill"])
@@ -197,7 +223,7 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
     fl = prob.floors(prefill_tokens, ids)
     row["prefill_floor_bytes"], row["prefill_floor_flops"] = fl["bytes"], fl["flops"]
     row["prefill_floor_us"] = floor_us(fl, ceilings)
-    sweep = PREFILL_SWEEP if tune else [best["prefill"]]
+    sweep = PREFILL_SWEEP if tune in ("both", "prefill") else [best["prefill"]]
     prefill_times = {}
     for pc in sweep:
         cfg = FusedMoeConfig(decode=best["decode"], prefill=pc)
@@ -224,8 +250,10 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
             row[f"prefill_hf_{impl}_us"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         torch.cuda.empty_cache()
     row["prefill_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w), reps=10)
-    # share of the prefill time spent grouping pairs by expert (device-side torch ops)
+    # share of the prefill time spent grouping pairs by expert
     row["prefill_sort_us"] = graph_us([lambda: sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m)])
+    # where the prefill time goes, kernel by kernel
+    row["prefill_kernels_us"] = kernel_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out, config=cfg))
     # the same call launched eagerly (host launch cost included, unlike the graph replays above)
     row["prefill_eager_launch_us"] = median_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out,
                                                                  config=cfg), reps=10)
@@ -240,7 +268,8 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--tune", action="store_true", help="sweep launch configs, keep the best per shape")
+    ap.add_argument("--tune", nargs="?", const="both", choices=["both", "decode", "prefill"],
+                    help="sweep launch configs of both paths (or only one), keep the best per shape")
     ap.add_argument("--decode-tokens", type=int, default=1)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--out", default="bench_kernels.json")
@@ -259,8 +288,14 @@ def main() -> None:
         print(f"  {name} done in {time.time() - t0:.0f} s", flush=True)
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceilings, "rows": rows}, f, indent=1)
-    if args.config_out:
-        table = {device_key(torch.device("cuda")): {shape_key(r["H"], r["I"]): r["config"] for r in rows}}
+    if args.config_out:  # merged into the file's other devices and shapes
+        try:
+            with open(args.config_out) as f:
+                table = json.load(f)
+        except FileNotFoundError:
+            table = {}
+        table.setdefault(device_key(torch.device("cuda")), {}).update(
+            {shape_key(r["H"], r["I"]): r["config"] for r in rows})
         with open(args.config_out, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
 
@@ -278,6 +313,8 @@ def main() -> None:
         print(f"{'':18s}   sort {r['prefill_sort_us']:.1f} us;  err decode {r['decode_rel_err_vs_torch_loop']:.1e} "
               f"prefill {r['prefill_rel_err_vs_torch_loop']:.1e}  eager-launched: "
               f"decode {r['decode_eager_launch_us']:.1f} us, prefill {r['prefill_eager_launch_us']:.1f} us")
+        print(f"{'':18s}   prefill {r['config']['prefill']}; kernels: "
+              + ", ".join(f"{k.split('(')[0]} {v:.1f}" for k, v in r["prefill_kernels_us"].items()))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ Two paths, chosen by T (``DECODE_MAX_TOKENS``):
   and up rows once and writes h = silu(g) * u in fp32. Kernel 2, one program per (token, block of
   H rows), streams down rows for each of the token's resident experts and reduces the
   gate-weighted sum in registers, writing the output once.
-- prefill: pairs sorted by expert into blocks of BLOCK_M pairs of one expert (padding marked
-  with the sentinel P), then a grouped GEMM with tl.dot for gate_up (+ SiLU*mul) and for down
-  (+ gate weight), and a last kernel that sums each token's K rows.
+- prefill: pairs grouped by expert into blocks of BLOCK_M pairs of one expert (padding marked
+  with the sentinel P; two small kernels: per-expert counts and block table, then an atomic
+  scatter), then a grouped GEMM with tl.dot for gate_up (+ SiLU*mul) and for down (+ gate weight,
+  one row per pair, in the model dtype), and a last kernel that sums each token's K rows in fp32.
 
 This module knows nothing about which experts should be resident or how they got there.
 """
@@ -30,6 +31,7 @@ import triton.language as tl
 from .fused_moe_config import DECODE_MAX_TOKENS, FusedMoeConfig, get_config
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SORT_CHUNK = 1024  # pairs per step of the expert-grouping kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +116,63 @@ def _decode_down_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# prefill path: grouped GEMM over expert-sorted pairs
+# prefill path: pairs grouped by expert, then a grouped GEMM
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _expert_blocks_kernel(
+    ids_ptr,  # [P] expert id of each pair
+    table_ptr,  # [E] int32 slot of each expert, -1 = not resident
+    cursor_ptr,  # [E] int32 out: first padded row of each expert (the scatter's atomic cursors)
+    block_expert_ptr,  # [num_blocks] int32 out: expert of each block, E = no work
+    sorted_pairs_ptr,  # [M_pad] int32 out: filled with the sentinel P
+    P, E, num_blocks, M_pad,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr,
+):
+    # One program: counts are a few thousand pairs into <= a few hundred bins, cheaper in one
+    # program than a second launch to combine partial histograms.
+    bins = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for p0 in range(0, P, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        ok = offs < P
+        e = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+        slot = tl.load(table_ptr + e, mask=ok, other=-1)
+        key = tl.where(ok & (slot >= 0), e, E_PAD - 1)  # E_PAD > E: the last bin is no expert's
+        counts += tl.histogram(key, E_PAD)
+    is_expert = bins < E
+    blocks = tl.where(is_expert, (counts + BLOCK_M - 1) // BLOCK_M, 0)  # [E_PAD]
+    block_end = tl.cumsum(blocks, 0)  # exclusive end block of each expert
+    tl.store(cursor_ptr + bins, (block_end - blocks) * BLOCK_M, mask=is_expert)
+    # block b belongs to the first expert whose blocks end after b (experts with none are skipped)
+    for b0 in range(0, num_blocks, CHUNK_B):
+        b = b0 + tl.arange(0, CHUNK_B)  # [CB]
+        ended = (block_end[None, :] <= b[:, None]) & is_expert[None, :]  # [CB, E_PAD]
+        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), axis=1), mask=b < num_blocks)
+    for r0 in range(0, M_pad, CHUNK):
+        r = r0 + tl.arange(0, CHUNK)
+        tl.store(sorted_pairs_ptr + r, P, mask=r < M_pad)
+
+
+@triton.jit
+def _scatter_pairs_kernel(
+    ids_ptr,  # [P]
+    table_ptr,  # [E] int32
+    cursor_ptr,  # [E] int32: next free row of each expert
+    sorted_pairs_ptr,  # [M_pad] int32 out: pair index at its row
+    P,
+    CHUNK: tl.constexpr,
+):
+    # Rows within an expert come in atomic order, which varies run to run; results do not: a GEMM
+    # row depends only on its own pair, and the last kernel sums each token's pairs in k order.
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < P
+    e = tl.load(ids_ptr + offs, mask=ok, other=0)
+    slot = tl.load(table_ptr + e, mask=ok, other=-1)
+    take = ok & (slot >= 0)
+    row = tl.atomic_add(cursor_ptr + e, 1, mask=take)
+    tl.store(sorted_pairs_ptr + row, offs, mask=take)
+
+
 @triton.jit
 def _prefill_gate_up_kernel(
     x_ptr,  # [T, H]
@@ -123,7 +180,7 @@ def _prefill_gate_up_kernel(
     block_expert_ptr,  # [num_blocks] expert of each block of BLOCK_M pairs, E = no work
     table_ptr,  # [E] int32
     arena_ptr,  # [N, S]
-    h_ptr,  # [P, I] x.dtype out
+    h_ptr,  # [P, I] x.dtype out: silu(gate) * up
     H, I, K, P, E,
     stride_x, stride_slot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -133,7 +190,8 @@ def _prefill_gate_up_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < E:
         slot = tl.load(table_ptr + expert)
-        pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
+        sorted_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        pairs = tl.load(sorted_pairs_ptr + sorted_rows)
         pair_ok = pairs < P
         tokens = tl.where(pair_ok, pairs // K, 0)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate rows
@@ -168,7 +226,7 @@ def _prefill_down_kernel(
     weights_ptr,  # [P] fp32
     table_ptr,  # [E] int32
     arena_ptr,  # [N, S]
-    y_ptr,  # [P, H] fp32 out: w * down(h) per pair
+    y_ptr,  # [P, H] x.dtype out: w * down(h) per pair
     H, I, P, E,
     stride_slot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -178,7 +236,8 @@ def _prefill_down_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < E:
         slot = tl.load(table_ptr + expert)
-        pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
+        sorted_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        pairs = tl.load(sorted_pairs_ptr + sorted_rows)
         pair_ok = pairs < P
         safe_pairs = tl.where(pair_ok, pairs, 0).to(tl.int64)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output (hidden) rows
@@ -196,12 +255,13 @@ def _prefill_down_kernel(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         w = tl.load(weights_ptr + safe_pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
         acc = acc * w[:, None]
-        tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc, mask=pair_ok[:, None] & row_ok[None, :])
+        tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=pair_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
 def _sum_pairs_kernel(
-    y_ptr,  # [P, H] fp32
+    y_ptr,  # [P, H] x.dtype
     ids_ptr,  # [P]
     table_ptr,  # [E] int32
     out_ptr,  # [T, H]
@@ -217,7 +277,7 @@ def _sum_pairs_kernel(
         pair = token * K + k
         slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
         if slot >= 0:  # rows of non-resident pairs were never written
-            acc += tl.load(y_ptr + pair.to(tl.int64) * H + cols, mask=col_ok, other=0.0)
+            acc += tl.load(y_ptr + pair.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -300,35 +360,28 @@ def sort_pairs_by_expert(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group the (token, expert) pairs of resident experts into blocks of ``block_m`` pairs of one expert.
 
-    Device-side torch ops only (no host sync), with sizes that depend on T, K, E alone.
+    Two launches, no host sync, output sizes that depend on T, K, E alone (graph-capturable).
     Returns ``sorted_pairs`` [M_pad] int32 (pair index t*K+k; P marks padding) and
     ``block_expert`` [M_pad / block_m] int32 (E marks a block with no work). Pairs of
-    non-resident experts are left out.
+    non-resident experts are left out. The order of pairs within an expert's blocks is not fixed.
     """
     num_experts = slot_table.shape[0]
-    flat = topk_ids.reshape(-1).long()  # [P]
+    flat = topk_ids.reshape(-1)  # [P]
     num_pairs = flat.numel()
-    resident = slot_table.long()[flat] >= 0  # [P]
-    key = torch.where(resident, flat, num_experts)  # [P] non-resident pairs go to bucket E
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))  # [E+1]
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m  # [E]
-    padded_start = torch.cumsum(padded, 0) - padded  # [E]
-    start = torch.cumsum(counts, 0) - counts  # [E+1]
-    order = torch.argsort(key, stable=True)  # [P]
-    sorted_key = key[order]
-    rank = torch.arange(num_pairs, device=flat.device) - start[sorted_key]  # [P]
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    # Pairs of bucket E are written to one dump element past the end, which no block reads.
-    dest = torch.where(
-        sorted_key < num_experts, padded_start[sorted_key.clamp(max=num_experts - 1)] + rank, max_padded
+    num_blocks = max_padded // block_m
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
+    sorted_pairs = torch.empty(max_padded, dtype=torch.int32, device=flat.device)
+    e_pad = triton.next_power_of_2(num_experts + 1)
+    _expert_blocks_kernel[(1,)](
+        flat, slot_table, cursor, block_expert, sorted_pairs, num_pairs, num_experts, num_blocks, max_padded,
+        E_PAD=e_pad, BLOCK_M=block_m, CHUNK=SORT_CHUNK, CHUNK_B=max(1, 8192 // e_pad), num_warps=4,
     )
-    sorted_pairs = torch.full((max_padded + 1,), num_pairs, dtype=torch.int32, device=flat.device)
-    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
-    block_end = torch.cumsum(padded // block_m, 0)  # [E] exclusive end block of each expert
-    blocks = torch.arange(max_padded // block_m, device=flat.device)
-    block_expert = torch.searchsorted(block_end, blocks, right=True).to(torch.int32)  # E past the last
-    return sorted_pairs[:max_padded], block_expert
+    _scatter_pairs_kernel[(triton.cdiv(num_pairs, SORT_CHUNK),)](
+        flat, slot_table, cursor, sorted_pairs, num_pairs, CHUNK=SORT_CHUNK, num_warps=4,
+    )
+    return sorted_pairs, block_expert
 
 
 def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg) -> None:
@@ -340,8 +393,12 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     sorted_pairs, block_expert = sort_pairs_by_expert(ids, slot_table, cfg.block_m)
     num_blocks = block_expert.shape[0]
+    # h by pair, not by sorted row: M_pad rows would be up to E * (block_m - 1) more, tens of MB for a
+    # short prompt, which the memory plan's activation estimate does not hold
     h = torch.empty((pairs, inter_size), dtype=x.dtype, device=x.device)  # [P, I]
-    y = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)  # [P, H]
+    # per-pair outputs in the model dtype, summed in fp32 by the last kernel (fp32 here would double
+    # the bytes of what is, at K = 8, the largest intermediate)
+    y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)  # [P, H]
     _prefill_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
         x, sorted_pairs, block_expert, slot_table, arena, h,
         hidden, inter_size, top_k, pairs, num_experts, x.stride(0), arena.stride(0),

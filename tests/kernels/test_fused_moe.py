@@ -116,6 +116,32 @@ def test_sort_pairs_by_expert_groups_resident_pairs_in_blocks():
     assert sorted(seen) == [q for q in range(8) if ids.view(-1)[q].item() != 1]
 
 
+@pytest.mark.parametrize("block_m", [1, 16, 64])
+def test_sort_pairs_by_expert_random_routings(block_m):
+    # Fresh routing each run: every resident pair exactly once, in a block of its expert; blocks of
+    # each expert contiguous, in expert order, as few as its count needs; the rest sentinel P / E.
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for tokens, experts, top_k in [(300, 13, 3), (2100, 64, 8), (5, 3, 1)]:
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])  # [T, K]
+        table = torch.randperm(experts, generator=gen).int()
+        table[torch.rand(experts, generator=gen) < 0.3] = -1
+        sorted_pairs, block_expert = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=block_m)
+        sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
+        flat, pairs = ids.view(-1), tokens * top_k
+        assert sorted_pairs.numel() == block_expert.numel() * block_m
+        counts = torch.bincount(flat[table[flat] >= 0], minlength=experts)
+        want = torch.repeat_interleave(torch.arange(experts), (counts + block_m - 1) // block_m)
+        assert torch.equal(block_expert[:want.numel()], want.int())
+        assert (block_expert[want.numel():] == experts).all()
+        blocks = sorted_pairs.view(-1, block_m)
+        real = sorted_pairs[sorted_pairs < pairs].long()
+        assert sorted(real.tolist()) == [q for q in range(pairs) if table[flat[q]] >= 0]
+        for b, e in enumerate(block_expert.tolist()):
+            row = blocks[b][blocks[b] < pairs].long()
+            assert (flat[row] == e).all()
+        assert ((sorted_pairs < pairs) | (sorted_pairs == pairs)).all()
+
+
 def test_rejects_mismatched_arena_dtype():
     p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
     with pytest.raises(TypeError, match="arena dtype"):
