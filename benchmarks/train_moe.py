@@ -14,8 +14,9 @@ load-balancing aux loss: ``output_router_logits=True``, ``router_aux_loss_coef``
    document, teacher-forced: the routing of every token is what decoding it would give; one engine
    step per token, batch 1), with moerun's own adapter routing (``MoeAdapter.route``, what the
    runtime computes), and check it against the model's router;
-5. lookahead recall: layer l+1's router applied to layer l's MoE input (what ``lookahead``
-   prefetch does live) against the true top-k of layer l+1, at budget k and 2k.
+5. lookahead recall: layer l+1's router on its norm of the residual stream after layer l (what
+   ``lookahead`` prefetch does live), and an earlier-known variant (``LOOKAHEAD_VARIANTS``),
+   against the true top-k of layer l+1, at budget k and 2k.
 
 Outputs in ``--out``: ``<name>_<kind>.npz`` traces (kinds code, prose, mixed: held-out text;
 ``train``: training text, the learned predictor's training data), ``train_log.json`` (curves, perplexities,
@@ -26,6 +27,7 @@ recall, tokens/s) and a text log. ``--tiny`` runs everything with toy shapes in 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shutil
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # moerun from this checkout
+if importlib.util.find_spec("moerun") is None:  # not installed: moerun from this checkout (no kernels)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moerun.models import adapter_for  # noqa: E402
 from moerun.trace.format import Trace, write_trace  # noqa: E402
@@ -171,23 +174,41 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, device: torch.device, ma
     return math.exp(total / count)
 
 
+# Lookahead variants: what predicts layer l+1's experts at layer l, router l+1 applied to
+# - "after_layer": norm_{l+1}(the residual stream after layer l): what the runtime's lookahead
+#   computes (moerun/runtime/moe_layer.py), once layer l is done; the prefetch then has the next
+#   layer's attention to hide behind;
+# - "moe_input": layer l's MoE input (the runtime's lookahead before: known at layer l's router, so
+#   the prefetch could also overlap layer l's experts, but blind to their output).
+LOOKAHEAD_VARIANTS = ("after_layer", "moe_input")
+RUNTIME_VARIANT = "after_layer"
+
+
 @torch.no_grad()
 def record(model, adapter, docs: list[np.ndarray], device: torch.device, name: str, kind: str) -> tuple[Trace, dict]:
     """The routing of ``docs`` (one forward each) as a trace, plus lookahead recall and router agreement."""
     layers = adapter.moe_layers()
     gates = [model.get_submodule(adapter.block_path(l)).gate for l in layers]
+    decoder = [model.get_submodule(adapter.block_path(l).rpartition(".")[0]) for l in layers]
+    norms = [d.post_attention_layernorm for d in decoder]
     inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
     model_ids: dict[int, torch.Tensor] = {}
     hooks = []
     for i, gate in enumerate(gates):
         def hook(mod, args, out, i=i):
             inputs[i] = args[0].reshape(-1, args[0].shape[-1])  # [T, H] the MoE input
             model_ids[i] = out[2] if isinstance(out, tuple) and len(out) == 3 else None
+
+        def layer_hook(mod, args, out, i=i):
+            h = out[0] if isinstance(out, tuple) else out
+            outputs[i] = h.reshape(-1, h.shape[-1])  # [T, H] residual stream after the layer
         hooks.append(gate.register_forward_hook(hook))
+        hooks.append(decoder[i].register_forward_hook(layer_hook))
     K, L = adapter.top_k, len(layers)
     ids_all, w_all, prompt_starts = [], [], []
-    hit_k = np.zeros(max(L - 1, 1))
-    hit_2k = np.zeros(max(L - 1, 1))
+    hit_k = {v: np.zeros(max(L - 1, 1)) for v in LOOKAHEAD_VARIANTS}
+    hit_2k = {v: np.zeros(max(L - 1, 1)) for v in LOOKAHEAD_VARIANTS}
     agree, pairs, n_tok = 0, 0, 0
     try:
         model.eval()
@@ -200,10 +221,14 @@ def record(model, adapter, docs: list[np.ndarray], device: torch.device, name: s
                     pairs += routed[i][0].shape[0]
             for i in range(L - 1):
                 true = routed[i + 1][0]  # [T, K]
-                logits = F.linear(inputs[i], gates[i + 1].weight).float()  # [T, E] next router on this input
-                top2k = logits.topk(min(2 * K, logits.shape[-1]), -1).indices  # [T, 2K] ranked
-                hit_k[i] += float((top2k[:, :K, None] == true[:, None, :]).any(-1).sum())
-                hit_2k[i] += float((top2k[:, :, None] == true[:, None, :]).any(-1).sum())
+                logits = {  # [T, E] each: layer i+1's router scores as each variant sees them at layer i
+                    "after_layer": F.linear(norms[i + 1](outputs[i]), gates[i + 1].weight),
+                    "moe_input": F.linear(inputs[i], gates[i + 1].weight),
+                }
+                for v, lg in logits.items():
+                    top2k = lg.float().topk(min(2 * K, lg.shape[-1]), -1).indices  # [T, 2K] ranked
+                    hit_k[v][i] += float((top2k[:, :K, None] == true[:, None, :]).any(-1).sum())
+                    hit_2k[v][i] += float((top2k[:, :, None] == true[:, None, :]).any(-1).sum())
             prompt_starts.append(n_tok)
             n_tok += doc.size
             ids_all.append(torch.stack([r[0] for r in routed], 1).int().cpu())    # [T, L, K]
@@ -217,12 +242,44 @@ def record(model, adapter, docs: list[np.ndarray], device: torch.device, name: s
                   expert_bytes=3 * adapter.hidden_size * adapter.expert_inter_size * 2,
                   extra=dict(workload=f"heldout-{kind}" if kind != "train" else "train-text", source="benchmarks/train_moe.py", dtype="bfloat16",
                              batch=1, teacher_forced=True))
-    recall = dict(kind=kind, tokens=n_tok, recall_at_k=(hit_k / (n_tok * K)).tolist(),
-                  recall_at_2k=(hit_2k / (n_tok * K)).tolist(),
-                  mean_recall_at_k=float(hit_k.sum() / (n_tok * K * max(L - 1, 1))),
-                  mean_recall_at_2k=float(hit_2k.sum() / (n_tok * K * max(L - 1, 1))),
+    norm = n_tok * K
+    pairs_l = max(L - 1, 1)
+    # Top-level recall keys: the runtime's lookahead; every variant under "variants".
+    rt = RUNTIME_VARIANT
+    recall = dict(kind=kind, tokens=n_tok, recall_at_k=(hit_k[rt] / norm).tolist(),
+                  recall_at_2k=(hit_2k[rt] / norm).tolist(),
+                  mean_recall_at_k=float(hit_k[rt].sum() / (norm * pairs_l)),
+                  mean_recall_at_2k=float(hit_2k[rt].sum() / (norm * pairs_l)),
+                  variants={v: dict(recall_at_k=(hit_k[v] / norm).tolist(), recall_at_2k=(hit_2k[v] / norm).tolist(),
+                                    mean_recall_at_k=float(hit_k[v].sum() / (norm * pairs_l)),
+                                    mean_recall_at_2k=float(hit_2k[v].sum() / (norm * pairs_l)))
+                            for v in LOOKAHEAD_VARIANTS},
                   router_agreement=agree / pairs if pairs else None)
     return trace, recall
+
+
+@torch.no_grad()
+def live_lookahead(path: Path, docs: list[np.ndarray], device: torch.device) -> dict:
+    """Lookahead recall as the runtime sees it: the checkpoint at ``path`` loaded by ``moerun.load``
+    with ``lookahead`` prefetch, fed ``docs`` one token per forward (teacher-forced decoding, so
+    every engine step is one token and the engine's routing-prediction accuracy is recall at budget
+    k), against the offline recall of the same documents. Needs the built extension."""
+    import moerun
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    policy = "policy live { cache { eviction = lru } prefetch { strategy = lookahead budget = 8 } }"
+    model = moerun.load(path, policy=policy, device=device, max_context=max(d.size for d in docs) + 1,
+                        fast_decode=False, progress=False)
+    for doc in docs:
+        ids = torch.from_numpy(doc.astype(np.int64))[None].to(device)  # [1, S]
+        cache = DynamicCache(config=model.config)
+        for t in range(ids.shape[1]):
+            model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    live = model.moerun.stats()["engine"]["routing_prediction_accuracy"]
+    del model
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
+    _, offline = record(ref, adapter_for(ref.config), docs, device, "live", "prose")
+    return dict(tokens=int(sum(d.size for d in docs)), live_recall_at_k=live, offline_recall_at_k=offline["mean_recall_at_k"])
 
 
 def trace_docs(corpus, kind: str, max_doc: int, max_tokens: int, eos_id: int, min_doc: int = 16) -> list[np.ndarray]:
@@ -290,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-doc", type=int, default=512, help="tokens of one held-out document (one prompt)")
     ap.add_argument("--ppl-tokens", type=int, default=200_000, help="held-out tokens per kind for perplexity")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--live-check", type=int, default=0, metavar="N",
+                    help="also load each checkpoint with moerun (lookahead prefetch) and measure the live recall "
+                         "over N held-out prose tokens, one per forward (needs the built extension)")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -346,11 +406,17 @@ def main(argv: list[str] | None = None) -> int:
             trace, recall[kind] = record(model, adapter, docs, device, name, kind)
             trace.extra.update(seed=args.seed, steps=tr["steps"])
             write_trace(out / f"{name}_{kind}.npz", trace)
-            log(f"  {kind}: {trace.num_tokens} tokens in {len(docs)} prompts; lookahead recall@k "
-                f"{recall[kind]['mean_recall_at_k']:.3f} @2k {recall[kind]['mean_recall_at_2k']:.3f}; "
+            variants = "; ".join(f"{v} {r['mean_recall_at_k']:.3f} @2k {r['mean_recall_at_2k']:.3f}"
+                                 for v, r in recall[kind]["variants"].items())
+            log(f"  {kind}: {trace.num_tokens} tokens in {len(docs)} prompts; lookahead recall@k {variants}; "
                 f"router agreement {recall[kind]['router_agreement']}")
+        live = None
+        if args.live_check:
+            live = live_lookahead(path, trace_docs(corpus, "prose", 256, args.live_check, info["eos_id"]), device)
+            log(f"  live lookahead recall@k over {live['tokens']} prose tokens: {live['live_recall_at_k']:.3f} "
+                f"(offline on the same tokens {live['offline_recall_at_k']:.3f})")
         results["models"][name] = dict(params=n_params, experts_implementation=impl, config=model.config.to_diff_dict(), train=tr,
-                                       perplexity=ppl, lookahead=recall, checkpoint=str(path))
+                                       perplexity=ppl, lookahead=recall, live_lookahead=live, checkpoint=str(path))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

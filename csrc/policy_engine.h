@@ -125,6 +125,11 @@ class Engine {
             const int32_t* next_use = nullptr);
   // Predicted ids (and optional scores) for a later layer; consumed by lookahead/learned prefetch.
   void observe_prediction(int layer, const int32_t* ids, const float* scores, int n);
+  // Lookahead between steps: ids predicted for `layer` from the hidden state the layer before it
+  // produced (its router on that state), known once that step is done. Records them for the
+  // prediction accuracy and, under lookahead prefetch, issues prefetches of the ones not resident
+  // (up to the budget) into `out.prefetches`; everything else in `out` is cleared.
+  void prefetch_ahead(int layer, const int32_t* ids, const float* scores, int n, Plan& out);
   // Measured times of the last step of `layer`; re-estimates the cost model.
   void observe_timing(int layer, double layer_us, double copy_us, int64_t copy_bytes, double cpu_us,
                       int64_t cpu_expert_tokens);

@@ -189,6 +189,15 @@ struct PyEngine {
     engine.step(layer, ids.data(), has_w ? weights.data() : nullptr, int(ids.size()), *plan);
     return plan_obj;
   }
+
+  py::object prefetch_ahead(int layer, py::handle ids_obj, py::handle scores_obj) {
+    read_ints(ids_obj, ids);
+    const bool has = read_floats(scores_obj, weights);
+    if (has && weights.size() != ids.size())
+      throw std::invalid_argument("prediction ids and scores differ in length");
+    engine.prefetch_ahead(layer, ids.data(), has ? weights.data() : nullptr, int(ids.size()), *plan);
+    return plan_obj;
+  }
 };
 
 
@@ -264,6 +273,10 @@ void bind_policy_engine(py::module& m) {
                                             int(self.ids.size()));
            },
            py::arg("layer"), py::arg("expert_ids"), py::arg("scores") = py::none())
+      .def("prefetch_ahead", &PyEngine::prefetch_ahead, py::arg("layer"), py::arg("expert_ids"),
+           py::arg("scores") = py::none(),
+           "Lookahead between steps: ids predicted for `layer` once the step before it is done; the plan "
+           "(reused, like step's) lists the prefetches issued, nothing else.")
       .def("observe_timing",
            [](PyEngine& self, int layer, double layer_us, double copy_us, int64_t copy_bytes,
               double cpu_us, int64_t cpu_expert_tokens) {

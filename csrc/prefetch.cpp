@@ -26,6 +26,18 @@ void Engine::observe_prediction(int layer, const int32_t* ids, const float* scor
   acc = pred;
 }
 
+void Engine::prefetch_ahead(int layer, const int32_t* ids, const float* scores, int n, Plan& out) {
+  out.clear();
+  if (layer <= 0 || layer >= L_) return;  // layer 0 has no step before it
+  observe_prediction(layer, ids, scores, n);
+  if (cfg_.prefetch != Prefetch::Lookahead) return;
+  out_ = &out;
+  issue_prefetches(layer - 1);  // its nearest candidates are this layer's predicted ids
+  for (int key : marked_) needed_[key] = 0;
+  marked_.clear();
+  out_ = nullptr;
+}
+
 void Engine::record_routing(int layer, const int32_t* ids, int n) {
   // Prediction accuracy: predicted ids for this layer that were routed (key_index_ is set).
   auto& acc = predicted_for_accuracy_[layer];

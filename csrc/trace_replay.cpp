@@ -3,6 +3,8 @@
 // exactly as the runtime calls the engine. For Belady the next use of every access is precomputed
 // from the trace; with oracle predictions, lookahead/learned prefetch is fed the true routing of the
 // next layers (the best a predictor could do); given a predictor's output, it is fed that instead.
+// As live: learned predictions for later layers come before a layer's step, lookahead's for the
+// next layer after it (Engine::prefetch_ahead; live, from the hidden state the step produced).
 #include <climits>
 #include <stdexcept>
 #include <vector>
@@ -38,11 +40,12 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
       }
   }
   const bool predicting = cfg.prefetch == Prefetch::Lookahead || cfg.prefetch == Prefetch::Learned;
+  const bool ahead = cfg.prefetch == Prefetch::Lookahead;  // predictions after the step, one layer ahead
   const bool given = predicting && predictions.ids != nullptr;
   const bool predict = predicting && oracle_predictions && !given;
   std::vector<int32_t> step_ids, step_next;
   std::vector<float> step_w;
-  Plan plan, host_plan;
+  Plan plan, ahead_plan, host_plan;
   auto host_access = [&](int layer, int32_t expert) {
     host_tier->step(layer, &expert, nullptr, 1, host_plan);
   };
@@ -58,14 +61,14 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
   for (int64_t s = 0; s < steps; ++s) {
     if (step_starts[s + 1] < step_starts[s]) throw std::invalid_argument("step_starts must not decrease");
     for (int l = 0; l < L; ++l) {
-      if (given)
+      if (given && !ahead)
         for (int d = 1; d <= engine.config().lookahead && d <= predictions.depth && l + d < L; ++d) {
           const size_t at = ((size_t(s) * L + l) * predictions.depth + (d - 1)) * predictions.width;
           engine.observe_prediction(l + d, predictions.ids + at,
                                     predictions.scores != nullptr ? predictions.scores + at : nullptr,
                                     predictions.width);
         }
-      if (predict)
+      if (predict && !ahead)
         for (int d = 1; d <= engine.config().lookahead && l + d < L; ++d) {
           gather(s, l + d);
           engine.observe_prediction(l + d, step_ids.data(), weights != nullptr ? step_w.data() : nullptr,
@@ -78,6 +81,21 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
         for (size_t i = 0; i < plan.fetches.size(); i += 4) host_access(l, plan.fetches[i]);
         for (int32_t e : plan.cpu) host_access(l, e);
         for (size_t i = 0; i < plan.prefetches.size(); i += 5) host_access(plan.prefetches[i], plan.prefetches[i + 1]);
+      }
+      if (ahead && l + 1 < L && (given || predict)) {
+        if (given) {
+          const size_t at = (size_t(s) * L + l) * predictions.depth * predictions.width;
+          engine.prefetch_ahead(l + 1, predictions.ids + at,
+                                predictions.scores != nullptr ? predictions.scores + at : nullptr,
+                                predictions.width, ahead_plan);
+        } else {
+          gather(s, l + 1);
+          engine.prefetch_ahead(l + 1, step_ids.data(), weights != nullptr ? step_w.data() : nullptr,
+                                int(step_ids.size()), ahead_plan);
+        }
+        if (host_tier != nullptr)
+          for (size_t i = 0; i < ahead_plan.prefetches.size(); i += 5)
+            host_access(ahead_plan.prefetches[i], ahead_plan.prefetches[i + 1]);
       }
     }
   }

@@ -338,8 +338,16 @@ def _replace_moe_blocks(model: nn.Module, adapter: MoeAdapter, runtime: OffloadR
         new = OffloadedMoE(block, layer=layer, moe_index=index, adapter=adapter, runtime=runtime)
         setattr(model.get_submodule(parent_name), attr, new)
         new_blocks.append(new)
+
+    def decoder_layer(block: OffloadedMoE) -> nn.Module:
+        return model.get_submodule(adapter.block_path(block.layer).rpartition(".")[0])
+
     for block, nxt in zip(new_blocks, new_blocks[1:]):
-        block.link_lookahead(nxt.moe_index, nxt.gate)
+        next_norm = getattr(decoder_layer(nxt), "post_attention_layernorm", None)
+        if next_norm is None:  # a layout without that norm: no lookahead prediction for this pair
+            continue
+        block.link_lookahead(nxt.moe_index, nxt.gate, next_norm)
+        decoder_layer(block).register_forward_hook(block.after_layer)
 
 
 def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter, keys: list[str],

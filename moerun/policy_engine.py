@@ -197,6 +197,13 @@ class PolicyEngine:
         next step of an earlier layer; accuracy against the real routing appears in stats."""
         self._native.observe_prediction(layer, expert_ids, scores)
 
+    def prefetch_ahead(self, layer: int, expert_ids: Sequence[int], scores: Sequence[float] | None = None):
+        """Lookahead between steps: ids predicted for ``layer`` (ranked) from the hidden state the step
+        before it produced. Under ``lookahead`` prefetch the returned plan lists the prefetches issued
+        (up to the budget, of ids not resident), and nothing else; under any strategy the ids count
+        toward ``routing_prediction_accuracy``. The plan object is the one ``step`` returns, reused."""
+        return self._native.prefetch_ahead(layer, expert_ids, scores)
+
     def observe_timing(self, layer: int, *, layer_us: float, copy_us: float = 0.0, copy_bytes: int = 0,
                        cpu_us: float = 0.0, cpu_expert_tokens: int = 0) -> None:
         """Measured times of ``layer``'s last step: re-estimates the cost model (bandwidth from

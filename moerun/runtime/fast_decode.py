@@ -11,13 +11,16 @@ segments over static buffers (segments.py) instead of transformers' per-layer Py
     per decoder layer, dense:  the whole decoder layer
     per decoder layer, MoE:
       A       input norm -> self-attention over the static KV cache -> residual -> post norm ->
-              router -> top-k (+ the next MoE layer's router on the same x, for lookahead) ->
-              x, ids, weights, predicted ids copied to pinned host buffers
+              router -> top-k -> x, ids, weights copied to pinned host buffers
       S       shared experts on x (queued behind A: the GPU runs them while the host plans)
       (host)  wait for A's copies (the layer's only sync); the runtime plans, issues copies,
               starts CPU experts, makes the stream wait on the slots (OffloadRuntime phases)
       B       fused MoE over the slots (reads the slot table on the device)
       E       [+ CPU partial, when the plan has CPU experts] + shared output + residual
+      P       (lookahead prefetch) the next MoE layer's post norm and router on the residual
+              stream E produced -> predicted ids copied to a pinned host buffer; the host reads
+              them once the next layer's A is queued and issues the prefetches, whose copies run
+              while that A runs
     tail      final norm -> lm_head -> logits
 
 When no expert can miss (the arena holds every expert: it is filled at load), no layer needs the
@@ -94,8 +97,8 @@ def unsupported_reason(model) -> str | None:
 
 @dataclass
 class _MoeSegments:
-    """The segments of one MoE decoder layer (module docstring): A, A with the lookahead router
-    (None for the last MoE layer), S (None without shared experts), B, E, and E with the CPU partial;
+    """The segments of one MoE decoder layer (module docstring): A, S (None without shared experts), B,
+    E, E with the CPU partial, and P (the lookahead prediction; None for the last MoE layer);
     the layer's host buffers, two sets (each layer has its own ids and weights, so that a whole-step
     graph leaves every layer's routing on the host, and whole steps alternate between the sets so the
     engine reads one step's while the next step runs); and A's function with the host set as argument."""
@@ -104,14 +107,14 @@ class _MoeSegments:
     hosts: tuple[HostStep, HostStep]
     run_a: functools.partial  # run_a(host=...): A's device part, then the copies into that host set
     a: Segment
-    a_ahead: Segment | None
     shared: Segment | None
     b: Segment
     e: Segment
     e_cpu: Segment
+    ahead: Segment | None
 
     def segments(self):
-        return [s for s in (self.a, self.a_ahead, self.shared, self.b, self.e, self.e_cpu) if s is not None]
+        return [s for s in (self.a, self.shared, self.b, self.e, self.e_cpu, self.ahead) if s is not None]
 
 
 def _notice(message: str) -> None:
@@ -143,7 +146,7 @@ def _dense(buf: "_StepBuffers", layer, cache) -> None:
                       past_key_values=cache, use_cache=True))
 
 
-def _attention_router(buf: "_StepBuffers", layer, block, cache, lookahead: bool) -> None:
+def _attention_router(buf: "_StepBuffers", layer, block, cache) -> None:
     """The decoder layer's forward up to its MLP (transformers' order and ops), then the router."""
     t, hidden = buf.x.shape
     residual = buf.h
@@ -155,8 +158,10 @@ def _attention_router(buf: "_StepBuffers", layer, block, cache, lookahead: bool)
     ids, weights = block.adapter.route(block.gate, buf.x)  # [T, K], [T, K] fp32
     buf.ids.copy_(ids)
     buf.weights.copy_(weights)
-    if lookahead:  # the next MoE layer's router on this x
-        buf.pred.copy_(block.adapter.route(block.next_gate, buf.x)[0])
+
+
+def _predict_next(buf: "_StepBuffers", block) -> None:
+    buf.pred.copy_(block.predict_next(buf.h.view(buf.x.shape)))
 
 
 def _shared(buf: "_StepBuffers", block) -> None:
@@ -169,7 +174,7 @@ def _residual(buf: "_StepBuffers", has_shared: bool) -> None:
 
 
 _DEVICE_PARTS = {"head": _head, "tail": _tail, "dense": _dense, "attention_router": _attention_router,
-                 "shared": _shared, "residual": _residual}
+                 "shared": _shared, "residual": _residual, "predict_next": _predict_next}
 
 
 class _StepBuffers:
@@ -195,6 +200,7 @@ class _StepBuffers:
         self.s = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] shared experts' output
         # Recorded behind A's host copies: the host waits on it, not on the shared experts queued after.
         self.copied = torch.cuda.Event() if dev.type == "cuda" else None
+        self.predicted = torch.cuda.Event() if dev.type == "cuda" else None  # behind P's host copy
         self.logits = torch.zeros(batch, keep, cfg.vocab_size, dtype=dtype, device=dev)  # [B, keep, V]
         pe = base.rotary_emb(self.h, self.position_ids)  # rotary (cos, sin) or whatever the model returns
         self.pe = tuple(p.clone() for p in pe) if isinstance(pe, tuple) else pe.clone()  # static
@@ -225,10 +231,10 @@ class _StepBuffers:
             if not hasattr(block, "moe_index"):
                 self.layers.append(seg(f"dense{index}", device_part("dense", layer, cache)))
                 continue
-            hosts = tuple(HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), pred=pred_host,
-                                   pred_layer=None, cpu_out=cpu_out) for _ in range(2))
+            hosts = tuple(HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), cpu_out=cpu_out)
+                          for _ in range(2))
 
-            def a(device_fn, host=hosts[0], lookahead=False, to_host=("x", "ids", "weights")):
+            def a(device_fn, host=hosts[0], to_host=("x", "ids", "weights")):
                 device_fn()
                 if decoder.uniform_routing:  # benchmark-only (FastDecoder.uniform_routing)
                     self.ids.copy_(torch.rand(t, num_experts, device=dev).topk(top_k, dim=-1).indices)
@@ -236,8 +242,11 @@ class _StepBuffers:
                 if on_cuda:  # outside the compiled part: device -> pinned host copies
                     for name in to_host:
                         getattr(host, name).copy_(getattr(self, name), non_blocking=True)
-                    if lookahead:
-                        host.pred.copy_(self.pred, non_blocking=True)
+
+            def p(device_fn):
+                device_fn()
+                if on_cuda:
+                    pred_host.copy_(self.pred, non_blocking=True)
 
             def b(block=block):
                 decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)
@@ -248,18 +257,19 @@ class _StepBuffers:
                     y = y + self.s
                 self.h.copy_(self.resid + y.view(self.h.shape))
 
-            # Segment A with the lookahead router exists where there is a next MoE layer; which A runs
-            # follows the policy (a hot swap may turn lookahead on or off between steps).
-            a_ahead = None
+            # P exists where there is a next MoE layer; whether it runs follows the policy (a hot swap
+            # may turn lookahead on or off between steps).
+            ahead = None
             if block.next_gate is not None:
-                a_ahead = seg(f"A{index}+ahead", functools.partial(
-                    a, device_part("attention_router", layer, block, cache, True), lookahead=True))
+                ahead = seg(f"P{index}", functools.partial(p, device_part("predict_next", block)))
             has_shared = bool(block.adapter.shared_modules)
-            run_a = functools.partial(a, device_part("attention_router", layer, block, cache, False))
+            run_a = functools.partial(a, device_part("attention_router", layer, block, cache))
             self.layers.append(_MoeSegments(
-                block, hosts, run_a, seg(f"A{index}", run_a), a_ahead,
+                block, hosts, run_a, seg(f"A{index}", run_a),
                 seg(f"S{index}", device_part("shared", block)) if has_shared else None,
-                seg(f"B{index}", b), seg(f"E{index}", device_part("residual", has_shared)), seg(f"Ecpu{index}", e_cpu)))
+                seg(f"B{index}", b), seg(f"E{index}", device_part("residual", has_shared)), seg(f"Ecpu{index}", e_cpu),
+                ahead))
+        self.pred_host = pred_host  # [T, K] the last P's predicted ids
         # Whole-step graphs (one launch per step) for steps that need no host decision between layers.
         # "resident" has one graph per host set; done[i] marks the end of the last replay of resident[i].
         self.whole = {"resident": [seg(f"step{i}", functools.partial(self._whole_step, routed=True, hosts=i))
@@ -576,7 +586,7 @@ class FastDecoder:
         for entry in buf.layers:
             if isinstance(entry, _MoeSegments):
                 host = entry.hosts[hosts]
-                host.started_at, host.pred_layer = time.perf_counter(), None
+                host.started_at = time.perf_counter()
                 self.runtime.account(entry.block.moe_index, host)
 
     def _run_layers(self, buf: _StepBuffers, prof: DecodeProfile | None) -> None:
@@ -584,20 +594,24 @@ class FastDecoder:
         runtime = self.runtime
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         buf.head()
+        predicted_for = None  # the MoE layer whose experts the last P predicted
         for entry in buf.layers:
             if isinstance(entry, Segment):  # a dense decoder layer
                 entry()
                 continue
             block = entry.block
-            ahead = runtime.lookahead and entry.a_ahead is not None
-            seg_a = entry.a_ahead if ahead else entry.a
             layer = block.layer
             t0 = time.perf_counter()
             a0 = prof.now() if prof else None
-            seg_a()
+            entry.a()
             a1 = prof.now() if prof else None
             if stream is not None:
                 buf.copied.record(stream)
+            if predicted_for is not None:  # lookahead: prefetch while A runs
+                if stream is not None:
+                    buf.predicted.synchronize()
+                runtime.prefetch_ahead(predicted_for, buf.pred_host)
+                predicted_for = None
             if entry.shared is not None:
                 entry.shared()  # the GPU runs the shared experts while the host waits and plans
             a2 = prof.now() if prof else None
@@ -606,7 +620,7 @@ class FastDecoder:
                 buf.copied.synchronize()  # the layer's one host sync: A's copies are in the pinned buffers
             t_plan = time.perf_counter()
             host = entry.hosts[0]
-            host.started_at, host.pred_layer = t0, block.next_moe_index if ahead else None
+            host.started_at = t0
             step = runtime.begin(block.moe_index, host)
             p1 = prof.now() if prof else None
             if prof:
@@ -625,6 +639,11 @@ class FastDecoder:
             else:
                 e0 = prof.now() if prof else None
                 entry.e()
+            if runtime.lookahead and entry.ahead is not None:
+                entry.ahead()
+                if stream is not None:
+                    buf.predicted.record(stream)
+                predicted_for = block.next_moe_index
             if prof:
                 e1 = prof.now()
                 prof.device_span(layer, "graph_a", a0, a1)

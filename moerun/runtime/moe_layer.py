@@ -2,9 +2,12 @@
 
 It keeps the block's router and shared experts (same attribute names, so state-dict keys do not
 change) and drops the routed experts, which live in the host pool and the slot arena. Forward:
-route on the device, optionally predict the next MoE layer's experts by applying that layer's
-router to this hidden state (lookahead prefetch), hand both to the runtime's step, add the shared
-experts. Called by transformers' decoder layer as ``block(hidden_states)`` with ``[B, S, H]``.
+route on the device, hand the routing to the runtime's step, add the shared experts. Called by
+transformers' decoder layer as ``block(hidden_states)`` with ``[B, S, H]``. For lookahead prefetch
+the block also predicts the next MoE layer's experts once its decoder layer is done: that layer's
+router on that layer's post-attention norm of the residual stream this layer produced (the next
+router's true input lacks only the next attention's output), handed to the runtime, which prefetches
+them while the next attention runs.
 """
 from __future__ import annotations
 
@@ -30,21 +33,31 @@ class OffloadedMoE(nn.Module):
         self.__dict__["adapter"] = adapter
         self.__dict__["runtime"] = runtime
         self.__dict__["next_gate"] = None  # the next MoE layer's router, set by link_lookahead
+        self.__dict__["next_norm"] = None  # and its post-attention norm
         self.next_moe_index: int | None = None
 
-    def link_lookahead(self, next_moe_index: int, next_gate: nn.Module) -> None:
-        """Let this layer predict the next MoE layer's experts with that layer's router."""
+    def link_lookahead(self, next_moe_index: int, next_gate: nn.Module, next_norm: nn.Module) -> None:
+        """Let this layer predict the next MoE layer's experts with that layer's router and norm."""
         self.next_moe_index = next_moe_index
         self.__dict__["next_gate"] = next_gate
+        self.__dict__["next_norm"] = next_norm
+
+    def predict_next(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[T, K]`` the next MoE layer's experts as its router picks them from ``hidden`` ``[T, H]``,
+        the residual stream after this layer."""
+        return self.adapter.route(self.next_gate, self.next_norm(hidden))[0]
+
+    def after_layer(self, module: nn.Module, args, output) -> None:
+        """Forward hook of this block's decoder layer (transformers path): lookahead prefetch."""
+        if self.runtime.lookahead and self.next_gate is not None:
+            h = output[0] if isinstance(output, tuple) else output  # [B, S, H]
+            self.runtime.prefetch_ahead(self.next_moe_index, self.predict_next(h.reshape(-1, h.shape[-1])))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape  # [B, S, H]
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         ids, weights = self.adapter.route(self.gate, x)  # [T, K] int64, [T, K] fp32
-        predicted = None
-        if self.runtime.lookahead and self.next_gate is not None:
-            predicted = (self.next_moe_index, self.adapter.route(self.next_gate, x)[0])  # [T, K]
-        y = self.runtime.run(self.moe_index, x, ids, weights, predicted)  # [T, H]
+        y = self.runtime.run(self.moe_index, x, ids, weights)  # [T, H]
         shared = self.adapter.shared_output(self, x)
         if shared is not None:
             y = y + shared

@@ -61,8 +61,6 @@ class HostStep:
     x: torch.Tensor               # [T, H] tokens (the CPU experts' input)
     ids: torch.Tensor             # [T, K] int64 routed experts
     weights: torch.Tensor         # [T, K] fp32 gate weights
-    pred: torch.Tensor | None     # [T, K] int64 next MoE layer's predicted experts (lookahead)
-    pred_layer: int | None        # which MoE layer ``pred`` predicts
     cpu_out: torch.Tensor         # [T, H] fp32 the CPU executor's partial sum
     started_at: float = 0.0       # perf_counter() when the step began (for the cost model)
 
@@ -124,7 +122,7 @@ class OffloadRuntime:
         on_cuda = device.type == "cuda"
         self._ids_host = _PinnedBuffer(torch.int64, on_cuda)
         self._weights_host = _PinnedBuffer(torch.float32, on_cuda)
-        self._pred_host = _PinnedBuffer(torch.int64, on_cuda)
+        self._pred_host = _PinnedBuffer(torch.int64, on_cuda)  # lookahead ids (transformers path)
         self._x_host: dict[torch.dtype, _PinnedBuffer] = {}
         self._cpu_out_buf = _PinnedBuffer(torch.float32, on_cuda)
         self.observe_timings = observe_timings
@@ -140,16 +138,14 @@ class OffloadRuntime:
         x: torch.Tensor,
         ids: torch.Tensor,
         weights: torch.Tensor,
-        predicted: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Routed-expert output ``[T, H]`` (x.dtype) of layer ``layer`` for tokens ``x`` ``[T, H]``.
 
-        ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device;
-        ``predicted`` = (next layer, its predicted ids ``[T, K]``) feeds lookahead prefetch.
+        ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device.
         The transformers path calls this; the fast decode path calls the same phases with its
         static buffers, the kernel and the CPU merge inside CUDA graphs.
         """
-        host = self.to_host(x, ids, weights, predicted)  # the one sync
+        host = self.to_host(x, ids, weights)  # the one sync
         step = self.begin(layer, host)
         y = self.moe_kernel(layer, x, ids, weights)
         self.after_kernel(step)
@@ -169,8 +165,6 @@ class OffloadRuntime:
         self.transfer.poll()  # issue prefetches queued behind the in-flight limit
         # The engine reads ids/weights through the buffer protocol: numpy views, no list building.
         expert_ids = host.ids.view(-1).numpy()  # [T*K] the layer's routed ids
-        if self.lookahead and host.pred is not None and host.pred_layer is not None:
-            self.engine.observe_prediction(host.pred_layer, host.pred.view(-1).numpy())
         if self.predictor is not None:
             self._predict(layer, host.ids)
         plan = self.engine.step(layer, expert_ids, host.weights.view(-1).numpy())
@@ -200,6 +194,24 @@ class OffloadRuntime:
         it is graph-capturable): ``[T, H]`` with pairs not resident contributing zero."""
         return self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights,
                                self.inter_size, out)
+
+    def prefetch_ahead(self, layer: int, predicted: torch.Tensor) -> None:
+        """Lookahead prefetch: ``predicted`` ``[T, K]`` int64 are the experts of MoE layer ``layer``
+        as its router picks them from the hidden state the layer before it just produced (same stream
+        as that layer's work). The engine issues copies of the ones not resident, which run while
+        this layer's attention does; its step then finds them in their slots (the kernel waits for
+        their copies). Counted with the layer before (the step whose output predicted them)."""
+        if predicted.device.type == "cuda":  # the transformers path: wait for the prediction once
+            host = self._pred_host.take(predicted.numel()).view(predicted.shape)
+            host.copy_(predicted, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            predicted = host
+        plan = self.engine.prefetch_ahead(layer, predicted.view(-1).numpy())
+        prefetches = plan.prefetches
+        for p_layer, p_expert, slot, _, _ in prefetches:
+            self.transfer.fetch(p_layer, p_expert, slot, False)
+        self._fetches_issued += len(prefetches)
+        self.counters[layer - 1].add_prefetches(prefetches, self.slot_bytes)
 
     def after_kernel(self, step: StepPlan) -> None:
         """Release the slots the kernel read, issue prefetches, drop released experts."""
@@ -309,8 +321,8 @@ class OffloadRuntime:
         self.engine.observe_timing(layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
                                    cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
 
-    def to_host(self, x, ids, weights, predicted) -> HostStep:
-        """Copy x, ids, weights (and predicted ids) into pinned buffers; wait for the copies once.
+    def to_host(self, x, ids, weights) -> HostStep:
+        """Copy x, ids, weights into pinned buffers; wait for the copies once.
 
         x comes along every step (T*H elements, small at decode) so that experts the plan sends
         to the CPU need no second sync.
@@ -327,16 +339,10 @@ class OffloadRuntime:
         weights_host = self._weights_host.take(t * k).view(t, k)
         ids_host.copy_(ids, non_blocking=True)
         weights_host.copy_(weights, non_blocking=True)
-        pred_host, pred_layer = None, None
-        if predicted is not None:
-            pred_layer, pred = predicted
-            pred_host = self._pred_host.take(pred.numel()).view(pred.shape)
-            pred_host.copy_(pred, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         cpu_out = self._cpu_out_buf.take(x.numel()).view(x.shape)  # [T, H] fp32
-        return HostStep(x=x_host, ids=ids_host, weights=weights_host, pred=pred_host,
-                        pred_layer=pred_layer, cpu_out=cpu_out, started_at=start)
+        return HostStep(x=x_host, ids=ids_host, weights=weights_host, cpu_out=cpu_out, started_at=start)
 
     # -- control --------------------------------------------------------------------------------
     def set_policy(self, policy) -> None:

@@ -32,10 +32,15 @@ class LayerCounters:
         self.pairs += num_pairs
         self.hits += len(hits)
         self.fetches += len(fetches)
-        self.prefetches += len(prefetches)
-        self.evictions += sum(1 for f in fetches if f[2] >= 0) + sum(1 for p in prefetches if p[3] >= 0)
+        self.evictions += sum(1 for f in fetches if f[2] >= 0)
         self.cpu_experts += num_cpu
         self.fetch_bytes += len(fetches) * slot_bytes
+        self.add_prefetches(prefetches, slot_bytes)
+
+    def add_prefetches(self, prefetches: list, slot_bytes: int) -> None:
+        """Count prefetches as the engine lists them: (layer, expert, slot, victim layer, victim expert)."""
+        self.prefetches += len(prefetches)
+        self.evictions += sum(1 for p in prefetches if p[3] >= 0)
         self.prefetch_bytes += len(prefetches) * slot_bytes
 
     def as_dict(self) -> dict:

@@ -183,6 +183,27 @@ def test_lookahead_prefetch_uses_predictions_and_scores_accuracy():
     assert s["prefetch_used"] == 1 and s["routing_prediction_accuracy"] == pytest.approx(1 / 3)
 
 
+def test_prefetch_ahead_between_steps_issues_predicted_experts_and_scores_accuracy():
+    engine = make(CacheConfig(capacity=4), prefetch=PrefetchConfig(strategy="lookahead", budget=2), E=8, K=2,
+                  slots=4)
+    p = engine.step(0, [1, 2], None)
+    assert p.prefetches == []  # nothing predicted before the step
+    p = engine.prefetch_ahead(1, [6, 7, 5])
+    assert [(l, e) for l, e, *_ in p.prefetches] == [(1, 6), (1, 7)] and p.hits == [] and p.fetches == []
+    assert engine.lookup(0, 1) >= 0 and engine.lookup(0, 2) >= 0  # two free slots: nothing evicted
+    p = engine.step(1, [6, 0], None)
+    assert (6, engine.lookup(1, 6)) in p.hits
+    s = engine.stats()
+    assert s["prefetch_used"] == 1 and s["routing_prediction_accuracy"] == pytest.approx(1 / 3)
+    assert engine.prefetch_ahead(0, [3]).prefetches == []  # layer 0 has no step before it
+    # under another strategy the ids only count toward the accuracy
+    other = make(CacheConfig(capacity=4), prefetch=PrefetchConfig(strategy="history", budget=2), E=8, K=2, slots=4)
+    other.step(0, [1, 2], None)
+    assert other.prefetch_ahead(1, [6, 7]).prefetches == []
+    other.step(1, [6, 0], None)
+    assert other.stats()["routing_prediction_accuracy"] == pytest.approx(1 / 2)
+
+
 def test_learned_prefetch_ranks_by_score():
     engine = make(CacheConfig(capacity=4), prefetch=PrefetchConfig(strategy="learned", budget=1), slots=4)
     engine.observe_prediction(1, [3, 4], [0.1, 0.9])

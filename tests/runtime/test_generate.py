@@ -7,6 +7,7 @@ partial), so logits may differ in the last fp32 bits: those tests also compare l
 atol 1e-4 and still require identical greedy tokens (the synthetic models' top-2 logit margins are
 far above that). The second half runs the same checks through the fast decode path.
 """
+import functools
 from importlib import resources
 
 import pytest
@@ -192,6 +193,54 @@ def test_lookahead_prefetch_feeds_predictions_and_matches(checkpoints, reference
     assert model.moerun.stats()["prefetches"] > 0
 
 
+def _record_prefetch_ahead(model) -> list:
+    """Wrap the runtime's lookahead entry point: every (layer, predicted ids) it is handed."""
+    runtime, calls = model.moerun.runtime, []
+    original = runtime.prefetch_ahead
+
+    def record(layer, predicted):
+        calls.append((layer, predicted.detach().cpu().clone()))
+        return original(layer, predicted)
+    runtime.prefetch_ahead = record
+    return calls
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_lookahead_predicts_with_the_next_router_on_the_residual_after_each_layer(arch, checkpoints, references):
+    # Once decoder layer l is done, MoE layer l+1's experts are predicted by its router on its
+    # post-attention norm of the residual stream layer l produced (transformers' hidden state).
+    from moerun.models import adapter_for
+
+    path = checkpoints[arch]
+    ref = AutoModelForCausalLM.from_pretrained(path)
+    adapter = adapter_for(ref.config)
+    layers = adapter.moe_layers()
+    out = {}
+
+    def keep(module, args, output, l):
+        h = output[0] if isinstance(output, tuple) else output  # [B, S, H]
+        out[l] = h.reshape(-1, h.shape[-1])
+    for l in layers:
+        ref.model.layers[l].register_forward_hook(functools.partial(keep, l=l))
+    prompt = references[arch][0]
+    with torch.no_grad():
+        ref(prompt)
+    policy = "policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 2 } }"
+    model = moerun.load(path, policy=policy, device="cpu", max_context=64, vram_budget=_budget_for(path, 6),
+                        progress=False)
+    calls = _record_prefetch_ahead(model)
+    with torch.no_grad():
+        model(prompt)
+    assert [layer for layer, _ in calls] == list(range(1, len(layers)))  # MoE indices 1..L-1, in order
+    for (moe_index, got), l, nxt in zip(calls, layers, layers[1:]):
+        next_layer = ref.model.layers[nxt]
+        gate = ref.get_submodule(adapter.block_path(nxt)).gate
+        with torch.no_grad():
+            want = adapter.route(gate, next_layer.post_attention_layernorm(out[l]))[0]  # [T, K]
+        assert torch.equal(got, want), (arch, moe_index)
+    assert model.moerun.stats()["engine"]["routing_prediction_accuracy"] is not None
+
+
 def test_record_trace_writes_what_the_router_chose(checkpoints, references, tmp_path):
     from moerun.models import adapter_for
     from moerun.trace.format import read_trace
@@ -301,11 +350,17 @@ def test_cpu_experts_and_lookahead_through_the_fast_path(checkpoints, references
     policy = ("policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 2 } "
               "schedule { mode = cpu_fallback } }")
     model = _load_fast(path, 4, policy=policy)
+    calls = _record_prefetch_ahead(model)
     fast = _generate(model, prompt)
     stats = model.moerun.stats()
     assert stats["cpu_experts"] > 0 and stats["prefetches"] > 0 and stats["decode"]["fast_steps"] > 0
+    fast_calls, calls[:] = list(calls), []
     model.moerun.fast_decode = False
     _assert_matches(_generate(model, prompt), fast)
+    # the fast path's P segments predict what the transformers path's layer hooks do, step by step
+    assert len(fast_calls) == len(calls) > 0
+    for (layer_f, ids_f), (layer_t, ids_t) in zip(fast_calls, calls):
+        assert layer_f == layer_t and torch.equal(ids_f, ids_t)
 
 
 def test_sampling_and_streamer_match_the_transformers_path(checkpoints):

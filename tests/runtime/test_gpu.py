@@ -59,16 +59,21 @@ def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
     assert model.moerun.stats()["decode"]["graph_replays"] > 0
 
 
-@pytest.mark.parametrize("mode", ["gpu_only", "cpu_fallback"])
+@pytest.mark.parametrize("mode", ["gpu_only", "cpu_fallback", "lookahead"])
 def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, qwen_bf16):
     path = qwen_bf16
     plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=256)
     budget = plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes  # every step misses
-    model = moerun.load(path, policy=f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}",
-                        vram_budget=budget, max_context=256, progress=False)
+    policy = ("policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 4 } }" if mode == "lookahead"
+              else f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}")
+    model = moerun.load(path, policy=policy, vram_budget=budget, max_context=256, progress=False)
+    calls = []
+    ahead = model.moerun.runtime.prefetch_ahead
+    model.moerun.runtime.prefetch_ahead = lambda layer, ids: (calls.append((layer, ids.cpu().clone())), ahead(layer, ids))
     prompt = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
     kw = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False)
     fast = model.generate(prompt, **kw)
+    fast_calls = list(calls)
     again = model.generate(prompt, **kw)  # graphs reused across generate() calls
     decode = model.moerun.stats()["decode"]
     assert decode["graphs"] > 0 and decode["graph_replays"] > 2 * decode["graphs"]
@@ -76,8 +81,12 @@ def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, qwen_bf16):
         assert model.moerun.stats()["cpu_experts"] > 0
     model.moerun.fast_decode = False
     cache = StaticCache(config=model.config, max_cache_len=256)
+    calls.clear()
     ref = model.generate(prompt, past_key_values=cache, disable_compile=True, **kw)
     assert torch.equal(fast, ref) and torch.equal(again, ref)
+    if mode == "lookahead":  # the P segments' predictions are the layer hooks' ones, in the same order
+        assert model.moerun.stats()["prefetches"] > 0 and len(fast_calls) == len(calls) > 0
+        assert all(lf == lt and torch.equal(f, t) for (lf, f), (lt, t) in zip(fast_calls, calls))
 
 
 @pytest.mark.parametrize("budget", ["resident", "evicting"])
