@@ -69,7 +69,8 @@ BLOCKS: dict[str, dict[str, Param]] = {
     "prefetch": {
         "strategy": Param("enum", choices=config.PREFETCH_STRATEGIES, adaptable=True, doc="how experts are predicted"),
         "budget": Param("int", lo=0, adaptable=True, doc="most prefetches per layer step"),
-        "lookahead": Param("int", lo=1, adaptable=True, doc="layers ahead to prefetch"),
+        "lookahead": Param("int", lo=1, adaptable=True,
+                           doc="layers ahead to prefetch (history, learned; the lookahead strategy predicts the next MoE layer)"),
         "affinity_threshold": Param("float", lo=0.0, hi=1.0, adaptable=True,
                                     doc="affinity: least transition probability"),
         "history_window": Param("int", lo=1, doc="history: tokens of co-occurrence kept"),
