@@ -1,7 +1,8 @@
 // Prefetch of the policy engine: routing history (per-layer entropy window, L -> L+d co-occurrence
 // within a token, L -> L+1 transition counts), predicted ids from the runtime, and the prefetches a
-// step issues for later layers. A prefetch never evicts an expert the current step needs (they are
-// marked `needed_` for the whole step) and at most `budget` are issued per step.
+// step issues for later layers (or, for lookahead, prefetch_ahead issues between steps). A prefetch
+// never evicts an expert the current step needs (they are marked `needed_` for the whole step) and
+// at most `budget` are issued per step or per prefetch_ahead call.
 #include <algorithm>
 #include <cmath>
 

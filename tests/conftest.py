@@ -17,3 +17,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def record_prefetch_ahead():
+    """``record(model) -> calls``: wraps the model's runtime lookahead entry point so that ``calls``
+    collects every ``(moe layer, predicted ids on the CPU)`` it is handed (the call still goes through)."""
+    def record(model) -> list:
+        runtime, calls = model.moerun.runtime, []
+        original = runtime.prefetch_ahead
+
+        def prefetch_ahead(layer, predicted):
+            calls.append((layer, predicted.detach().cpu().clone()))
+            return original(layer, predicted)
+        runtime.prefetch_ahead = prefetch_ahead
+        return calls
+    return record

@@ -193,20 +193,9 @@ def test_lookahead_prefetch_feeds_predictions_and_matches(checkpoints, reference
     assert model.moerun.stats()["prefetches"] > 0
 
 
-def _record_prefetch_ahead(model) -> list:
-    """Wrap the runtime's lookahead entry point: every (layer, predicted ids) it is handed."""
-    runtime, calls = model.moerun.runtime, []
-    original = runtime.prefetch_ahead
-
-    def record(layer, predicted):
-        calls.append((layer, predicted.detach().cpu().clone()))
-        return original(layer, predicted)
-    runtime.prefetch_ahead = record
-    return calls
-
-
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
-def test_lookahead_predicts_with_the_next_router_on_the_residual_after_each_layer(arch, checkpoints, references):
+def test_lookahead_predicts_with_the_next_router_on_the_residual_after_each_layer(arch, checkpoints, references,
+                                                                                  record_prefetch_ahead):
     # Once decoder layer l is done, MoE layer l+1's experts are predicted by its router on its
     # post-attention norm of the residual stream layer l produced (transformers' hidden state).
     from moerun.models import adapter_for
@@ -228,7 +217,7 @@ def test_lookahead_predicts_with_the_next_router_on_the_residual_after_each_laye
     policy = "policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 2 } }"
     model = moerun.load(path, policy=policy, device="cpu", max_context=64, vram_budget=_budget_for(path, 6),
                         progress=False)
-    calls = _record_prefetch_ahead(model)
+    calls = record_prefetch_ahead(model)
     with torch.no_grad():
         model(prompt)
     assert [layer for layer, _ in calls] == list(range(1, len(layers)))  # MoE indices 1..L-1, in order
@@ -343,14 +332,14 @@ def test_fast_path_matches_transformers_path_and_plain_transformers(arch, budget
             assert counts["steps"] == 2 * NEW_TOKENS
 
 
-def test_cpu_experts_and_lookahead_through_the_fast_path(checkpoints, references):
+def test_cpu_experts_and_lookahead_through_the_fast_path(checkpoints, references, record_prefetch_ahead):
     # Hybrid scheduling with lookahead prefetch: the CPU-partial segment and the predicted ids run.
     path = checkpoints["qwen2_moe"]
     prompt = references["qwen2_moe"][0]
     policy = ("policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 2 } "
               "schedule { mode = cpu_fallback } }")
     model = _load_fast(path, 4, policy=policy)
-    calls = _record_prefetch_ahead(model)
+    calls = record_prefetch_ahead(model)
     fast = _generate(model, prompt)
     stats = model.moerun.stats()
     assert stats["cpu_experts"] > 0 and stats["prefetches"] > 0 and stats["decode"]["fast_steps"] > 0

@@ -60,16 +60,14 @@ def test_real_shapes_greedy_matches_transformers(fp32_checkpoint):
 
 
 @pytest.mark.parametrize("mode", ["gpu_only", "cpu_fallback", "lookahead"])
-def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, qwen_bf16):
+def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, qwen_bf16, record_prefetch_ahead):
     path = qwen_bf16
     plan = moerun.memory_plan(path, vram_budget=1 << 40, max_context=256)
     budget = plan.fixed_bytes + (plan.num_slots // 4) * plan.slot_bytes  # every step misses
     policy = ("policy p { cache { eviction = lru } prefetch { strategy = lookahead budget = 4 } }" if mode == "lookahead"
               else f"policy p {{ cache {{ eviction = lru }} schedule {{ mode = {mode} }} }}")
     model = moerun.load(path, policy=policy, vram_budget=budget, max_context=256, progress=False)
-    calls = []
-    ahead = model.moerun.runtime.prefetch_ahead
-    model.moerun.runtime.prefetch_ahead = lambda layer, ids: (calls.append((layer, ids.cpu().clone())), ahead(layer, ids))
+    calls = record_prefetch_ahead(model)
     prompt = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
     kw = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False)
     fast = model.generate(prompt, **kw)
