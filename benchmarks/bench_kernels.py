@@ -14,6 +14,7 @@ time per kernel (profiler) says where it goes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -24,7 +25,7 @@ import triton
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
 from moerun.kernels.fused_moe_config import (
-    DecodeConfig, FusedMoeConfig, PrefillConfig, device_key, get_config, shape_key,
+    DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, device_key, get_config, shape_key,
 )
 
 # name: (H, I, E, K)
@@ -39,20 +40,31 @@ DECODE_SWEEP = [
     for bn, bh, bo, bi, w in [
         (16, 256, 8, 256, 4), (8, 512, 4, 512, 4), (16, 512, 8, 512, 8), (8, 1024, 4, 1024, 8),
         (4, 1024, 4, 512, 4), (8, 512, 8, 512, 8), (16, 1024, 4, 1024, 8), (8, 2048, 4, 512, 8),
+        (8, 256, 4, 256, 4), (4, 512, 2, 512, 4), (8, 512, 2, 1024, 4), (8, 1024, 8, 256, 4),
+        (32, 256, 8, 512, 8), (4, 2048, 4, 1024, 4),
     ]
 ]
-PREFILL_SWEEP = [
-    PrefillConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
-    for m, n, k, w, s in [
-        (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-        (64, 256, 64, 8, 3), (32, 128, 64, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
-        (128, 64, 64, 4, 4), (128, 128, 32, 8, 5), (128, 256, 64, 8, 2), (128, 256, 32, 8, 4),
-        # smaller M tiles waste less on padding (an expert's last block): Qwen's ~136 pairs per expert
-        # fill two 128-row blocks (1.9x the useful rows) but three 64-row ones (1.4x)
-        (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 8, 4), (64, 128, 64, 4, 5),
-        (64, 256, 32, 8, 5), (128, 128, 64, 4, 4),
+# Prefill: the blocks (rows per block, rows of an expert's short last block), then gate_up's tile,
+# then its launch order, then the same two for down, each with the rest fixed (the GEMMs' times add
+# up), starting from the shape's current config; last the summing kernel's width. Tiles of 64
+# columns hold half the accumulator: two programs fit on an SM.
+PREFILL_BLOCKS = [(128, 64), (128, 32)]
+GATE_UP_TILES = [
+    GemmTile(block_n=n, block_k=k, num_warps=w, num_stages=s, tma=t)
+    for n, k, w, s, t in [
+        (128, 64, 8, 4, False), (128, 64, 8, 3, False), (128, 32, 8, 5, False), (64, 64, 8, 4, False),
+        (64, 128, 8, 3, False), (128, 64, 8, 4, True), (128, 32, 8, 6, True),
     ]
 ]
+DOWN_TILES = [
+    GemmTile(block_n=n, block_k=k, num_warps=w, num_stages=s, tma=t)
+    for n, k, w, s, t in [
+        (128, 64, 8, 3, False), (128, 64, 8, 3, True), (256, 64, 8, 3, False), (256, 64, 8, 3, True),
+        (128, 64, 4, 3, True), (128, 64, 8, 2, True),
+    ]
+]
+GROUP_M = [0, 1, 4, 8, 16]
+SUM_BLOCK_H = [512, 1024, 2048]
 
 
 def median_us(fn, reps: int = 50) -> float:
@@ -207,6 +219,8 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
     ref = prob.torch_loop(x, ids, w)
     out = fused_moe(x, ids, w, prob.table, prob.arena, prob.I, config=FusedMoeConfig(best["decode"], best["prefill"]))
     row["decode_rel_err_vs_torch_loop"] = check(out, ref)
+    row["decode_kernels_us"] = kernel_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I,
+                                                           config=FusedMoeConfig(best["decode"], best["prefill"])))
     for impl in ("grouped_mm", "batched_mm", "eager"):
         mod = prob.hf_experts(impl)
         try:
@@ -223,15 +237,32 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
     fl = prob.floors(prefill_tokens, ids)
     row["prefill_floor_bytes"], row["prefill_floor_flops"] = fl["bytes"], fl["flops"]
     row["prefill_floor_us"] = floor_us(fl, ceilings)
-    sweep = PREFILL_SWEEP if tune in ("both", "prefill") else [best["prefill"]]
     prefill_times = {}
-    for pc in sweep:
+
+    def time_prefill(pc):
         cfg = FusedMoeConfig(decode=best["decode"], prefill=pc)
         try:
-            prefill_times[pc] = graph_us([lambda cfg=cfg: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out,
-                                                                    config=cfg)], replays=10)
+            prefill_times[pc] = graph_us([lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out,
+                                                            config=cfg)], replays=10)
         except Exception as exc:  # e.g. out of shared memory for a large tile
             print(f"  {name} prefill {pc}: {type(exc).__name__}: {str(exc)[:120]}")
+            prefill_times[pc] = float("inf")
+        return prefill_times[pc]
+
+    if tune in ("both", "prefill"):
+        base = best["prefill"]
+        for bm, tm in PREFILL_BLOCKS:
+            pc = PrefillConfig(block_m=bm, tail_m=tm, gate_up=base.gate_up, down=base.down)
+            for gemm, tiles in (("gate_up", GATE_UP_TILES), ("down", DOWN_TILES)):
+                order = getattr(pc, gemm).group_m  # tiles compared in the current launch order
+                tile = min([dataclasses.replace(t, group_m=order) for t in tiles],
+                           key=lambda t: time_prefill(dataclasses.replace(pc, **{gemm: t})))
+                tile = min([dataclasses.replace(tile, group_m=g) for g in GROUP_M],
+                           key=lambda t: time_prefill(dataclasses.replace(pc, **{gemm: t})))
+                pc = dataclasses.replace(pc, **{gemm: tile})
+            min(SUM_BLOCK_H, key=lambda bh: time_prefill(dataclasses.replace(pc, sum_block_h=bh)))
+    else:
+        time_prefill(best["prefill"])
     best["prefill"] = min(prefill_times, key=prefill_times.get)
     row["prefill_us"] = prefill_times[best["prefill"]]
     row["prefill_TFLOPs"] = fl["flops"] / row["prefill_us"] / 1e6
@@ -251,7 +282,11 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens) -> d
         torch.cuda.empty_cache()
     row["prefill_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w), reps=10)
     # share of the prefill time spent grouping pairs by expert
-    row["prefill_sort_us"] = graph_us([lambda: sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m)])
+    row["prefill_sort_us"] = graph_us([lambda: sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m,
+                                                                     best["prefill"].tail_m)])
+    # rows the GEMMs compute (padding included) per useful row
+    _, blocks = sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m, best["prefill"].tail_m)
+    row["prefill_rows_computed_per_pair"] = blocks[2].sum().item() / ids.numel()
     # where the prefill time goes, kernel by kernel
     row["prefill_kernels_us"] = kernel_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.I, out, config=cfg))
     # the same call launched eagerly (host launch cost included, unlike the graph replays above)
@@ -288,16 +323,16 @@ def main() -> None:
         print(f"  {name} done in {time.time() - t0:.0f} s", flush=True)
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceilings, "rows": rows}, f, indent=1)
-    if args.config_out:  # merged into the file's other devices and shapes
-        try:
-            with open(args.config_out) as f:
-                table = json.load(f)
-        except FileNotFoundError:
-            table = {}
-        table.setdefault(device_key(torch.device("cuda")), {}).update(
-            {shape_key(r["H"], r["I"]): r["config"] for r in rows})
-        with open(args.config_out, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
+        if args.config_out:  # merged into the file's other devices and shapes, after every shape
+            try:
+                with open(args.config_out) as f:
+                    table = json.load(f)
+            except FileNotFoundError:
+                table = {}
+            table.setdefault(device_key(torch.device("cuda")), {}).update(
+                {shape_key(r["H"], r["I"]): r["config"] for r in rows})
+            with open(args.config_out, "w") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
 
     def fmt(v):
         return f"{v:9.1f}" if isinstance(v, float) else "   failed"

@@ -13,16 +13,20 @@ Two paths, chosen by T (``DECODE_MAX_TOKENS``):
   and up rows once and writes h = silu(g) * u in fp32. Kernel 2, one program per (token, block of
   H rows), streams down rows for each of the token's resident experts and reduces the
   gate-weighted sum in registers, writing the output once.
-- prefill: pairs grouped by expert into blocks of BLOCK_M pairs of one expert (padding marked
-  with the sentinel P; two small kernels: per-expert counts and block table, then an atomic
-  scatter), then a grouped GEMM with tl.dot for gate_up (+ SiLU*mul) and for down (+ gate weight,
-  one row per pair, in the model dtype), and a last kernel that sums each token's K rows in fp32.
+- prefill: pairs grouped by expert into blocks of pairs of one expert: BLOCK_M rows each, then the
+  expert's remaining pairs rounded up to TAIL_M rows in blocks of BLOCK_M/2 and BLOCK_M/4 (less
+  padding: with 128/32, an expert with 136 pairs computes 160 rows, not 256; one with 200, 224). Padding is marked with the sentinel P; two small kernels:
+  per-expert counts and block table, then an atomic scatter. Then a grouped GEMM with tl.dot for
+  gate_up (+ SiLU*mul) and for down (+ gate weight, one row per pair, in the model dtype), weight
+  tiles by pointer loads or TMA, and a last kernel that sums each token's K rows in fp32.
 
 This module knows nothing about which experts should be resident or how they got there.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,7 +35,10 @@ import triton.language as tl
 from .fused_moe_config import DECODE_MAX_TOKENS, FusedMoeConfig, get_config
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SORT_CHUNK = 1024  # pairs per step of the expert-grouping kernels
+# pairs per program of the scatter: one per thread, so a thread waits on one contended atomic
+SORT_CHUNK = 128
+# pairs per step of the one-program count: its steps are serial dependent loads (ids, then slots)
+COUNT_CHUNK = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,11 +129,12 @@ def _decode_down_kernel(
 def _expert_blocks_kernel(
     ids_ptr,  # [P] expert id of each pair
     table_ptr,  # [E] int32 slot of each expert, -1 = not resident
-    cursor_ptr,  # [E] int32 out: first padded row of each expert (the scatter's atomic cursors)
-    block_expert_ptr,  # [num_blocks] int32 out: expert of each block, E = no work
-    sorted_pairs_ptr,  # [M_pad] int32 out: filled with the sentinel P
-    P, E, num_blocks, M_pad,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr,
+    cursor_ptr,  # [E] int32 out: first sorted row of each expert (the scatter's atomic cursors)
+    blocks_ptr,  # [3, num_blocks] int32 out: expert (E = no work), first sorted row, rows of each block
+    sorted_pairs_ptr,  # [M_pad] int32 out: the padding rows of each expert's last block set to P
+    P, E, num_blocks,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, NUM_TAILS: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNK_B: tl.constexpr, CHUNK_J: tl.constexpr,
 ):
     # One program: counts are a few thousand pairs into <= a few hundred bins, cheaper in one
     # program than a second launch to combine partial histograms.
@@ -140,17 +148,53 @@ def _expert_blocks_kernel(
         key = tl.where(ok & (slot >= 0), e, E_PAD - 1)  # E_PAD > E: the last bin is no expert's
         counts += tl.histogram(key, E_PAD)
     is_expert = bins < E
-    blocks = tl.where(is_expert, (counts + BLOCK_M - 1) // BLOCK_M, 0)  # [E_PAD]
-    block_end = tl.cumsum(blocks, 0)  # exclusive end block of each expert
-    tl.store(cursor_ptr + bins, (block_end - blocks) * BLOCK_M, mask=is_expert)
-    # block b belongs to the first expert whose blocks end after b (experts with none are skipped)
-    for b0 in range(0, num_blocks, CHUNK_B):
-        b = b0 + tl.arange(0, CHUNK_B)  # [CB]
-        ended = (block_end[None, :] <= b[:, None]) & is_expert[None, :]  # [CB, E_PAD]
-        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), axis=1), mask=b < num_blocks)
-    for r0 in range(0, M_pad, CHUNK):
-        r = r0 + tl.arange(0, CHUNK)
-        tl.store(sorted_pairs_ptr + r, P, mask=r < M_pad)
+    counts = tl.where(is_expert, counts, 0)
+    # An expert's pairs: full blocks of BLOCK_M rows, then the rest rounded up to TAIL_M rows and
+    # covered by one block per set bit (BLOCK_M/2, BLOCK_M/4, ... down to TAIL_M); a rest that
+    # rounds up to BLOCK_M takes one more full block.
+    full = counts // BLOCK_M  # [E_PAD]
+    rest = (counts - full * BLOCK_M + TAIL_M - 1) // TAIL_M * TAIL_M
+    full += (rest == BLOCK_M).to(tl.int32)
+    rest = tl.where(rest == BLOCK_M, 0, rest)
+    n_blocks = full
+    for level in tl.static_range(NUM_TAILS):
+        n_blocks += ((rest & (BLOCK_M >> (level + 1))) != 0).to(tl.int32)
+    n_rows = full * BLOCK_M + rest
+    first_block = tl.cumsum(n_blocks, 0) - n_blocks  # [E_PAD]
+    first_row = tl.cumsum(n_rows, 0) - n_rows
+    tl.store(cursor_ptr + bins, first_row, mask=is_expert)
+    # each expert writes its own full blocks, the j-th of every expert in step j (a few steps:
+    # about P / (E * BLOCK_M) + 1), then its short ones, largest first
+    for j in range(0, tl.max(full, 0)):
+        has = j < full
+        tl.store(blocks_ptr + first_block + j, bins, mask=has)
+        tl.store(blocks_ptr + num_blocks + first_block + j, first_row + j * BLOCK_M, mask=has)
+        tl.store(blocks_ptr + 2 * num_blocks + first_block + j, tl.full((E_PAD,), BLOCK_M, tl.int32), mask=has)
+    short_block = first_block + full  # [E_PAD]
+    short_row = first_row + full * BLOCK_M
+    for level in tl.static_range(NUM_TAILS):  # block sizes BLOCK_M >> (level + 1)
+        has = (rest & (BLOCK_M >> (level + 1))) != 0
+        tl.store(blocks_ptr + short_block, bins, mask=has)
+        tl.store(blocks_ptr + num_blocks + short_block, short_row, mask=has)
+        tl.store(blocks_ptr + 2 * num_blocks + short_block, tl.full((E_PAD,), BLOCK_M >> (level + 1), tl.int32),
+                 mask=has)
+        short_block += has.to(tl.int32)
+        short_row += tl.where(has, BLOCK_M >> (level + 1), 0)
+    used = tl.sum(n_blocks, 0)
+    for b0 in range(used, num_blocks, CHUNK_B):  # the rest: no work
+        b = b0 + tl.arange(0, CHUNK_B)
+        in_range = b < num_blocks
+        tl.store(blocks_ptr + b, E, mask=in_range)
+        tl.store(blocks_ptr + num_blocks + b, 0, mask=in_range)
+        tl.store(blocks_ptr + 2 * num_blocks + b, 0, mask=in_range)
+    # Only padding needs the sentinel: the GEMMs read the rows of live blocks, which the scatter
+    # fills up to each expert's count.
+    pad_first = first_row + counts  # [E_PAD]
+    pad_rows = n_rows - counts
+    for r0 in range(0, BLOCK_M, CHUNK_J):
+        r = r0 + tl.arange(0, CHUNK_J)  # [CJ]
+        tl.store(sorted_pairs_ptr + pad_first[:, None] + r[None, :], P,
+                 mask=is_expert[:, None] & (r[None, :] < pad_rows[:, None]))
 
 
 @triton.jit
@@ -174,89 +218,187 @@ def _scatter_pairs_kernel(
 
 
 @triton.jit
-def _prefill_gate_up_kernel(
-    x_ptr,  # [T, H]
-    sorted_pairs_ptr,  # [M_pad] pair index, P = padding
-    block_expert_ptr,  # [num_blocks] expert of each block of BLOCK_M pairs, E = no work
-    table_ptr,  # [E] int32
-    arena_ptr,  # [N, S]
-    h_ptr,  # [P, I] x.dtype out: silu(gate) * up
-    H, I, K, P, E,
-    stride_x, stride_slot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < E:
-        slot = tl.load(table_ptr + expert)
-        sorted_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        pairs = tl.load(sorted_pairs_ptr + sorted_rows)
-        pair_ok = pairs < P
-        tokens = tl.where(pair_ok, pairs // K, 0)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate rows
-        row_ok = rows < I
-        ks0 = tl.arange(0, BLOCK_K)
-        gate_base = arena_ptr + slot.to(tl.int64) * stride_slot
-        # B tiles are W^T: [BK, BN] with the H index along dim 0
-        gate_cols = gate_base + rows[None, :].to(tl.int64) * H  # [1, BN]
-        up_cols = gate_cols + I.to(tl.int64) * H
-        x_rows = x_ptr + tokens[:, None].to(tl.int64) * stride_x  # [BM, 1]
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + ks0
-            k_ok = ks < H
-            a = tl.load(x_rows + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            bmask = k_ok[:, None] & row_ok[None, :]
-            bg = tl.load(gate_cols + ks[:, None], mask=bmask, other=0.0)  # [BK, BN]
-            bu = tl.load(up_cols + ks[:, None], mask=bmask, other=0.0)
-            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN]
-        out = h_ptr + pairs[:, None].to(tl.int64) * I + rows[None, :]
-        tl.store(out, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & row_ok[None, :])
+def _block_and_tile(num_blocks, n_tiles, GROUP_M: tl.constexpr):
+    """(block, output tile) of this program in a 1-D grid of num_blocks * n_tiles.
+
+    Programs run roughly in launch order. GROUP_M = 0: blocks fastest, so an expert's blocks read each
+    weight tile at about the same time (once from HBM) -- for gate_up, whose input rows (x) sit in
+    L2 anyway. GROUP_M = g: groups of g blocks, each group's tiles before the next group, so the
+    rows a block reads (h, for down: too large for L2 as a whole) are reused by all its tiles.
+    """
+    pid = tl.program_id(0)
+    if GROUP_M == 0:
+        block = pid % num_blocks
+        tile = pid // num_blocks
+    else:
+        per_group = GROUP_M * n_tiles
+        first = (pid // per_group) * GROUP_M
+        size = tl.minimum(num_blocks - first, GROUP_M)
+        block = first + (pid % per_group) % size
+        tile = (pid % per_group) // size
+    return block, tile
 
 
 @triton.jit
+def _gate_up_tile(
+    x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n,
+    H, I, K, P, stride_x,
+    BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHT_DESC: tl.constexpr,
+):
+    # The expert's gate_up [2I, H] is at w_ptr, or (WEIGHT_DESC) rows w_row.. of w_desc, the arena
+    # seen as rows of H elements.
+    pairs = tl.load(sorted_pairs_ptr + first_row + tl.arange(0, BM))  # [BM]
+    pair_ok = pairs < P
+    tokens = tl.where(pair_ok, pairs // K, 0)
+    n0 = pid_n * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_N)  # [BN] intermediate rows
+    row_ok = rows < I
+    ks0 = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + tokens[:, None].to(tl.int64) * stride_x  # [BM, 1]
+    if WEIGHT_DESC:
+        # two TMA tiles, W^T [BK, BN] each. Rows past the expert's own (gate rows past I, up rows past
+        # 2I) only feed output columns that are never stored; columns past H read as zero.
+        acc_g = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + ks0
+            a = tl.load(x_rows + ks[None, :], mask=pair_ok[:, None] & (ks < H)[None, :], other=0.0)  # [BM, BK]
+            acc_g = tl.dot(a, w_desc.load([w_row + n0, k0]).T, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, w_desc.load([w_row + I + n0, k0]).T, acc_u, input_precision=PRECISION)
+    else:
+        # one [BK, 2*BN] tile, gate and up rows interleaved: one dot of twice the width
+        cols = tl.arange(0, 2 * BLOCK_N)  # [2BN]
+        col_ok = n0 + cols // 2 < I
+        w_cols = w_ptr + (n0 + cols // 2 + (cols % 2) * I)[None, :].to(tl.int64) * H  # [1, 2BN]
+        acc = tl.zeros((BM, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + ks0
+            a = tl.load(x_rows + ks[None, :], mask=pair_ok[:, None] & (ks < H)[None, :], other=0.0)  # [BM, BK]
+            b = tl.load(w_cols + ks[:, None], mask=(ks < H)[:, None] & col_ok[None, :], other=0.0)  # [BK, 2BN]
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BLOCK_N, 2)))  # [BM, BN] each
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN]
+    out = h_ptr + pairs[:, None].to(tl.int64) * I + rows[None, :]
+    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & row_ok[None, :])
+
+
+# P, E, num_blocks vary with the prompt: not specialized on, so a new prompt length compiles nothing
+@triton.jit(do_not_specialize=["P", "E", "num_blocks"])
+def _prefill_gate_up_kernel(
+    x_ptr,  # [T, H]
+    sorted_pairs_ptr,  # [M_pad] pair index, P = padding
+    blocks_ptr,  # [3, num_blocks] expert (E = no work), first sorted row, rows
+    table_ptr,  # [E] int32
+    arena_ptr,  # [N, S]
+    w_desc,  # TMA descriptor of the arena (WEIGHT_DESC), else unused
+    h_ptr,  # [P, I] x.dtype out: silu(gate) * up
+    H, I, K, P, E, num_blocks,
+    stride_x, stride_slot, slot_rows,
+    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr,
+):
+    # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, H], slot_rows = S / H
+    block, pid_n = _block_and_tile(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    expert = tl.load(blocks_ptr + block)
+    if expert < E:
+        first_row = tl.load(blocks_ptr + num_blocks + block)
+        n_rows = tl.load(blocks_ptr + 2 * num_blocks + block)
+        slot = tl.load(table_ptr + expert)
+        w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot
+        w_row = slot * slot_rows
+        # one code path per block size (the constexpr tests drop the sizes this config never uses)
+        if TAIL_M == BLOCK_M:
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
+                          stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        elif n_rows == BLOCK_M:
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
+                          stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        elif TAIL_M == BLOCK_M // 2:
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
+                          stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        elif n_rows == BLOCK_M // 2:
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
+                          stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        else:
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
+                          stride_x, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+
+
+@triton.jit
+def _down_tile(
+    h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+    H, I, P,
+    BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHT_DESC: tl.constexpr,
+):
+    # The expert's down [H, I] is at w_ptr, or (WEIGHT_DESC) rows w_row.. of w_desc, the arena seen
+    # as rows of I elements.
+    pairs = tl.load(sorted_pairs_ptr + first_row + tl.arange(0, BM))  # [BM]
+    pair_ok = pairs < P
+    safe_pairs = tl.where(pair_ok, pairs, 0).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_N)  # [BN] output (hidden) rows
+    row_ok = rows < H
+    ks0 = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + safe_pairs[:, None] * I  # [BM, 1]
+    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        ks = k0 + ks0
+        a = tl.load(h_rows + ks[None, :], mask=pair_ok[:, None] & (ks < I)[None, :], other=0.0)  # [BM, BK]
+        if WEIGHT_DESC:
+            b = w_desc.load([w_row + n0, k0]).T  # [BK, BN]; rows past H: output columns never stored
+        else:
+            b = tl.load(w_ptr + rows[None, :].to(tl.int64) * I + ks[:, None],
+                        mask=(ks < I)[:, None] & row_ok[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    w = tl.load(weights_ptr + safe_pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
+    acc = acc * w[:, None]
+    tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=pair_ok[:, None] & row_ok[None, :])
+
+
+# P, E, num_blocks vary with the prompt: not specialized on, so a new prompt length compiles nothing
+@triton.jit(do_not_specialize=["P", "E", "num_blocks"])
 def _prefill_down_kernel(
     h_ptr,  # [P, I] x.dtype
     sorted_pairs_ptr,  # [M_pad]
-    block_expert_ptr,  # [num_blocks]
+    blocks_ptr,  # [3, num_blocks]
     weights_ptr,  # [P] fp32
     table_ptr,  # [E] int32
     arena_ptr,  # [N, S]
+    w_desc,  # TMA descriptor of the arena (WEIGHT_DESC), else unused
     y_ptr,  # [P, H] x.dtype out: w * down(h) per pair
-    H, I, P, E,
-    stride_slot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    H, I, P, E, num_blocks,
+    stride_slot, slot_rows,
+    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
+    # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, I], slot_rows = S / I
+    block, pid_n = _block_and_tile(num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
+    expert = tl.load(blocks_ptr + block)
     if expert < E:
+        first_row = tl.load(blocks_ptr + num_blocks + block)
+        n_rows = tl.load(blocks_ptr + 2 * num_blocks + block)
         slot = tl.load(table_ptr + expert)
-        sorted_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        pairs = tl.load(sorted_pairs_ptr + sorted_rows)
-        pair_ok = pairs < P
-        safe_pairs = tl.where(pair_ok, pairs, 0).to(tl.int64)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output (hidden) rows
-        row_ok = rows < H
-        ks0 = tl.arange(0, BLOCK_K)
-        down_cols = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * I.to(tl.int64) * H \
-            + rows[None, :].to(tl.int64) * I  # [1, BN]
-        h_rows = h_ptr + safe_pairs[:, None] * I  # [BM, 1]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            ks = k0 + ks0
-            k_ok = ks < I
-            a = tl.load(h_rows + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            b = tl.load(down_cols + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)  # [BK, BN]
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        w = tl.load(weights_ptr + safe_pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
-        acc = acc * w[:, None]
-        tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=pair_ok[:, None] & row_ok[None, :])
+        w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * I.to(tl.int64) * H
+        w_row = slot * slot_rows + 2 * H  # down starts 2*I*H elements = 2*H rows of I into the slot
+        # one code path per block size (the constexpr tests drop the sizes this config never uses)
+        if TAIL_M == BLOCK_M:
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+                       H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        elif n_rows == BLOCK_M:
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+                       H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        elif TAIL_M == BLOCK_M // 2:
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+                       H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        elif n_rows == BLOCK_M // 2:
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+                       H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+        else:
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+                       H, I, P, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
 
 
 @triton.jit
@@ -265,20 +407,20 @@ def _sum_pairs_kernel(
     ids_ptr,  # [P]
     table_ptr,  # [E] int32
     out_ptr,  # [T, H]
-    H, K,
+    H,
     stride_out,
-    BLOCK_H: tl.constexpr,
+    K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in range(0, K):
+    # K unrolled with masks instead of branches, so the K row loads are in flight together
+    for k in tl.static_range(K):
         pair = token * K + k
         slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
-        if slot >= 0:  # rows of non-resident pairs were never written
-            acc += tl.load(y_ptr + pair.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+        h_end = tl.where(slot >= 0, H, 0)  # rows of non-resident pairs were never written: not read
+        acc += tl.load(y_ptr + pair.to(tl.int64) * H + cols, mask=cols < h_end, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,33 +497,79 @@ def _fused_moe_decode(x, ids, weights, slot_table, arena, inter_size, out, cfg) 
     )
 
 
-def sort_pairs_by_expert(
-    topk_ids: torch.Tensor, slot_table: torch.Tensor, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group the (token, expert) pairs of resident experts into blocks of ``block_m`` pairs of one expert.
+def _num_tails(block_m: int, tail_m: int) -> int:
+    """Short block sizes below block_m: block_m/2 .. tail_m (the GEMMs have a code path for each)."""
+    for n in range(3):
+        if tail_m == block_m >> n:
+            return n
+    raise ValueError(f"tail_m ({tail_m}) must be block_m ({block_m}), block_m / 2 or block_m / 4")
 
-    Two launches, no host sync, output sizes that depend on T, K, E alone (graph-capturable).
-    Returns ``sorted_pairs`` [M_pad] int32 (pair index t*K+k; P marks padding) and
-    ``block_expert`` [M_pad / block_m] int32 (E marks a block with no work). Pairs of
-    non-resident experts are left out. The order of pairs within an expert's blocks is not fixed.
+
+class PairBlocks(NamedTuple):
+    """(token, expert) pairs grouped into blocks of one expert each (``sort_pairs_by_expert``)."""
+
+    sorted_pairs: torch.Tensor  # [M_pad] int32: pair index t*K+k at its sorted row; P marks padding
+    blocks: torch.Tensor  # [3, num_blocks] int32: expert (E = no work), first sorted row, rows
+
+
+def sort_pairs_by_expert(
+    topk_ids: torch.Tensor, slot_table: torch.Tensor, block_m: int, tail_m: int | None = None
+) -> PairBlocks:
+    """Group the (token, expert) pairs of resident experts into blocks of pairs of one expert.
+
+    An expert's pairs fill ``block_m``-row blocks; the rest, rounded up to ``tail_m`` rows (``block_m``
+    by default, or half or a quarter of it), one block per size it needs among block_m/2, block_m/4. Blocks are in expert order, then unused ones (expert E). Two launches, no
+    host sync, output sizes that depend on T, K, E alone (graph-capturable). Pairs of non-resident
+    experts are left out. The order of pairs within an expert's blocks is not fixed.
     """
+    tail_m = block_m if tail_m is None else tail_m
+    num_tails = _num_tails(block_m, tail_m)
     num_experts = slot_table.shape[0]
     flat = topk_ids.reshape(-1)  # [P]
     num_pairs = flat.numel()
-    max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    num_blocks = max_padded // block_m
+    # beyond its full blocks, an expert has one block per short size (or one more full block)
+    num_blocks = num_pairs // block_m + num_experts * max(1, num_tails)
+    max_padded = num_pairs + num_experts * (block_m - 1)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
+    blocks = torch.empty((3, num_blocks), dtype=torch.int32, device=flat.device)
     sorted_pairs = torch.empty(max_padded, dtype=torch.int32, device=flat.device)
     e_pad = triton.next_power_of_2(num_experts + 1)
     _expert_blocks_kernel[(1,)](
-        flat, slot_table, cursor, block_expert, sorted_pairs, num_pairs, num_experts, num_blocks, max_padded,
-        E_PAD=e_pad, BLOCK_M=block_m, CHUNK=SORT_CHUNK, CHUNK_B=max(1, 8192 // e_pad), num_warps=4,
+        flat, slot_table, cursor, blocks, sorted_pairs, num_pairs, num_experts, num_blocks,
+        E_PAD=e_pad, BLOCK_M=block_m, TAIL_M=tail_m, NUM_TAILS=num_tails, CHUNK=COUNT_CHUNK, CHUNK_B=256,
+        CHUNK_J=min(block_m, max(1, 8192 // e_pad)), num_warps=8,
     )
     _scatter_pairs_kernel[(triton.cdiv(num_pairs, SORT_CHUNK),)](
         flat, slot_table, cursor, sorted_pairs, num_pairs, CHUNK=SORT_CHUNK, num_warps=4,
     )
-    return sorted_pairs, block_expert
+    return PairBlocks(sorted_pairs, blocks)
+
+
+def _weight_descriptors(arena, hidden, inter, cfg) -> tuple:
+    """TMA descriptors of the arena as rows of H (gate_up) and rows of I (down) elements, for the
+    GEMMs whose tile asks for them and where the layout allows; None where pointer loads are used."""
+    # the interpreter runs them too (CI checks the row arithmetic without a GPU)
+    if not (cfg.gate_up.tma or cfg.down.tma) or not (INTERPRETED or _tma_capable(arena.device)):
+        return None, None
+    slot_elems, elem = arena.shape[1], arena.element_size()
+    aligned = (arena.data_ptr() % 16 == 0 and arena.stride(0) == slot_elems
+               and slot_elems % hidden == 0 and slot_elems % inter == 0
+               and (hidden * elem) % 16 == 0 and (inter * elem) % 16 == 0)
+    if not aligned:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = arena.view(-1)
+    gate_up = (TensorDescriptor.from_tensor(rows.view(-1, hidden), [cfg.gate_up.block_n, cfg.gate_up.block_k])
+               if cfg.gate_up.tma else None)
+    down = (TensorDescriptor.from_tensor(rows.view(-1, inter), [cfg.down.block_n, cfg.down.block_k])
+            if cfg.down.tma else None)
+    return gate_up, down
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg) -> None:
@@ -391,29 +579,34 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     num_experts = slot_table.shape[0]
     # fp32 models get full fp32 products (as torch's default matmul does), not tf32
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    sorted_pairs, block_expert = sort_pairs_by_expert(ids, slot_table, cfg.block_m)
-    num_blocks = block_expert.shape[0]
+    sorted_pairs, blocks = sort_pairs_by_expert(ids, slot_table, cfg.block_m, cfg.tail_m)
+    num_blocks = blocks.shape[1]
     # h by pair, not by sorted row: M_pad rows would be up to E * (block_m - 1) more, tens of MB for a
     # short prompt, which the memory plan's activation estimate does not hold
     h = torch.empty((pairs, inter_size), dtype=x.dtype, device=x.device)  # [P, I]
     # per-pair outputs in the model dtype, summed in fp32 by the last kernel (fp32 here would double
     # the bytes of what is, at K = 8, the largest intermediate)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)  # [P, H]
-    _prefill_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, cfg.block_n))](
-        x, sorted_pairs, block_expert, slot_table, arena, h,
-        hidden, inter_size, top_k, pairs, num_experts, x.stride(0), arena.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    gu_desc, down_desc = _weight_descriptors(arena, hidden, inter_size, cfg)
+    slot_elems = arena.shape[1]
+    gu = cfg.gate_up
+    _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gu.block_n),)](
+        x, sorted_pairs, blocks, slot_table, arena, gu_desc if gu_desc is not None else arena, h,
+        hidden, inter_size, top_k, pairs, num_experts, num_blocks, x.stride(0), arena.stride(0),
+        slot_elems // hidden,
+        BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, GROUP_M=gu.group_m,
+        PRECISION=precision, WEIGHT_DESC=gu_desc is not None, num_warps=gu.num_warps, num_stages=gu.num_stages,
     )
-    _prefill_down_kernel[(num_blocks, triton.cdiv(hidden, cfg.block_n))](
-        h, sorted_pairs, block_expert, weights, slot_table, arena, y,
-        hidden, inter_size, pairs, num_experts, arena.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    dn = cfg.down
+    _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, dn.block_n),)](
+        h, sorted_pairs, blocks, weights, slot_table, arena, down_desc if down_desc is not None else arena, y,
+        hidden, inter_size, pairs, num_experts, num_blocks, arena.stride(0), slot_elems // inter_size,
+        BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, GROUP_M=dn.group_m,
+        PRECISION=precision, WEIGHT_DESC=down_desc is not None, num_warps=dn.num_warps, num_stages=dn.num_stages,
     )
-    block_h = 512
-    _sum_pairs_kernel[(tokens, triton.cdiv(hidden, block_h))](
-        y, ids, slot_table, out, hidden, top_k, out.stride(0), BLOCK_H=block_h,
+    _sum_pairs_kernel[(tokens, triton.cdiv(hidden, cfg.sum_block_h))](
+        y, ids, slot_table, out, hidden, out.stride(0), K=top_k, BLOCK_H=cfg.sum_block_h,
+        num_warps=max(1, min(8, cfg.sum_block_h // 256)),
     )
 
 
@@ -439,7 +632,7 @@ def fused_moe(
         arena: [N, S] expert slots, same dtype as x (slot layout in the module docstring).
         inter_size: I, the expert intermediate size.
         out: optional [T, H] output in x.dtype (every element is written).
-        config: launch parameters; default: the tuned table for this device and (H, I).
+        config: launch parameters; default: the tuned table for this device and (H, I) (fp32: defaults).
         path: ``"decode"`` or ``"prefill"`` to force a path; default: by T.
     Returns:
         [T, H] in x.dtype; pairs whose expert is not resident contribute zero.
@@ -452,7 +645,7 @@ def fused_moe(
         return out
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
-    cfg = config if config is not None else get_config(x.device, hidden, inter_size)
+    cfg = config if config is not None else get_config(x.device, hidden, inter_size, x.dtype)
     if path is None:
         path = "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
     if path == "decode":

@@ -33,14 +33,48 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillConfig:
-    """Grouped-GEMM path: tokens sorted by expert into blocks of ``block_m`` pairs."""
+class GemmTile:
+    """One grouped GEMM's tile: output columns and reduction depth per step, warps, pipeline stages."""
 
-    block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    # Weight tiles by TMA (Hopper and later), where the device and the slot layout allow it (slot
+    # elements divisible by H and I, rows 16-byte aligned); else pointer loads. For gate_up the
+    # choice is also one of shape: TMA loads gate and up tiles apart (two dots), pointer loads one
+    # tile with their rows interleaved (one dot of 2 * block_n columns).
+    tma: bool = False
+    # launch order: 0 = blocks fastest (each weight tile read by an expert's blocks together);
+    # g = groups of g blocks, all of a group's tiles before the next (each block's rows reused)
+    group_m: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """Grouped-GEMM path: pairs sorted by expert into blocks of ``block_m`` pairs of one expert.
+
+    An expert's pairs beyond its full blocks are rounded up to ``tail_m`` rows (``block_m``, or half
+    or a quarter of it) and computed in blocks of ``block_m / 2`` and ``block_m / 4`` rows, so an
+    expert's last block is less padding. The two GEMMs share the blocks but not their tiles:
+    down reduces over I, often half of gate_up's reduction over H, and writes one row per pair.
+    """
+
+    block_m: int = 128
+    tail_m: int = 64
+    gate_up: GemmTile = GemmTile()
+    down: GemmTile = GemmTile(group_m=8)
+    sum_block_h: int = 1024  # the last kernel's hidden columns per program
+
+    def __post_init__(self):
+        if self.tail_m not in (self.block_m, self.block_m // 2, self.block_m // 4) or self.tail_m < 1:
+            raise ValueError(f"tail_m ({self.tail_m}) must be block_m ({self.block_m}), block_m / 2 or block_m / 4")
+
+    @staticmethod
+    def from_dict(data: dict) -> "PrefillConfig":
+        data = dict(data)
+        tiles = {k: GemmTile(**data.pop(k)) for k in ("gate_up", "down") if k in data}
+        return PrefillConfig(**data, **tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +91,7 @@ class FusedMoeConfig:
     def from_dict(data: dict) -> "FusedMoeConfig":
         return FusedMoeConfig(
             decode=DecodeConfig(**data.get("decode", {})),
-            prefill=PrefillConfig(**data.get("prefill", {})),
+            prefill=PrefillConfig.from_dict(data.get("prefill", {})),
         )
 
 
@@ -80,7 +114,14 @@ def _load_table() -> dict:
         return json.load(f)
 
 
-def get_config(device: torch.device, hidden_size: int, inter_size: int) -> FusedMoeConfig:
-    """The tuned config for this device and shape, else the defaults."""
+def get_config(device: torch.device, hidden_size: int, inter_size: int,
+               dtype: torch.dtype = torch.bfloat16) -> FusedMoeConfig:
+    """The tuned config for this device and shape, else the defaults.
+
+    Configs are tuned in bf16 and serve fp16 too. fp32 gets the defaults: a tuned tile's pipeline
+    stages (or TMA buffers) in shared memory take twice the bytes at fp32 and may not fit.
+    """
+    if dtype == torch.float32:
+        return FusedMoeConfig()
     entry = _load_table().get(device_key(device), {}).get(shape_key(hidden_size, inter_size))
     return FusedMoeConfig.from_dict(entry) if entry else FusedMoeConfig()

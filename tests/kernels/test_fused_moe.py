@@ -8,13 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
-from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, PrefillConfig
+from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, get_config
 
 # small blocks so tiny shapes still cover several blocks and the masked edges
 # the interpreter on CPU in CI; real kernels where a GPU exists
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = FusedMoeConfig(DecodeConfig(block_n=16, block_h=32, block_out=8, block_i=16),
-                      PrefillConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2))
+                      PrefillConfig(block_m=32, tail_m=8, gate_up=GemmTile(16, 16, 4, 2),
+                                    down=GemmTile(16, 16, 4, 2, group_m=2), sum_block_h=16))
+# weight tiles by TMA descriptors (the interpreter runs them on the CPU), no short tail, other launch orders
+TINY_TMA = FusedMoeConfig(TINY.decode, PrefillConfig(block_m=16, tail_m=16,
+                                                     gate_up=GemmTile(16, 16, 4, 2, tma=True, group_m=3),
+                                                     down=GemmTile(16, 16, 4, 2, tma=True, group_m=0)))
 
 
 def _slot_elems(hidden: int, inter: int) -> int:
@@ -79,10 +84,18 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("path,tokens", [("decode", 1), ("decode", 5), ("prefill", 21)])
+@pytest.mark.parametrize("path,tokens", [("decode", 1), ("decode", 5), ("prefill", 21), ("prefill", 70)])
 def test_fused_moe_matches_reference_interpreter(dtype, path, tokens):
     p = make_problem(tokens, hidden=40, inter=24, experts=7, top_k=3, slots=6, dtype=dtype, device=DEVICE)
     assert rel_err(run(p, path), reference(p)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_with_tma_weight_tiles_matches_reference_interpreter(dtype):
+    # slot elements divisible by H and I: the arena is read through descriptors (rows of H, rows of I)
+    p = make_problem(37, hidden=40, inter=24, experts=7, top_k=3, slots=9, dtype=dtype, device=DEVICE)
+    assert p["arena"].shape[1] % 40 == 0 and p["arena"].shape[1] % 24 == 0
+    assert rel_err(run(p, "prefill", config=TINY_TMA), reference(p)) < TOL[dtype]
 
 
 def test_both_paths_agree_with_int64_ids_and_odd_sizes():
@@ -90,6 +103,8 @@ def test_both_paths_agree_with_int64_ids_and_odd_sizes():
     ref = reference(p)
     for path in ("decode", "prefill"):
         assert rel_err(run(p, path, ids_dtype=torch.int64), ref) < TOL[torch.float32]
+    # H = 33 rows are not 16-byte aligned: the TMA config falls back to pointer loads
+    assert rel_err(run(p, "prefill", config=TINY_TMA), ref) < TOL[torch.float32]
 
 
 def test_no_resident_expert_gives_zeros():
@@ -99,47 +114,64 @@ def test_no_resident_expert_gives_zeros():
         assert torch.equal(run(p, path), torch.zeros_like(p["x"]))
 
 
+def check_pair_blocks(ids, table, sorted_pairs, blocks, block_m, tail_m):
+    """Every resident pair exactly once, in a block of its expert; each expert's blocks contiguous, in
+    expert order, full-size, then the rest rounded up to tail_m in halving sizes; then unused
+    blocks (expert E); padding rows in blocks hold the sentinel P."""
+    experts, flat = table.numel(), ids.reshape(-1)
+    pairs = flat.numel()
+    counts = torch.bincount(flat[table[flat] >= 0], minlength=experts).tolist()
+    want_expert, want_rows = [], []
+    for e, c in enumerate(counts):
+        full, rem = divmod(c, block_m)
+        rest = -(-rem // tail_m) * tail_m  # rounded up to tail_m
+        if rest == block_m:
+            full, rest = full + 1, 0
+        short = [size for size in (block_m // 2, block_m // 4) if size >= tail_m and rest & size]
+        want_expert += [e] * (full + len(short))
+        want_rows += [block_m] * full + short
+    block_expert, first, rows = blocks.tolist()
+    n = len(want_expert)
+    assert block_expert[:n] == want_expert and rows[:n] == want_rows
+    assert all(e == experts for e in block_expert[n:])
+    # blocks tile the sorted rows from 0 without gaps or overlap
+    assert first[:n] == [sum(want_rows[:i]) for i in range(n)]
+    assert sum(want_rows) <= sorted_pairs.numel()
+    seen = []
+    for e, f, r in zip(block_expert[:n], first[:n], rows[:n]):
+        real = [q for q in sorted_pairs[f:f + r].tolist() if q < pairs]
+        assert real and all(flat[q].item() == e for q in real)
+        seen += real
+    assert sorted(seen) == [q for q in range(pairs) if table[flat[q]] >= 0]
+    used = sorted_pairs[:sum(want_rows)]  # rows past the last block are never read (nor written)
+    assert ((used < pairs) | (used == pairs)).all()
+    assert (used < pairs).sum().item() == len(seen)
+
+
 def test_sort_pairs_by_expert_groups_resident_pairs_in_blocks():
     ids = torch.tensor([[0, 2], [2, 3], [1, 0], [3, 2]], dtype=torch.int32)  # P = 8
     table = torch.tensor([5, -1, 0, 1], dtype=torch.int32)  # expert 1 not resident
-    sorted_pairs, block_expert = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=4)
-    sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
-    blocks = sorted_pairs.view(-1, 4)
-    seen = []
-    for b, e in enumerate(block_expert.tolist()):
-        real = [q for q in blocks[b].tolist() if q < 8]
-        if e == 4:
-            assert real == []
-            continue
-        assert all(ids.view(-1)[q].item() == e for q in real)
-        seen += real
-    assert sorted(seen) == [q for q in range(8) if ids.view(-1)[q].item() != 1]
+    sorted_pairs, blocks = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=4, tail_m=2)
+    assert blocks.cpu().tolist()[0][:3] == [0, 2, 3]  # experts with pairs, in order; 1 is skipped
+    assert blocks.cpu().tolist()[2][:3] == [2, 4, 2]  # 2 pairs: a short block; 3 pairs: a full one
+    check_pair_blocks(ids, table, sorted_pairs.cpu(), blocks.cpu(), 4, 2)
 
 
-@pytest.mark.parametrize("block_m", [1, 16, 64])
-def test_sort_pairs_by_expert_random_routings(block_m):
-    # Fresh routing each run: every resident pair exactly once, in a block of its expert; blocks of
-    # each expert contiguous, in expert order, as few as its count needs; the rest sentinel P / E.
+@pytest.mark.parametrize("block_m,tail_m", [(1, 1), (16, 16), (16, 4), (64, 32), (128, 32)])
+def test_sort_pairs_by_expert_random_routings(block_m, tail_m):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     for tokens, experts, top_k in [(300, 13, 3), (2100, 64, 8), (5, 3, 1)]:
         ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])  # [T, K]
         table = torch.randperm(experts, generator=gen).int()
         table[torch.rand(experts, generator=gen) < 0.3] = -1
-        sorted_pairs, block_expert = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=block_m)
-        sorted_pairs, block_expert = sorted_pairs.cpu(), block_expert.cpu()
-        flat, pairs = ids.view(-1), tokens * top_k
-        assert sorted_pairs.numel() == block_expert.numel() * block_m
-        counts = torch.bincount(flat[table[flat] >= 0], minlength=experts)
-        want = torch.repeat_interleave(torch.arange(experts), (counts + block_m - 1) // block_m)
-        assert torch.equal(block_expert[:want.numel()], want.int())
-        assert (block_expert[want.numel():] == experts).all()
-        blocks = sorted_pairs.view(-1, block_m)
-        real = sorted_pairs[sorted_pairs < pairs].long()
-        assert sorted(real.tolist()) == [q for q in range(pairs) if table[flat[q]] >= 0]
-        for b, e in enumerate(block_expert.tolist()):
-            row = blocks[b][blocks[b] < pairs].long()
-            assert (flat[row] == e).all()
-        assert ((sorted_pairs < pairs) | (sorted_pairs == pairs)).all()
+        sorted_pairs, blocks = sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m, tail_m)
+        check_pair_blocks(ids, table, sorted_pairs.cpu(), blocks.cpu(), block_m, tail_m)
+
+
+def test_sort_pairs_rejects_a_tail_that_does_not_divide_the_block():
+    ids, table = torch.zeros(2, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="tail_m"):
+        sort_pairs_by_expert(ids.to(DEVICE), table.to(DEVICE), block_m=16, tail_m=2)
 
 
 def test_rejects_mismatched_arena_dtype():
@@ -187,3 +219,5 @@ def test_tuned_config_table_loads_and_names_known_fields():
             hidden, inter = map(int, key.split(","))
             cfg = FusedMoeConfig.from_dict(entry)  # raises on an unknown field
             assert cfg.prefill.block_m >= 16 and cfg.decode.block_n >= 1, (device, hidden, inter)
+    # tuned in bf16; fp32 takes the defaults, whose shared-memory stages fit at 4 bytes an element
+    assert get_config(torch.device("cpu"), 2048, 1408, torch.float32) == FusedMoeConfig()
