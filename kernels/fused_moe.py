@@ -15,10 +15,12 @@ Two paths, chosen by T (``DECODE_MAX_TOKENS``):
   gate-weighted sum in registers, writing the output once.
 - prefill: pairs grouped by expert into blocks of pairs of one expert: BLOCK_M rows each, then the
   expert's remaining pairs rounded up to TAIL_M rows in blocks of BLOCK_M/2 and BLOCK_M/4 (less
-  padding: with 128/32, an expert with 136 pairs computes 160 rows, not 256; one with 200, 224). Padding is marked with the sentinel P; two small kernels:
-  per-expert counts and block table, then an atomic scatter. Then a grouped GEMM with tl.dot for
-  gate_up (+ SiLU*mul) and for down (+ gate weight, one row per pair, in the model dtype), weight
-  tiles by pointer loads or TMA, and a last kernel that sums each token's K rows in fp32.
+  padding: with 128/32, an expert with 136 pairs computes 160 rows, not 256; one with 200, 224).
+  Padding is marked with the sentinel P. Two small kernels group them: per-expert counts and the
+  block table, then an atomic scatter. Then a grouped GEMM with tl.dot for gate_up (+ SiLU*mul)
+  and for down (+ gate weight, one row per pair, in the model dtype), weight tiles by pointer loads
+  or TMA, each GEMM with its own tile and launch order; and a last kernel that sums each token's K
+  rows in fp32.
 
 This module knows nothing about which experts should be resident or how they got there.
 """
@@ -283,7 +285,8 @@ def _gate_up_tile(
     tl.store(out, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & row_ok[None, :])
 
 
-# P, E, num_blocks vary with the prompt: not specialized on, so a new prompt length compiles nothing
+# P and num_blocks vary with the prompt (E with the model): not specialized on, so a new prompt length
+# compiles nothing
 @triton.jit(do_not_specialize=["P", "E", "num_blocks"])
 def _prefill_gate_up_kernel(
     x_ptr,  # [T, H]
@@ -358,7 +361,8 @@ def _down_tile(
              mask=pair_ok[:, None] & row_ok[None, :])
 
 
-# P, E, num_blocks vary with the prompt: not specialized on, so a new prompt length compiles nothing
+# P and num_blocks vary with the prompt (E with the model): not specialized on, so a new prompt length
+# compiles nothing
 @triton.jit(do_not_specialize=["P", "E", "num_blocks"])
 def _prefill_down_kernel(
     h_ptr,  # [P, I] x.dtype
