@@ -44,7 +44,7 @@ DECODE_SWEEP = [
         (32, 256, 8, 512, 8), (4, 2048, 4, 1024, 4),
     ]
 ]
-# Prefill: the blocks (rows per block, rows of an expert's short last block), then gate_up's tile,
+# Prefill: the blocks (rows per full block, smallest short block), then gate_up's tile,
 # then its launch order, then the same two for down, each with the rest fixed (the GEMMs' times add
 # up), starting from the shape's current config; last the summing kernel's width. Tiles of 64
 # columns hold half the accumulator: two programs fit on an SM.

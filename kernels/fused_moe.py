@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_config import DECODE_MAX_TOKENS, FusedMoeConfig, get_config
+from .fused_moe_config import DECODE_MAX_TOKENS, FusedMoeConfig, get_config, short_block_sizes
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # pairs per program of the scatter: one per thread, so a thread waits on one contended atomic
@@ -190,10 +190,10 @@ def _expert_blocks_kernel(
         tl.store(blocks_ptr + num_blocks + b, 0, mask=in_range)
         tl.store(blocks_ptr + 2 * num_blocks + b, 0, mask=in_range)
     # Only padding needs the sentinel: the GEMMs read the rows of live blocks, which the scatter
-    # fills up to each expert's count.
+    # fills up to each expert's count. An expert's padding is under TAIL_M rows.
     pad_first = first_row + counts  # [E_PAD]
     pad_rows = n_rows - counts
-    for r0 in range(0, BLOCK_M, CHUNK_J):
+    for r0 in range(0, TAIL_M, CHUNK_J):
         r = r0 + tl.arange(0, CHUNK_J)  # [CJ]
         tl.store(sorted_pairs_ptr + pad_first[:, None] + r[None, :], P,
                  mask=is_expert[:, None] & (r[None, :] < pad_rows[:, None]))
@@ -501,14 +501,6 @@ def _fused_moe_decode(x, ids, weights, slot_table, arena, inter_size, out, cfg) 
     )
 
 
-def _num_tails(block_m: int, tail_m: int) -> int:
-    """Short block sizes below block_m: block_m/2 .. tail_m (the GEMMs have a code path for each)."""
-    for n in range(3):
-        if tail_m == block_m >> n:
-            return n
-    raise ValueError(f"tail_m ({tail_m}) must be block_m ({block_m}), block_m / 2 or block_m / 4")
-
-
 class PairBlocks(NamedTuple):
     """(token, expert) pairs grouped into blocks of one expert each (``sort_pairs_by_expert``)."""
 
@@ -522,18 +514,19 @@ def sort_pairs_by_expert(
     """Group the (token, expert) pairs of resident experts into blocks of pairs of one expert.
 
     An expert's pairs fill ``block_m``-row blocks; the rest, rounded up to ``tail_m`` rows (``block_m``
-    by default, or half or a quarter of it), one block per size it needs among block_m/2, block_m/4. Blocks are in expert order, then unused ones (expert E). Two launches, no
-    host sync, output sizes that depend on T, K, E alone (graph-capturable). Pairs of non-resident
-    experts are left out. The order of pairs within an expert's blocks is not fixed.
+    by default, or half or a quarter of it), takes one block per size it needs among block_m/2 and
+    block_m/4. Blocks are in expert order, then unused ones (expert E). Two launches, no host sync,
+    output sizes that depend on T, K, E alone (graph-capturable). Pairs of non-resident experts are
+    left out. The order of pairs within an expert's blocks is not fixed.
     """
     tail_m = block_m if tail_m is None else tail_m
-    num_tails = _num_tails(block_m, tail_m)
+    num_tails = short_block_sizes(block_m, tail_m)
     num_experts = slot_table.shape[0]
     flat = topk_ids.reshape(-1)  # [P]
     num_pairs = flat.numel()
     # beyond its full blocks, an expert has one block per short size (or one more full block)
     num_blocks = num_pairs // block_m + num_experts * max(1, num_tails)
-    max_padded = num_pairs + num_experts * (block_m - 1)
+    max_padded = num_pairs + num_experts * (tail_m - 1)  # an expert's padding is under tail_m rows
     cursor = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
     blocks = torch.empty((3, num_blocks), dtype=torch.int32, device=flat.device)
     sorted_pairs = torch.empty(max_padded, dtype=torch.int32, device=flat.device)
@@ -541,7 +534,7 @@ def sort_pairs_by_expert(
     _expert_blocks_kernel[(1,)](
         flat, slot_table, cursor, blocks, sorted_pairs, num_pairs, num_experts, num_blocks,
         E_PAD=e_pad, BLOCK_M=block_m, TAIL_M=tail_m, NUM_TAILS=num_tails, CHUNK=COUNT_CHUNK, CHUNK_B=256,
-        CHUNK_J=min(block_m, max(1, 8192 // e_pad)), num_warps=8,
+        CHUNK_J=min(tail_m, max(1, 8192 // e_pad)), num_warps=8,
     )
     _scatter_pairs_kernel[(triton.cdiv(num_pairs, SORT_CHUNK),)](
         flat, slot_table, cursor, sorted_pairs, num_pairs, CHUNK=SORT_CHUNK, num_warps=4,
@@ -585,8 +578,8 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     sorted_pairs, blocks = sort_pairs_by_expert(ids, slot_table, cfg.block_m, cfg.tail_m)
     num_blocks = blocks.shape[1]
-    # h by pair, not by sorted row: M_pad rows would be up to E * (block_m - 1) more, tens of MB for a
-    # short prompt, which the memory plan's activation estimate does not hold
+    # h by pair, not by sorted row: M_pad rows would be up to E * (tail_m - 1) more, MBs for a short
+    # prompt, which the memory plan's activation estimate does not hold
     h = torch.empty((pairs, inter_size), dtype=x.dtype, device=x.device)  # [P, I]
     # per-pair outputs in the model dtype, summed in fp32 by the last kernel (fp32 here would double
     # the bytes of what is, at K = 8, the largest intermediate)

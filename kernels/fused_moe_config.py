@@ -50,6 +50,15 @@ class GemmTile:
     group_m: int = 0
 
 
+def short_block_sizes(block_m: int, tail_m: int) -> int:
+    """How many block sizes below block_m an expert's rest is split into (block_m/2 .. tail_m); the
+    prefill GEMMs have a code path for each, so tail_m is block_m, block_m / 2 or block_m / 4."""
+    for n in range(3):
+        if tail_m >= 1 and tail_m == block_m >> n:
+            return n
+    raise ValueError(f"tail_m ({tail_m}) must be block_m ({block_m}), block_m / 2 or block_m / 4")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     """Grouped-GEMM path: pairs sorted by expert into blocks of ``block_m`` pairs of one expert.
@@ -67,8 +76,7 @@ class PrefillConfig:
     sum_block_h: int = 1024  # the last kernel's hidden columns per program
 
     def __post_init__(self):
-        if self.tail_m not in (self.block_m, self.block_m // 2, self.block_m // 4) or self.tail_m < 1:
-            raise ValueError(f"tail_m ({self.tail_m}) must be block_m ({self.block_m}), block_m / 2 or block_m / 4")
+        short_block_sizes(self.block_m, self.tail_m)  # raises on a tail the kernels have no path for
 
     @staticmethod
     def from_dict(data: dict) -> "PrefillConfig":
@@ -114,6 +122,7 @@ def _load_table() -> dict:
         return json.load(f)
 
 
+@functools.lru_cache(maxsize=None)  # called per MoE layer call: parse each entry once
 def get_config(device: torch.device, hidden_size: int, inter_size: int,
                dtype: torch.dtype = torch.bfloat16) -> FusedMoeConfig:
     """The tuned config for this device and shape, else the defaults.
