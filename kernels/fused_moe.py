@@ -22,6 +22,9 @@ Two paths, chosen by T (``DECODE_MAX_TOKENS``):
   or TMA, each GEMM with its own tile and launch order; and a last kernel that sums each token's K
   rows in fp32.
 
+On Hopper and later every kernel is launched with programmatic dependent launch: it starts while
+the previous kernel drains and waits for it before touching memory (``_pdl_wait``).
+
 This module knows nothing about which experts should be resident or how they got there.
 """
 from __future__ import annotations
@@ -43,6 +46,16 @@ SORT_CHUNK = 128
 COUNT_CHUNK = 4096
 
 
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL), a kernel is started while the previous one on the
+    stream finishes; it waits here for that kernel's writes before it touches global memory, then
+    lets the next kernel start. Every kernel here calls it first, so the chain stays ordered."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 # --------------------------------------------------------------------------------------------
 # decode path: weight streaming
 # --------------------------------------------------------------------------------------------
@@ -55,8 +68,9 @@ def _decode_gate_up_kernel(
     h_ptr,  # [P, I] fp32 out: silu(gate) * up
     H, I, K,
     stride_x, stride_slot,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_wait(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair)
@@ -96,8 +110,9 @@ def _decode_down_kernel(
     out_ptr,  # [T, H]
     H, I,
     stride_out, stride_slot,
-    K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr,
+    K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_wait(PDL)
     token = tl.program_id(0)
     pid_o = tl.program_id(1)
     rows = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)  # [BO] output (hidden) rows
@@ -136,10 +151,11 @@ def _expert_blocks_kernel(
     sorted_pairs_ptr,  # [M_pad] int32 out: the padding rows of each expert's last block set to P
     P, E, num_blocks,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, NUM_TAILS: tl.constexpr,
-    CHUNK: tl.constexpr, CHUNK_B: tl.constexpr, CHUNK_J: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNK_B: tl.constexpr, CHUNK_J: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program: counts are a few thousand pairs into <= a few hundred bins, cheaper in one
     # program than a second launch to combine partial histograms.
+    _pdl_wait(PDL)
     bins = tl.arange(0, E_PAD)
     counts = tl.zeros((E_PAD,), dtype=tl.int32)
     for p0 in range(0, P, CHUNK):
@@ -206,10 +222,11 @@ def _scatter_pairs_kernel(
     cursor_ptr,  # [E] int32: next free row of each expert
     sorted_pairs_ptr,  # [M_pad] int32 out: pair index at its row
     P,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     # Rows within an expert come in atomic order, which varies run to run; results do not: a GEMM
     # row depends only on its own pair, and the last kernel sums each token's pairs in k order.
+    _pdl_wait(PDL)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     ok = offs < P
     e = tl.load(ids_ptr + offs, mask=ok, other=0)
@@ -299,9 +316,10 @@ def _prefill_gate_up_kernel(
     H, I, K, P, E, num_blocks,
     stride_x, stride_slot, slot_rows,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, PDL: tl.constexpr,
 ):
     # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, H], slot_rows = S / H
+    _pdl_wait(PDL)
     block, pid_n = _block_and_tile(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert = tl.load(blocks_ptr + block)
     if expert < E:
@@ -376,9 +394,10 @@ def _prefill_down_kernel(
     H, I, P, E, num_blocks,
     stride_slot, slot_rows,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, PDL: tl.constexpr,
 ):
     # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, I], slot_rows = S / I
+    _pdl_wait(PDL)
     block, pid_n = _block_and_tile(num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(blocks_ptr + block)
     if expert < E:
@@ -413,8 +432,9 @@ def _sum_pairs_kernel(
     out_ptr,  # [T, H]
     H,
     stride_out,
-    K: tl.constexpr, BLOCK_H: tl.constexpr,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    _pdl_wait(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -489,15 +509,16 @@ def _fused_moe_decode(x, ids, weights, slot_table, arena, inter_size, out, cfg) 
     top_k = ids.shape[1]
     pairs = tokens * top_k
     h = torch.empty((pairs, inter_size), dtype=torch.float32, device=x.device)  # [P, I]
+    pdl = _pdl(x.device)
     _decode_gate_up_kernel[(pairs, triton.cdiv(inter_size, cfg.block_n))](
         x, ids, slot_table, arena, h,
         hidden, inter_size, top_k, x.stride(0), arena.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, **pdl,
     )
     _decode_down_kernel[(tokens, triton.cdiv(hidden, cfg.block_out))](
         h, ids, weights, slot_table, arena, out,
         hidden, inter_size, out.stride(0), arena.stride(0),
-        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps,
+        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps, **pdl,
     )
 
 
@@ -531,13 +552,14 @@ def sort_pairs_by_expert(
     blocks = torch.empty((3, num_blocks), dtype=torch.int32, device=flat.device)
     sorted_pairs = torch.empty(max_padded, dtype=torch.int32, device=flat.device)
     e_pad = triton.next_power_of_2(num_experts + 1)
+    pdl = _pdl(flat.device)
     _expert_blocks_kernel[(1,)](
         flat, slot_table, cursor, blocks, sorted_pairs, num_pairs, num_experts, num_blocks,
         E_PAD=e_pad, BLOCK_M=block_m, TAIL_M=tail_m, NUM_TAILS=num_tails, CHUNK=COUNT_CHUNK, CHUNK_B=256,
-        CHUNK_J=min(tail_m, max(1, 8192 // e_pad)), num_warps=8,
+        CHUNK_J=min(tail_m, max(1, 8192 // e_pad)), num_warps=8, **pdl,
     )
     _scatter_pairs_kernel[(triton.cdiv(num_pairs, SORT_CHUNK),)](
-        flat, slot_table, cursor, sorted_pairs, num_pairs, CHUNK=SORT_CHUNK, num_warps=4,
+        flat, slot_table, cursor, sorted_pairs, num_pairs, CHUNK=SORT_CHUNK, num_warps=4, **pdl,
     )
     return PairBlocks(sorted_pairs, blocks)
 
@@ -546,7 +568,7 @@ def _weight_descriptors(arena, hidden, inter, cfg) -> tuple:
     """TMA descriptors of the arena as rows of H (gate_up) and rows of I (down) elements, for the
     GEMMs whose tile asks for them and where the layout allows; None where pointer loads are used."""
     # the interpreter runs them too (CI checks the row arithmetic without a GPU)
-    if not (cfg.gate_up.tma or cfg.down.tma) or not (INTERPRETED or _tma_capable(arena.device)):
+    if not (cfg.gate_up.tma or cfg.down.tma) or not (INTERPRETED or _sm90_or_later(arena.device)):
         return None, None
     slot_elems, elem = arena.shape[1], arena.element_size()
     aligned = (arena.data_ptr() % 16 == 0 and arena.stride(0) == slot_elems
@@ -565,8 +587,17 @@ def _weight_descriptors(arena, hidden, inter, cfg) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _tma_capable(device: torch.device) -> bool:
+def _sm90_or_later(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(device: torch.device) -> dict:
+    """Launch options for programmatic dependent launch (Hopper and later, compiled kernels): each
+    kernel starts while the previous one drains and waits in ``_pdl_wait``. Inside
+    a CUDA graph the launches keep the attribute as programmatic edges."""
+    if INTERPRETED or not _sm90_or_later(device):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg) -> None:
@@ -586,6 +617,7 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)  # [P, H]
     gu_desc, down_desc = _weight_descriptors(arena, hidden, inter_size, cfg)
     slot_elems = arena.shape[1]
+    pdl = _pdl(x.device)
     gu = cfg.gate_up
     _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gu.block_n),)](
         x, sorted_pairs, blocks, slot_table, arena, gu_desc if gu_desc is not None else arena, h,
@@ -593,6 +625,7 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
         slot_elems // hidden,
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, GROUP_M=gu.group_m,
         PRECISION=precision, WEIGHT_DESC=gu_desc is not None, num_warps=gu.num_warps, num_stages=gu.num_stages,
+        **pdl,
     )
     dn = cfg.down
     _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, dn.block_n),)](
@@ -600,10 +633,11 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
         hidden, inter_size, pairs, num_experts, num_blocks, arena.stride(0), slot_elems // inter_size,
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, GROUP_M=dn.group_m,
         PRECISION=precision, WEIGHT_DESC=down_desc is not None, num_warps=dn.num_warps, num_stages=dn.num_stages,
+        **pdl,
     )
     _sum_pairs_kernel[(tokens, triton.cdiv(hidden, cfg.sum_block_h))](
         y, ids, slot_table, out, hidden, out.stride(0), K=top_k, BLOCK_H=cfg.sum_block_h,
-        num_warps=max(1, min(8, cfg.sum_block_h // 256)),
+        num_warps=max(1, min(8, cfg.sum_block_h // 256)), **pdl,
     )
 
 

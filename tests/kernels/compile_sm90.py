@@ -43,6 +43,7 @@ class Recorder:
 
 
 def record(module, launches: list) -> None:
+    """Replace the module's launched kernels (JIT functions named ``*_kernel``; helpers are not)."""
     for name, obj in vars(module).copy().items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and obj.fn.__name__.endswith("_kernel"):
             setattr(module, name, Recorder(obj, launches))
@@ -59,7 +60,7 @@ def compile_launch(kernel, args, kwargs) -> dict:
             constexprs[(p.num,)] = kwargs[p.name] if p.name in kwargs else p.default
     # the same order as the kernel's parameters
     signature = {p.name: signature[p.name] for p in kernel.params}
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET, options=options)
     return {"shared": compiled.metadata.shared, "fits": compiled.metadata.shared <= H100_SHARED_BYTES}
@@ -83,8 +84,9 @@ def main() -> None:
     record(fm, launches)
     record(routing, launches)
     # the launchers' CPU-tensor checks and TMA choices as under the interpreter, which also builds
-    # descriptors on the CPU
+    # descriptors on the CPU; launch options as on an H100 (programmatic dependent launch)
     fm.INTERPRETED = True
+    fm._pdl = lambda device: {"PDL": True, "launch_pdl": True}
     # each tuned (H, I) as the runtime would launch it in bf16 and fp32 (get_config decides which
     # config fp32 takes), and the defaults that serve shapes missing from the table
     cases = []
@@ -111,7 +113,7 @@ def main() -> None:
                 continue
             seen.add(key)
             row = {"case": name, "kernel": kernel.fn.__name__,
-                   "constexprs": {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}}
+                   "constexprs": {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "launch_pdl")}}
             try:
                 row.update(compile_launch(kernel, args, kwargs))
             except Exception as exc:  # reported, the test fails on it
