@@ -79,7 +79,7 @@ def bench_shape(name: str, shape: tuple) -> dict:
     pairs = TOKENS * top_k
     flops = 2 * pairs * 3 * inter * hidden
     row = {"shape": name, "H": hidden, "I": inter, "E": num_experts, "K": top_k, "flops": flops,
-           "weight_bytes": num_experts * prob.expert_bytes(), "config": cfg.prefill.__repr__()}
+           "weight_bytes": num_experts * prob.expert_bytes(), "config": repr(cfg.prefill)}
     routings = {
         "random": ids,
         "whole_blocks": ids_with_counts(whole_blocks(num_experts, top_k, cfg.prefill.block_m), top_k),

@@ -10,6 +10,7 @@ sees: loop-carried types, constexpr-selected code paths, descriptor loads, share
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -79,6 +80,14 @@ def launch_fused_moe(hidden: int, inter: int, experts: int, top_k: int, dtype: t
         fm.fused_moe(x, ids, w, table, arena, inter, config=cfg, path=path)
 
 
+def launch_routing() -> None:
+    """Softmax top-k, and DeepSeek-V3's grouped sigmoid top-k with a bias (recorded, not run)."""
+    routing.route(torch.empty(4, 64), routing.RoutingSpec(top_k=6))
+    routing.route(torch.empty(4, 256), routing.RoutingSpec(top_k=8, scoring="sigmoid", renormalize=True,
+                                                           num_groups=8, topk_groups=4, group_score="top2_sum"),
+                  torch.empty(256))
+
+
 def main() -> None:
     launches: list = []
     record(fm, launches)
@@ -88,25 +97,23 @@ def main() -> None:
     fm.INTERPRETED = True
     fm._pdl = lambda device: {"PDL": True, "launch_pdl": True}
     # each tuned (H, I) as the runtime would launch it in bf16 and fp32 (get_config decides which
-    # config fp32 takes), and the defaults that serve shapes missing from the table
-    cases = []
+    # config fp32 takes), the defaults that serve shapes missing from the table, and the routing
+    cases = [("routing", launch_routing)]
     with CONFIG_FILE.open() as f:
         table = json.load(f)
     for device, shapes in table.items():
         for key, entry in shapes.items():
             hidden, inter = (int(v) for v in key.split(","))
-            cases.append((f"{device} {key} bf16", hidden, inter, torch.bfloat16, FusedMoeConfig.from_dict(entry)))
-            cases.append((f"{device} {key} fp32", hidden, inter, torch.float32,
-                          get_config(torch.device("cpu"), hidden, inter, torch.float32)))
-    cases.append(("defaults fp16", 2048, 1408, torch.float16, FusedMoeConfig()))
+            for dtype, cfg in ((torch.bfloat16, FusedMoeConfig.from_dict(entry)),
+                               (torch.float32, get_config(torch.device("cpu"), hidden, inter, torch.float32))):
+                cases.append((f"{device} {key} {str(dtype)[6:]}",
+                              functools.partial(launch_fused_moe, hidden, inter, 64, 6, dtype, cfg)))
+    cases.append(("defaults float16", functools.partial(launch_fused_moe, 2048, 1408, 64, 6, torch.float16,
+                                                        FusedMoeConfig())))
     seen = set()
-    for name, hidden, inter, dtype, cfg in cases:
+    for name, launch in cases:
         launches.clear()
-        launch_fused_moe(hidden, inter, 64, 6, dtype, cfg)
-        routing.route(torch.empty(4, 64), routing.RoutingSpec(top_k=6))
-        routing.route(torch.empty(4, 256), routing.RoutingSpec(top_k=8, scoring="sigmoid", renormalize=True,
-                                                               num_groups=8, topk_groups=4, group_score="top2_sum"),
-                      torch.empty(256))
+        launch()
         for kernel, args, kwargs in launches:
             key = (kernel.fn.__name__, tuple(mangle_type(a) for a in args), tuple(sorted(kwargs.items())))
             if key in seen:
