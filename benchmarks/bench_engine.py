@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from moerun.policy.config import (AdaptRule, CacheConfig, CompiledPolicy, PerLayerConfig, PrefetchConfig,
+from moerun.policy.ir import (AdaptRule, CacheConfig, CompiledPolicy, PerLayerConfig, PrefetchConfig,
                                   ScheduleConfig)
 from moerun.policy_engine import PolicyEngine
 from moerun.trace.replay import replay

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
+from moerun.native import slot_layout, slot_views
 from moerun.kernels.fused_moe_config import (
     DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, device_key, get_config, shape_key,
 )
@@ -138,10 +139,12 @@ class Problem:
         self.H, self.I, self.E, self.K = hidden, inter, experts, top_k
         self.gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=dtype) * hidden**-0.5
         self.down = torch.randn(experts, hidden, inter, device="cuda", dtype=dtype) * inter**-0.5
-        slot_elems = triton.cdiv(3 * inter * hidden, 64) * 64
-        self.arena = torch.zeros(experts, slot_elems, device="cuda", dtype=dtype)  # [N=E, S]
-        self.arena[:, : 2 * inter * hidden] = self.gate_up.reshape(experts, -1)
-        self.arena[:, 2 * inter * hidden: 3 * inter * hidden] = self.down.reshape(experts, -1)
+        self.layout = slot_layout(dtype, hidden, inter)
+        self.arena = torch.zeros(experts, self.layout.slot_elems, device="cuda", dtype=dtype)  # [N=E, S]
+        for e in range(experts):
+            gate_up, down = slot_views(self.layout, self.arena[e])
+            gate_up.copy_(self.gate_up[e])
+            down.copy_(self.down[e])
         self.table = torch.randperm(experts, device="cuda").int()  # expert e -> a random slot
         self.arena = self.arena[self.table.argsort()].contiguous()  # place expert e in slot table[e]
 
@@ -153,7 +156,8 @@ class Problem:
         return x, ids, w
 
     def expert_bytes(self) -> int:
-        return 3 * self.I * self.H * self.arena.element_size()
+        """Weight bytes of one expert (the slot without its padding)."""
+        return self.layout.gate_up_bytes + self.layout.down_bytes
 
     def floors(self, tokens, ids) -> dict:
         touched = torch.unique(ids).numel()

@@ -1,9 +1,14 @@
 // Adapt rules of the policy engine: metrics over sliding windows of accesses, and rules that, when
 // their condition holds over a full window, change policy parameters in place (cache contents kept)
 // and run triggers. A rule fires at most once per window; every firing is logged.
+//
+// Counting metrics come from cumulative counters recorded after every step (a ring of Cum). The
+// routing metrics (drift, utilization_gini) need which experts were accessed, so the engine keeps an
+// access log (one key per routed pair) as long as the longest window a rule takes them over.
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 
 #include "policy_engine.h"
 
@@ -23,10 +28,75 @@ void Engine::push_window_record() {
   c.bytes = total_.bytes_fetched;
   c.observed_steps = total_.observed_steps;
   c.observed_us = total_.observed_us;
+  c.simulated_us = now_us_;
   ++cum_n_;
 }
 
+void Engine::keep_access_log(int64_t window) {
+  if (window <= int64_t(access_log_.size())) return;
+  access_log_.assign(size_t(window), -1);  // a longer log starts over (its baseline too)
+  baseline_log_.assign(size_t(window), -1);
+  logged_ = 0;
+  metric_counts_.assign(size_t(L_) * size_t(E_), 0);
+}
+
+void Engine::log_access(int key, int count) {
+  const int64_t cap = int64_t(access_log_.size());
+  for (int c = 0; c < count; ++c, ++logged_) {
+    if (logged_ < cap) baseline_log_[size_t(logged_)] = key;
+    access_log_[size_t(logged_ % cap)] = key;
+  }
+}
+
+// Total variation distance, in [0, 1], between the distribution of (layer, expert) keys over the
+// last `window` accesses and over the first `window` since the engine started (its baseline):
+// 0 = the routing still spreads over the experts as it did, 1 = it moved to experts it never used.
+double Engine::drift(int64_t window) const {
+  const int64_t cap = int64_t(access_log_.size());
+  if (window <= 0 || window > cap || logged_ < 2 * window) return NAN;
+  metric_touched_.clear();
+  auto add = [&](int32_t key, int32_t d) {
+    if (metric_counts_[size_t(key)] == 0) metric_touched_.push_back(key);
+    metric_counts_[size_t(key)] += d;
+  };
+  for (int64_t i = logged_ - window; i < logged_; ++i) add(access_log_[size_t(i % cap)], 1);
+  for (int64_t i = 0; i < window; ++i) add(baseline_log_[size_t(i)], -1);
+  int64_t diff = 0;
+  for (int32_t key : metric_touched_) {
+    diff += std::abs(metric_counts_[size_t(key)]);
+    metric_counts_[size_t(key)] = 0;
+  }
+  return 0.5 * double(diff) / double(window);
+}
+
+// Gini coefficient of the access counts of every (layer, expert) of the model over the last
+// `window` accesses (experts not accessed count as zero): 0 = every expert used equally, toward 1 =
+// the accesses concentrate on few experts.
+double Engine::utilization_gini(int64_t window) const {
+  const int64_t cap = int64_t(access_log_.size());
+  if (window <= 0 || window > cap || logged_ < window) return NAN;
+  metric_touched_.clear();
+  for (int64_t i = logged_ - window; i < logged_; ++i) {
+    const int32_t key = access_log_[size_t(i % cap)];
+    if (metric_counts_[size_t(key)]++ == 0) metric_touched_.push_back(key);
+  }
+  std::vector<int32_t>& counts = metric_touched_;  // reused: keys -> their counts, ascending
+  for (int32_t& key : counts) {
+    const int32_t k = key;
+    key = metric_counts_[size_t(k)];
+    metric_counts_[size_t(k)] = 0;
+  }
+  std::sort(counts.begin(), counts.end());
+  const double n = double(L_) * double(E_);
+  const double zeros = n - double(counts.size());
+  double ranked = 0.0;  // sum of rank * count, ranks 1..n ascending, the zeros first
+  for (size_t j = 0; j < counts.size(); ++j) ranked += (zeros + double(j + 1)) * double(counts[j]);
+  return 2.0 * ranked / (n * double(window)) - (n + 1.0) / n;
+}
+
 double Engine::metric(Metric m, int64_t window) const {
+  if (m == Metric::Drift) return drift(window);
+  if (m == Metric::UtilizationGini) return utilization_gini(window);
   if (cum_n_ == 0) return NAN;
   const int64_t ring = int64_t(cum_.size());
   const Cum& now = cum_[size_t((cum_n_ - 1) % ring)];
@@ -58,6 +128,12 @@ double Engine::metric(Metric m, int64_t window) const {
       const int64_t steps = now.observed_steps - base->observed_steps;
       return steps > 0 ? us / double(steps) / 1e3 : NAN;
     }
+    case Metric::CostPerToken: {  // the cost model's time of the MoE layers per token, in µs
+      const int64_t tokens = now.tokens - base->tokens;
+      return tokens > 0 ? (now.simulated_us - base->simulated_us) / double(tokens) : NAN;
+    }
+    case Metric::Drift:
+    case Metric::UtilizationGini: break;  // above
   }
   return NAN;
 }

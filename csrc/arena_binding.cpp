@@ -1,6 +1,7 @@
 // Python binding of ExpertArena: allocates the slot memory and the table mirror through torch (so they
 // show in torch's allocator statistics) and hands raw pointers to the core.
 #include "arena.h"
+#include "slot_layout.h"
 #include "binding_util.h"
 #include "bindings.h"
 
@@ -23,8 +24,9 @@ std::shared_ptr<ExpertArena> make_arena(int64_t num_slots, int64_t slot_elems, a
     throw std::invalid_argument("ExpertArena needs positive num_slots, slot_elems, num_layers, num_experts (got " +
                                 std::to_string(num_slots) + ", " + std::to_string(slot_elems) + ", " +
                                 std::to_string(num_layers) + ", " + std::to_string(num_experts) + ")");
-  if (slot_elems % 64 != 0)
-    throw std::invalid_argument("slot_elems must be a multiple of 64 (use moerun.native.slot_elems(hidden, inter)); got " +
+  if (slot_elems % kSlotAlignElems != 0)
+    throw std::invalid_argument("slot_elems must be a multiple of " + std::to_string(kSlotAlignElems) +
+                                " (use moerun.native.slot_layout(dtype, hidden, inter).slot_elems); got " +
                                 std::to_string(slot_elems));
   int device_index = -1;
   if (device.is_cuda()) {
@@ -49,8 +51,37 @@ std::shared_ptr<ExpertArena> make_arena(int64_t num_slots, int64_t slot_elems, a
 }  // namespace
 
 void bind_arena(py::module& m) {
+  py::class_<SlotLayout>(m, "SlotLayout",
+                         "Where one expert's tensors sit in its slot (csrc/slot_layout.h); offsets and sizes in bytes.")
+      .def_property_readonly("dtype", [](const SlotLayout& s) { return to_torch(s.dtype); })
+      .def_readonly("hidden_size", &SlotLayout::hidden_size)
+      .def_readonly("inter_size", &SlotLayout::inter_size)
+      .def_readonly("gate_up_offset", &SlotLayout::gate_up_offset, "gate_up [2I, H] (gate rows, then up rows)")
+      .def_readonly("gate_up_bytes", &SlotLayout::gate_up_bytes)
+      .def_readonly("gate_up_scales_offset", &SlotLayout::gate_up_scales_offset)
+      .def_readonly("gate_up_scales_bytes", &SlotLayout::gate_up_scales_bytes, "0: float formats have no scales")
+      .def_readonly("down_offset", &SlotLayout::down_offset, "down [H, I]")
+      .def_readonly("down_bytes", &SlotLayout::down_bytes)
+      .def_readonly("down_scales_offset", &SlotLayout::down_scales_offset)
+      .def_readonly("down_scales_bytes", &SlotLayout::down_scales_bytes, "0: float formats have no scales")
+      .def_readonly("slot_elems", &SlotLayout::slot_elems, "elements of dtype in one slot, padding included")
+      .def_readonly("slot_bytes", &SlotLayout::slot_bytes)
+      .def("__repr__", [](const SlotLayout& s) {
+        return "SlotLayout(" + std::string(dtype_name(s.dtype)) + ", hidden_size=" + std::to_string(s.hidden_size) +
+               ", inter_size=" + std::to_string(s.inter_size) + ", down_offset=" + std::to_string(s.down_offset) +
+               ", slot_bytes=" + std::to_string(s.slot_bytes) + ")";
+      });
+  m.def("slot_layout",
+        [](at::ScalarType dtype, int64_t hidden_size, int64_t inter_size) {
+          if (hidden_size <= 0 || inter_size <= 0)
+            throw std::invalid_argument("slot_layout needs positive hidden_size and inter_size, got " +
+                                        std::to_string(hidden_size) + " and " + std::to_string(inter_size));
+          return slot_layout(to_dtype(dtype, "slot_layout dtype"), hidden_size, inter_size);
+        },
+        py::arg("dtype"), py::arg("hidden_size"), py::arg("inter_size"),
+        "The slot layout of one expert of this dtype and shape (the one definition: csrc/slot_layout.h).");
   m.def("slot_elems", &slot_elems_for, py::arg("hidden_size"), py::arg("inter_size"),
-        "Elements of one expert slot: round_up(3 * inter_size * hidden_size, 64).");
+        "Elements of one expert slot, padding included: slot_layout(dtype, hidden_size, inter_size).slot_elems.");
   py::class_<ExpertArena, std::shared_ptr<ExpertArena>>(m, "ExpertArena",
                                                         "Fixed GPU (or host) expert slots and the (layer, expert) -> slot table.")
       .def(py::init(&make_arena), py::arg("num_slots"), py::arg("slot_elems"), py::arg("dtype"), py::arg("device"),

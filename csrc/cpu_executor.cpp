@@ -92,7 +92,7 @@ void CpuExecutor::start_round() {
   const DType wd = host_->dtype();
   const int64_t gate_blocks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
   const int64_t down_blocks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
-  const int64_t wb = dtype_bytes(wd);
+  const int64_t down_offset = slot_layout(wd, H, I).down_offset;  // gate_up [2I, H] starts the slot
   const CpuIsa isa = isa_;
   float* out = out_;
   // bf16 weights on AVX-512-BF16 / AMX read bf16 activations (and AMX VNNI tiles): made once per token
@@ -157,7 +157,7 @@ void CpuExecutor::start_round() {
                       float y[kTokenTile * kDownRowsPerTask];
                       for (size_t jj = j0; jj < j1; ++jj) {
                         const Job& j = jobs_[jj];
-                        const char* down = static_cast<const char*>(j.weights) + 2 * I * H * wb;
+                        const char* down = static_cast<const char*>(j.weights) + down_offset;
                         for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                           const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
                           matmul_rows(isa, down, wd, I, c0, c1, acts(h_, hb_, hv_, j.first_row + t0, I), tn, y, n);

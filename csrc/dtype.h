@@ -21,13 +21,6 @@ inline const char* dtype_name(DType d) {
   return "?";
 }
 
-// Elements of one expert slot: gate_up [2I, H] then down [H, I], padded to a multiple of 64 elements
-// so every slot starts 128-byte aligned for 2-byte dtypes (CONTRACTS.md, slot layout).
-inline int64_t slot_elems_for(int64_t hidden_size, int64_t inter_size) {
-  const int64_t raw = 3 * hidden_size * inter_size;
-  return (raw + 63) / 64 * 64;
-}
-
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;

@@ -1,4 +1,5 @@
 #include "expert_files.h"
+#include "slot_layout.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -106,14 +107,17 @@ int64_t ExpertFiles::read(int64_t layer, int64_t expert, void* dst) {
   if (!has(layer, expert))
     throw std::runtime_error("no safetensors source was given for (layer " + std::to_string(layer) + ", expert " +
                              std::to_string(expert) + "); pass it to HostPool.fill first");
-  const int64_t part_elems = hidden_ * inter_;
+  const int64_t part_elems = hidden_ * inter_;  // gate, up, down: [I, H], [I, H], [H, I]
   const int64_t b = dtype_bytes(dtype_);
+  const SlotLayout layout = slot_layout(dtype_, hidden_, inter_);
+  const int64_t part_offset[3] = {layout.gate_up_offset, layout.gate_up_offset + layout.gate_up_bytes / 2,
+                                  layout.down_offset};
   int64_t total = 0;
   thread_local std::vector<char> bounce;
   for (int p = 0; p < 3; ++p) {
     const Part& part = parts_[static_cast<size_t>((layer * num_experts_ + expert) * 3 + p)];
     const int f = fd(part.file);
-    char* out = static_cast<char*>(dst) + p * part_elems * b;
+    char* out = static_cast<char*>(dst) + part_offset[p];
     if (part.dtype == dtype_) {
       pread_all(f, out, part.bytes, part.offset, part.file);
     } else {

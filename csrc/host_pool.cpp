@@ -167,8 +167,9 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
                              " (the pool then caches experts in front of the files), use smaller chunks, or "
                              "free host memory / raise the locked-memory limit (ulimit -l)");
   }
-  // Zero the padding tail of every slot so kernels reading whole slots see zeros (slot layout contract).
-  const int64_t pad_bytes = (slot_elems_ - 3 * hidden_ * inter_) * dtype_bytes(dtype_);
+  // Zero the padding tail of every slot so kernels reading whole slots see zeros (slot_layout.h).
+  const SlotLayout layout = slot_layout(dtype_, hidden_, inter_);
+  const int64_t pad_bytes = layout.slot_bytes - (layout.down_scales_offset + layout.down_scales_bytes);
   if (pad_bytes > 0)
     for (int64_t s = 0; s < num_slots_; ++s)
       std::memset(slot_ptr(s) + slot_bytes() - pad_bytes, 0, static_cast<size_t>(pad_bytes));
@@ -256,11 +257,11 @@ void HostPool::write_expert(int64_t layer, int64_t expert, const void* gate, con
     throw std::runtime_error("write_expert fills a pool that holds every expert; this pool caches " +
                              std::to_string(num_slots_) + " experts and reads them from the files given to fill()");
   char* dst = slot_ptr(layer * num_experts_ + expert);
-  const int64_t n = hidden_ * inter_;
-  const int64_t b = dtype_bytes(dtype_);
-  convert_elems(gate, src_dtype, dst, dtype_, n);
-  convert_elems(up, src_dtype, dst + n * b, dtype_, n);
-  convert_elems(down, src_dtype, dst + 2 * n * b, dtype_, n);
+  const SlotLayout layout = slot_layout(dtype_, hidden_, inter_);
+  const int64_t n = hidden_ * inter_;  // elements of each of gate, up, down
+  convert_elems(gate, src_dtype, dst + layout.gate_up_offset, dtype_, n);
+  convert_elems(up, src_dtype, dst + layout.gate_up_offset + layout.gate_up_bytes / 2, dtype_, n);
+  convert_elems(down, src_dtype, dst + layout.down_offset, dtype_, n);
   filled_[static_cast<size_t>(layer * num_experts_ + expert)] = 1;
 }
 

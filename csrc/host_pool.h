@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "slot_layout.h"
 #include "expert_files.h"
 
 namespace moerun {

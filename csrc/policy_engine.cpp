@@ -79,6 +79,9 @@ void Engine::reset() {
   pred_err_n_ = 0;
   cum_.assign(8192, Cum{});
   cum_n_ = 0;
+  access_log_.clear();
+  baseline_log_.clear();
+  logged_ = 0;
   firings_.clear();
   firing_count_ = 0;
   total_ = Counters{};
@@ -114,6 +117,8 @@ void Engine::set_config(const EngineConfig& config) {
     for (const auto& a : r.assignments)
       if (a.first == Param::Eviction) track_all_ = true;
   rule_last_fire_.assign(cfg_.rules.size(), INT64_MIN);
+  for (const AdaptRule& r : cfg_.rules)
+    if (r.metric == Metric::Drift || r.metric == Metric::UtilizationGini) keep_access_log(r.window);
   if (structure_changed) {
     // Re-thread every resident key into the partition layout of the new structure.
     std::vector<int32_t> keys;
@@ -277,6 +282,10 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
   out_ = &out;
   const int part = cfg_.per_layer ? layer : 0;
   const int base = layer * E_;
+  // capacity_factor: the most routed pairs one expert takes in this step; the rest are dropped.
+  const int token_cap = cfg_.capacity_factor > 0
+                            ? std::max(1, int(std::ceil(cfg_.capacity_factor * double(n) / double(E_))))
+                            : INT_MAX;
   uniq_.clear(); uniq_count_.clear(); uniq_weight_.clear(); uniq_next_.clear();
   for (int i = 0; i < n; ++i) {
     const int e = ids[i];
@@ -293,6 +302,7 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
       uniq_.push_back(key); uniq_count_.push_back(0); uniq_weight_.push_back(0.f);
       uniq_next_.push_back(INT32_MAX);
     }
+    if (uniq_count_[idx] >= token_cap) { ++total_.dropped; continue; }
     ++uniq_count_[idx];
     uniq_weight_[idx] += weights != nullptr ? weights[i] : 1.0f / float(K_);
     if (next_use != nullptr) uniq_next_[idx] = next_use[i];
@@ -309,6 +319,7 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
     part_clock_[part] += count;
     total_.accesses += count;
     layer_accesses_[layer] += count;
+    if (!access_log_.empty()) log_access(key, count);
     if (slot_of_[key] >= 0) {
       out.hits.push_back(key - base);
       out.hits.push_back(slot_of_[key]);

@@ -14,15 +14,26 @@
 namespace moerun {
 namespace policy {
 
+// The policy vocabularies. Each enum's names, in enum order, are listed beside it: the binding
+// exports them (moerun._C.policy_vocabulary()) and a test holds them equal to the language's lists
+// (moerun/policy/ir.py), which map names to these values by position.
 enum class Eviction : int { Lru = 0, Lfu, Score, FreqThreshold, Watermark, Belady };
+inline constexpr const char* kEvictionNames[] = {"lru", "lfu", "score", "freq_threshold", "watermark", "belady"};
 enum class Prefetch : int { None = 0, History, Affinity, Lookahead, Learned };
+inline constexpr const char* kPrefetchNames[] = {"none", "history", "affinity", "lookahead", "learned"};
 enum class Schedule : int { GpuOnly = 0, CpuFallback, Hybrid };
+inline constexpr const char* kScheduleNames[] = {"gpu_only", "cpu_fallback", "hybrid"};
 enum class Allocation : int { Uniform = 0, Entropy };
+inline constexpr const char* kAllocationNames[] = {"uniform", "entropy"};
 enum class Metric : int {
   HitRate = 0, MissRate, EvictionRate, PrefetchAccuracy, CpuShare, TransferGbps, FetchesPerToken,
-  LayerLatencyMs
+  LayerLatencyMs, Drift, UtilizationGini, CostPerToken
 };
+inline constexpr const char* kMetricNames[] = {
+    "hit_rate", "miss_rate", "eviction_rate", "prefetch_accuracy", "cpu_share", "transfer_gbps",
+    "fetches_per_token", "layer_latency_ms", "drift", "utilization_gini", "cost_per_token"};
 enum class Op : int { Lt = 0, Le, Gt, Ge, Eq, Ne };
+inline constexpr const char* kOpNames[] = {"<", "<=", ">", ">=", "==", "!="};
 // Parameters an adapt rule may assign. Enum-valued ones carry the enum's integer value.
 enum class Param : int {
   Capacity = 0, Eviction, FrequencyDecay, FreqThreshold, FreqWindow, ScoreEmaAlpha, Ttl,
@@ -30,7 +41,23 @@ enum class Param : int {
   PrefetchStrategy, PrefetchBudget, PrefetchLookahead, AffinityThreshold, ScheduleMode,
   OffloadThresholdMs, PriorityRouting
 };
+inline constexpr const char* kParamNames[] = {
+    "cache.capacity", "cache.eviction", "cache.frequency_decay", "cache.freq_threshold", "cache.freq_window",
+    "cache.score_ema_alpha", "cache.ttl", "cache.high_watermark", "cache.low_watermark", "cache.credit_decay",
+    "cache.memory_budget_gb", "cache.memory_threshold", "cache.memory_headroom", "prefetch.strategy",
+    "prefetch.budget", "prefetch.lookahead", "prefetch.affinity_threshold", "schedule.mode",
+    "schedule.offload_threshold_ms", "schedule.priority_routing"};
 enum class Trigger : int { EvictTtl = 0, EvictMemory, ResetStats, RebalancePerLayer };
+inline constexpr const char* kTriggerNames[] = {"evict_ttl", "evict_memory", "reset_stats", "rebalance_per_layer"};
+
+static_assert(sizeof(kEvictionNames) / sizeof(char*) == int(Eviction::Belady) + 1, "an eviction has no name");
+static_assert(sizeof(kPrefetchNames) / sizeof(char*) == int(Prefetch::Learned) + 1, "a prefetch has no name");
+static_assert(sizeof(kScheduleNames) / sizeof(char*) == int(Schedule::Hybrid) + 1, "a schedule has no name");
+static_assert(sizeof(kAllocationNames) / sizeof(char*) == int(Allocation::Entropy) + 1, "an allocation has no name");
+static_assert(sizeof(kMetricNames) / sizeof(char*) == int(Metric::CostPerToken) + 1, "a metric has no name");
+static_assert(sizeof(kOpNames) / sizeof(char*) == int(Op::Ne) + 1, "an op has no name");
+static_assert(sizeof(kParamNames) / sizeof(char*) == int(Param::PriorityRouting) + 1, "a param has no name");
+static_assert(sizeof(kTriggerNames) / sizeof(char*) == int(Trigger::RebalancePerLayer) + 1, "a trigger has no name");
 
 struct AdaptRule {
   Metric metric = Metric::HitRate;
@@ -65,6 +92,10 @@ struct EngineConfig {
   double high_watermark = 0.9, low_watermark = 0.7, credit_decay = 0.95;
   double memory_budget_gb = 0.0, memory_threshold = 0.9, memory_headroom = 0.1;
   double expert_size_gb = 0.0;  // 0 -> expert_bytes
+  // Switch/GShard token capacity: an expert takes at most ceil(capacity_factor * pairs / num_experts)
+  // of a step's routed pairs; the rest are dropped (not run, not accesses). 0 = no limit. Dropping
+  // tokens changes the model's output, so only replay runs it (the runtime refuses such a policy).
+  double capacity_factor = 0.0;
   // prefetch
   Prefetch prefetch = Prefetch::None;
   int prefetch_budget = 0, lookahead = 1;
@@ -104,6 +135,7 @@ struct Counters {
   int64_t demand_fetches = 0, prefetches = 0, prefetch_used = 0, evictions = 0, releases = 0;
   int64_t cpu_experts = 0, overflow = 0, bytes_fetched = 0;
   int64_t admissions = 0;  // CPU-run misses copied in the background to stay cached
+  int64_t dropped = 0;     // routed pairs over an expert's token capacity (capacity_factor)
   double observed_us = 0.0;  // sum of observed layer times
   int64_t observed_steps = 0;
 };
@@ -158,6 +190,10 @@ class Engine {
   const CostParams& cost() const { return cost_; }
   double simulated_us() const { return now_us_; }
   double metric(Metric m, int64_t window) const;  // windowed metric (NaN when undefined)
+  // Longest window the routing metrics (drift, utilization_gini) can be taken over: the longest
+  // window of the rules that use them, or the one asked for with keep_access_log.
+  int64_t access_log_capacity() const { return int64_t(access_log_.size()); }
+  void keep_access_log(int64_t window);  // grow the access log to `window` accesses (0 = unchanged)
 
  private:
   // -- cache structure (policy_engine.cpp) --
@@ -192,6 +228,9 @@ class Engine {
   void schedule_misses(int layer);
   // -- adapt (adapt.cpp) --
   void push_window_record();
+  void log_access(int key, int count);  // the access log of drift and utilization_gini
+  double drift(int64_t window) const;
+  double utilization_gini(int64_t window) const;
   void evaluate_rules();
   void apply(Param p, double v);
   void rebalance();
@@ -291,8 +330,13 @@ class Engine {
   struct Cum {
     int64_t accesses, hits, evictions, prefetches, prefetch_used, cpu, fetches, tokens, bytes,
         observed_steps;
-    double observed_us;
+    double observed_us, simulated_us;
   };
+  // Access log: the keys of the last access_log_.size() accesses (a ring, one entry per routed
+  // pair), and the keys of the first ones since reset (drift's baseline).
+  std::vector<int32_t> access_log_, baseline_log_;
+  int64_t logged_ = 0;
+  mutable std::vector<int32_t> metric_counts_, metric_touched_;  // scratch of drift and gini
   std::vector<Cum> cum_;
   int64_t cum_n_ = 0;
   std::vector<int64_t> rule_last_fire_;

@@ -1,12 +1,14 @@
 // Python binding of the policy engine (moerun._C.PolicyEngine, moerun._C.Plan, moerun._C.replay).
 // The hot call is PolicyEngine.step: ids/weights arrive as Python lists/tuples (read in place) or
 // arrays, and the same Plan object is returned every call, so a step allocates nothing once warm.
-// moerun/policy_engine.py builds the config dict from a CompiledPolicy.
+// moerun/policy/engine_setup.py builds the config dict from a compiled policy; every key is required.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -25,71 +27,119 @@ using policy::Engine;
 using policy::EngineConfig;
 using policy::Plan;
 
+// Every key of the engine's config, as moerun/policy/engine_setup.py writes it. The config must
+// carry each one (and nothing else): a default here would be a second, unseen source of the policy's
+// defaults.
+constexpr const char* kConfigKeys[] = {
+    "num_layers", "num_experts", "top_k", "num_slots", "expert_bytes", "capacity", "eviction",
+    "frequency_decay", "freq_threshold", "freq_window", "score_ema_alpha", "pinned_keys", "ttl",
+    "high_watermark", "low_watermark", "credit_decay", "memory_budget_gb", "memory_threshold",
+    "memory_headroom", "expert_size_gb", "capacity_factor", "prefetch", "prefetch_budget", "lookahead",
+    "affinity_threshold", "history_window", "schedule", "offload_threshold_ms", "priority_routing",
+    "per_layer", "allocation", "total_budget", "min_capacity", "max_capacity", "rebalance_interval",
+    "entropy_window", "rules", "cost"};
+constexpr const char* kRuleKeys[] = {"metric", "op", "threshold", "window", "assignments", "triggers"};
+constexpr const char* kCostKeys[] = {"h2d_gbps", "cpu_us_per_expert_token", "copy_latency_us", "gpu_layer_us", "ema"};
+
+template <size_t N>
+void check_keys(const py::dict& d, const char* const (&keys)[N], const char* what) {
+  for (const char* k : keys)
+    if (!d.contains(k)) throw std::invalid_argument(std::string(what) + " has no '" + k + "'");
+  if (py::len(d) != N) {
+    for (auto item : d) {
+      const std::string k = py::str(item.first);
+      if (std::find_if(std::begin(keys), std::end(keys), [&](const char* x) { return k == x; }) == std::end(keys))
+        throw std::invalid_argument(std::string(what) + " has an unknown key '" + k + "'");
+    }
+  }
+}
+
 template <typename T>
-T get(const py::dict& d, const char* key, T fallback) {
-  return d.contains(key) ? d[key].cast<T>() : fallback;
+T get(const py::dict& d, const char* key) {
+  return d[key].cast<T>();
+}
+
+template <typename E, size_t N>
+E enum_value(const py::dict& d, const char* key, const char* const (&)[N]) {
+  const int v = get<int>(d, key);
+  if (v < 0 || v >= int(N)) throw std::invalid_argument(std::string("engine config: ") + key + " " + std::to_string(v) + " is out of range");
+  return E(v);
 }
 
 EngineConfig config_from_dict(const py::dict& d) {
+  check_keys(d, kConfigKeys, "engine config");
   EngineConfig c;
-  c.num_layers = get<int>(d, "num_layers", 0);
-  c.num_experts = get<int>(d, "num_experts", 0);
-  c.top_k = get<int>(d, "top_k", 0);
-  c.num_slots = get<int>(d, "num_slots", 0);
-  c.expert_bytes = get<int64_t>(d, "expert_bytes", 0);
-  c.capacity = get<int>(d, "capacity", c.num_slots);
-  c.eviction = policy::Eviction(get<int>(d, "eviction", 0));
-  c.frequency_decay = get<double>(d, "frequency_decay", 1.0);
-  c.freq_threshold = get<double>(d, "freq_threshold", 2.0);
-  c.freq_window = get<int>(d, "freq_window", 100);
-  c.score_ema_alpha = get<double>(d, "score_ema_alpha", 0.3);
-  c.pinned_keys = get<std::vector<int>>(d, "pinned_keys", {});
-  c.ttl = get<int64_t>(d, "ttl", 0);
-  c.high_watermark = get<double>(d, "high_watermark", 0.9);
-  c.low_watermark = get<double>(d, "low_watermark", 0.7);
-  c.credit_decay = get<double>(d, "credit_decay", 0.95);
-  c.memory_budget_gb = get<double>(d, "memory_budget_gb", 0.0);
-  c.memory_threshold = get<double>(d, "memory_threshold", 0.9);
-  c.memory_headroom = get<double>(d, "memory_headroom", 0.1);
-  c.expert_size_gb = get<double>(d, "expert_size_gb", 0.0);
-  c.prefetch = policy::Prefetch(get<int>(d, "prefetch", 0));
-  c.prefetch_budget = get<int>(d, "prefetch_budget", 0);
-  c.lookahead = get<int>(d, "lookahead", 1);
-  c.affinity_threshold = get<double>(d, "affinity_threshold", 0.1);
-  c.history_window = get<int>(d, "history_window", 64);
-  c.schedule = policy::Schedule(get<int>(d, "schedule", 0));
-  c.offload_threshold_ms = get<double>(d, "offload_threshold_ms", 0.0);
-  c.priority_routing = get<bool>(d, "priority_routing", true);
-  c.per_layer = get<bool>(d, "per_layer", false);
-  c.allocation = policy::Allocation(get<int>(d, "allocation", 0));
-  c.total_budget = get<int>(d, "total_budget", c.capacity);
-  c.min_capacity = get<int>(d, "min_capacity", 1);
-  c.max_capacity = get<int>(d, "max_capacity", 0);
-  c.rebalance_interval = get<int64_t>(d, "rebalance_interval", 0);
-  c.entropy_window = get<int>(d, "entropy_window", 1000);
-  if (d.contains("rules")) {
-    for (py::handle h : d["rules"]) {
-      py::dict r = py::reinterpret_borrow<py::dict>(h);
-      policy::AdaptRule rule;
-      rule.metric = policy::Metric(r["metric"].cast<int>());
-      rule.op = policy::Op(r["op"].cast<int>());
-      rule.threshold = r["threshold"].cast<double>();
-      rule.window = r["window"].cast<int64_t>();
-      for (auto a : r["assignments"].cast<std::vector<std::pair<int, double>>>())
-        rule.assignments.push_back({policy::Param(a.first), a.second});
-      for (int t : r["triggers"].cast<std::vector<int>>()) rule.triggers.push_back(policy::Trigger(t));
-      c.rules.push_back(rule);
+  c.num_layers = get<int>(d, "num_layers");
+  c.num_experts = get<int>(d, "num_experts");
+  c.top_k = get<int>(d, "top_k");
+  c.num_slots = get<int>(d, "num_slots");
+  c.expert_bytes = get<int64_t>(d, "expert_bytes");
+  c.capacity = get<int>(d, "capacity");
+  c.eviction = enum_value<policy::Eviction>(d, "eviction", policy::kEvictionNames);
+  c.frequency_decay = get<double>(d, "frequency_decay");
+  c.freq_threshold = get<double>(d, "freq_threshold");
+  c.freq_window = get<int>(d, "freq_window");
+  c.score_ema_alpha = get<double>(d, "score_ema_alpha");
+  c.pinned_keys = get<std::vector<int>>(d, "pinned_keys");
+  c.ttl = get<int64_t>(d, "ttl");
+  c.high_watermark = get<double>(d, "high_watermark");
+  c.low_watermark = get<double>(d, "low_watermark");
+  c.credit_decay = get<double>(d, "credit_decay");
+  c.memory_budget_gb = get<double>(d, "memory_budget_gb");
+  c.memory_threshold = get<double>(d, "memory_threshold");
+  c.memory_headroom = get<double>(d, "memory_headroom");
+  c.expert_size_gb = get<double>(d, "expert_size_gb");
+  c.capacity_factor = get<double>(d, "capacity_factor");
+  c.prefetch = enum_value<policy::Prefetch>(d, "prefetch", policy::kPrefetchNames);
+  c.prefetch_budget = get<int>(d, "prefetch_budget");
+  c.lookahead = get<int>(d, "lookahead");
+  c.affinity_threshold = get<double>(d, "affinity_threshold");
+  c.history_window = get<int>(d, "history_window");
+  c.schedule = enum_value<policy::Schedule>(d, "schedule", policy::kScheduleNames);
+  c.offload_threshold_ms = get<double>(d, "offload_threshold_ms");
+  c.priority_routing = get<bool>(d, "priority_routing");
+  c.per_layer = get<bool>(d, "per_layer");
+  c.allocation = enum_value<policy::Allocation>(d, "allocation", policy::kAllocationNames);
+  c.total_budget = get<int>(d, "total_budget");
+  c.min_capacity = get<int>(d, "min_capacity");
+  c.max_capacity = get<int>(d, "max_capacity");
+  c.rebalance_interval = get<int64_t>(d, "rebalance_interval");
+  c.entropy_window = get<int>(d, "entropy_window");
+  for (py::handle h : d["rules"]) {
+    py::dict r = py::reinterpret_borrow<py::dict>(h);
+    check_keys(r, kRuleKeys, "adapt rule");
+    policy::AdaptRule rule;
+    rule.metric = enum_value<policy::Metric>(r, "metric", policy::kMetricNames);
+    rule.op = enum_value<policy::Op>(r, "op", policy::kOpNames);
+    rule.threshold = r["threshold"].cast<double>();
+    rule.window = r["window"].cast<int64_t>();
+    for (auto a : r["assignments"].cast<std::vector<std::pair<int, double>>>()) {
+      if (a.first < 0 || a.first >= int(std::size(policy::kParamNames)))
+        throw std::invalid_argument("adapt rule: parameter " + std::to_string(a.first) + " is out of range");
+      rule.assignments.push_back({policy::Param(a.first), a.second});
     }
+    for (int t : r["triggers"].cast<std::vector<int>>()) {
+      if (t < 0 || t >= int(std::size(policy::kTriggerNames)))
+        throw std::invalid_argument("adapt rule: trigger " + std::to_string(t) + " is out of range");
+      rule.triggers.push_back(policy::Trigger(t));
+    }
+    c.rules.push_back(rule);
   }
-  if (d.contains("cost")) {
-    py::dict k = d["cost"].cast<py::dict>();
-    c.cost.h2d_bytes_per_us = get<double>(k, "h2d_gbps", 25.0) * 1e3;
-    c.cost.cpu_us_per_expert_token = get<double>(k, "cpu_us_per_expert_token", 400.0);
-    c.cost.copy_latency_us = get<double>(k, "copy_latency_us", 10.0);
-    c.cost.gpu_layer_us = get<double>(k, "gpu_layer_us", 50.0);
-    c.cost.ema = get<double>(k, "ema", 0.2);
-  }
+  py::dict k = d["cost"].cast<py::dict>();
+  check_keys(k, kCostKeys, "engine cost model");
+  c.cost.h2d_bytes_per_us = get<double>(k, "h2d_gbps") * 1e3;
+  c.cost.cpu_us_per_expert_token = get<double>(k, "cpu_us_per_expert_token");
+  c.cost.copy_latency_us = get<double>(k, "copy_latency_us");
+  c.cost.gpu_layer_us = get<double>(k, "gpu_layer_us");
+  c.cost.ema = get<double>(k, "ema");
   return c;
+}
+
+template <size_t N>
+py::list names(const char* const (&list)[N]) {
+  py::list out;
+  for (const char* n : list) out.append(n);
+  return out;
 }
 
 // A contiguous 1-D or N-D buffer (numpy array, array.array) of a common numeric type, read
@@ -214,6 +264,7 @@ py::dict stats(const Engine& e) {
   d["cpu_accesses"] = c.cpu_accesses; d["cpu_experts"] = c.cpu_experts;
   d["cpu_share"] = c.accesses > 0 ? double(c.cpu_accesses) / double(c.accesses) : 0.0;
   d["admissions"] = c.admissions; d["overflow"] = c.overflow; d["bytes_fetched"] = c.bytes_fetched;
+  d["dropped"] = c.dropped;
   d["resident"] = e.resident();
   d["capacities"] = e.layer_capacities();
   d["layer_hits"] = e.layer_hits(); d["layer_accesses"] = e.layer_accesses();
@@ -243,6 +294,22 @@ py::dict stats(const Engine& e) {
 }  // namespace
 
 void bind_policy_engine(py::module& m) {
+  m.def("policy_vocabulary", [] {
+        py::dict v;
+        v["eviction"] = names(policy::kEvictionNames);
+        v["prefetch"] = names(policy::kPrefetchNames);
+        v["schedule"] = names(policy::kScheduleNames);
+        v["allocation"] = names(policy::kAllocationNames);
+        v["metric"] = names(policy::kMetricNames);
+        v["op"] = names(policy::kOpNames);
+        v["param"] = names(policy::kParamNames);
+        v["trigger"] = names(policy::kTriggerNames);
+        v["config_keys"] = names(kConfigKeys);
+        v["rule_keys"] = names(kRuleKeys);
+        v["cost_keys"] = names(kCostKeys);
+        return v;
+      },
+      "The engine's name lists, each in its enum's order (the value a config dict gives is the position).");
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan", "Decisions of one layer step (reused across steps).")
       .def_property_readonly("hits", [](const Plan& p) { return tuples(p.hits, 2); },
                              "[(expert, slot)]")
@@ -295,8 +362,14 @@ void bind_policy_engine(py::module& m) {
            "Place (layer, expert) in a free slot without counting an access; its slot, or -1 (resident or no room).")
       .def("lookup", [](const PyEngine& self, int layer, int expert) { return self.engine.lookup(layer, expert); })
       .def("metric", [](const PyEngine& self, int metric, int64_t window) {
+             if (metric < 0 || metric >= int(std::size(policy::kMetricNames)))
+               throw std::invalid_argument("metric " + std::to_string(metric) + " is out of range");
              return self.engine.metric(policy::Metric(metric), window);
-           })
+           }, py::arg("metric"), py::arg("window"))
+      .def("keep_access_log", [](PyEngine& self, int64_t window) { self.engine.keep_access_log(window); },
+           py::arg("window"),
+           "Keep the last `window` routed pairs so drift and utilization_gini can be taken over that window "
+           "(adapt rules that use them size it themselves).")
       .def("stats", [](const PyEngine& self) { return stats(self.engine); })
       .def("replay",
            [](PyEngine& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,

@@ -1,19 +1,46 @@
-"""Typed surface of the native extension moerun._C (import these names from moerun.native)."""
-from typing import Sequence
+"""Typed surface of the native extension moerun._C: the whole boundary, declared in one place.
+
+Import these names from moerun.native (tests/native/test_boundary.py holds this file equal to what the
+extension exports). ``Written[torch.Tensor]`` marks a tensor the native call writes into (in place,
+possibly after the call returns, on a stream or a host thread); every other tensor argument is only read.
+"""
+from typing import Annotated, Sequence, TypeVar
 
 import torch
 
+_T = TypeVar("_T")
+Written = Annotated[_T, "written in place by the native call"]
+
 def build_info() -> dict: ...
-def slot_elems(hidden_size: int, inter_size: int) -> int: ...
 def physical_cores() -> int: ...
+
+# -- the slot layout (csrc/slot_layout.h) ---------------------------------------------------------------
+class SlotLayout:
+    """Where one expert's tensors sit in its slot; offsets and sizes in bytes."""
+    dtype: torch.dtype
+    hidden_size: int
+    inter_size: int
+    gate_up_offset: int         # gate_up [2I, H]: gate rows, then up rows
+    gate_up_bytes: int
+    gate_up_scales_offset: int
+    gate_up_scales_bytes: int   # 0: float formats have no scales
+    down_offset: int            # down [H, I]
+    down_bytes: int
+    down_scales_offset: int
+    down_scales_bytes: int
+    slot_elems: int             # elements of dtype in one slot, padding included
+    slot_bytes: int
+
+def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int) -> SlotLayout: ...
+def slot_elems(hidden_size: int, inter_size: int) -> int: ...  # slot_layout(...).slot_elems
 
 class ExpertArena:
     def __init__(self, num_slots: int, slot_elems: int, dtype: torch.dtype, device: torch.device | str | int,
                  num_layers: int, num_experts: int) -> None: ...
     @property
-    def weights(self) -> torch.Tensor: ...      # [num_slots, slot_elems], model dtype, on device
+    def weights(self) -> Written[torch.Tensor]: ...     # [num_slots, slot_elems] model dtype on device; TransferEngine.fetch writes slots
     @property
-    def slot_table(self) -> torch.Tensor: ...   # [num_layers, num_experts] int32 on device; -1 = not resident
+    def slot_table(self) -> Written[torch.Tensor]: ...  # [num_layers, num_experts] int32 on device; -1 = not resident
     def assign(self, slot: int, layer: int, expert: int) -> None: ...
     def evict(self, slot: int) -> None: ...
     def clear(self) -> None: ...
@@ -36,8 +63,8 @@ class HostPool:
     def fill(self, sources: Sequence[tuple[int, int, tuple[str, str], tuple[str, str], tuple[str, str]]],
              num_threads: int = 0) -> None: ...
     def write_expert(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None: ...
-    def view(self, layer: int, expert: int) -> torch.Tensor: ...  # [slot_elems], aliases pool memory
-    def acquire(self, layer: int, expert: int) -> torch.Tensor: ...  # held view; a cache reads a miss from disk
+    def view(self, layer: int, expert: int) -> Written[torch.Tensor]: ...  # [slot_elems], aliases pool memory
+    def acquire(self, layer: int, expert: int) -> Written[torch.Tensor]: ...  # held view; a cache reads a miss from disk
     def release(self, layer: int, expert: int) -> None: ...
     def prefetch(self, layer: int, expert: int) -> None: ...
     def host_slot(self, layer: int, expert: int) -> int: ...  # -1 = not in host memory
@@ -61,7 +88,7 @@ class HostPool:
 class TransferEngine:
     def __init__(self, arena: ExpertArena, pool: HostPool, num_streams: int = 2,
                  max_inflight_prefetches: int = 2) -> None: ...
-    def fetch(self, layer: int, expert: int, slot: int, demand: bool = True) -> None: ...
+    def fetch(self, layer: int, expert: int, slot: int, demand: bool = True) -> None: ...  # writes arena.weights[slot] and the slot table
     def wait_slots(self, slots: Sequence[int]) -> None: ...
     def release_slots(self, slots: Sequence[int]) -> None: ...
     def cancel_prefetches(self) -> list[tuple[int, int, int]]: ...
@@ -75,8 +102,49 @@ class TransferEngine:
 class CpuExecutor:
     def __init__(self, num_threads: int = 0) -> None: ...
     def submit(self, pool: HostPool, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               experts: Sequence[int], out: torch.Tensor) -> None: ...
+               experts: Sequence[int], out: Written[torch.Tensor]) -> None: ...  # out [T, H] fp32, complete after wait()
     def wait(self) -> None: ...
     busy: bool
+    last_job_us: float  # the executor's own time of the last job
     isa: str  # scalar | avx2 | avx512 | avx512_bf16 | amx_bf16 (chosen at run time)
     num_threads: int
+
+# -- the policy engine (csrc/policy_engine.h; moerun/policy_engine.py wraps it) -------------------------------
+def policy_vocabulary() -> dict[str, list[str]]: ...  # each enum's names in order, and the config's keys
+
+class Plan:
+    """Decisions of one layer step; the engine reuses the object for its next step."""
+    @property
+    def hits(self) -> list[tuple[int, int]]: ...                      # (expert, slot)
+    @property
+    def fetches(self) -> list[tuple[int, int, int, int]]: ...         # (expert, slot, victim_layer, victim_expert)
+    @property
+    def cpu(self) -> list[tuple[int]]: ...                            # (expert,)
+    @property
+    def prefetches(self) -> list[tuple[int, int, int, int, int]]: ... # (layer, expert, slot, victim_layer, victim_expert)
+    @property
+    def releases(self) -> list[tuple[int, int, int]]: ...             # (slot, layer, expert)
+    num_hits: int
+    num_fetches: int
+    num_cpu: int
+    num_prefetches: int
+    num_releases: int
+    predicted_us: float
+
+class PolicyEngine:
+    def __init__(self, config: dict) -> None: ...  # every key of policy_vocabulary()["config_keys"], nothing else
+    def step(self, layer: int, expert_ids: Sequence[int], gate_weights: Sequence[float] | None) -> Plan: ...
+    def observe_prediction(self, layer: int, expert_ids: Sequence[int], scores: Sequence[float] | None = None) -> None: ...
+    def prefetch_ahead(self, layer: int, expert_ids: Sequence[int], scores: Sequence[float] | None = None) -> Plan: ...
+    def observe_timing(self, layer: int, layer_us: float, copy_us: float, copy_bytes: int, cpu_us: float,
+                       cpu_expert_tokens: int) -> None: ...
+    def set_config(self, config: dict) -> None: ...
+    def reset(self) -> None: ...
+    def warm(self, layer: int, expert: int) -> int: ...
+    def lookup(self, layer: int, expert: int) -> int: ...
+    def metric(self, metric: int, window: int) -> float: ...
+    def keep_access_log(self, window: int) -> None: ...
+    def stats(self) -> dict: ...
+    def replay(self, ids, weights, step_starts, oracle_predictions: bool = True, predicted_ids=None,
+               predicted_scores=None, host_capacity: int = 0, host_eviction: int = 0,
+               host_high_watermark: float = 0.9, host_low_watermark: float = 0.7) -> dict: ...

@@ -23,13 +23,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from .models import MoeAdapter, adapter_for
-from .policy.config import AUTO, CompiledPolicy, HostConfig
+from .policy.engine_setup import HostTier
+from .policy.ir import AUTO, CompiledPolicy
 from .runtime.fast_decode import FastDecoder
 from .runtime.handle import MoerunHandle
 from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
                              slot_elems)
 from .runtime.moe_layer import OffloadedMoE
-from .runtime.offload import OffloadRuntime, learned_predictor, uses_cost_model, uses_lookahead
+from .runtime.offload import OffloadRuntime, learned_predictor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -87,11 +88,17 @@ def load(
     path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
     moe_layers = adapter.moe_layers()
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
-    predictor = learned_predictor(compiled, num_layers=len(moe_layers), num_experts=adapter.num_experts,
-                                  top_k=adapter.top_k)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
-    host_capacity = _host_capacity(compiled, host_budget, plan.slot_bytes,
+    from .policy_engine import PolicyEngine
+
+    # The policy's whole setup (engine config, runtime switches, host tier), checked against the model
+    # and the slots before anything large is allocated.
+    engine = PolicyEngine(compiled, num_layers=len(moe_layers), num_experts=adapter.num_experts, top_k=adapter.top_k,
+                          num_slots=plan.num_slots, expert_bytes=plan.slot_bytes)
+    predictor = learned_predictor(engine.setup, num_layers=len(moe_layers), num_experts=adapter.num_experts,
+                                  top_k=adapter.top_k)
+    host_capacity = _host_capacity(engine.setup.host, host_budget, plan.slot_bytes,
                                    len(moe_layers) * adapter.num_experts, adapter.top_k)
 
     if device.type == "cpu":
@@ -101,7 +108,7 @@ def load(
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
     hf_model = _build_skeleton(config, dtype)
     stages.mark("skeleton")
-    runtime = _build_runtime(compiled, adapter, ckpt, plan, moe_layers, device, dtype,
+    runtime = _build_runtime(engine, adapter, ckpt, plan, moe_layers, device, dtype,
                              cpu_threads, copy_streams, host_capacity, bar, predictor, stages)
     runtime.fill_arena()
     stages.mark("arena fill")
@@ -266,7 +273,7 @@ def _compile_policy(policy, num_layers: int | None = None, num_experts: int | No
     return compile_policy(policy, num_layers=num_layers, num_experts=num_experts)
 
 
-def _host_capacity(compiled: CompiledPolicy, host_budget, slot_bytes: int, num_routed: int, top_k: int) -> int:
+def _host_capacity(host: HostTier, host_budget, slot_bytes: int, num_routed: int, top_k: int) -> int:
     """Experts the host pool holds: every routed expert, or fewer (a cache in front of the files) when
     ``host_budget`` or the policy's ``host { capacity }`` is smaller; the smaller of the two wins."""
     capacity, limited_by = num_routed, None
@@ -274,8 +281,7 @@ def _host_capacity(compiled: CompiledPolicy, host_budget, slot_bytes: int, num_r
         budget = parse_bytes(host_budget, "host_budget")
         if budget // slot_bytes < capacity:
             capacity, limited_by = budget // slot_bytes, f"host_budget {host_budget} ({fmt_bytes(budget)})"
-    host = compiled.host
-    if host is not None and host.capacity != AUTO and host.capacity < capacity:
+    if host.capacity != AUTO and host.capacity < capacity:
         capacity, limited_by = host.capacity, f"the policy's host capacity {host.capacity}"
     if capacity < top_k:
         raise BudgetError(
@@ -402,22 +408,19 @@ class _Stages:
         self._last = now
 
 
-def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
+def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
                    moe_layers: list[int], device: torch.device, dtype: torch.dtype,
                    cpu_threads: int, copy_streams: int, host_capacity: int, bar,
                    predictor=None, stages: _Stages | None = None) -> OffloadRuntime:
     """Host pool (filled from the files), arena, transfer engine, CPU executor and policy engine."""
     from .native import CpuExecutor, ExpertArena, HostPool, TransferEngine
-    from .policy_engine import PolicyEngine, eviction_code
 
-    num_layers, num_experts, elems = len(moe_layers), adapter.num_experts, slot_elems(adapter)
-    engine = PolicyEngine(compiled, num_layers=num_layers, num_experts=num_experts, top_k=adapter.top_k,
-                          num_slots=plan.num_slots, expert_bytes=plan.slot_bytes)
+    num_layers, num_experts, elems = len(moe_layers), adapter.num_experts, plan.slot_elems
     # Pinned only when copies go to a GPU: pinning host memory for a CPU-only run buys nothing.
     # Below every expert, the pool is a cache: fill() records the sources and misses read them.
-    host = compiled.host or HostConfig()
+    host = engine.setup.host
     pool = HostPool(num_layers, num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
-                    pinned=device.type == "cuda", capacity=host_capacity, eviction=eviction_code(host.eviction),
+                    pinned=device.type == "cuda", capacity=host_capacity, eviction=host.eviction,
                     high_watermark=host.high_watermark, low_watermark=host.low_watermark)
     if stages:
         stages.mark("host pool: allocate (pin)")
@@ -440,5 +443,5 @@ def _build_runtime(compiled, adapter: MoeAdapter, ckpt: Checkpoint, plan: Memory
         engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=cpu_executor,
         inter_size=adapter.expert_inter_size, num_layers=num_layers, num_experts=num_experts,
         slot_bytes=plan.slot_bytes, device=device,
-        lookahead=uses_lookahead(compiled), observe_timings=uses_cost_model(compiled), predictor=predictor,
+        lookahead=engine.setup.lookahead, observe_timings=engine.setup.observe_timings, predictor=predictor,
     )

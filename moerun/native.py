@@ -22,8 +22,22 @@ ExpertArena = _C.ExpertArena
 HostPool = _C.HostPool
 TransferEngine = _C.TransferEngine
 CpuExecutor = _C.CpuExecutor
+fused_moe_host = _C.fused_moe_host  # the CPU device's fused MoE over a host arena (kernels/fused_moe.py's twin)
+slot_layout = _C.slot_layout  # the one slot layout (csrc/slot_layout.h): SlotLayout of (dtype, hidden, inter)
 slot_elems = _C.slot_elems
 physical_cores = _C.physical_cores
+
+
+def slot_views(layout, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate_up [2I, H], down [H, I])``: views into ``slot``, one slot of ``layout.slot_elems``
+    elements of ``layout.dtype`` (an arena or pool row), at the layout's offsets."""
+    if slot.dtype != layout.dtype or slot.dim() != 1 or slot.numel() != layout.slot_elems:
+        raise ValueError(f"slot must be 1-D, {layout.slot_elems} elements of {layout.dtype}; got "
+                         f"{tuple(slot.shape)} {slot.dtype}")
+    b, h, i = slot.element_size(), layout.hidden_size, layout.inter_size
+    gate_up = slot[layout.gate_up_offset // b: (layout.gate_up_offset + layout.gate_up_bytes) // b]
+    down = slot[layout.down_offset // b: (layout.down_offset + layout.down_bytes) // b]
+    return gate_up.view(2 * i, h), down.view(h, i)
 
 
 def build_info() -> dict:

@@ -1,11 +1,11 @@
 """The policy engine: a compiled policy turned into per-layer decisions, made by native code.
 
-:class:`PolicyEngine` translates a :class:`~moerun.policy.config.CompiledPolicy` into the native
-engine's config (``moerun._C.PolicyEngine``, see csrc/policy_engine.h) and checks it against the
-model and the arena first, so a policy that cannot run fails with a :class:`PolicyError` naming the
-numbers. The runtime and trace replay drive the SAME native engine, so replay predicts what the
-runtime does. This module knows nothing about tensors or the arena: it speaks plain integers, and
-the runtime mirrors each :class:`Plan` into the arena's slot table.
+:class:`PolicyEngine` builds the native engine (``moerun._C.PolicyEngine``, see csrc/policy_engine.h)
+from the policy's :class:`~moerun.policy.engine_setup.EngineSetup`, which checks the policy against
+the model and the arena first, so a policy that cannot run fails with a :class:`PolicyError` naming
+the numbers. The runtime and trace replay drive the SAME native engine, built the same way, so
+replay predicts what the runtime does. This module knows nothing about tensors or the arena: it
+speaks plain integers, and the runtime mirrors each :class:`Plan` into the arena's slot table.
 
 Call path: ``engine.step`` IS the native method (bound once in ``__init__``), so a step costs one
 native call; it returns the same :class:`Plan` object every time (its buffers are reused), so read
@@ -13,24 +13,13 @@ the plan before the next step.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from moerun.native import _C
-from moerun.policy.config import (
-    ADAPT_OPS,
-    ADAPT_TRIGGERS,
-    ALLOCATIONS,
-    AUTO,
-    EVICTIONS,
-    METRICS,
-    PREFETCH_STRATEGIES,
-    REPLAY_ONLY_EVICTIONS,
-    SCHEDULE_MODES,
-    CompiledPolicy,
-    HostConfig,
-)
-from moerun.policy.errors import PolicyError
+from moerun.policy.engine_setup import CostModel, EngineSetup, engine_setup, host_tier
+from moerun.policy.ir import AUTO, METRICS, CompiledPolicy, HostConfig
+
+__all__ = ["CostModel", "Plan", "PolicyEngine"]
 
 Plan = _C.Plan
 """Decisions of one layer step (native; reused by the next step). Fields:
@@ -44,130 +33,6 @@ Plan = _C.Plan
 - ``num_hits``, ``num_fetches``, ``num_cpu``, ``num_prefetches``, ``num_releases``: counts (cheap)
 - ``predicted_us``: the cost model's estimate of this layer step
 """
-
-# Every vocabulary maps to the native enum by its position in the config.py tuple.
-_EVICTION_CODES = {name: i for i, name in enumerate(EVICTIONS + REPLAY_ONLY_EVICTIONS)}
-_ENUM_PARAMS = {
-    "cache.eviction": _EVICTION_CODES,
-    "prefetch.strategy": {n: i for i, n in enumerate(PREFETCH_STRATEGIES)},
-    "schedule.mode": {n: i for i, n in enumerate(SCHEDULE_MODES)},
-}
-
-
-def eviction_code(name: str) -> int:
-    """Native ``policy::Eviction`` value of an eviction name (the host pool's tier takes it too)."""
-    return _EVICTION_CODES[name]
-
-
-# Native Param enum (csrc/policy_engine.h), in order.
-_PARAM_CODES = {
-    name: i
-    for i, name in enumerate((
-        "cache.capacity", "cache.eviction", "cache.frequency_decay", "cache.freq_threshold",
-        "cache.freq_window", "cache.score_ema_alpha", "cache.ttl", "cache.high_watermark",
-        "cache.low_watermark", "cache.credit_decay", "cache.memory_budget_gb", "cache.memory_threshold",
-        "cache.memory_headroom", "prefetch.strategy", "prefetch.budget", "prefetch.lookahead",
-        "prefetch.affinity_threshold", "schedule.mode", "schedule.offload_threshold_ms",
-        "schedule.priority_routing",
-    ))
-}
-_TRIGGER_CODES = {name: i for i, name in enumerate(ADAPT_TRIGGERS)}
-_REBALANCE_CODE = len(ADAPT_TRIGGERS)  # native Trigger::RebalancePerLayer
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Starting numbers of the hybrid schedule's cost model; the engine re-estimates the bandwidth
-    and the CPU rate from :meth:`PolicyEngine.observe_timing` as the runtime runs."""
-
-    h2d_gbps: float = 25.0                # host->GPU copy bandwidth
-    cpu_us_per_expert_token: float = 400.0  # CPU time of one expert for one token
-    copy_latency_us: float = 10.0         # fixed cost of one copy
-    gpu_layer_us: float = 50.0            # GPU compute of one MoE layer step
-    ema: float = 0.2                      # weight of each new observation in the re-estimate
-
-
-def native_config(policy: CompiledPolicy, *, num_layers: int, num_experts: int, top_k: int,
-                  num_slots: int, expert_bytes: int, cost: CostModel | None = None,
-                  replay: bool = False) -> dict:
-    """The native engine's config dict for ``policy`` on this model; raises PolicyError when the
-    policy cannot run here (capacity above the slots, belady outside replay, unknown names)."""
-    for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k),
-                        ("num_slots", num_slots)):
-        if value <= 0:
-            raise PolicyError(f"{name} must be positive, got {value}")
-    if top_k > num_experts:
-        raise PolicyError(f"top_k {top_k} exceeds num_experts {num_experts}")
-    c, pf, sc = policy.cache, policy.prefetch, policy.schedule
-    capacity = num_slots if c.capacity == AUTO else c.capacity
-    if capacity > num_slots:
-        raise PolicyError(f"policy '{policy.name}' ({policy.source}) asks for cache capacity {capacity} "
-                          f"but only {num_slots} GPU expert slots are available; lower `capacity` or use "
-                          "`capacity = auto`, or raise the VRAM budget")
-    if c.eviction in REPLAY_ONLY_EVICTIONS and not replay:
-        raise PolicyError(f"policy '{policy.name}': eviction '{c.eviction}' needs the future of the "
-                          "trace, so only `moerun trace replay` can run it; pick one of " + ", ".join(EVICTIONS))
-    pinned = []
-    for layer, expert in c.pin:
-        if not (-1 <= layer < num_layers) or not (0 <= expert < num_experts):
-            raise PolicyError(f"pin ({layer}, {expert}) is outside the model: {num_layers} MoE layers, "
-                              f"{num_experts} experts")
-        layers = range(num_layers) if layer == -1 else (layer,)
-        pinned += [l * num_experts + expert for l in layers]
-    d = dict(
-        num_layers=num_layers, num_experts=num_experts, top_k=top_k, num_slots=num_slots,
-        expert_bytes=int(expert_bytes), capacity=capacity, eviction=_code("cache.eviction", c.eviction),
-        frequency_decay=c.frequency_decay, freq_threshold=c.freq_threshold, freq_window=c.freq_window,
-        score_ema_alpha=c.score_ema_alpha, pinned_keys=pinned, ttl=c.ttl,
-        high_watermark=c.high_watermark, low_watermark=c.low_watermark, credit_decay=c.credit_decay,
-        memory_budget_gb=c.memory_budget_gb, memory_threshold=c.memory_threshold,
-        memory_headroom=c.memory_headroom, expert_size_gb=c.expert_size_gb,
-        prefetch=_code("prefetch.strategy", pf.strategy), prefetch_budget=pf.budget,
-        lookahead=pf.lookahead, affinity_threshold=pf.affinity_threshold,
-        history_window=pf.history_window, schedule=_code("schedule.mode", sc.mode),
-        offload_threshold_ms=sc.offload_threshold_ms, priority_routing=sc.priority_routing,
-        cost=asdict(cost or CostModel()),
-    )
-    pl = policy.per_layer
-    if pl is not None:
-        total = capacity if pl.total_budget == AUTO else pl.total_budget
-        if total > num_slots:
-            raise PolicyError(f"per_layer total_budget {total} exceeds the {num_slots} GPU expert slots available")
-        if pl.min_capacity * num_layers > total:
-            raise PolicyError(f"per_layer min_capacity {pl.min_capacity} x {num_layers} layers = "
-                              f"{pl.min_capacity * num_layers} exceeds total_budget {total}")
-        if pl.allocation not in ALLOCATIONS:
-            raise PolicyError(f"unknown per_layer allocation '{pl.allocation}'; expected one of {ALLOCATIONS}")
-        d.update(per_layer=True, allocation=ALLOCATIONS.index(pl.allocation), total_budget=total,
-                 min_capacity=pl.min_capacity, max_capacity=pl.max_capacity,
-                 rebalance_interval=pl.rebalance_interval, entropy_window=pl.entropy_window)
-    d["rules"] = [_native_rule(policy, r) for r in policy.adapt]
-    return d
-
-
-def _code(param: str, value: str) -> int:
-    codes = _ENUM_PARAMS[param]
-    if value not in codes:
-        raise PolicyError(f"unknown {param} '{value}'; expected one of {', '.join(codes)}")
-    return codes[value]
-
-
-def _native_rule(policy: CompiledPolicy, rule) -> dict:
-    if rule.metric not in METRICS:
-        raise PolicyError(f"adapt rule metric '{rule.metric}' is not one of {', '.join(METRICS)}")
-    assignments = []
-    for name, value in rule.assignments:
-        if name not in _PARAM_CODES:
-            raise PolicyError(f"policy '{policy.name}': the engine cannot change '{name}' at run time; "
-                              f"adaptable: {', '.join(_PARAM_CODES)}")
-        if name in _ENUM_PARAMS:
-            value = _code(name, str(value))
-            if name == "cache.eviction" and value >= len(EVICTIONS):
-                raise PolicyError("an adapt rule cannot switch to a replay-only eviction")
-        assignments.append((_PARAM_CODES[name], float(value)))
-    triggers = [_TRIGGER_CODES[t] for t in rule.triggers] + [_REBALANCE_CODE for _ in rule.rebalances]
-    return dict(metric=METRICS.index(rule.metric), op=ADAPT_OPS.index(rule.op), threshold=float(rule.threshold),
-                window=max(1, int(rule.window)), assignments=assignments, triggers=triggers)
 
 
 class PolicyEngine:
@@ -186,7 +51,8 @@ class PolicyEngine:
         self.cost = cost or CostModel()
         self.replay_mode = replay
         self.policy = policy
-        self._native = _C.PolicyEngine(native_config(policy, cost=self.cost, replay=replay, **self.shape))
+        self.setup = self.setup_for(policy)
+        self._native = _C.PolicyEngine(self.setup.config)
         # (engine clock at the swap, policy): adapt firings name rules of the policy they fired under.
         self._policies: list[tuple[int, CompiledPolicy]] = [(0, policy)]
         self.step = self._native.step  # the hot call: no Python frame in between
@@ -211,12 +77,17 @@ class PolicyEngine:
         prediction (``stats()['cost_prediction_error']``)."""
         self._native.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_expert_tokens)
 
+    def setup_for(self, policy: CompiledPolicy) -> EngineSetup:
+        """``policy``'s engine setup on this engine's model and slots (PolicyError if it cannot run)."""
+        return engine_setup(policy, cost=self.cost, replay=self.replay_mode, **self.shape)
+
     def set_policy(self, policy: CompiledPolicy) -> None:
         """Hot swap: new parameters from the next step; cache contents kept (a smaller capacity
         evicts, reported in the next plan's ``releases``)."""
-        self._native.set_config(native_config(policy, cost=self.cost, replay=self.replay_mode, **self.shape))
+        setup = self.setup_for(policy)
+        self._native.set_config(setup.config)
         self._policies.append((self._native.stats()["accesses"], policy))
-        self.policy = policy
+        self.policy, self.setup = policy, setup
 
     def warm(self, layer: int, expert: int) -> int:
         """Place (layer, expert) in a free slot of its partition without counting an access (start-up
@@ -228,14 +99,22 @@ class PolicyEngine:
         return self._native.lookup(layer, expert)
 
     def metric(self, name: str, window: int) -> float:
-        """A monitor metric over the last ``window`` accesses (NaN until that many have passed)."""
+        """A metric over the last ``window`` accesses (NaN until that many have passed). ``drift`` and
+        ``utilization_gini`` need the accesses themselves: NaN for a window longer than the engine keeps
+        (the longest window an adapt rule takes them over, or :meth:`keep_access_log`'s)."""
         if name not in METRICS:
             raise ValueError(f"unknown metric '{name}'; expected one of {', '.join(METRICS)}")
         return self._native.metric(METRICS.index(name), window)
 
+    def keep_access_log(self, window: int) -> None:
+        """Keep the last ``window`` accesses, so :meth:`metric` can give ``drift`` and
+        ``utilization_gini`` over windows up to that long (restarts drift's baseline when it grows)."""
+        self._native.keep_access_log(window)
+
     def stats(self) -> dict:
         """Counters and rates: accesses, hits, misses, hit_rate, demand_fetches, prefetches,
-        prefetch_accuracy, evictions, releases, cpu_share, overflow, bytes_fetched, capacities,
+        prefetch_accuracy, evictions, releases, cpu_share, overflow, bytes_fetched, dropped (routed
+        pairs over an expert's capacity_factor; replay only), capacities,
         cost_model (current estimates), cost_prediction_error, routing_prediction_accuracy,
         adapt_firings ([{access, rule, value, policy, metric, op, threshold}]: the rule of the policy in
         force when it fired), simulated_us."""
@@ -269,8 +148,9 @@ class PolicyEngine:
         pred_ids, pred_scores = predictions if predictions is not None else (None, None)
         tier = {}
         if host is not None and host.capacity != AUTO:
-            tier = dict(host_capacity=host.capacity, host_eviction=eviction_code(host.eviction),
-                        host_high_watermark=host.high_watermark, host_low_watermark=host.low_watermark)
+            t = host_tier(host)
+            tier = dict(host_capacity=t.capacity, host_eviction=t.eviction, host_high_watermark=t.high_watermark,
+                        host_low_watermark=t.low_watermark)
         native = self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions, pred_ids,
                                      pred_scores, **tier)
         out = self.stats()

@@ -1,6 +1,6 @@
 """The ``.moe`` policy language: parse, validate, compile and format policies.
 
-``compile_policy("balanced")`` gives the :class:`~moerun.policy.config.CompiledPolicy` the engine
+``compile_policy("balanced")`` gives the :class:`~moerun.policy.ir.CompiledPolicy` the engine
 runs. None of this imports torch.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ from importlib import resources
 from pathlib import Path
 
 from .compiler import compile_ir
-from .config import CompiledPolicy
+from .ir import CompiledPolicy
 from .errors import Diagnostic, PolicyError
 from .formatter import format_policy
-from .ir import PolicyFile
+from .syntax import PolicyFile
 from .parser import parse
 from .validator import validate
 

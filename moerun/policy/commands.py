@@ -8,7 +8,7 @@ from pathlib import Path
 from . import compile_policy, format_policy, load_source, parse, validate
 from .compiler import compile_policy_ir
 from .errors import PolicyError
-from .explain import explain
+from .explain import explain, inert_settings
 
 
 def add_parser(subparsers) -> None:
@@ -56,6 +56,9 @@ def run_check(args: argparse.Namespace) -> int:
             continue
         names = ", ".join(p.name for p in policy_file.policies)
         print(f"{filename}: ok ({names})")
+        for policy in policy_file.policies:
+            for note in inert_settings(policy):
+                print(f"{filename}:{note}")
     return 1 if failed else 0
 
 

@@ -1,14 +1,14 @@
-"""IR -> :class:`moerun.policy.config.CompiledPolicy`, the typed config the policy engine consumes.
+"""Syntax tree -> IR: :class:`moerun.policy.ir.CompiledPolicy`, the typed policy the engine setup reads.
 
-Runs on a validated IR (see :func:`compile_ir`); every key maps to the config field of the same
-name in the block's dataclass, so the schema table and config.py are the whole mapping.
+Runs on a validated syntax tree (see :func:`compile_ir`); every key maps to the IR field of the same
+name in the block's dataclass, so the schema table and ir.py are the whole mapping.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from . import config, ir, schema
+from . import ir, schema, syntax
 from .errors import PolicyError, did_you_mean
 from .validator import validate
 
@@ -16,19 +16,19 @@ from .validator import validate
 DEFAULT_PREFETCH_BUDGET = 4
 
 _BLOCK_CONFIGS = {
-    "cache": config.CacheConfig, "prefetch": config.PrefetchConfig, "schedule": config.ScheduleConfig,
-    "monitor": config.MonitorConfig, "per_layer": config.PerLayerConfig, "host": config.HostConfig,
+    "cache": ir.CacheConfig, "prefetch": ir.PrefetchConfig, "schedule": ir.ScheduleConfig,
+    "monitor": ir.MonitorConfig, "per_layer": ir.PerLayerConfig, "host": ir.HostConfig,
 }
 
 
-def compile_ir(policy_file: ir.PolicyFile, name: str | None = None, *, num_layers: int | None = None,
-               num_experts: int | None = None) -> config.CompiledPolicy:
+def compile_ir(policy_file: syntax.PolicyFile, name: str | None = None, *, num_layers: int | None = None,
+               num_experts: int | None = None) -> ir.CompiledPolicy:
     """Validate ``policy_file`` and compile the policy called ``name`` (default: the first one)."""
     validate(policy_file, num_layers=num_layers, num_experts=num_experts)
     return compile_policy_ir(select(policy_file, name), source=policy_file.filename)
 
 
-def select(policy_file: ir.PolicyFile, name: str | None) -> ir.Policy:
+def select(policy_file: syntax.PolicyFile, name: str | None) -> syntax.Policy:
     """The policy called ``name``, or the first; PolicyError listing the names otherwise."""
     if name is None:
         return policy_file.policies[0]
@@ -39,11 +39,11 @@ def select(policy_file: ir.PolicyFile, name: str | None) -> ir.Policy:
     raise PolicyError(f"{policy_file.filename}: no policy named '{name}'; {did_you_mean(name, names)}")
 
 
-def compile_policy_ir(policy: ir.Policy, source: str = "<string>") -> config.CompiledPolicy:
+def compile_policy_ir(policy: syntax.Policy, source: str = "<string>") -> ir.CompiledPolicy:
     """Compile one validated policy (no checks here: call validate first)."""
     blocks = {}
     for section in policy.sections:
-        if isinstance(section, ir.Block):
+        if isinstance(section, syntax.Block):
             params = schema.BLOCKS[section.name]
             fields = {s.key: _python_value(params[s.key], s.value) for s in section.settings}
             blocks[section.name] = fields
@@ -51,18 +51,18 @@ def compile_policy_ir(policy: ir.Policy, source: str = "<string>") -> config.Com
     if prefetch.get("predictor"):
         prefetch["predictor"] = _resolve_path(prefetch["predictor"], source)
     if prefetch.get("strategy", "none") != "none" and "budget" not in prefetch:
-        capacity = blocks.get("cache", {}).get("capacity", config.AUTO)
+        capacity = blocks.get("cache", {}).get("capacity", ir.AUTO)
         budget = DEFAULT_PREFETCH_BUDGET
-        prefetch["budget"] = min(budget, capacity) if capacity != config.AUTO else budget
+        prefetch["budget"] = min(budget, capacity) if capacity != ir.AUTO else budget
     built = {name: _BLOCK_CONFIGS[name](**fields) for name, fields in blocks.items()}
-    monitor = built.get("monitor", config.MonitorConfig())
+    monitor = built.get("monitor", ir.MonitorConfig())
     adapt = policy.section("adapt")
-    rules = tuple(_rule(r, monitor.window) for r in adapt.rules) if isinstance(adapt, ir.AdaptBlock) else ()
-    return config.CompiledPolicy(
+    rules = tuple(_rule(r, monitor.window) for r in adapt.rules) if isinstance(adapt, syntax.AdaptBlock) else ()
+    return ir.CompiledPolicy(
         name=policy.name,
-        cache=built.get("cache", config.CacheConfig()),
-        prefetch=built.get("prefetch", config.PrefetchConfig()),
-        schedule=built.get("schedule", config.ScheduleConfig()),
+        cache=built.get("cache", ir.CacheConfig()),
+        prefetch=built.get("prefetch", ir.PrefetchConfig()),
+        schedule=built.get("schedule", ir.ScheduleConfig()),
         monitor=monitor,
         adapt=rules,
         per_layer=built.get("per_layer"),
@@ -79,10 +79,10 @@ def _resolve_path(path: str, source: str) -> str:
     return str(p)
 
 
-def _python_value(param: schema.Param, value: ir.Value):
+def _python_value(param: schema.Param, value: syntax.Value):
     if param.kind in ("int", "float"):
-        if isinstance(value, ir.Word):      # auto
-            return config.AUTO
+        if isinstance(value, syntax.Word):      # auto
+            return ir.AUTO
         return float(value.value) if param.kind == "float" else int(value.value)
     if param.kind == "bool":
         return value.text == "true"
@@ -92,26 +92,26 @@ def _python_value(param: schema.Param, value: ir.Value):
         return tuple(schema.resolve_metric(item.text) for item in value.items)
     if param.kind == "path":
         return value.text
-    return tuple((item.first.value, item.second.value) if isinstance(item, ir.Pair) else (-1, item.value)
+    return tuple((item.first.value, item.second.value) if isinstance(item, syntax.Pair) else (-1, item.value)
                  for item in value.items)
 
 
-def _rule(rule: ir.Rule, default_window: int) -> config.AdaptRule:
+def _rule(rule: syntax.Rule, default_window: int) -> ir.AdaptRule:
     assignments, triggers, rebalances = [], [], []
     for action in rule.actions:
-        if isinstance(action, ir.Trigger):
+        if isinstance(action, syntax.Trigger):
             triggers.append(schema.TRIGGER_ALIASES.get(action.target, action.target))
-        elif isinstance(action, ir.Rebalance):
+        elif isinstance(action, syntax.Rebalance):
             rebalances.append(schema.REBALANCE_ALIASES.get(action.target, action.target))
         else:
             qualified = schema.resolve_adapt_key(action.key)
             assignments.append((qualified, _python_value(schema.ADAPTABLE[qualified], action.value)))
     window = rule.window.length.value if rule.window is not None else default_window
-    return config.AdaptRule(schema.resolve_metric(rule.metric), rule.op, float(rule.threshold.value), int(window),
+    return ir.AdaptRule(schema.resolve_metric(rule.metric), rule.op, float(rule.threshold.value), int(window),
                             tuple(assignments), tuple(triggers), tuple(rebalances))
 
 
-def replace_param(policy: config.CompiledPolicy, qualified: str, value) -> config.CompiledPolicy:
+def replace_param(policy: ir.CompiledPolicy, qualified: str, value) -> ir.CompiledPolicy:
     """``policy`` with one ``block.key`` changed (what an adapt rule does when it fires)."""
     block, _, key = qualified.partition(".")
     current = getattr(policy, block)

@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .ir import NOWHERE, Span
+from .syntax import NOWHERE, Span
 
 
 @dataclass(frozen=True)

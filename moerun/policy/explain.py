@@ -1,7 +1,7 @@
 """A compiled policy in plain words, with its numbers (``moerun policy explain``)."""
 from __future__ import annotations
 
-from . import config
+from . import ir, schema, syntax
 
 _EVICTION_WORDS = {
     "lru": "the least recently used expert leaves first",
@@ -19,10 +19,10 @@ _SCHEDULE_WORDS = {
 
 
 def _slots(n: int, what: str = "GPU expert slots") -> str:
-    return f"as many {what} as the VRAM budget allows" if n == config.AUTO else f"{n} {what}"
+    return f"as many {what} as the VRAM budget allows" if n == ir.AUTO else f"{n} {what}"
 
 
-def explain(policy: config.CompiledPolicy) -> str:
+def explain(policy: ir.CompiledPolicy) -> str:
     """Several lines describing what ``policy`` will do."""
     c, p, s, m = policy.cache, policy.prefetch, policy.schedule, policy.monitor
     lines = [f"policy {policy.name} ({policy.source}):"]
@@ -30,7 +30,7 @@ def explain(policy: config.CompiledPolicy) -> str:
         lines.append(f"- cache: keeps {_slots(c.capacity)}, shared by all layers; {_EVICTION_WORDS[c.eviction]}.")
     else:
         pl = policy.per_layer
-        total = "the whole cache capacity" if pl.total_budget == config.AUTO else f"{pl.total_budget} slots"
+        total = "the whole cache capacity" if pl.total_budget == ir.AUTO else f"{pl.total_budget} slots"
         limit = f"at most {pl.max_capacity}" if pl.max_capacity else "no maximum"
         lines.append(f"- cache: one partition per layer, splitting {total} ({pl.allocation} allocation, "
                      f"at least {pl.min_capacity} and {limit} per layer); {_EVICTION_WORDS[c.eviction]}.")
@@ -65,19 +65,34 @@ def explain(policy: config.CompiledPolicy) -> str:
     lines.append(f"- misses: {_SCHEDULE_WORDS[s.mode]}"
                  + (f" (CPU when a copy would take over {s.offload_threshold_ms} ms)"
                     if s.mode == "hybrid" and s.offload_threshold_ms else "") + ".")
-    lines.append(f"  copies {'overlap' if s.overlap else 'do not overlap'} compute; demand fetches "
+    lines.append(f"  copies and CPU experts overlap GPU compute; demand fetches "
                  f"{'overtake' if s.priority_routing else 'queue behind'} prefetches.")
     if policy.host is not None:
         h = policy.host
-        held = ("every expert in pinned memory (no disk tier)" if h.capacity == config.AUTO else
+        held = ("every expert in pinned memory (no disk tier)" if h.capacity == ir.AUTO else
                 f"{h.capacity} experts in pinned memory, the rest read from disk; {_EVICTION_WORDS[h.eviction]}")
         lines.append(f"- host pool: keeps {held}"
                      + f" (watermarks {h.high_watermark:.0%} -> {h.low_watermark:.0%}).")
-    log = f", logged every {m.log_interval} tokens" if m.log_interval else ""
-    lines.append(f"- monitor: {', '.join(m.metrics)} over windows of {m.window} accesses{log}.")
+    lines.append(f"- adapt rules without a window take theirs over {m.window} accesses (monitor.window); "
+                 "every metric is counted (model.moerun.stats()); no log lines are written.")
     for rule in policy.adapt:
         actions = [f"set {k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in rule.assignments]
         actions += [f"trigger {t}" for t in rule.triggers] + [f"rebalance {r}" for r in rule.rebalances]
         lines.append(f"- adapt: when {rule.metric} {rule.op} {rule.threshold} over {rule.window} accesses: "
                      f"{'; '.join(actions)}.")
     return "\n".join(lines)
+
+
+def inert_settings(policy: syntax.Policy) -> list[str]:
+    """``file:line:col: note: ...`` for each setting of ``policy`` that moerun accepts (MoE-PolicyLang
+    files use it) but does not act on: ``schedule.overlap``, ``monitor.metrics``, ``monitor.log_interval``."""
+    notes = []
+    for section in policy.sections:
+        if not isinstance(section, syntax.Block):
+            continue
+        for setting in section.settings:
+            param = schema.BLOCKS[section.name].get(setting.key)
+            if param is not None and param.inert:
+                notes.append(f"{setting.span.line}:{setting.span.col}: note: {section.name}.{setting.key} is "
+                             f"accepted for compatibility and has no effect ({param.doc.split(': ', 1)[-1]})")
+    return notes

@@ -1,16 +1,16 @@
-"""IR -> canonical ``.moe`` text: one setting per line, 4-space indents, comments kept.
+"""Syntax tree -> canonical ``.moe`` text: one setting per line, 4-space indents, comments kept.
 
-``parse(format_policy(ir)) == ir`` for every IR the parser can produce (a property test checks
+``parse(format_policy(tree)) == tree`` for every syntax tree the parser can produce (a property test checks
 it), so ``moerun policy fmt --write`` never changes what a policy means.
 """
 from __future__ import annotations
 
-from . import ir
+from . import syntax
 
 INDENT = "    "
 
 
-def format_policy(policy_file: ir.PolicyFile) -> str:
+def format_policy(policy_file: syntax.PolicyFile) -> str:
     """The canonical text of a whole file (ends with a newline)."""
     out: list[str] = []
     if policy_file.version is not None:
@@ -27,15 +27,15 @@ def format_policy(policy_file: ir.PolicyFile) -> str:
     return "\n".join(out) + "\n"
 
 
-def format_value(value: ir.Value | ir.Pair) -> str:
+def format_value(value: syntax.Value | syntax.Pair) -> str:
     """The canonical text of one value: ``16``, ``0.9``, ``lru``, ``"file.npz"``, ``[0:3, 7]``."""
-    if isinstance(value, ir.Number):
+    if isinstance(value, syntax.Number):
         return str(value.value) if isinstance(value.value, int) else repr(float(value.value))
-    if isinstance(value, ir.Word):
+    if isinstance(value, syntax.Word):
         return value.text
-    if isinstance(value, ir.String):
+    if isinstance(value, syntax.String):
         return f'"{value.text}"'
-    if isinstance(value, ir.Pair):
+    if isinstance(value, syntax.Pair):
         return f"{format_value(value.first)}:{format_value(value.second)}"
     return "[" + ", ".join(format_value(item) for item in value.items) + "]"
 
@@ -48,13 +48,13 @@ def _comments(comments: tuple[str, ...], depth: int, out: list[str]) -> None:
     out.extend(INDENT * depth + c for c in comments)
 
 
-def _policy(policy: ir.Policy, out: list[str]) -> None:
+def _policy(policy: syntax.Policy, out: list[str]) -> None:
     _comments(policy.comments, 0, out)
     out.append(f"policy {policy.name} {{")
     for section in policy.sections:
         _comments(section.comments, 1, out)
         out.append(f"{INDENT}{section.name} {{")
-        if isinstance(section, ir.AdaptBlock):
+        if isinstance(section, syntax.AdaptBlock):
             for rule in section.rules:
                 _rule(rule, out)
         else:
@@ -66,18 +66,18 @@ def _policy(policy: ir.Policy, out: list[str]) -> None:
     out.append("}")
 
 
-def _action_text(action: ir.Action) -> str:
-    if isinstance(action, ir.Setting):
+def _action_text(action: syntax.Action) -> str:
+    if isinstance(action, syntax.Setting):
         return f"{action.key} = {format_value(action.value)}"
-    return f"{'trigger' if isinstance(action, ir.Trigger) else 'rebalance'} {action.target}"
+    return f"{'trigger' if isinstance(action, syntax.Trigger) else 'rebalance'} {action.target}"
 
 
-def _action(action: ir.Action, depth: int, out: list[str]) -> None:
+def _action(action: syntax.Action, depth: int, out: list[str]) -> None:
     _comments(action.comments, depth, out)
     out.append(INDENT * depth + _with_trailing(_action_text(action), action.trailing))
 
 
-def _rule(rule: ir.Rule, out: list[str]) -> None:
+def _rule(rule: syntax.Rule, out: list[str]) -> None:
     _comments(rule.comments, 2, out)
     head = f"when {rule.metric} {rule.op} {format_value(rule.threshold)}"
     if rule.window is not None:

@@ -1,198 +1,161 @@
-"""The parsed form of a ``.moe`` file: frozen dataclasses named after the grammar rules.
+"""The policy IR: :class:`CompiledPolicy`, the typed, validated policy, and the language's vocabularies.
 
-Every node carries its source position (:class:`Span`) for error messages, and the ``#`` comments
-written before it (``comments``) or after it on the same line (``trailing``) so that the formatter
-can give them back. Positions do not take part in equality (``compare=False``): two IRs are equal
-when they say the same thing with the same comments, wherever the text put it, which is what
-``parse(format(ir)) == ir`` needs.
+``moerun.policy.compiler`` produces a :class:`CompiledPolicy` from a validated syntax tree. This
+module knows nothing about syntax or source positions, and nothing about torch;
+``moerun.policy.engine_setup`` turns a ``CompiledPolicy`` into the native engine's config. The name
+lists below are the language's one definition of each vocabulary (the schema, validator, engine
+setup and docs read them from here); the native engine's enums list the same names in the same
+order (csrc/policy_engine.h), and a test holds the two equal.
+
+Units: capacities count expert slots; windows and TTLs count accesses of the cache concerned
+(one access = one (layer, expert) lookup); times are milliseconds; sizes are GiB where the
+language says ``_gb``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Union
 
+# -- vocabularies (defined once) ------------------------------------------------------------------
+EVICTIONS = ("lru", "lfu", "score", "freq_threshold", "watermark")
+# Needs the future of the trace, so only offline replay can run it (upper bound for sweeps).
+REPLAY_ONLY_EVICTIONS = ("belady",)
+PREFETCH_STRATEGIES = ("none", "history", "affinity", "lookahead", "learned")
+SCHEDULE_MODES = ("gpu_only", "cpu_fallback", "hybrid")
+ALLOCATIONS = ("uniform", "entropy")
+# Metrics an adapt rule or monitor block may name; all are computed by the engine over windows.
+METRICS = (
+    "hit_rate",            # fraction of expert accesses served from a GPU slot
+    "miss_rate",           # 1 - hit_rate
+    "eviction_rate",       # evictions per access
+    "prefetch_accuracy",   # prefetched experts used before eviction / prefetches issued
+    "cpu_share",           # fraction of accesses computed on the CPU
+    "transfer_gbps",       # host->GPU expert bytes per second of wall time
+    "fetches_per_token",   # demand + prefetch copies per token
+    "layer_latency_ms",    # mean time of one MoE layer step
+    "drift",               # total variation distance of the window's routing from the first window's
+    "utilization_gini",    # Gini coefficient of the window's access counts over every expert
+    "cost_per_token",      # cost model's MoE-layer time per token, in µs
+)
+ADAPT_OPS = ("<", "<=", ">", ">=", "==", "!=")
+# Actions an adapt rule may take besides assignments: `trigger X`, `rebalance X`.
+ADAPT_TRIGGERS = ("evict_ttl", "evict_memory", "reset_stats")
+ADAPT_REBALANCES = ("per_layer",)
+# Parameters the engine can change at run time (an adapt rule's assignments), in the order of the
+# native Param enum; the schema marks which of them a policy may adapt.
+ENGINE_PARAMS = (
+    "cache.capacity", "cache.eviction", "cache.frequency_decay", "cache.freq_threshold", "cache.freq_window",
+    "cache.score_ema_alpha", "cache.ttl", "cache.high_watermark", "cache.low_watermark", "cache.credit_decay",
+    "cache.memory_budget_gb", "cache.memory_threshold", "cache.memory_headroom", "prefetch.strategy",
+    "prefetch.budget", "prefetch.lookahead", "prefetch.affinity_threshold", "schedule.mode",
+    "schedule.offload_threshold_ms", "schedule.priority_routing",
+)
 
-@dataclass(frozen=True)
-class Span:
-    """A source range: 1-based line and column of the first character, and of one past the last."""
+AUTO = 0
+"""``capacity = auto``: as many slots as the VRAM budget allows, resolved at load time."""
 
-    line: int = 0
-    col: int = 0
-    end_line: int = 0
-    end_col: int = 0
-
-
-NOWHERE = Span()
-
-
-def _span() -> Span:
-    return field(default=NOWHERE, compare=False, repr=False)
-
-
-# -- values ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Number:
-    """A numeric literal; ``value`` is an int when the text had no ``.`` or exponent."""
-
-    value: Union[int, float]
-    span: Span = _span()
-
-
-@dataclass(frozen=True)
-class Word:
-    """A bare name used as a value: an enum member, ``true``/``false``, ``auto``."""
-
-    text: str
-    span: Span = _span()
-
-
-@dataclass(frozen=True)
-class String:
-    """A double-quoted text value (a file path: ``predictor = "experts.npz"``), without its quotes."""
-
-    text: str
-    span: Span = _span()
+Scalar = Union[int, float, str, bool]
 
 
 @dataclass(frozen=True)
-class Pair:
-    """``LAYER:EXPERT`` inside a list (``pin = [0:3, 5]``)."""
+class CacheConfig:
+    """GPU expert-slot cache (the ``cache`` block)."""
 
-    first: Number
-    second: Number
-    span: Span = _span()
-
-
-ListItem = Union[Number, Word, Pair]
-
-
-@dataclass(frozen=True)
-class List:
-    """``[item, item, ...]``."""
-
-    items: tuple[ListItem, ...]
-    span: Span = _span()
-
-
-Value = Union[Number, Word, String, List]
-
-
-# -- statements -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Setting:
-    """``key = value``; ``key`` may be qualified (``cache.eviction``) inside adapt rules."""
-
-    key: str
-    value: Value
-    comments: tuple[str, ...] = ()
-    trailing: str | None = None
-    span: Span = _span()          # the key
+    capacity: int = AUTO                 # slots in total (flat cache); AUTO = from vram budget
+    eviction: str = "lru"                # one of EVICTIONS
+    frequency_decay: float = 1.0         # lfu: counts scaled by this per access (1.0 = no decay)
+    freq_threshold: float = 2.0          # freq_threshold: uses within freq_window that protect an expert
+    freq_window: int = 100               # freq_threshold: window length in accesses
+    score_ema_alpha: float = 0.3         # score: EMA factor of the gate weight
+    pin: tuple[tuple[int, int], ...] = ()  # (layer, expert) never evicted; layer -1 = every layer
+    ttl: int = 0                         # evict an expert unused for ttl accesses; 0 = off
+    high_watermark: float = 0.9          # watermark: evict when occupancy exceeds this fraction
+    low_watermark: float = 0.7           # watermark: ... down to this fraction
+    credit_decay: float = 0.95           # watermark: credits scaled by this per access
+    memory_budget_gb: float = 0.0        # memory trigger: 0 = off
+    memory_threshold: float = 0.9        # memory trigger fires above threshold * budget
+    memory_headroom: float = 0.1         # ... and evicts down to (1 - headroom) * budget
+    expert_size_gb: float = 0.0          # 0 = taken from the model at load time
+    capacity_factor: float = 0.0         # Switch/GShard token capacity per expert and step; 0 = none (replay only)
 
 
 @dataclass(frozen=True)
-class Trigger:
-    """``trigger NAME`` in an adapt rule."""
+class PrefetchConfig:
+    """Experts copied ahead of demand (the ``prefetch`` block)."""
 
-    target: str
-    comments: tuple[str, ...] = ()
-    trailing: str | None = None
-    span: Span = _span()          # the target name
-
-
-@dataclass(frozen=True)
-class Rebalance:
-    """``rebalance NAME`` in an adapt rule."""
-
-    target: str
-    comments: tuple[str, ...] = ()
-    trailing: str | None = None
-    span: Span = _span()
-
-
-Action = Union[Setting, Trigger, Rebalance]
+    strategy: str = "none"               # one of PREFETCH_STRATEGIES
+    budget: int = 0                      # most prefetches issued per layer step
+    lookahead: int = 1                   # how many layers ahead to prefetch
+    affinity_threshold: float = 0.1      # affinity: min transition probability L -> L+1
+    history_window: int = 64             # history: tokens of co-occurrence kept
+    predictor: str = ""                  # learned: predictor file (moerun.expert_predictor); "" = none
 
 
 @dataclass(frozen=True)
-class Window:
-    """``for N UNIT`` after an adapt condition."""
+class ScheduleConfig:
+    """Where misses run (the ``schedule`` block)."""
 
-    length: Number
-    unit: str
-    unit_span: Span = _span()
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``when METRIC OP THRESHOLD [for N accesses] { actions }``."""
-
-    metric: str
-    op: str
-    threshold: Number
-    window: Window | None
-    actions: tuple[Action, ...]
-    comments: tuple[str, ...] = ()
-    trailing: str | None = None   # after the opening line
-    closing: tuple[str, ...] = ()  # comments before the closing brace
-    span: Span = _span()          # the metric name
-    body_span: Span = _span()     # the whole rule
+    mode: str = "gpu_only"               # one of SCHEDULE_MODES
+    offload_threshold_ms: float = 0.0    # hybrid: run on CPU if the copy would take longer; 0 = cost model
+    overlap: bool = True                 # overlap copies/CPU work with GPU compute
+    priority_routing: bool = True        # demand fetches jump ahead of queued prefetches
 
 
 @dataclass(frozen=True)
-class Block:
-    """``NAME { setting ... }``: cache, prefetch, schedule, monitor, per_layer, host."""
+class MonitorConfig:
+    """What the runtime records and how often it logs (the ``monitor`` block)."""
+
+    metrics: tuple[str, ...] = ("hit_rate",)
+    window: int = 100                    # accesses per sliding window
+    log_interval: int = 0                # tokens between log lines; 0 = never
+
+
+@dataclass(frozen=True)
+class AdaptRule:
+    """``when METRIC OP VALUE [for N accesses] { param = value ... trigger X rebalance Y }``."""
+
+    metric: str                          # one of METRICS
+    op: str                              # one of ADAPT_OPS
+    threshold: float
+    window: int                          # accesses the metric is averaged over
+    # ("cache.eviction", "lru"), ("prefetch.budget", 4), ... fully qualified by the compiler
+    assignments: tuple[tuple[str, Scalar], ...] = ()
+    triggers: tuple[str, ...] = ()       # each one of ADAPT_TRIGGERS
+    rebalances: tuple[str, ...] = ()     # each one of ADAPT_REBALANCES
+
+
+@dataclass(frozen=True)
+class PerLayerConfig:
+    """One cache partition per MoE layer (the ``per_layer`` block)."""
+
+    allocation: str = "uniform"          # one of ALLOCATIONS
+    total_budget: int = AUTO             # slots over all layers; AUTO = cache capacity
+    min_capacity: int = 1
+    max_capacity: int = 0                # 0 = no limit
+    rebalance_interval: int = 0          # accesses between rebalances; 0 = never
+    entropy_window: int = 1000           # accesses of routing history the entropy is taken over
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Second tier: the pinned host pool in front of the safetensors files (the ``host`` block)."""
+
+    capacity: int = AUTO                 # experts held in pinned memory; AUTO = all (no disk tier)
+    eviction: str = "lru"                # one of EVICTIONS
+    high_watermark: float = 0.9
+    low_watermark: float = 0.7
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """One compiled ``policy NAME { ... }``."""
 
     name: str
-    settings: tuple[Setting, ...]
-    comments: tuple[str, ...] = ()
-    closing: tuple[str, ...] = ()
-    span: Span = _span()          # the block name
-
-
-@dataclass(frozen=True)
-class AdaptBlock:
-    """``adapt { rule ... }``."""
-
-    rules: tuple[Rule, ...]
-    comments: tuple[str, ...] = ()
-    closing: tuple[str, ...] = ()
-    span: Span = _span()
-
-    name = "adapt"
-
-
-Section = Union[Block, AdaptBlock]
-
-
-@dataclass(frozen=True)
-class Policy:
-    """``policy NAME { section ... }``."""
-
-    name: str
-    sections: tuple[Section, ...]
-    comments: tuple[str, ...] = ()
-    closing: tuple[str, ...] = ()
-    span: Span = _span()          # the policy name
-
-    def section(self, name: str) -> Section | None:
-        """The first section called ``name``, or None."""
-        return next((s for s in self.sections if s.name == name), None)
-
-
-@dataclass(frozen=True)
-class Version:
-    """``version N`` header."""
-
-    number: Number
-    comments: tuple[str, ...] = ()
-    span: Span = _span()
-
-
-@dataclass(frozen=True)
-class PolicyFile:
-    """A whole ``.moe`` file: optional version header, then policies."""
-
-    version: Version | None
-    policies: tuple[Policy, ...]
-    closing: tuple[str, ...] = ()  # comments after the last policy
-    filename: str = field(default="<string>", compare=False)
-    source: str = field(default="", compare=False, repr=False)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    adapt: tuple[AdaptRule, ...] = ()
+    per_layer: PerLayerConfig | None = None
+    host: HostConfig | None = None
+    source: str = "<string>"             # file the policy came from, for messages

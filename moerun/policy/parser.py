@@ -1,6 +1,6 @@
-"""Text -> IR: the lark LALR parser for ``.moe`` files, with lark's errors turned into PolicyError.
+"""Text -> syntax tree: the lark LALR parser for ``.moe`` files, with lark's errors turned into PolicyError.
 
-The grammar lives in ``grammar.lark`` beside this module. Parsing builds :mod:`moerun.policy.ir`
+The grammar lives in ``grammar.lark`` beside this module. Parsing builds :mod:`moerun.policy.syntax`
 nodes with source spans; ``#`` comments are collected by the lexer and handed to the node they
 precede (or follow, on the same line) so the formatter can keep them.
 """
@@ -12,7 +12,7 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Tree
 
-from . import ir
+from . import syntax
 from .errors import Diagnostic, DiagnosticSink, PolicyError
 
 # Readable names for the grammar's terminals in "expected ..." hints.
@@ -35,8 +35,8 @@ def _get_parser() -> Lark:
     return _parser
 
 
-def parse(text: str, filename: str = "<string>") -> ir.PolicyFile:
-    """Parse policy text into an IR; raises :class:`PolicyError` on a syntax error.
+def parse(text: str, filename: str = "<string>") -> syntax.PolicyFile:
+    """Parse policy text into a syntax tree; raises :class:`PolicyError` on a syntax error.
 
     Only the syntax is checked here; :func:`moerun.policy.validate` checks the meaning.
     """
@@ -70,7 +70,7 @@ def _syntax_diagnostic(err: lark.exceptions.UnexpectedInput, parser: Lark, filen
                        text: str) -> Diagnostic:
     sink = DiagnosticSink(filename, text)
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        span = ir.Span(err.line, err.column, err.line, err.column + 1)
+        span = syntax.Span(err.line, err.column, err.line, err.column + 1)
         expected = sorted({_describe_terminal(t, parser) for t in err.allowed or ()})
         message = f"unexpected character {text[err.pos_in_stream]!r}"
     else:
@@ -79,7 +79,7 @@ def _syntax_diagnostic(err: lark.exceptions.UnexpectedInput, parser: Lark, filen
         if token is None or token.type == "$END":
             last = text.rstrip().splitlines() or [""]
             line = len(last)
-            span = ir.Span(line, len(last[-1]) + 1, line, len(last[-1]) + 2)
+            span = syntax.Span(line, len(last[-1]) + 1, line, len(last[-1]) + 2)
             message = "unexpected end of file (a '}' may be missing)"
         else:
             span = _token_span(token)
@@ -89,24 +89,24 @@ def _syntax_diagnostic(err: lark.exceptions.UnexpectedInput, parser: Lark, filen
     return sink.diagnostics[0]
 
 
-def _token_span(tok: Token) -> ir.Span:
-    return ir.Span(tok.line, tok.column, tok.end_line, tok.end_column)
+def _token_span(tok: Token) -> syntax.Span:
+    return syntax.Span(tok.line, tok.column, tok.end_line, tok.end_column)
 
 
-def _tree_span(tree: Tree) -> ir.Span:
+def _tree_span(tree: Tree) -> syntax.Span:
     meta = tree.meta
     if getattr(meta, "empty", True):
-        return ir.NOWHERE
-    return ir.Span(meta.line, meta.column, meta.end_line, meta.end_column)
+        return syntax.NOWHERE
+    return syntax.Span(meta.line, meta.column, meta.end_line, meta.end_column)
 
 
-def _number(tok: Token) -> ir.Number:
+def _number(tok: Token) -> syntax.Number:
     text = str(tok)
     value = float(text) if any(c in text for c in ".eE") else int(text)
-    return ir.Number(value, _token_span(tok))
+    return syntax.Number(value, _token_span(tok))
 
 
-# -- tree -> IR -------------------------------------------------------------------------------------
+# -- lark tree -> syntax tree ----------------------------------------------------------------------------------
 class _Builder:
     """Walks the lark tree in source order, attaching comments as it goes."""
 
@@ -143,7 +143,7 @@ class _Builder:
         return taken
 
     # nodes -----------------------------------------------------------------------------------------
-    def file(self, tree: Tree) -> ir.PolicyFile:
+    def file(self, tree: Tree) -> syntax.PolicyFile:
         version = None
         policies = []
         for child in tree.children:
@@ -151,59 +151,59 @@ class _Builder:
                 continue
             if child.data == "version":
                 tok = child.children[0]
-                version = ir.Version(_number(tok), self._leading(tok.line), span=_token_span(tok))
+                version = syntax.Version(_number(tok), self._leading(tok.line), span=_token_span(tok))
             else:
                 policies.append(self.policy(child))
-        return ir.PolicyFile(version, tuple(policies), self._rest(), self.filename, self.source)
+        return syntax.PolicyFile(version, tuple(policies), self._rest(), self.filename, self.source)
 
-    def policy(self, tree: Tree) -> ir.Policy:
+    def policy(self, tree: Tree) -> syntax.Policy:
         name, *sections = tree.children
         comments = self._leading(tree.meta.line)
         built = tuple(self.section(s) for s in sections)
-        return ir.Policy(str(name), built, comments, self._leading(tree.meta.end_line),
+        return syntax.Policy(str(name), built, comments, self._leading(tree.meta.end_line),
                          _token_span(name))
 
-    def section(self, tree: Tree) -> ir.Section:
+    def section(self, tree: Tree) -> syntax.Section:
         comments = self._leading(tree.meta.line)
         if tree.data == "adapt_block":
             rules = tuple(self.rule(r) for r in tree.children)
-            span = ir.Span(tree.meta.line, tree.meta.column, tree.meta.line, tree.meta.column + 5)
-            return ir.AdaptBlock(rules, comments, self._leading(tree.meta.end_line), span)
+            span = syntax.Span(tree.meta.line, tree.meta.column, tree.meta.line, tree.meta.column + 5)
+            return syntax.AdaptBlock(rules, comments, self._leading(tree.meta.end_line), span)
         name, *settings = tree.children
         built = tuple(self.setting(s) for s in settings)
-        return ir.Block(str(name), built, comments, self._leading(tree.meta.end_line),
+        return syntax.Block(str(name), built, comments, self._leading(tree.meta.end_line),
                         _token_span(name))
 
-    def setting(self, tree: Tree) -> ir.Setting:
+    def setting(self, tree: Tree) -> syntax.Setting:
         key, value = tree.children
         comments = self._leading(tree.meta.line)
         built = self.value(value)
         names = key.children
-        span = ir.Span(names[0].line, names[0].column, names[-1].end_line, names[-1].end_column)
-        return ir.Setting(".".join(map(str, names)), built, comments,
+        span = syntax.Span(names[0].line, names[0].column, names[-1].end_line, names[-1].end_column)
+        return syntax.Setting(".".join(map(str, names)), built, comments,
                           self._trailing(tree.meta.end_line, tree.meta.end_column), span)
 
-    def value(self, tree: Tree) -> ir.Value:
+    def value(self, tree: Tree) -> syntax.Value:
         if tree.data == "number":
             return _number(tree.children[0])
         if tree.data == "word":
             tok = tree.children[0]
-            return ir.Word(str(tok), _token_span(tok))
+            return syntax.Word(str(tok), _token_span(tok))
         if tree.data == "string":
             tok = tree.children[0]
-            return ir.String(str(tok)[1:-1], _token_span(tok))
+            return syntax.String(str(tok)[1:-1], _token_span(tok))
         items = []
         for item in tree.children:
             if item is None:
                 continue
             if item.data == "pair":
                 first, second = item.children
-                items.append(ir.Pair(_number(first), _number(second), _tree_span(item)))
+                items.append(syntax.Pair(_number(first), _number(second), _tree_span(item)))
             else:
                 items.append(self.value(item))
-        return ir.List(tuple(items), _tree_span(tree))
+        return syntax.List(tuple(items), _tree_span(tree))
 
-    def rule(self, tree: Tree) -> ir.Rule:
+    def rule(self, tree: Tree) -> syntax.Rule:
         metric, op, threshold, window, *actions = tree.children
         comments = self._leading(tree.meta.line)
         # A comment ending the opening line: after the `{` when the body starts on a later line.
@@ -214,18 +214,18 @@ class _Builder:
         built_window = None
         if window is not None:
             length, unit = window.children
-            built_window = ir.Window(_number(length), str(unit), _token_span(unit))
+            built_window = syntax.Window(_number(length), str(unit), _token_span(unit))
         built_actions = tuple(self.action(a) for a in actions)
-        return ir.Rule(str(metric), str(op), _number(threshold), built_window, built_actions,
+        return syntax.Rule(str(metric), str(op), _number(threshold), built_window, built_actions,
                        comments, trailing, self._leading(tree.meta.end_line), _token_span(metric),
                        _tree_span(tree))
 
-    def action(self, tree: Tree) -> ir.Action:
+    def action(self, tree: Tree) -> syntax.Action:
         if tree.data == "setting":
             return self.setting(tree)
         comments = self._leading(tree.meta.line)
         target = tree.children[0]
-        node = ir.Trigger if tree.data == "trigger" else ir.Rebalance
+        node = syntax.Trigger if tree.data == "trigger" else syntax.Rebalance
         return node(str(target), comments, self._trailing(tree.meta.end_line, tree.meta.end_column),
                     _token_span(target))
 

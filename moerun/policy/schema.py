@@ -1,13 +1,13 @@
 """What each block of a policy may contain: key, type, range, vocabulary, adaptability.
 
 One table drives the validator (types, ranges, "did you mean"), the compiler (which config field a
-key fills) and ``moerun policy explain``. Vocabularies come from :mod:`moerun.policy.config`.
+key fills) and ``moerun policy explain``. Vocabularies come from :mod:`moerun.policy.ir`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import config
+from . import ir
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class Param:
     lo_open: bool = False
     hi_open: bool = False
     choices: tuple[str, ...] = ()
-    auto: bool = False          # accepts `auto` (config.AUTO)
+    auto: bool = False          # accepts `auto` (ir.AUTO)
     adaptable: bool = False     # an adapt rule may set it at run time
+    inert: bool = False         # accepted for compatibility with MoE-PolicyLang files; moerun does not act on it
     doc: str = ""
 
     def describe_range(self) -> str:
@@ -44,7 +45,7 @@ def _num(x: float) -> str:
 
 
 _FRACTION = dict(lo=0.0, hi=1.0, lo_open=True)          # (0, 1]
-_EVICTION_CHOICES = config.EVICTIONS + config.REPLAY_ONLY_EVICTIONS
+_EVICTION_CHOICES = ir.EVICTIONS + ir.REPLAY_ONLY_EVICTIONS
 
 BLOCKS: dict[str, dict[str, Param]] = {
     "cache": {
@@ -65,9 +66,12 @@ BLOCKS: dict[str, dict[str, Param]] = {
         "memory_headroom": Param("float", lo=0.0, hi=1.0, hi_open=True,
                                  doc="memory trigger frees down to 1 - headroom"),
         "expert_size_gb": Param("float", lo=0.0, doc="size of one expert (0 = from the model)"),
+        "capacity_factor": Param("float", lo=0.0, lo_open=True,
+                                 doc="an expert takes at most capacity_factor x pairs / experts of a step's routed "
+                                     "pairs, the rest are dropped (Switch/GShard); replay only"),
     },
     "prefetch": {
-        "strategy": Param("enum", choices=config.PREFETCH_STRATEGIES, adaptable=True, doc="how experts are predicted"),
+        "strategy": Param("enum", choices=ir.PREFETCH_STRATEGIES, adaptable=True, doc="how experts are predicted"),
         "budget": Param("int", lo=0, adaptable=True, doc="most prefetches per layer step"),
         "lookahead": Param("int", lo=1, adaptable=True,
                            doc="layers ahead to prefetch (history, learned; the lookahead strategy predicts the next MoE layer)"),
@@ -77,19 +81,21 @@ BLOCKS: dict[str, dict[str, Param]] = {
         "predictor": Param("path", doc="learned: the expert-predictor file (.npz, relative to the policy file)"),
     },
     "schedule": {
-        "mode": Param("enum", choices=config.SCHEDULE_MODES, adaptable=True, doc="where a miss runs"),
+        "mode": Param("enum", choices=ir.SCHEDULE_MODES, adaptable=True, doc="where a miss runs"),
         "offload_threshold_ms": Param("float", lo=0.0, adaptable=True,
                                       doc="hybrid: CPU when the copy would take longer (0 = cost model)"),
-        "overlap": Param("bool", doc="overlap copies and CPU work with GPU compute"),
+        "overlap": Param("bool", inert=True,
+                         doc="accepted for compatibility: copies and CPU experts always overlap GPU compute"),
         "priority_routing": Param("bool", doc="demand fetches overtake queued prefetches"),
     },
     "monitor": {
-        "metrics": Param("metrics", doc="metrics recorded"),
-        "window": Param("int", lo=1, doc="accesses per sliding window"),
-        "log_interval": Param("int", lo=0, doc="tokens between log lines (0 = never)"),
+        "metrics": Param("metrics", inert=True,
+                         doc="accepted for compatibility: the engine computes every metric (stats(), adapt rules)"),
+        "window": Param("int", lo=1, doc="default window, in accesses, of adapt rules without `for N accesses`"),
+        "log_interval": Param("int", lo=0, inert=True, doc="accepted for compatibility: moerun writes no log lines"),
     },
     "per_layer": {
-        "allocation": Param("enum", choices=config.ALLOCATIONS, doc="how slots are split between layers"),
+        "allocation": Param("enum", choices=ir.ALLOCATIONS, doc="how slots are split between layers"),
         "total_budget": Param("int", lo=1, auto=True, doc="slots over all layers"),
         "min_capacity": Param("int", lo=1, doc="fewest slots a layer gets"),
         "max_capacity": Param("int", lo=1, doc="most slots a layer gets"),
@@ -98,7 +104,7 @@ BLOCKS: dict[str, dict[str, Param]] = {
     },
     "host": {
         "capacity": Param("int", lo=1, auto=True, doc="experts held in pinned host memory"),
-        "eviction": Param("enum", choices=config.EVICTIONS, doc="which expert leaves a full host pool"),
+        "eviction": Param("enum", choices=ir.EVICTIONS, doc="which expert leaves a full host pool"),
         "high_watermark": Param("float", **_FRACTION, doc="evict above this occupancy"),
         "low_watermark": Param("float", **_FRACTION, doc="evict down to this occupancy"),
     },
@@ -123,7 +129,7 @@ METRIC_ALIASES = {"latency": "layer_latency_ms"}
 
 
 def resolve_metric(name: str) -> str:
-    """The config.METRICS name for ``name`` (which may be an alias)."""
+    """The ir.METRICS name for ``name`` (which may be an alias)."""
     return METRIC_ALIASES.get(name, name)
 
 ADAPTABLE: dict[str, Param] = {

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from . import config, ir, schema
+from . import ir, schema, syntax
 from .errors import DiagnosticSink, did_you_mean
 
 # MoE-PolicyLang files say `version 0.6`, `0.7`, ...: every version up to 1 is this language.
 MAX_VERSION = 1
 # Metrics that are fractions, so an adapt threshold outside [0, 1] can never be crossed.
-RATE_METRICS = ("hit_rate", "miss_rate", "eviction_rate", "prefetch_accuracy", "cpu_share")
+RATE_METRICS = ("hit_rate", "miss_rate", "eviction_rate", "prefetch_accuracy", "cpu_share", "drift",
+                "utilization_gini")
 WINDOW_UNITS = ("accesses",)
 
 # Settings that only mean something under one choice of another setting:
@@ -40,8 +41,8 @@ UNSUPPORTED_BLOCKS = {"hierarchy": _TIERS_HINT, "per_layer_hierarchy": _TIERS_HI
 DEFAULTS = {("cache", "eviction"): "lru", ("prefetch", "strategy"): "none", ("schedule", "mode"): "gpu_only"}
 
 
-def validate(policy_file: ir.PolicyFile, *, num_layers: int | None = None,
-             num_experts: int | None = None) -> ir.PolicyFile:
+def validate(policy_file: syntax.PolicyFile, *, num_layers: int | None = None,
+             num_experts: int | None = None) -> syntax.PolicyFile:
     """Check ``policy_file``; returns it unchanged or raises one PolicyError listing every problem.
 
     ``num_layers``/``num_experts`` (the model's MoE layer and routed-expert counts) enable the
@@ -64,7 +65,7 @@ class _Checker:
         self.broken: set[str] = set()
 
     # -- file ----------------------------------------------------------------------------------------
-    def file(self, f: ir.PolicyFile) -> None:
+    def file(self, f: syntax.PolicyFile) -> None:
         if f.version is not None:
             number = f.version.number
             if not 0 < number.value <= MAX_VERSION:
@@ -72,7 +73,7 @@ class _Checker:
                            f"this moerun reads versions up to {MAX_VERSION}")
         if not f.policies:
             self.error("the file defines no policy", hint="write: policy NAME { cache { capacity = auto } }")
-        seen: dict[str, ir.Policy] = {}
+        seen: dict[str, syntax.Policy] = {}
         for policy in f.policies:
             if policy.name in seen:
                 self.error(f"policy '{policy.name}' is defined twice", policy.span,
@@ -81,11 +82,11 @@ class _Checker:
             self.policy(policy)
 
     # -- one policy ----------------------------------------------------------------------------------
-    def policy(self, policy: ir.Policy) -> None:
+    def policy(self, policy: syntax.Policy) -> None:
         self.broken = set()
         values: dict[tuple[str, str], object] = {}      # (block, key) -> checked value
-        spans: dict[tuple[str, str], ir.Span] = {}
-        seen_sections: dict[str, ir.Section] = {}
+        spans: dict[tuple[str, str], syntax.Span] = {}
+        seen_sections: dict[str, syntax.Section] = {}
         for section in policy.sections:
             if section.name not in schema.SECTION_NAMES:
                 hint = (UNSUPPORTED_BLOCKS[section.name] if section.name in UNSUPPORTED_BLOCKS
@@ -97,16 +98,16 @@ class _Checker:
                            f"merge it into the first one (line {seen_sections[section.name].span.line})")
                 continue
             seen_sections[section.name] = section
-            if isinstance(section, ir.Block):
+            if isinstance(section, syntax.Block):
                 self.block(section, values, spans)
         if "cache" not in seen_sections and "per_layer" not in seen_sections:
             self.error(f"policy '{policy.name}' has neither a cache nor a per_layer block", policy.span,
                        "add: cache { capacity = auto }")
         adapt = seen_sections.get("adapt")
-        adapted = self.adapt(adapt, values, seen_sections) if isinstance(adapt, ir.AdaptBlock) else {}
+        adapted = self.adapt(adapt, values, seen_sections) if isinstance(adapt, syntax.AdaptBlock) else {}
         self.cross_checks(values, spans, adapted, seen_sections)
 
-    def block(self, block: ir.Block, values: dict, spans: dict) -> None:
+    def block(self, block: syntax.Block, values: dict, spans: dict) -> None:
         params = schema.BLOCKS[block.name]
         if not block.settings:
             self.error(f"block '{block.name}' is empty", block.span,
@@ -130,16 +131,16 @@ class _Checker:
                 self.broken.add(block.name)
 
     # -- values --------------------------------------------------------------------------------------
-    def value(self, param: schema.Param, value: ir.Value, what: str):
+    def value(self, param: schema.Param, value: syntax.Value, what: str):
         """The checked Python value, or None after reporting why it is unusable."""
         kind = param.kind
         if kind in ("int", "float"):
-            if isinstance(value, ir.Word) and value.text == "auto":
+            if isinstance(value, syntax.Word) and value.text == "auto":
                 if param.auto:
-                    return config.AUTO
+                    return ir.AUTO
                 self.error(f"'{what}' cannot be auto", value.span, f"give a number {param.describe_range()}")
                 return None
-            if not isinstance(value, ir.Number):
+            if not isinstance(value, syntax.Number):
                 self.error(f"'{what}' must be a number", value.span,
                            f"give a number {param.describe_range()}" + (" or auto" if param.auto else ""))
                 return None
@@ -158,7 +159,7 @@ class _Checker:
             return float(number) if kind == "float" else number
         if kind in ("enum", "bool"):
             choices = param.choices if kind == "enum" else ("true", "false")
-            if not isinstance(value, ir.Word):
+            if not isinstance(value, syntax.Word):
                 self.error(f"'{what}' must be one of: {', '.join(choices)}", value.span)
                 return None
             if value.text not in choices:
@@ -169,7 +170,7 @@ class _Checker:
         if kind == "metrics":
             return self.metric_list(value, what)
         if kind == "path":
-            if not isinstance(value, ir.String) or not value.text.strip():
+            if not isinstance(value, syntax.String) or not value.text.strip():
                 self.error(f"'{what}' must be a file path in double quotes", value.span,
                            f'write: {what.rpartition(".")[2]} = "experts.npz"')
                 return None
@@ -184,32 +185,32 @@ class _Checker:
             return False
         return True
 
-    def metric_list(self, value: ir.Value, what: str):
-        if not isinstance(value, ir.List):
+    def metric_list(self, value: syntax.Value, what: str):
+        if not isinstance(value, syntax.List):
             self.error(f"'{what}' must be a list like [hit_rate, cpu_share]", value.span)
             return None
         names: list[str] = []
         for item in value.items:
-            if not isinstance(item, ir.Word):
+            if not isinstance(item, syntax.Word):
                 self.error(f"'{what}' lists metric names, not numbers", item.span,
-                           "expected one of: " + ", ".join(config.METRICS))
-            elif schema.resolve_metric(item.text) not in config.METRICS:
-                self.error(f"unknown metric '{item.text}'", item.span, did_you_mean(item.text, config.METRICS))
+                           "expected one of: " + ", ".join(ir.METRICS))
+            elif schema.resolve_metric(item.text) not in ir.METRICS:
+                self.error(f"unknown metric '{item.text}'", item.span, did_you_mean(item.text, ir.METRICS))
             elif schema.resolve_metric(item.text) in names:
                 self.error(f"metric '{item.text}' is listed twice", item.span, "list each metric once")
             else:
                 names.append(schema.resolve_metric(item.text))
         return tuple(names)
 
-    def pin_list(self, value: ir.Value, what: str):
-        if not isinstance(value, ir.List):
+    def pin_list(self, value: syntax.Value, what: str):
+        if not isinstance(value, syntax.List):
             self.error(f"'{what}' must be a list like [3, 7] or [0:3, 1:7]", value.span,
                        "EXPERT pins that expert in every layer; LAYER:EXPERT pins one")
             return None
         pins: list[tuple[int, int]] = []
         for item in value.items:
-            parts = (item.first, item.second) if isinstance(item, ir.Pair) else (item,)
-            if not all(isinstance(p, ir.Number) and isinstance(p.value, int) and p.value >= 0 for p in parts):
+            parts = (item.first, item.second) if isinstance(item, syntax.Pair) else (item,)
+            if not all(isinstance(p, syntax.Number) and isinstance(p.value, int) and p.value >= 0 for p in parts):
                 self.error(f"'{what}' entries must be expert ids (whole numbers >= 0) or LAYER:EXPERT",
                            item.span)
                 continue
@@ -230,7 +231,7 @@ class _Checker:
         return tuple(pins)
 
     # -- adapt ---------------------------------------------------------------------------------------
-    def adapt(self, block: ir.AdaptBlock, values: dict, sections: dict) -> dict[tuple[str, str], set]:
+    def adapt(self, block: syntax.AdaptBlock, values: dict, sections: dict) -> dict[tuple[str, str], set]:
         """Checks the rules; returns (block, key) -> the values the rules may switch it to."""
         adapted: dict[tuple[str, str], set] = defaultdict(set)
         if not block.rules:
@@ -238,8 +239,8 @@ class _Checker:
                        "write: when hit_rate < 0.4 for 100 accesses { eviction = lru }")
         for rule in block.rules:
             metric = schema.resolve_metric(rule.metric)
-            if metric not in config.METRICS:
-                self.error(f"unknown metric '{rule.metric}'", rule.span, did_you_mean(rule.metric, config.METRICS))
+            if metric not in ir.METRICS:
+                self.error(f"unknown metric '{rule.metric}'", rule.span, did_you_mean(rule.metric, ir.METRICS))
             threshold = rule.threshold.value
             if not math.isfinite(threshold):
                 self.error("the threshold must be finite", rule.threshold.span)
@@ -263,16 +264,16 @@ class _Checker:
             self.actions(rule, values, sections, adapted)
         return adapted
 
-    def actions(self, rule: ir.Rule, values: dict, sections: dict, adapted: dict) -> None:
+    def actions(self, rule: syntax.Rule, values: dict, sections: dict, adapted: dict) -> None:
         assigned: set[str] = set()
         for action in rule.actions:
-            if isinstance(action, ir.Trigger):
+            if isinstance(action, syntax.Trigger):
                 self.trigger(action, values)
-            elif isinstance(action, ir.Rebalance):
+            elif isinstance(action, syntax.Rebalance):
                 target = schema.REBALANCE_ALIASES.get(action.target, action.target)
-                if target not in config.ADAPT_REBALANCES:
+                if target not in ir.ADAPT_REBALANCES:
                     self.error(f"cannot rebalance '{action.target}'", action.span,
-                               did_you_mean(action.target, config.ADAPT_REBALANCES))
+                               did_you_mean(action.target, ir.ADAPT_REBALANCES))
                 elif target not in sections:
                     self.error(f"'rebalance {action.target}' needs a {target} block", action.span,
                                f"add: {target} {{ allocation = entropy }}")
@@ -296,11 +297,11 @@ class _Checker:
                     block, _, key = qualified.partition(".")
                     adapted[(block, key)].add(checked)
 
-    def trigger(self, action: ir.Trigger, values: dict) -> None:
+    def trigger(self, action: syntax.Trigger, values: dict) -> None:
         target = schema.TRIGGER_ALIASES.get(action.target, action.target)
-        if target not in config.ADAPT_TRIGGERS:
+        if target not in ir.ADAPT_TRIGGERS:
             self.error(f"unknown trigger '{action.target}'", action.span,
-                       did_you_mean(action.target, config.ADAPT_TRIGGERS))
+                       did_you_mean(action.target, ir.ADAPT_TRIGGERS))
         elif target == "evict_ttl" and not values.get(("cache", "ttl")):
             self.error("'trigger evict_ttl' needs a ttl", action.span, "set cache { ttl = N } with N > 0")
 

@@ -49,13 +49,17 @@ def parse_bytes(value: int | str, what: str = "budget") -> int:
     return size
 
 
-def round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
+def slot_layout(adapter: MoeAdapter, dtype: torch.dtype):
+    """The layout of one of the model's expert slots in ``dtype``: the native definition
+    (csrc/slot_layout.h), which the arena, the host pool and the kernels use too."""
+    from ..native import slot_layout as native_slot_layout
+
+    return native_slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size)
 
 
 def slot_elems(adapter: MoeAdapter) -> int:
-    """Elements of one expert slot: gate_up [2I, H] + down [H, I], padded to 64 (CONTRACTS.md)."""
-    return round_up(3 * adapter.expert_inter_size * adapter.hidden_size, 64)
+    """Elements of one expert slot, padding included (the same for every float dtype)."""
+    return slot_layout(adapter, torch.float32).slot_elems
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class MemoryPlan:
     slot_bytes: int          # one expert slot
     num_slots: int
     min_slots: int           # slots a step of one token needs (top_k)
+    slot_elems: int          # elements of the model dtype in one slot (the arena's row length)
 
     @property
     def arena_bytes(self) -> int:
@@ -134,11 +139,12 @@ def plan_memory(
     kv = adapter.num_layers * adapter.kv_elems_per_token() * itemsize * tokens
     # The prefill's activations and the fast decode path's buffers and graph pool are both kept.
     work = workspace_bytes(adapter, itemsize, tokens) + decode_graph_bytes(adapter, itemsize, max_batch, max_context)
-    slot = slot_elems(adapter) * itemsize
+    layout = slot_layout(adapter, dtype)
+    slot = layout.slot_bytes
     min_slots = min(adapter.top_k, max_slots)
     fixed = skeleton_bytes + kv + work
     num_slots = min(max_slots, max(0, (budget_bytes - fixed) // slot))
-    plan = MemoryPlan(budget_bytes, skeleton_bytes, kv, work, slot, num_slots, min_slots)
+    plan = MemoryPlan(budget_bytes, skeleton_bytes, kv, work, slot, num_slots, min_slots, layout.slot_elems)
     if num_slots < min_slots:
         raise BudgetError(
             f"vram_budget {fmt_bytes(budget_bytes)} is too small: the model needs "

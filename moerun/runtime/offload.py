@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from ..expert_predictor import load_predictor, step_top
-from ..policy.errors import PolicyError
 from .stats import LayerCounters
 from .trace_recorder import TraceRecorder
 
@@ -347,10 +346,11 @@ class OffloadRuntime:
     # -- control --------------------------------------------------------------------------------
     def set_policy(self, policy) -> None:
         """Swap the engine's policy between steps; resident experts stay where they are."""
-        predictor = learned_predictor(policy, num_layers=self.num_layers, num_experts=self.num_experts,
+        setup = self.engine.setup_for(policy)  # PolicyError before anything changes
+        predictor = learned_predictor(setup, num_layers=self.num_layers, num_experts=self.num_experts,
                                       top_k=self.engine.shape["top_k"])
         self.engine.set_policy(policy)
-        self.lookahead, self.observe_timings = uses_lookahead(policy), uses_cost_model(policy)
+        self.lookahead, self.observe_timings = setup.lookahead, setup.observe_timings
         self.predictor = predictor
 
 
@@ -363,25 +363,12 @@ def merge_cpu_partial(y: torch.Tensor, cpu_out: torch.Tensor) -> torch.Tensor:
     return (y.float() + partial).to(y.dtype)
 
 
-def uses_lookahead(policy) -> bool:
-    """Whether ``policy`` wants the next layer's router applied to the current hidden state."""
-    return policy.prefetch.strategy == "lookahead"
-
-
-def learned_predictor(policy, *, num_layers: int, num_experts: int, top_k: int):
-    """The ExpertPredictor ``policy``'s learned prefetch runs live, or None when it names none and
-    does not prefetch with ``learned``; PolicyError when the file is missing or does not fit."""
-    pf = policy.prefetch
-    if not pf.predictor:
-        if pf.strategy == "learned":
-            raise PolicyError(f"policy '{policy.name}' prefetches with strategy learned but names no predictor; "
-                              'to run live it needs one: prefetch { predictor = "FILE" } (train it with '
-                              "`moerun trace predictor`)")
+def learned_predictor(setup, *, num_layers: int, num_experts: int, top_k: int):
+    """The ExpertPredictor loaded from the file an :class:`~moerun.policy.engine_setup.EngineSetup`
+    names, or None when it names none; PolicyError when learned prefetch has none, or the file is
+    missing or does not fit."""
+    path = setup.live_predictor()
+    if path is None:
         return None
-    return load_predictor(pf.predictor, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
-                          lookahead=pf.lookahead)
-
-
-def uses_cost_model(policy) -> bool:
-    """Whether ``policy``'s scheduling needs measured copy/CPU timings."""
-    return policy.schedule.mode == "hybrid"
+    return load_predictor(path, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                          lookahead=setup.prediction_depth)

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moerun.policy.config import AUTO, CompiledPolicy, HostConfig
+import torch
+
+from moerun.native import slot_layout
 from moerun.policy.errors import PolicyError
+from moerun.policy.ir import AUTO, CompiledPolicy, HostConfig
 from moerun.policy_engine import CostModel, PolicyEngine
 from moerun.trace.format import Trace
 
-DEFAULT_EXPERT_BYTES = 3 * 1408 * 2048 * 2  # a Qwen1.5-MoE expert in bf16, when the trace has none
+# The expert a trace without an expert size is costed as (copies, bytes fetched): the slot of a
+# Qwen1.5-MoE-A2.7B expert (hidden 2048, expert intermediate 1408) in bf16.
+REFERENCE_EXPERT = dict(dtype=torch.bfloat16, hidden_size=2048, inter_size=1408)
 
 
 def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None, num_slots: int | None = None,
@@ -39,7 +44,7 @@ def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None,
             raise PolicyError(f"policy '{policy.name}' has capacity = auto; replay needs a number of slots "
                               "(pass --capacity or --slots)")
         num_slots = cap
-    expert_bytes = trace.expert_bytes or DEFAULT_EXPERT_BYTES
+    expert_bytes = trace.expert_bytes or slot_layout(**REFERENCE_EXPERT).slot_bytes
     predictions = None
     if policy.prefetch.strategy == "learned" and policy.prefetch.predictor:
         from moerun.expert_predictor import load_predictor, predict_trace  # torch: only when needed

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from moerun.policy.config import CacheConfig, CompiledPolicy
+from moerun.policy.ir import CacheConfig, CompiledPolicy
 from moerun.trace.format import Trace
 from moerun.trace.replay import replay
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from moerun.policy.config import (AdaptRule, CacheConfig, CompiledPolicy, PerLayerConfig, PrefetchConfig,
+from moerun.policy.ir import (AdaptRule, CacheConfig, CompiledPolicy, PerLayerConfig, PrefetchConfig,
                                   ScheduleConfig)
 from moerun.policy.errors import PolicyError
 from moerun.policy_engine import CostModel, PolicyEngine

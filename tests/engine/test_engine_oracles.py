@@ -10,7 +10,7 @@ import math
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from moerun.policy.config import CacheConfig, CompiledPolicy, PerLayerConfig
+from moerun.policy.ir import CacheConfig, CompiledPolicy, PerLayerConfig
 from moerun.policy_engine import PolicyEngine
 
 

@@ -25,8 +25,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from moerun.kernels import fused_moe as fm  # noqa: E402
-from moerun.kernels import routing  # noqa: E402
 from moerun.kernels.fused_moe_config import CONFIG_FILE, FusedMoeConfig, get_config  # noqa: E402
+from moerun.native import slot_layout  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # the H100's shared memory per block (opt-in maximum)
@@ -70,8 +70,7 @@ def compile_launch(kernel, args, kwargs) -> dict:
 def launch_fused_moe(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
                      cfg: FusedMoeConfig) -> None:
     """Both paths once, on CPU tensors (recorded, not run)."""
-    slot_elems = (3 * inter * hidden + 63) // 64 * 64
-    arena = torch.empty(2, slot_elems, dtype=dtype)  # [N, S]; never touched
+    arena = torch.empty(2, slot_layout(dtype, hidden, inter).slot_elems, dtype=dtype)  # [N, S]; never touched
     table = torch.zeros(experts, dtype=torch.int32)
     for tokens, path in ((1, "decode"), (64, "prefill")):
         x = torch.empty(tokens, hidden, dtype=dtype)
@@ -80,25 +79,16 @@ def launch_fused_moe(hidden: int, inter: int, experts: int, top_k: int, dtype: t
         fm.fused_moe(x, ids, w, table, arena, inter, config=cfg, path=path)
 
 
-def launch_routing() -> None:
-    """Softmax top-k, and DeepSeek-V3's grouped sigmoid top-k with a bias (recorded, not run)."""
-    routing.route(torch.empty(4, 64), routing.RoutingSpec(top_k=6))
-    routing.route(torch.empty(4, 256), routing.RoutingSpec(top_k=8, scoring="sigmoid", renormalize=True,
-                                                           num_groups=8, topk_groups=4, group_score="top2_sum"),
-                  torch.empty(256))
-
-
 def main() -> None:
     launches: list = []
     record(fm, launches)
-    record(routing, launches)
     # the launchers' CPU-tensor checks and TMA choices as under the interpreter, which also builds
     # descriptors on the CPU; launch options as on an H100 (programmatic dependent launch)
     fm.INTERPRETED = True
     fm._pdl = lambda device: {"PDL": True, "launch_pdl": True}
     # each tuned (H, I) as the runtime would launch it in bf16 and fp32 (get_config decides which
-    # config fp32 takes), the defaults that serve shapes missing from the table, and the routing
-    cases = [("routing", launch_routing)]
+    # config fp32 takes), and the defaults that serve shapes missing from the table
+    cases = []
     with CONFIG_FILE.open() as f:
         table = json.load(f)
     for device, shapes in table.items():

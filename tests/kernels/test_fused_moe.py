@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
 from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, get_config
+from moerun.native import slot_layout, slot_views
 
 # small blocks so tiny shapes still cover several blocks and the masked edges
 # the interpreter on CPU in CI; real kernels where a GPU exists
@@ -20,10 +21,6 @@ TINY = FusedMoeConfig(DecodeConfig(block_n=16, block_h=32, block_out=8, block_i=
 TINY_TMA = FusedMoeConfig(TINY.decode, PrefillConfig(block_m=16, tail_m=16,
                                                      gate_up=GemmTile(16, 16, 4, 2, tma=True, group_m=3),
                                                      down=GemmTile(16, 16, 4, 2, tma=True, group_m=0)))
-
-
-def _slot_elems(hidden: int, inter: int) -> int:
-    return (3 * inter * hidden + 63) // 64 * 64
 
 
 def make_problem(tokens, hidden, inter, experts, top_k, slots, dtype, device, resident_frac=0.7, seed=None):
@@ -38,11 +35,13 @@ def make_problem(tokens, hidden, inter, experts, top_k, slots, dtype, device, re
     table = torch.full((experts,), -1, dtype=torch.int32, device=device)
     table[resident] = torch.tensor(slot_of, dtype=torch.int32, device=device)
     # unused slots are NaN: reading one poisons the output; the padding of used slots is zero
-    arena = torch.full((slots, _slot_elems(hidden, inter)), float("nan"), dtype=dtype, device=device)
+    layout = slot_layout(dtype, hidden, inter)
+    arena = torch.full((slots, layout.slot_elems), float("nan"), dtype=dtype, device=device)
     for e, s in zip(resident, slot_of):
         arena[s] = 0
-        arena[s, : 2 * inter * hidden] = gate_up[e].reshape(-1)
-        arena[s, 2 * inter * hidden: 3 * inter * hidden] = down[e].reshape(-1)
+        slot_gate_up, slot_down = slot_views(layout, arena[s])
+        slot_gate_up.copy_(gate_up[e])
+        slot_down.copy_(down[e])
     x = torch.randn(tokens, hidden, **rand).to(dtype)  # [T, H]
     ids = torch.stack([torch.randperm(experts, **rand)[:top_k] for _ in range(tokens)]).int()  # [T, K]
     weights = torch.rand(tokens, top_k, **rand)  # [T, K]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moerun.policy import PolicyError, bundled_policies, compile_policy, config, format_policy, parse, validate
+from moerun.policy import PolicyError, bundled_policies, compile_policy, format_policy, ir, parse, validate
 
 # -- the MoE-PolicyLang README examples, verbatim ---------------------------------------------------
 SEED_BALANCED = """\
@@ -60,7 +60,7 @@ def test_seed_balanced():
     assert (p.cache.capacity, p.cache.eviction, p.cache.frequency_decay) == (16, "lfu", 0.9)
     assert (p.prefetch.strategy, p.prefetch.budget) == ("history", 4)
     assert p.schedule.mode == "hybrid"
-    assert p.adapt == (config.AdaptRule("hit_rate", "<", 0.4, 100, (("cache.eviction", "lru"),)),)
+    assert p.adapt == (ir.AdaptRule("hit_rate", "<", 0.4, 100, (("cache.eviction", "lru"),)),)
 
 
 def test_seed_aggressive_and_vllm_demo():
@@ -74,7 +74,7 @@ def test_seed_aggressive_and_vllm_demo():
 
 def test_seed_per_layer_fragment():
     p = compile_policy("policy plcb {\n" + SEED_PER_LAYER + "}\n")
-    assert p.per_layer == config.PerLayerConfig("uniform", 864, 4, 48, 500, 1000)
+    assert p.per_layer == ir.PerLayerConfig("uniform", 864, 4, 48, 500, 1000)
 
 
 def test_seed_adapt_fragment():
@@ -94,7 +94,7 @@ def test_version_comments_semicolons_and_multiple_policies():
     assert f.version.number.value == 1 and [p.name for p in f.policies] == ["a", "b"]
     assert compile_policy(text).name == "a"
     b = compile_policy(text, name="b")
-    assert b.cache.capacity == config.AUTO and b.host == config.HostConfig(64, "lfu")
+    assert b.cache.capacity == ir.AUTO and b.host == ir.HostConfig(64, "lfu")
     with pytest.raises(PolicyError, match="no policy named 'c'"):
         compile_policy(text, name="c")
 
@@ -106,7 +106,7 @@ def test_pin_forms_and_qualified_adapt_keys():
     assert p.cache.pin == ((-1, 3), (1, 7))
     assert p.adapt[0].assignments == (("prefetch.strategy", "affinity"), ("prefetch.budget", 2),
                                       ("schedule.mode", "cpu_fallback"))
-    assert p.adapt[0].window == config.MonitorConfig().window  # no `for`: the monitor window
+    assert p.adapt[0].window == ir.MonitorConfig().window  # no `for`: the monitor window
 
 
 def test_every_comparison_and_action_kind():
@@ -177,7 +177,7 @@ def test_bundled_policies_all_parse_validate_and_are_canonical():
 def test_fiddler_runs_misses_on_cpu_and_auto_capacity():
     p = compile_policy("fiddler")
     assert p.schedule.mode == "cpu_fallback" and p.prefetch.strategy == "none"
-    assert p.cache.capacity == config.AUTO
+    assert p.cache.capacity == ir.AUTO
 
 
 def test_parse_rejects_non_text():

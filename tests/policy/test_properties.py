@@ -3,7 +3,7 @@ from importlib import resources
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from moerun.policy import PolicyError, bundled_policies, compile_policy, format_policy, ir, parse
+from moerun.policy import PolicyError, bundled_policies, compile_policy, format_policy, parse, syntax
 
 KEYWORDS = {"policy", "version", "adapt", "when", "for", "trigger", "rebalance"}
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -13,28 +13,28 @@ comment_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_cha
 comment = comment_text.map(lambda t: ("#" + t).rstrip())
 comments = st.lists(comment, max_size=2).map(tuple)
 trailing = st.none() | comment
-numbers = st.builds(ir.Number, st.integers(-10**9, 10**9) | st.floats(allow_nan=False, allow_infinity=False))
-words = st.builds(ir.Word, names)
-list_items = numbers | words | st.builds(ir.Pair, numbers, numbers)
-values = numbers | words | st.builds(ir.List, st.lists(list_items, max_size=4).map(tuple))
+numbers = st.builds(syntax.Number, st.integers(-10**9, 10**9) | st.floats(allow_nan=False, allow_infinity=False))
+words = st.builds(syntax.Word, names)
+list_items = numbers | words | st.builds(syntax.Pair, numbers, numbers)
+values = numbers | words | st.builds(syntax.List, st.lists(list_items, max_size=4).map(tuple))
 keys = names | st.tuples(names, names).map(".".join)
-settings_ = st.builds(ir.Setting, keys, values, comments, trailing)
-actions = (settings_ | st.builds(ir.Trigger, names, comments, trailing)
-           | st.builds(ir.Rebalance, names, comments, trailing))
-windows = st.none() | st.builds(ir.Window, numbers, names)
-rules = st.builds(ir.Rule, names, st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), numbers, windows,
+settings_ = st.builds(syntax.Setting, keys, values, comments, trailing)
+actions = (settings_ | st.builds(syntax.Trigger, names, comments, trailing)
+           | st.builds(syntax.Rebalance, names, comments, trailing))
+windows = st.none() | st.builds(syntax.Window, numbers, names)
+rules = st.builds(syntax.Rule, names, st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), numbers, windows,
                   st.lists(actions, max_size=3).map(tuple), comments, trailing, comments)
-blocks = st.builds(ir.Block, names.filter(lambda n: n != "adapt"), st.lists(settings_, max_size=4).map(tuple),
+blocks = st.builds(syntax.Block, names.filter(lambda n: n != "adapt"), st.lists(settings_, max_size=4).map(tuple),
                    comments, comments)
-adapt_blocks = st.builds(ir.AdaptBlock, st.lists(rules, max_size=3).map(tuple), comments, comments)
-policies = st.builds(ir.Policy, names, st.lists(blocks | adapt_blocks, max_size=4).map(tuple), comments, comments)
-files = st.builds(ir.PolicyFile, st.none() | st.builds(ir.Version, numbers, comments),
+adapt_blocks = st.builds(syntax.AdaptBlock, st.lists(rules, max_size=3).map(tuple), comments, comments)
+policies = st.builds(syntax.Policy, names, st.lists(blocks | adapt_blocks, max_size=4).map(tuple), comments, comments)
+files = st.builds(syntax.PolicyFile, st.none() | st.builds(syntax.Version, numbers, comments),
                   st.lists(policies, max_size=3).map(tuple), comments)
 
 
 @FAST
 @given(files)
-def test_parse_format_round_trip(tree: ir.PolicyFile):
+def test_parse_format_round_trip(tree: syntax.PolicyFile):
     text = format_policy(tree)
     assert parse(text) == tree
     assert format_policy(parse(text)) == text

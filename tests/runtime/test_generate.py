@@ -178,7 +178,7 @@ def test_hot_swap_during_generation_loses_nothing(checkpoints, references):
 
 
 def test_lookahead_prefetch_feeds_predictions_and_matches(checkpoints, references):
-    from moerun.policy.config import CacheConfig, CompiledPolicy, PrefetchConfig
+    from moerun.policy.ir import CacheConfig, CompiledPolicy, PrefetchConfig
 
     arch = "deepseek_v2"
     policy = CompiledPolicy(name="ahead", cache=CacheConfig(eviction="lru"),

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from moerun.policy.config import CacheConfig, CompiledPolicy, HostConfig
+from moerun.policy.ir import CacheConfig, CompiledPolicy, HostConfig
 from moerun.trace.replay import replay
 from moerun.trace.synthetic import synthetic_trace
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from moerun.policy.config import CacheConfig, CompiledPolicy, PerLayerConfig
+from moerun.policy.ir import CacheConfig, CompiledPolicy, PerLayerConfig
 from moerun.policy.errors import PolicyError
 from moerun.policy_engine import PolicyEngine
 from moerun.trace.format import Trace, TraceError, read_trace, write_trace
@@ -73,7 +73,7 @@ def test_per_layer_structure_and_oracle_prefetch_replay():
     flat = replay(t, LRU, capacity=16)["hit_rate"]
     per_layer = replay(t, CompiledPolicy(name="pl", per_layer=PerLayerConfig(total_budget=16)), capacity=16)
     assert per_layer["capacities"] == [4, 4, 4, 4] and 0 < per_layer["hit_rate"] < 1 and 0 < flat < 1
-    from moerun.policy.config import PrefetchConfig
+    from moerun.policy.ir import PrefetchConfig
 
     look = CompiledPolicy(name="la", prefetch=PrefetchConfig(strategy="lookahead", budget=2))
     s = replay(t, look, capacity=16)
