@@ -23,7 +23,7 @@ from moerun.policy.ir import (AdaptRule, CacheConfig, CompiledPolicy, PerLayerCo
                                   ScheduleConfig)
 from moerun.policy_engine import PolicyEngine
 from moerun.trace.replay import replay
-from moerun.trace.synthetic import synthetic_trace
+from moerun.trace.workloads import synthetic_trace
 
 L, E, K = 24, 64, 8
 POLICIES = {

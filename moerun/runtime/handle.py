@@ -18,7 +18,7 @@ from .decode_profile import DecodeProfile
 from .fast_decode import FastDecoder
 from .memory import MemoryPlan
 from .offload import OffloadRuntime
-from .stats import LayerCounters, summarize
+from .layer_counters import LayerCounters, summarize
 from .trace_recorder import TraceRecorder
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..expert_predictor import load_predictor, step_top
-from .stats import LayerCounters
+from .layer_counters import LayerCounters
 from .trace_recorder import TraceRecorder
 
 

@@ -8,7 +8,7 @@ import json
 import time
 
 from moerun.trace.format import TraceError, read_trace, write_trace
-from moerun.trace.synthetic import WORKLOADS, synthetic_trace
+from moerun.trace.workloads import WORKLOADS, synthetic_trace
 
 
 def _compile(spec: str):

@@ -165,7 +165,7 @@ def test_belady_matches_oracle(seed, shape, cap, per_layer):
 
 def test_belady_is_an_upper_bound_for_lru_and_lfu():
     from moerun.trace.replay import replay
-    from moerun.trace.synthetic import synthetic_trace
+    from moerun.trace.workloads import synthetic_trace
 
     trace = synthetic_trace("zipf", num_tokens=300, num_layers=4, num_experts=16, top_k=2, seed=3)
     rates = {k: replay(trace, CompiledPolicy(name=k, cache=CacheConfig(eviction=k)), capacity=20)["hit_rate"]

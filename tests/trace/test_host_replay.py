@@ -7,7 +7,7 @@ import numpy as np
 
 from moerun.policy.ir import CacheConfig, CompiledPolicy, HostConfig
 from moerun.trace.replay import replay
-from moerun.trace.synthetic import synthetic_trace
+from moerun.trace.workloads import synthetic_trace
 
 
 def _policy(host: HostConfig | None = None) -> CompiledPolicy:

@@ -14,7 +14,7 @@ from moerun.policy import compile_policy, format_policy, parse
 from moerun.policy.errors import PolicyError
 from moerun.trace.format import Trace, read_trace
 from moerun.trace.replay import replay
-from moerun.trace.synthetic import synthetic_trace
+from moerun.trace.workloads import synthetic_trace
 
 
 def _learned(path, capacity: int = 6, budget: int = 2, lookahead: int = 1) -> str:

@@ -13,7 +13,7 @@ from moerun.trace.format import Trace, TraceError, read_trace, write_trace
 from moerun.trace.replay import replay
 from moerun.trace.stats import layer_stats
 from moerun.trace.sweep import sweep, write_outputs
-from moerun.trace.synthetic import WORKLOADS, synthetic_trace
+from moerun.trace.workloads import WORKLOADS, synthetic_trace
 
 LRU = CompiledPolicy(name="lru", cache=CacheConfig(eviction="lru"))
 
