@@ -1,6 +1,6 @@
 """Per-layer time breakdown of fast-path decode steps, collected only while a profile is open.
 
-Phases of one MoE layer step (DESIGN.md, "one decode step through one MoE layer"):
+Phases of one MoE layer step (docs/design.md, "One MoE layer step"):
 
 - ``graph_a``: device time of segment A (norm, attention, norm, router, top-k, copies to host);
 - ``sync``: host time blocked waiting for those copies (it overlaps ``graph_a``);

@@ -2,7 +2,7 @@
 
 ``OffloadRuntime`` owns what the MoE layers of one model share: the slot arena, the host pool,
 the transfer engine, the CPU executor and the policy engine. ``run(layer, x, ids, weights)``
-carries out one layer's step as DESIGN.md draws it (``layer`` counts MoE layers only: it is the
+carries out one layer's step as docs/design.md draws it (``layer`` counts MoE layers only: it is the
 engine's, the arena's and the pool's layer id, so dense layers cost no slots):
 
 1. the chosen ids and gate weights go to pinned host buffers; waiting on that copy is the step's
