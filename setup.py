@@ -38,15 +38,19 @@ def _native_extension():
         include_dirs=[os.path.join(here, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-pthread"],
+        # The torch libraries it links against, found without importing torch first (`import moerun._C`).
+        extra_link_args=["-pthread", f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"],
     )
 
 
+# moerun/kernels is a link to the top-level kernels/ folder, which has no __init__.py on purpose: run from the
+# repository root (`python -m ...` puts it on sys.path), a package named `kernels` there would shadow the
+# Hugging Face `kernels` package that transformers imports. The folder is reachable only as moerun.kernels.
 packages = find_packages(include=["moerun", "moerun.*"]) + ["moerun.kernels", "moerun.policies"]
 
 setup(
     packages=packages,
-    package_dir={"moerun.kernels": "kernels", "moerun.policies": "policies"},
+    package_dir={"moerun.policies": "policies"},
     package_data={"moerun.policies": ["*.moe"], "moerun.policy": ["grammar.lark"], "moerun.kernels": ["*.json"], "moerun": ["_C.pyi"]},
     ext_modules=[_native_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -109,16 +109,25 @@ def format_table(results: list[SystemResult]) -> str:
     return "\n".join(lines)
 
 
-LEGEND = (
-    "decode tok/s: generated tokens/s after the first (whole batch), median [min-max] over repeats; "
-    "prefill tok/s and TTFT: prompt tokens/s and time to the first token. Over the decode steps of "
-    "the timed repeats (prefill in the JSON): hit rate: experts needed by a layer step (unique per "
-    "step) already on the GPU; copied: weight bytes copied host->GPU; CPU share: needed experts "
-    "computed on the CPU; dedup saved: expert weight bytes that handling each (token, expert) pair "
-    "on its own would have read on top (tokens of a step share experts). GPU peak: "
-    "torch.cuda.max_memory_allocated over load + run (OVER = above the budget); tokens = ref: "
-    "generated tokens equal to the reference (greedy prefix per sequence)."
-)
+def legend(on_gpu: bool) -> str:
+    """What the table's columns mean; a CPU run says what its device is (the arena is host memory there,
+    and both moerun's expert kernels and the baselines run on the CPU)."""
+    where = "in a GPU slot" if on_gpu else "in an arena slot (host memory on a CPU run)"
+    text = (
+        "decode tok/s: generated tokens/s after the first (whole batch), median [min-max] over repeats; "
+        "prefill tok/s and TTFT: prompt tokens/s and time to the first token. Over the decode steps of "
+        "the timed repeats (prefill in the JSON): hit rate: experts needed by a layer step (unique per "
+        f"step) already {where}; copied: weight bytes copied from the host pool into slots; "
+        "CPU share: needed experts computed by the CPU executor (the policy's CPU path); dedup saved: expert "
+        "weight bytes that handling each (token, expert) pair on its own would have read on top (tokens of "
+        "a step share experts). "
+    )
+    if on_gpu:
+        text += "GPU peak: torch.cuda.max_memory_allocated over load + run (OVER = above the budget); "
+    else:
+        text += ("On a CPU run every system computes on the same cores, so the numbers show what moerun's "
+                 "mechanism costs on a CPU, not offloading; GPU peak is not measured. ")
+    return text + "tokens = ref: generated tokens equal to the reference (greedy prefix per sequence)."
 
 
 def write_json(path: Path, header: dict, results: list[SystemResult]) -> None:

@@ -93,8 +93,9 @@ class DecodeMask:
     one, another cache) goes to transformers' function, which starts a new copy.
     """
 
-    def __init__(self, cache: DecodeCache):
+    def __init__(self, cache: DecodeCache, cache_arg: str | None):
         self.cache = cache
+        self.cache_arg = cache_arg  # the KV cache's argument name in this transformers (transformers_contract)
         self._mask: torch.Tensor | None = None  # [B, 1, 1, L] the last decode step's mask (our copy)
         self._key: str | None = None  # transformers returned {key: mask} (layer types) rather than a mask
         self._columns = 0  # 2-D mask length (positions seen) of that step
@@ -105,7 +106,7 @@ class DecodeMask:
     def build(self, original, *args, **kwargs):
         """``create_masks_for_generate``'s result for these arguments: extended from the last step's
         when it continues it, else ``original(*args, **kwargs)`` (remembered when it is a decode mask)."""
-        pad, tokens, cache = kwargs.get("attention_mask"), _query_length(kwargs), kwargs.get("past_key_values")
+        pad, tokens, cache = kwargs.get("attention_mask"), _query_length(kwargs), kwargs.get(self.cache_arg)
         padded = isinstance(pad, torch.Tensor) and pad.dim() == 2
         decode = not args and tokens == 1 and self.cache.owns(cache) and (pad is None or padded)
         # Positions the step's token sees, itself included (the 2-D mask's length when there is one).

@@ -55,6 +55,7 @@ from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.base import MoeAdapter
+from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
 from .decode_cache import DecodeCache, DecodeMask
 from .decode_profile import DecodeProfile
 from .offload import HostStep, OffloadRuntime, merge_cpu_partial
@@ -66,14 +67,19 @@ MAX_STEP_TOKENS = 16
 # The decoder-layer structure the segments reproduce (pre-norm: attention then MLP, each with a residual).
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-# forward() arguments a decode step may carry; any other argument (or a true output_* flag) goes to transformers.
-_STEP_ARGS = {"input_ids", "position_ids", "past_key_values", "attention_mask", "use_cache", "logits_to_keep",
+# forward() arguments a decode step may carry besides the KV cache (whose name depends on the transformers
+# version: transformers_contract); any other argument (or a true output_* flag) goes to transformers.
+_STEP_ARGS = {"input_ids", "position_ids", "attention_mask", "use_cache", "logits_to_keep",
               "return_dict", "output_attentions", "output_hidden_states", "output_router_logits"}
 
 
 def unsupported_reason(model) -> str | None:
     """Why the fast path cannot run ``model`` (one line), or None when it can."""
     cfg = model.config
+    try:
+        fast_path_contract(model)
+    except TransformersMismatch as exc:
+        return str(exc)
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in _ATTENTION_IMPLEMENTATIONS:
         return f"attention implementation {impl!r} (the fast path runs {' or '.join(_ATTENTION_IMPLEMENTATIONS)})"
@@ -141,18 +147,18 @@ def _tail(buf: "_StepBuffers", model, keep: int) -> None:
     buf.logits.copy_(model.lm_head(hs))
 
 
-def _dense(buf: "_StepBuffers", layer, cache) -> None:
+def _dense(buf: "_StepBuffers", layer, cache, cache_arg: str) -> None:
     buf.h.copy_(layer(buf.h, attention_mask=buf.mask, position_embeddings=buf.pe, position_ids=buf.position_ids,
-                      past_key_values=cache, use_cache=True))
+                      use_cache=True, **{cache_arg: cache}))
 
 
-def _attention_router(buf: "_StepBuffers", layer, block, cache) -> None:
+def _attention_router(buf: "_StepBuffers", layer, block, cache, cache_arg: str) -> None:
     """The decoder layer's forward up to its MLP (transformers' order and ops), then the router."""
     t, hidden = buf.x.shape
     residual = buf.h
     hs = layer.input_layernorm(buf.h)
     hs, _ = layer.self_attn(hidden_states=hs, attention_mask=buf.mask, position_embeddings=buf.pe,
-                            position_ids=buf.position_ids, past_key_values=cache, use_cache=True)
+                            position_ids=buf.position_ids, use_cache=True, **{cache_arg: cache})
     buf.resid.copy_(residual + hs)
     buf.x.copy_(layer.post_attention_layernorm(buf.resid).reshape(t, hidden))
     ids, weights = block.adapter.route(block.gate, buf.x)  # [T, K], [T, K] fp32
@@ -229,7 +235,7 @@ class _StepBuffers:
         for index, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
             block = layer.mlp
             if not hasattr(block, "moe_index"):
-                self.layers.append(seg(f"dense{index}", device_part("dense", layer, cache)))
+                self.layers.append(seg(f"dense{index}", device_part("dense", layer, cache, decoder.cache_arg)))
                 continue
             hosts = tuple(HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), cpu_out=cpu_out)
                           for _ in range(2))
@@ -263,7 +269,7 @@ class _StepBuffers:
             if block.next_gate is not None:
                 ahead = seg(f"P{index}", functools.partial(p, device_part("predict_next", block)))
             has_shared = bool(block.adapter.shared_modules)
-            run_a = functools.partial(a, device_part("attention_router", layer, block, cache))
+            run_a = functools.partial(a, device_part("attention_router", layer, block, cache, decoder.cache_arg))
             self.layers.append(_MoeSegments(
                 block, hosts, run_a, seg(f"A{index}", run_a),
                 seg(f"S{index}", device_part("shared", block)) if has_shared else None,
@@ -315,13 +321,19 @@ class FastDecoder:
         self.adapter = adapter
         self.runtime = runtime
         self.device, self.dtype = device, dtype
+        try:  # the KV-cache argument name of this transformers (None: the fast path cannot run)
+            self.cache_arg: str | None = fast_path_contract(model)
+        except TransformersMismatch:
+            self.cache_arg = None  # unsupported_reason() says why when the fast path is switched on
         self.cache = DecodeCache(model.config, max_context, max_batch)
-        self.mask = DecodeMask(self.cache)
+        self.mask = DecodeMask(self.cache, self.cache_arg)
         self.capture = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._compile_backend = compile_backend
         self._device_fns: dict[str, object] = {}
         self.enabled = False
+        self.off_reason: str | None = "not switched on"  # why decode steps do not take the fast path
+        self.fallback_steps = 0  # decode steps over moerun's cache that ran through transformers anyway
         self._skip_routed = False
         self._uniform_routing = False
         self.profile: DecodeProfile | None = None
@@ -330,6 +342,7 @@ class FastDecoder:
         self._pending: tuple[_StepBuffers, int] | None = None  # a whole step whose routing the engine has not read
         self._shapes: dict[tuple[int, int, int], _StepBuffers] = {}
         self._notified: set[str] = set()
+        self._forwards_over_cache = 0  # forward() calls that got moerun's cache during one generate()
 
     @property
     def compile_backend(self) -> str | None:
@@ -358,12 +371,13 @@ class FastDecoder:
     # -- switch ---------------------------------------------------------------------------------
     def set_enabled(self, enabled: bool) -> bool:
         """Turn the fast path on or off; on is refused (with a one-line notice) where unsupported."""
+        reason = None if enabled else "switched off (fast_decode=False)"
         if enabled:
             reason = unsupported_reason(self.model())
             if reason is not None:
                 _notice(f"fast decode path off for this model: {reason}; decoding runs through transformers' layers")
                 enabled = False
-        self.enabled = enabled
+        self.enabled, self.off_reason = enabled, reason
         return enabled
 
     @property
@@ -396,7 +410,8 @@ class FastDecoder:
         """Fast-path steps (and how many ran as one whole-step graph), graphs captured and replayed,
         segments run eagerly."""
         segs = [s for buf in self._shapes.values() for s in buf.segments()]
-        return {"enabled": self.enabled, "fast_steps": self.fast_steps, "whole_steps": self.whole_steps,
+        return {"enabled": self.enabled, "off_reason": self.off_reason, "fast_steps": self.fast_steps,
+                "fallback_steps": self.fallback_steps, "whole_steps": self.whole_steps,
                 "graphs": sum(s.graph is not None for s in segs),
                 "graph_replays": sum(s.replays for s in segs),
                 "eager_segment_calls": sum(s.calls - s.replays for s in segs),
@@ -412,20 +427,32 @@ class FastDecoder:
         return cache
 
     def _takes(self, args, kwargs) -> bool:
-        """Whether this forward call is a decode step the fast path runs."""
-        if args or not self.enabled or torch.is_grad_enabled() or set(kwargs) - _STEP_ARGS:
-            return False
-        if any(kwargs.get(flag) for flag in ("output_attentions", "output_hidden_states", "output_router_logits")):
-            return False
-        if kwargs.get("return_dict") is False or kwargs.get("use_cache") is False:
-            return False
-        if not isinstance(kwargs.get("logits_to_keep", 0), int):  # index tensors: transformers slices them
-            return False
-        ids = kwargs.get("input_ids")
-        if ids is None or ids.dim() != 2 or ids.shape[0] != self.cache.batch_size:
+        """Whether this forward call over moerun's cache is a decode step the fast path runs. A decode
+        step it cannot run is counted (``fallback_steps``), with a one-time notice saying why."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not self.enabled or ids is None or ids.dim() != 2 or ids.shape[0] != self.cache.batch_size:
             return False
         # Prefill (the first forward of a generation) runs through transformers.
-        return 1 <= ids.shape[1] <= MAX_STEP_TOKENS and self.cache.length > ids.shape[1]
+        if not (1 <= ids.shape[1] <= MAX_STEP_TOKENS and self.cache.length > ids.shape[1]):
+            return False
+        reason = None
+        if torch.is_grad_enabled():
+            reason = "gradients are enabled"
+        elif args:
+            reason = "forward() got positional arguments"
+        elif set(kwargs) - _STEP_ARGS - {self.cache_arg}:
+            reason = f"forward() got argument(s) {sorted(set(kwargs) - _STEP_ARGS - {self.cache_arg})}"
+        elif any(kwargs.get(f) for f in ("output_attentions", "output_hidden_states", "output_router_logits")):
+            reason = "attentions, hidden states or router logits were asked for"
+        elif kwargs.get("return_dict") is False or kwargs.get("use_cache") is False:
+            reason = "return_dict=False or use_cache=False"
+        elif not isinstance(kwargs.get("logits_to_keep", 0), int):  # index tensors: transformers slices them
+            reason = "logits_to_keep is an index tensor"
+        if reason is None:
+            return True
+        self.fallback_steps += 1
+        self._notice_once(f"fallback:{reason}", f"decode steps run through transformers' layers: {reason}")
+        return False
 
     def install(self, model) -> None:
         """Route the model's decode steps and generate() through this decoder."""
@@ -433,7 +460,8 @@ class FastDecoder:
         model_ref, decoder = weakref.ref(model), self
 
         def forward(*args, **kwargs):
-            if decoder.cache.owns(kwargs.get("past_key_values")):
+            if decoder.cache.owns(kwargs.get(decoder.cache_arg)):
+                decoder._forwards_over_cache += 1
                 tokens = kwargs.get("input_ids", args[0] if args else None)
                 if tokens is None:
                     tokens = kwargs["inputs_embeds"]
@@ -451,12 +479,19 @@ class FastDecoder:
             with torch.inference_mode(False):
                 cache = decoder._cache_for_generate(model_ref(), args, kwargs)
                 if cache is not None:
-                    kwargs["past_key_values"] = cache
+                    kwargs[decoder.cache_arg] = cache
                     kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
+                decoder._forwards_over_cache = 0
                 try:
                     return original_generate(model_ref(), *args, **kwargs)
                 finally:
                     decoder.flush_accounting()
+                    if cache is not None and decoder._forwards_over_cache == 0:
+                        # generate() never handed moerun's cache to forward(): its plumbing changed.
+                        decoder.off_reason = mismatch(
+                            f"did not pass the KV cache given to generate() as {decoder.cache_arg!r} on to "
+                            "forward()").args[0]
+                        decoder._notice_once("lost-cache", f"fast decode path not used: {decoder.off_reason}")
 
         # generate() asks the model for its static-cache masks by this name before every step.
         own_masks = inspect.getattr_static(type(model), "create_masks_for_generate", None)
@@ -479,7 +514,7 @@ class FastDecoder:
         model.forward, model.generate = forward, generate
 
     def _cache_for_generate(self, model, args, kwargs):
-        if not self.enabled or kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is False:
+        if not self.enabled or kwargs.get(self.cache_arg) is not None or kwargs.get("use_cache") is False:
             return None
         config = kwargs.get("generation_config") or model.generation_config
         if any(k in kwargs for k in ("assistant_model", "prompt_lookup_num_tokens")) or \
@@ -507,9 +542,11 @@ class FastDecoder:
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, *, input_ids: torch.Tensor, past_key_values, attention_mask=None, position_ids=None,
-             logits_to_keep: int = 0, **_flags) -> CausalLMOutputWithPast:
-        """One decode step of ``input_ids`` ``[B, Q]`` (already counted in the cache length)."""
+    def step(self, *, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
+             logits_to_keep: int = 0, **flags) -> CausalLMOutputWithPast:
+        """One decode step of ``input_ids`` ``[B, Q]`` (already counted in the cache length); the KV
+        cache comes under its transformers name (``self.cache_arg``) among ``flags``."""
+        past_key_values = flags[self.cache_arg]
         batch, tokens = input_ids.shape
         start = self.cache.length - tokens  # positions written before this step
         if position_ids is None:
@@ -524,7 +561,7 @@ class FastDecoder:
         buf.mask.copy_(mask)
         self._run(buf)
         self.fast_steps += 1
-        return CausalLMOutputWithPast(logits=buf.logits.clone(), past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=buf.logits.clone(), **{self.cache_arg: past_key_values})
 
     def _mask(self, input_ids, attention_mask, cache, position_ids) -> torch.Tensor:
         """The 4-D mask ``[B, 1, Q, L]`` transformers' attention expects (generate builds it for
@@ -539,7 +576,7 @@ class FastDecoder:
             attention_mask = create_masks_for_generate(
                 config=model.config, inputs_embeds=torch.empty((batch, tokens, 0), dtype=self.dtype,
                                                                device=input_ids.device),
-                attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids)
+                attention_mask=attention_mask, position_ids=position_ids, **{self.cache_arg: cache})
             if isinstance(attention_mask, dict):
                 attention_mask = attention_mask["full_attention"]
         if attention_mask is None or attention_mask.dim() != 4:

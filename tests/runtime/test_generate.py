@@ -1,7 +1,7 @@
 """Generation through moerun is token-identical to plain transformers on the same checkpoint.
 
-Tiny fp32 checkpoints on the CPU; the arena lives in host memory and the Triton kernels run in the
-interpreter. Where a step runs experts on the CPU executor, the sum of the routed experts is
+Tiny fp32 checkpoints on the CPU; the arena lives in host memory and the experts in slots run in the
+native host kernel (moerun.native.fused_moe_host). Where a step runs experts on the CPU executor, the sum of the routed experts is
 accumulated in a different order than transformers' (fused kernel for resident experts + CPU
 partial), so logits may differ in the last fp32 bits: those tests also compare logits with
 atol 1e-4 and still require identical greedy tokens (the synthetic models' top-2 logit margins are
@@ -445,6 +445,52 @@ def test_unsupported_layer_falls_back_with_a_notice(checkpoints, references):
     tokens, _ = _generate(model, prompt)
     assert model.moerun.stats()["decode"]["fast_steps"] == 0
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_a_transformers_without_the_internals_turns_the_fast_path_off_with_its_reason(checkpoints, references,
+                                                                                   monkeypatch):
+    import transformers
+
+    from moerun import transformers_contract
+
+    path = checkpoints["qwen2_moe"]
+    prompt, ref_tokens, _ = references["qwen2_moe"]
+    # As if transformers had renamed the KV-cache argument again.
+    monkeypatch.setattr(transformers_contract, "CACHE_ARGUMENT_NAMES", ("kv_state",))
+    with pytest.warns(RuntimeWarning, match=rf"fast decode path off.*transformers {transformers.__version__} passes "
+                                            r"the KV cache under argument names moerun does not know"):
+        model = _load_fast(path, policy=LRU_AUTO)
+    decode = model.moerun.stats()["decode"]
+    assert not decode["enabled"] and "moerun supports transformers" in decode["off_reason"]
+    assert torch.equal(_generate(model, prompt)[0], ref_tokens)
+    assert model.moerun.stats()["decode"]["fast_steps"] == 0
+
+
+def test_decode_steps_the_fast_path_cannot_take_are_counted_with_a_notice(checkpoints, references):
+    path = checkpoints["olmoe"]
+    prompt, ref_tokens, _ = references["olmoe"]
+    model = _load_fast(path, policy=LRU_AUTO)
+    with pytest.warns(RuntimeWarning, match="decode steps run through transformers' layers: attentions, hidden "
+                                            "states or router logits were asked for"):
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_hidden_states=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref_tokens)
+    decode = model.moerun.stats()["decode"]
+    assert decode["enabled"] and decode["off_reason"] is None
+    assert decode["fast_steps"] == 0 and decode["fallback_steps"] == NEW_TOKENS - 1
+
+
+def test_a_generate_whose_cache_never_reaches_forward_says_so(checkpoints, references, monkeypatch):
+    path = checkpoints["olmoe"]
+    prompt, ref_tokens, _ = references["olmoe"]
+    model = _load_fast(path, policy=LRU_AUTO)
+    # As if transformers' generate() passed the cache on under another name: forward never sees moerun's.
+    monkeypatch.setattr(model.moerun.decoder.cache, "owns", lambda cache: False)
+    with pytest.warns(RuntimeWarning, match="fast decode path not used: transformers .* did not pass the KV cache"):
+        tokens, _ = _generate(model, prompt)
+    assert torch.equal(tokens, ref_tokens)
+    decode = model.moerun.stats()["decode"]
+    assert decode["fast_steps"] == 0 and "did not pass the KV cache" in decode["off_reason"]
 
 
 def test_hot_policy_swap_mid_generation_with_the_fast_path(checkpoints, references):

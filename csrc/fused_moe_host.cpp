@@ -1,0 +1,100 @@
+#include "fused_moe_host.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "slot_layout.h"
+
+namespace moerun {
+namespace {
+constexpr int64_t kGateRows = 32;  // gate (and as many up) rows per phase-1 task
+constexpr int64_t kDownRows = 32;  // output columns per phase-2 task
+constexpr int64_t kTokenTile = 16;  // tokens per matmul_rows call: weight rows stream once for all of them
+}  // namespace
+
+void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) {
+  const int64_t T = a.T, H = a.H, I = a.I, K = a.K;
+  const SlotLayout layout = slot_layout(a.dtype, H, I);
+  static const CpuIsa isa = detect_cpu_isa();
+  // Pairs grouped by resident expert: rows of (token, gate weight), each expert's rows contiguous.
+  struct Group {
+    const char* weights;
+    int64_t first_row, num_rows;
+  };
+  std::vector<Group> groups;
+  std::vector<int64_t> row_token;
+  std::vector<float> row_weight;
+  std::vector<std::vector<int64_t>> pairs_of(static_cast<size_t>(a.E));
+  for (int64_t p = 0; p < T * K; ++p) {
+    const int64_t e = a.topk_ids[p];
+    if (e < 0 || e >= a.E)
+      throw std::out_of_range("fused_moe_host: expert id " + std::to_string(e) + " is outside [0, " +
+                              std::to_string(a.E) + ")");
+    if (a.slot_table[e] >= 0) pairs_of[static_cast<size_t>(e)].push_back(p);
+  }
+  for (int64_t e = 0; e < a.E; ++e) {
+    const auto& pairs = pairs_of[static_cast<size_t>(e)];
+    if (pairs.empty()) continue;
+    const int64_t slot = a.slot_table[e];
+    if (slot >= a.num_slots)
+      throw std::out_of_range("fused_moe_host: slot " + std::to_string(slot) + " of expert " + std::to_string(e) +
+                              " is outside the arena's " + std::to_string(a.num_slots) + " slots");
+    groups.push_back({static_cast<const char*>(a.arena) + slot * layout.slot_bytes,
+                      static_cast<int64_t>(row_token.size()), static_cast<int64_t>(pairs.size())});
+    for (int64_t p : pairs) {
+      row_token.push_back(p / K);
+      row_weight.push_back(a.topk_weights[p]);
+    }
+  }
+  const int64_t rows = static_cast<int64_t>(row_token.size());
+  std::vector<float> xg(static_cast<size_t>(rows * H));  // [rows, H] each row's token, fp32
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < H; ++c) xg[r * H + c] = load_as_f32(a.x, row_token[r] * H + c, a.dtype);
+  std::vector<float> h(static_cast<size_t>(rows * I));  // [rows, I] silu(gate) * up
+  std::vector<float> y(static_cast<size_t>(T * H), 0.f);  // [T, H] fp32 sum
+  const int64_t gate_blocks = (I + kGateRows - 1) / kGateRows;
+  const int64_t down_blocks = (H + kDownRows - 1) / kDownRows;
+  const DType wd = a.dtype;
+  // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
+  parallel_for(static_cast<int64_t>(groups.size()) * gate_blocks, [&](int64_t task) {
+    const Group& g = groups[static_cast<size_t>(task / gate_blocks)];
+    const int64_t i0 = (task % gate_blocks) * kGateRows, i1 = std::min(I, i0 + kGateRows), n = i1 - i0;
+    float gv[kTokenTile * kGateRows], uv[kTokenTile * kGateRows];
+    const char* w = g.weights + layout.gate_up_offset;
+    for (int64_t t0 = 0; t0 < g.num_rows; t0 += kTokenTile) {
+      const int64_t tn = std::min(kTokenTile, g.num_rows - t0);
+      const Acts xr{xg.data() + (g.first_row + t0) * H, H};
+      matmul_rows(isa, w, wd, H, i0, i1, xr, tn, gv, n);
+      matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, uv, n);
+      for (int64_t t = 0; t < tn; ++t)
+        for (int64_t i = 0; i < n; ++i) {
+          const float gi = gv[t * n + i];
+          h[(g.first_row + t0 + t) * I + i0 + i] = gi / (1.f + std::exp(-gi)) * uv[t * n + i];
+        }
+    }
+  });
+  // Phase 2: y[t, c0:c1] += w * (h @ down.T)[c0:c1] over every group; a task owns its columns.
+  parallel_for(down_blocks, [&](int64_t task) {
+    const int64_t c0 = task * kDownRows, c1 = std::min(H, c0 + kDownRows), n = c1 - c0;
+    float part[kTokenTile * kDownRows];
+    for (const Group& g : groups) {
+      const char* down = g.weights + layout.down_offset;
+      for (int64_t t0 = 0; t0 < g.num_rows; t0 += kTokenTile) {
+        const int64_t tn = std::min(kTokenTile, g.num_rows - t0);
+        matmul_rows(isa, down, wd, I, c0, c1, Acts{h.data() + (g.first_row + t0) * I, I}, tn, part, n);
+        for (int64_t t = 0; t < tn; ++t) {
+          const int64_t row = g.first_row + t0 + t;
+          float* o = y.data() + row_token[row] * H + c0;
+          for (int64_t i = 0; i < n; ++i) o[i] += row_weight[row] * part[t * n + i];
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < T * H; ++i) store_from_f32(a.out, i, a.dtype, y[i]);
+}
+
+}  // namespace moerun

@@ -1,1 +1,0 @@
-"""Triton kernels of moerun (installed as ``moerun.kernels``); each kernel sits beside its launch config."""
