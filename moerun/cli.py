@@ -2,7 +2,11 @@
 
 Each command group lives with the concept it serves: ``moerun policy ...`` in
 ``moerun.policy.commands``, ``moerun trace ...`` in ``moerun.trace.commands``. A group module
-exposes ``add_parser(subparsers)``, which registers its sub-commands, each with a ``func(args) -> int``.
+exposes ``add_parser(subparsers)``, which registers its sub-commands, each with a ``func(args) -> int``,
+and ``ERRORS``, the error types its commands raise for bad input. Those, and OSError (a file that
+cannot be read or written), end the command here: the message on stderr, exit status 1, no
+traceback. A policy error keeps its compiler-style lines (file:line:col, source, caret, hint);
+every other error is one line.
 """
 from __future__ import annotations
 
@@ -17,13 +21,17 @@ GROUPS = (
 )
 
 
-def build_parser(groups=GROUPS) -> argparse.ArgumentParser:
+def build_parser(groups=GROUPS) -> tuple[argparse.ArgumentParser, tuple[type[BaseException], ...]]:
+    """The parser of ``groups`` and the error types their commands raise for bad input."""
     parser = argparse.ArgumentParser(prog="moerun", description="Run MoE models on a GPU too small for them.")
     sub = parser.add_subparsers(dest="group", metavar="{" + ",".join(g for g, _ in groups) + "}")
     sub.required = True
+    errors: tuple[type[BaseException], ...] = (OSError,)
     for _name, module in groups:
-        importlib.import_module(module).add_parser(sub)
-    return parser
+        group = importlib.import_module(module)
+        group.add_parser(sub)
+        errors += tuple(group.ERRORS)
+    return parser, errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,5 +39,36 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the group that was asked for, so a broken optional group cannot break another.
     chosen = [g for g in GROUPS if argv and argv[0] == g[0]]
-    args = build_parser(chosen or GROUPS).parse_args(argv)
-    return int(args.func(args) or 0)
+    parser, errors = build_parser(chosen or GROUPS)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except errors as exc:
+        print(error_text(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moerun: interrupted", file=sys.stderr)
+        return 130
+
+
+def whole_number(lo: int, hi: int):
+    """An argparse ``type``: a whole number of ASCII digits in ``lo..hi`` (the limit of what takes it)."""
+    def parse(text: str) -> int:
+        digits = text.lstrip("+-")
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= len(str(hi)) + 1):
+            raise argparse.ArgumentTypeError(f"expected a whole number in {lo}..{hi}, got {text!r}")
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its messages
+    return parse
+
+
+def error_text(exc: BaseException) -> str:
+    """What the command line prints for ``exc``: a policy error's diagnostics, else ``error: ...`` on one line."""
+    format_lines = getattr(exc, "format", None)  # PolicyError's compiler-style diagnostics
+    if callable(format_lines):
+        return format_lines()
+    return "error: " + " ".join(str(exc).split())

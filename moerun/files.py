@@ -28,10 +28,10 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
 
 
 def _error(message: str, cause: OSError | None = None) -> OSError:
-    """An OSError whose text is exactly ``message`` (no ``[Errno N]`` prefix), errno kept."""
+    """An OSError whose text is exactly ``message`` (no ``[Errno N]`` prefix), the cause's errno kept."""
     err = OSError(message)
     if cause is not None:
-        err.errno, err.strerror, err.filename = cause.errno, cause.strerror, cause.filename
+        err.errno = cause.errno  # (setting strerror too would make str() "[Errno N] strerror")
     return err
 
 

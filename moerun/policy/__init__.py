@@ -8,6 +8,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..files import read_text
 from .compiler import compile_ir
 from .ir import CompiledPolicy
 from .errors import Diagnostic, PolicyError
@@ -17,6 +18,7 @@ from .parser import parse
 from .validator import validate
 
 POLICY_SUFFIX = ".moe"
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; the limit keeps /dev/zero from filling memory
 
 __all__ = [
     "CompiledPolicy", "Diagnostic", "PolicyError", "PolicyFile", "bundled_policies", "compile_policy",
@@ -43,7 +45,7 @@ def load_source(spec: str | Path) -> tuple[str, str]:
     if "{" in spec:
         return spec, "<string>"
     path = Path(spec).expanduser()
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or device too: _read says what it is
         return _read(path)
     name = spec if spec.endswith(POLICY_SUFFIX) else spec + POLICY_SUFFIX
     if "/" not in name and "\\" not in name:
@@ -56,9 +58,9 @@ def load_source(spec: str | Path) -> tuple[str, str]:
 
 def _read(path: Path) -> tuple[str, str]:
     try:
-        return path.read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as err:
-        raise PolicyError(f"cannot read policy file {path}: {err}") from None
+        return read_text(path, limit_bytes=MAX_POLICY_BYTES, what="policy file"), str(path)
+    except (OSError, ValueError) as err:
+        raise PolicyError(str(err)) from None
 
 
 def compile_policy(spec: str | Path | PolicyFile, *, name: str | None = None, num_layers: int | None = None,

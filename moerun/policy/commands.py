@@ -5,10 +5,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import whole_number
+from ..files import write_text
 from . import compile_policy, format_policy, load_source, parse, validate
 from .compiler import compile_policy_ir
 from .errors import PolicyError
 from .explain import explain, inert_settings
+from .validator import INT32_MAX
+
+ERRORS = (PolicyError,)  # what these commands raise for bad input (moerun.cli prints it)
 
 
 def add_parser(subparsers) -> None:
@@ -35,8 +40,10 @@ def add_parser(subparsers) -> None:
 
 
 def _shape_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, help="MoE layers of the target model (enables shape checks)")
-    parser.add_argument("--experts", type=int, help="routed experts per layer of the target model")
+    parser.add_argument("--layers", type=whole_number(1, INT32_MAX),
+                        help="MoE layers of the target model (enables shape checks)")
+    parser.add_argument("--experts", type=whole_number(1, INT32_MAX),
+                        help="routed experts per layer of the target model")
 
 
 def _fail(err: PolicyError) -> int:
@@ -77,6 +84,9 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def run_fmt(args: argparse.Namespace) -> int:
     path = Path(args.file)
+    if args.write and not path.exists():
+        print(f"error: {args.file}: --write needs a file path, not a bundled name or policy text", file=sys.stderr)
+        return 1
     try:
         text, filename = load_source(path if path.exists() else args.file)
         formatted = format_policy(parse(text, filename))
@@ -85,9 +95,6 @@ def run_fmt(args: argparse.Namespace) -> int:
     if not args.write:
         sys.stdout.write(formatted)
     elif formatted != text:
-        if not path.is_file():
-            print(f"{args.file}: --write needs a file path, not a bundled name", file=sys.stderr)
-            return 1
-        path.write_text(formatted, encoding="utf-8")
+        write_text(path, formatted, what="policy file")  # atomic: a failed write leaves the file as it was
         print(f"{path}: formatted")
     return 0

@@ -48,7 +48,8 @@ class Diagnostic:
     def format(self) -> str:
         """``file:line:col: error: message``, the source line, the caret line, the hint."""
         where = f"{self.filename}:{self.span.line}:{self.span.col}" if self.span.line else self.filename
-        lines = [f"{where}: error: {self.message}"]
+        # A message about no place in any file (replay's "capacity = auto", say) names no "<string>".
+        lines = [f"error: {self.message}" if where == "<string>" else f"{where}: error: {self.message}"]
         if self.source_line and self.span.line:
             lines += ["    " + self.source_line.rstrip("\n"), "    " + self.caret_line]
         if self.hint:

@@ -11,7 +11,9 @@ INDENT = "    "
 
 
 def format_policy(policy_file: syntax.PolicyFile) -> str:
-    """The canonical text of a whole file (ends with a newline)."""
+    """The canonical text of a whole file (ends with a newline; a file of nothing stays empty)."""
+    if policy_file.version is None and not policy_file.policies and not policy_file.closing:
+        return ""
     out: list[str] = []
     if policy_file.version is not None:
         out += policy_file.version.comments

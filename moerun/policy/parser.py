@@ -21,6 +21,9 @@ _TERMINAL_WORDS = {
     "$END": "end of file",
 }
 
+# Longer whole numbers are an error here; shorter ones out of a setting's range, the validator's.
+MAX_NUMBER_DIGITS = 40
+
 _lock = threading.Lock()          # the lexer callback appends to one shared list
 _comments: list[Token] = []
 _parser: Lark | None = None
@@ -52,7 +55,15 @@ def parse(text: str, filename: str = "<string>") -> syntax.PolicyFile:
         except lark.exceptions.LarkError as err:  # anything else lark may raise, same form
             raise PolicyError([Diagnostic(f"syntax error: {err}", filename=filename)]) from None
         comments = list(_comments)
-    return _Builder(comments, filename, text).file(tree)
+    try:
+        return _Builder(comments, filename, text).file(tree)
+    except _NumberTooLong as err:
+        sink = DiagnosticSink(filename, text)
+        sink.error(f"a number of {err.digits} digits is larger than any setting takes", _token_span(err.token),
+                   f"numbers have at most {MAX_NUMBER_DIGITS} digits; the largest whole number the engine holds "
+                   f"is {2**63 - 1}")
+        sink.raise_if_any()
+        raise
 
 
 # -- syntax errors ----------------------------------------------------------------------------------
@@ -100,9 +111,20 @@ def _tree_span(tree: Tree) -> syntax.Span:
     return syntax.Span(meta.line, meta.column, meta.end_line, meta.end_column)
 
 
+class _NumberTooLong(Exception):
+    def __init__(self, token: Token, digits: int):
+        self.token, self.digits = token, digits
+
+
 def _number(tok: Token) -> syntax.Number:
     text = str(tok)
-    value = float(text) if any(c in text for c in ".eE") else int(text)
+    if any(c in text for c in ".eE"):
+        value = float(text)  # too large: inf, which the validator rejects as not finite
+    else:
+        digits = len(text.lstrip("+-"))
+        if digits > MAX_NUMBER_DIGITS:  # int() of thousands of digits raises, and nothing needs them
+            raise _NumberTooLong(tok, digits)
+        value = int(text)
     return syntax.Number(value, _token_span(tok))
 
 

@@ -40,6 +40,22 @@ _TIERS_HINT = ("multi-tier (mixed dtype) expert caches are not supported; the pi
 UNSUPPORTED_BLOCKS = {"hierarchy": _TIERS_HINT, "per_layer_hierarchy": _TIERS_HINT}
 DEFAULTS = {("cache", "eviction"): "lru", ("prefetch", "strategy"): "none", ("schedule", "mode"): "gpu_only"}
 
+# Whole numbers the native engine holds (csrc/policy_engine.h, EngineConfig): a value beyond its
+# field's type would wrap or fail to convert, so it is rejected here with the limit. `int` fields
+# by default; these are int64_t. Adapt rules pass values to the engine as doubles, exact up to 2**53.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+ADAPT_INT_MAX = 2**53
+INT64_SETTINGS = {("cache", "ttl"), ("per_layer", "rebalance_interval"), ("host", "capacity")}
+RULE_WINDOW_MAX = INT64_MAX  # `for N accesses` (AdaptRule::window is int64_t)
+
+
+def int_limit(what: str, adapt: bool = False) -> int:
+    """The largest whole number the engine holds for the setting ``block.key``."""
+    block, _, key = what.partition(".")
+    limit = INT64_MAX if (block, key) in INT64_SETTINGS else INT32_MAX
+    return min(limit, ADAPT_INT_MAX) if adapt else limit
+
 
 def validate(policy_file: syntax.PolicyFile, *, num_layers: int | None = None,
              num_experts: int | None = None) -> syntax.PolicyFile:
@@ -131,8 +147,9 @@ class _Checker:
                 self.broken.add(block.name)
 
     # -- values --------------------------------------------------------------------------------------
-    def value(self, param: schema.Param, value: syntax.Value, what: str):
-        """The checked Python value, or None after reporting why it is unusable."""
+    def value(self, param: schema.Param, value: syntax.Value, what: str, adapt: bool = False):
+        """The checked Python value, or None after reporting why it is unusable (``adapt``: the
+        value an adapt rule assigns)."""
         kind = param.kind
         if kind in ("int", "float"):
             if isinstance(value, syntax.Word) and value.text == "auto":
@@ -155,6 +172,12 @@ class _Checker:
             if not self.in_range(param, number):
                 self.error(f"'{what}' = {number} is out of range", value.span,
                            f"'{what}' must be {param.describe_range()}")
+                return None
+            if kind == "int" and number > int_limit(what, adapt):
+                limit = int_limit(what, adapt)
+                why = " in an adapt rule (its values pass as doubles)" if limit < int_limit(what) else ""
+                self.error(f"'{what}' = {number} is larger than the engine can hold", value.span,
+                           f"'{what}' must be at most {limit}{why}")
                 return None
             return float(number) if kind == "float" else number
         if kind in ("enum", "bool"):
@@ -210,8 +233,9 @@ class _Checker:
         pins: list[tuple[int, int]] = []
         for item in value.items:
             parts = (item.first, item.second) if isinstance(item, syntax.Pair) else (item,)
-            if not all(isinstance(p, syntax.Number) and isinstance(p.value, int) and p.value >= 0 for p in parts):
-                self.error(f"'{what}' entries must be expert ids (whole numbers >= 0) or LAYER:EXPERT",
+            if not all(isinstance(p, syntax.Number) and isinstance(p.value, int) and 0 <= p.value <= INT32_MAX
+                       for p in parts):
+                self.error(f"'{what}' entries must be expert ids (whole numbers in 0..{INT32_MAX}) or LAYER:EXPERT",
                            item.span)
                 continue
             pin = (parts[0].value, parts[1].value) if len(parts) == 2 else (-1, parts[0].value)
@@ -252,9 +276,9 @@ class _Checker:
                            rule.threshold.span, "use a value >= 0")
             if rule.window is not None:
                 length = rule.window.length
-                if not isinstance(length.value, int) or length.value < 1:
-                    self.error(f"the window must be a whole number of accesses >= 1, got {length.value}",
-                               length.span)
+                if not isinstance(length.value, int) or not 1 <= length.value <= RULE_WINDOW_MAX:
+                    self.error(f"the window must be a whole number of accesses in 1..{RULE_WINDOW_MAX}, "
+                               f"got {length.value}", length.span)
                 if rule.window.unit not in WINDOW_UNITS:
                     self.error(f"unknown window unit '{rule.window.unit}'", rule.window.unit_span,
                                did_you_mean(rule.window.unit, WINDOW_UNITS))
@@ -292,7 +316,7 @@ class _Checker:
                     self.error(f"'{qualified}' is set twice in one rule", action.span, "keep one")
                     continue
                 assigned.add(qualified)
-                checked = self.value(schema.ADAPTABLE[qualified], action.value, qualified)
+                checked = self.value(schema.ADAPTABLE[qualified], action.value, qualified, adapt=True)
                 if checked is not None:
                     block, _, key = qualified.partition(".")
                     adapted[(block, key)].add(checked)
