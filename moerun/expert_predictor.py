@@ -24,10 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write, read_npz
 from .policy.errors import PolicyError
+from .trace.format import TraceError
 
 FORMAT_NAME = "moerun-expert-predictor"
 FORMAT_VERSION = 1
+_MAX_META = 1 << 20  # no model has more layers, experts or k; a larger meta number is corruption
 
 
 @dataclass
@@ -85,12 +88,11 @@ class ExpertPredictor:
         meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, num_layers=self.num_layers,
                     num_experts=self.num_experts, top_k=self.top_k, history=self.history, horizon=self.horizon,
                     hidden=int(self.w1.shape[1]), extra={**self.extra, **extra})
-        path = Path(path)
-        with open(path, "wb") as f:  # an open file keeps numpy from appending ".npz"
+        with atomic_write(path, what="predictor") as f:  # a file object keeps numpy from appending ".npz"
             np.savez_compressed(f, meta=np.array(json.dumps(meta)),
                                 **{n: t.detach().float().numpy() for n, t in zip(("w1", "b1", "w2", "b2"),
                                                                                   self.parameters())})
-        return path
+        return Path(path)
 
 
 def load_predictor(path: str | os.PathLike, *, num_layers: int, num_experts: int, top_k: int,
@@ -98,19 +100,25 @@ def load_predictor(path: str | os.PathLike, *, num_layers: int, num_experts: int
     """Read a predictor file and check it fits the model (and the policy's lookahead); PolicyError
     says what is missing or does not match."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PolicyError(f"prefetch predictor file {path} does not exist; train one with "
                           "`moerun trace predictor TRACE... --out FILE` and name it in the policy: "
                           'prefetch { strategy = learned  predictor = "FILE" }')
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = json.loads(str(arrays["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise PolicyError(f"{path} is not a moerun expert predictor (.npz with meta): {exc}") from exc
+        arrays, meta = read_npz(path, "expert predictor")
+    except (OSError, ValueError) as exc:
+        raise PolicyError(str(exc)) from None
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise PolicyError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this moerun "
                           f"reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    for key in ("num_layers", "num_experts", "top_k", "history", "horizon"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_META:
+            raise PolicyError(f"{path}: meta {key} must be a whole number in 1..{_MAX_META}, got {value!r}")
+    for key in ("w1", "b1", "w2", "b2"):
+        if key not in arrays or arrays[key].dtype.kind != "f":
+            found = arrays[key].dtype if key in arrays else "nothing"
+            raise PolicyError(f"{path}: {key} must be a float array, found {found}; the file is not a predictor")
     got = (meta["num_layers"], meta["num_experts"], meta["top_k"])
     if got != (num_layers, num_experts, top_k):
         raise PolicyError(f"predictor {path} was trained for {got[0]} MoE layers x {got[1]} experts, top-{got[2]}, "
@@ -121,9 +129,12 @@ def load_predictor(path: str | os.PathLike, *, num_layers: int, num_experts: int
                           f"{meta['horizon']}; lower prefetch.lookahead or train with --horizon {lookahead}")
     t = {k: torch.from_numpy(arrays[k]).float() for k in ("w1", "b1", "w2", "b2")}
     H, E, L = meta["history"], num_experts, num_layers
-    if t["w1"].shape[0] != H * E + L or t["w2"].shape[1] != meta["horizon"] * E:
-        raise PolicyError(f"{path}: weight shapes {tuple(t['w1'].shape)}, {tuple(t['w2'].shape)} do not match "
-                          f"its meta (history {H}, horizon {meta['horizon']}, {E} experts, {L} layers)")
+    w1, b1, w2, b2 = (tuple(t[k].shape) for k in ("w1", "b1", "w2", "b2"))
+    hidden = w1[1] if len(w1) == 2 else -1
+    if (len(w1) != 2 or w1[0] != H * E + L or b1 != (hidden,) or w2 != (hidden, meta["horizon"] * E)
+            or b2 != (meta["horizon"] * E,)):
+        raise PolicyError(f"{path}: weight shapes {w1}, {b1}, {w2}, {b2} do not match its meta (history {H}, "
+                          f"horizon {meta['horizon']}, {E} experts, {L} layers)")
     return ExpertPredictor(**t, num_layers=L, num_experts=E, top_k=top_k, history=H, horizon=meta["horizon"],
                            extra=dict(meta.get("extra", {})))
 
@@ -184,6 +195,9 @@ def train_predictor(traces, *, history: int = 2, horizon: int = 1, hidden: int =
     L, E, K = first.num_layers, first.num_experts, first.top_k
     for t in traces:
         t.check_model(num_layers=L, num_experts=E, top_k=K)
+    if not 1 <= history <= L or not 1 <= horizon < L:
+        raise TraceError(f"a predictor for {L} MoE layers looks back 1..{L} layers and ahead 1..{L - 1}, "
+                         f"not history {history}, horizon {horizon}" + (" (it needs >= 2 layers)" if L < 2 else ""))
     torch.manual_seed(seed)
     hists, layers, targets = [], [], []
     for t in traces:
@@ -241,7 +255,7 @@ def accuracy(predictor: ExpertPredictor, trace) -> dict:
     ids = torch.from_numpy(trace.expert_ids).long()                             # [N, L, K]
     N, L, K = ids.shape
     if L < 2:
-        raise ValueError("accuracy needs a trace of at least 2 MoE layers")
+        raise TraceError("accuracy needs a trace of at least 2 MoE layers")
     hist = layer_history(ids, predictor.history)[:, :L - 1].reshape(-1, predictor.history, K)
     layer = torch.arange(L - 1).repeat(N)
     probs = torch.cat([predictor.predict(hist[s:s + 65536], layer[s:s + 65536])[:, 0]

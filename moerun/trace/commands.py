@@ -1,27 +1,49 @@
 """``moerun trace ...``: replay a trace under a policy, sweep policies x capacities, show routing
 stats, train the learned prefetch predictor, write synthetic traces. Policies are anything
-``moerun.policy.compile_policy`` takes: a ``.moe`` path, policy text, or a bundled name."""
+``moerun.policy.compile_policy`` takes: a ``.moe`` path, policy text, or a bundled name.
+
+Errors (a trace that is not one, a policy that does not fit it, a path that cannot be written) are
+raised as :data:`ERRORS` and printed by ``moerun.cli``: stderr, exit status 1. Output paths are
+checked before the work whose result they take."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from moerun.trace.format import TraceError, read_trace, write_trace
+from moerun.cli import whole_number
+from moerun.files import check_writable
+from moerun.policy.errors import PolicyError
+from moerun.trace.format import MAX_EXPERTS, TraceError, read_trace, write_trace
 from moerun.trace.workloads import WORKLOADS, synthetic_trace
 
+ERRORS = (TraceError, PolicyError)  # what these commands raise for bad input (moerun.cli prints it)
+INT32_MAX = 2**31 - 1  # slots and capacities are the engine's int
+INT64_MAX = 2**63 - 1  # the host tier's capacity is int64
+SYNTH_MAX_DRAWS = 1 << 27  # tokens x experts one synthetic layer draws at once (float64: 1 GiB)
 
-def _compile(spec: str):
+
+def _compile(spec: str, trace):
+    """The policy ``spec``, checked against the trace's shape (a capacity above its experts, a pin
+    outside it)."""
     from moerun.policy import compile_policy  # the language; imported only when a policy is named
 
-    return compile_policy(spec)
+    return compile_policy(spec, num_layers=trace.num_layers, num_experts=trace.num_experts)
+
+
+def _check_slots(trace, what: str, value: int | None) -> None:
+    total = trace.num_layers * trace.num_experts
+    if value is not None and value > total:
+        raise TraceError(f"{what} {value} exceeds the trace's {trace.num_layers} layers x {trace.num_experts} "
+                         f"experts = {total}; more slots than experts can never be used")
 
 
 def _replay(args) -> int:
     from moerun.trace.replay import replay
 
     trace = read_trace(args.trace)
-    policy = _compile(args.policy)
+    _check_slots(trace, "--capacity", args.capacity)
+    _check_slots(trace, "--slots", args.slots)
+    policy = _compile(args.policy, trace)
     t0 = time.perf_counter()
     s = replay(trace, policy, capacity=args.capacity, num_slots=args.slots, host_capacity=args.host_capacity)
     elapsed = time.perf_counter() - t0
@@ -45,10 +67,16 @@ def _replay(args) -> int:
 
 
 def _sweep(args) -> int:
-    from moerun.trace.sweep import format_rows, sweep, write_outputs
+    from moerun.trace.sweep import default_capacities, format_rows, sweep, write_outputs
 
+    for path, what in ((args.json, "sweep JSON"), (args.plot, "sweep plot")):
+        if path:
+            check_writable(path, what)
     trace = read_trace(args.trace)
-    rows = sweep(trace, [_compile(p) for p in args.policies], args.capacities, with_belady=not args.no_belady,
+    capacities = args.capacities or default_capacities(trace)
+    for cap in capacities:
+        _check_slots(trace, "capacity", cap)
+    rows = sweep(trace, [_compile(p, trace) for p in args.policies], capacities, with_belady=not args.no_belady,
                  host_capacity=args.host_capacity)
     print(format_rows(rows))
     write_outputs(rows, args.json, args.plot, title=f"{trace.model}")
@@ -60,8 +88,8 @@ def _stats(args) -> int:
 
     trace = read_trace(args.trace)
     rows = layer_stats(trace)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if args.json:  # undefined values (NaN) as null: JSON has no NaN
+        print(json.dumps([{k: None if v != v else v for k, v in r.items()} for r in rows], indent=2))
     else:
         print(f"{args.trace}: model {trace.model}, {trace.num_tokens} tokens, {trace.num_steps} steps, "
               f"{trace.num_layers} layers, {trace.num_experts} experts, top-{trace.top_k}")
@@ -72,6 +100,7 @@ def _stats(args) -> int:
 def _predictor(args) -> int:
     from moerun.expert_predictor import accuracy, train_predictor  # torch: only for this command
 
+    check_writable(args.out, "predictor")
     traces = [read_trace(p) for p in args.traces]
     predictor = train_predictor(traces, history=args.history, horizon=args.horizon, hidden=args.hidden,
                                 epochs=args.epochs, seed=args.seed)
@@ -89,6 +118,12 @@ def _predictor(args) -> int:
 
 
 def _synth(args) -> int:
+    check_writable(args.out, "trace")
+    if args.top_k > args.experts:
+        raise TraceError(f"--top-k {args.top_k} exceeds --experts {args.experts}: a token routes to distinct experts")
+    if args.tokens * args.experts > SYNTH_MAX_DRAWS:
+        raise TraceError(f"--tokens {args.tokens} x --experts {args.experts} is more than {SYNTH_MAX_DRAWS} draws "
+                         "per layer; write several smaller traces")
     trace = synthetic_trace(args.workload, num_tokens=args.tokens, num_layers=args.layers,
                             num_experts=args.experts, top_k=args.top_k, batch=args.batch, seed=args.seed)
     write_trace(args.out, trace)
@@ -96,65 +131,57 @@ def _synth(args) -> int:
     return 0
 
 
-def _guard(func):
-    def run(args) -> int:
-        try:
-            return func(args)
-        except (TraceError, ValueError) as exc:  # PolicyError is a ValueError too
-            print(f"error: {exc}")
-            return 1
-    return run
-
-
 def add_parser(subparsers) -> None:
     """Register ``moerun trace replay|sweep|stats|predictor|synth``."""
     trace = subparsers.add_parser("trace", help="replay, sweep and inspect routing traces")
     sub = trace.add_subparsers(dest="trace_command", required=True)
+    slots, host_slots = whole_number(1, INT32_MAX), whole_number(1, INT64_MAX)
 
     p = sub.add_parser("replay", help="replay a trace under one policy")
     p.add_argument("trace")
     p.add_argument("--policy", required=True, help=".moe file, policy text, or bundled name")
-    p.add_argument("--capacity", type=int, default=None, help="override the policy's cache capacity")
-    p.add_argument("--slots", type=int, default=None, help="GPU expert slots (default: the capacity)")
-    p.add_argument("--host-capacity", type=int, default=None,
+    p.add_argument("--capacity", type=slots, default=None, help="override the policy's cache capacity")
+    p.add_argument("--slots", type=slots, default=None, help="GPU expert slots (default: the capacity)")
+    p.add_argument("--host-capacity", type=host_slots, default=None,
                    help="experts in host memory: adds the host tier's hit rate (default: the policy's host block)")
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
-    p.set_defaults(func=_guard(_replay))
+    p.set_defaults(func=_replay)
 
     p = sub.add_parser("sweep", help="hit rate over policies x capacities (+ Belady)")
     p.add_argument("trace")
     p.add_argument("--policies", nargs="+", required=True)
-    p.add_argument("--capacities", nargs="+", type=int, required=True)
+    p.add_argument("--capacities", nargs="+", type=slots, default=None,
+                   help="GPU expert slots to try (default: 1/8, 1/4 and 1/2 of the trace's experts)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write hit rate vs capacity to this PNG")
-    p.add_argument("--no-belady", action="store_true")
-    p.add_argument("--host-capacity", type=int, default=None,
+    p.add_argument("--no-belady", action="store_true", help="leave out Belady (optimal demand-only eviction)")
+    p.add_argument("--host-capacity", type=host_slots, default=None,
                    help="experts in host memory: adds each row's host-tier hit rate")
-    p.set_defaults(func=_guard(_sweep))
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("stats", help="per-layer entropy, skew, reuse distance, next-layer predictability")
     p.add_argument("trace")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guard(_stats))
+    p.set_defaults(func=_stats)
 
     p = sub.add_parser("predictor", help="train the learned-prefetch expert predictor on traces")
     p.add_argument("traces", nargs="+", help="training traces (one model)")
     p.add_argument("--out", required=True, help="predictor file to write (.npz)")
     p.add_argument("--eval", nargs="*", default=[], help="traces to report its accuracy on")
-    p.add_argument("--history", type=int, default=2, help="layers of routing it looks at")
-    p.add_argument("--horizon", type=int, default=1, help="layers ahead it predicts")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_guard(_predictor))
+    p.add_argument("--history", type=whole_number(1, 1024), default=2, help="layers of routing it looks at")
+    p.add_argument("--horizon", type=whole_number(1, 1024), default=1, help="layers ahead it predicts")
+    p.add_argument("--hidden", type=whole_number(1, 1 << 16), default=256, help="width of its hidden layer")
+    p.add_argument("--epochs", type=whole_number(1, 1 << 20), default=8)
+    p.add_argument("--seed", type=whole_number(0, INT64_MAX), default=0)
+    p.set_defaults(func=_predictor)
 
     p = sub.add_parser("synth", help="write a seeded synthetic trace")
     p.add_argument("workload", choices=WORKLOADS)
     p.add_argument("out")
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_guard(_synth))
+    p.add_argument("--tokens", type=whole_number(1, SYNTH_MAX_DRAWS), default=1024)
+    p.add_argument("--layers", type=whole_number(1, 1024), default=8)
+    p.add_argument("--experts", type=whole_number(1, MAX_EXPERTS), default=64)
+    p.add_argument("--top-k", type=whole_number(1, MAX_EXPERTS), default=8)
+    p.add_argument("--batch", type=whole_number(1, SYNTH_MAX_DRAWS), default=1)
+    p.add_argument("--seed", type=whole_number(0, INT64_MAX), default=0)
+    p.set_defaults(func=_synth)

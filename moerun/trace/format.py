@@ -29,8 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from moerun.files import atomic_write, read_npz
+
 FORMAT_NAME = "moerun-trace"
 FORMAT_VERSION = 1
+# Experts per layer a trace may claim: more than any MoE model has (hundreds), few enough that the
+# per-expert tables of replay and stats stay small. The engine's (layer, expert) keys are int32.
+MAX_EXPERTS = 1 << 16
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 class TraceError(ValueError):
@@ -85,8 +92,15 @@ class Trace:
             raise TraceError(f"{where}: gate_weights shape {w.shape} differs from expert_ids shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise TraceError(f"{where}: expert_ids must be integers, got {ids.dtype}")
-        if self.num_experts <= 0:
-            raise TraceError(f"{where}: num_experts must be positive, got {self.num_experts}")
+        if not np.issubdtype(w.dtype, np.floating):
+            raise TraceError(f"{where}: gate_weights must be floats, got {w.dtype}")
+        if ids.shape[1] < 1 or ids.shape[2] < 1:
+            raise TraceError(f"{where}: expert_ids has shape {ids.shape}: a trace needs >= 1 layer and k >= 1")
+        if not 0 < self.num_experts <= MAX_EXPERTS:
+            raise TraceError(f"{where}: num_experts must be in 1..{MAX_EXPERTS}, got {self.num_experts}")
+        if self.num_layers * self.num_experts > INT32_MAX:
+            raise TraceError(f"{where}: {self.num_layers} layers x {self.num_experts} experts is more "
+                             f"(layer, expert) pairs than the engine numbers ({INT32_MAX})")
         if ids.size:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.num_experts:
@@ -117,46 +131,60 @@ class Trace:
 
 
 def write_trace(path: str | os.PathLike, trace: Trace) -> Path:
-    """Validate and write ``trace`` to ``path`` (``.npz``); returns the path."""
+    """Validate and write ``trace`` to ``path`` (``.npz``), atomically; returns the path."""
     trace.validate(str(path))
-    path = Path(path)
-    with open(path, "wb") as f:  # an open file keeps numpy from appending ".npz"
+    with atomic_write(path, what="trace") as f:  # a file object keeps numpy from appending ".npz"
         np.savez_compressed(
             f, expert_ids=trace.expert_ids.astype(np.int32), gate_weights=trace.gate_weights.astype(np.float32),
             step_starts=trace.step_starts.astype(np.int64), prompt_starts=trace.prompt_starts.astype(np.int64),
             meta=np.array(json.dumps(trace.meta())))
-    return path
+    return Path(path)
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
-    """Read and validate a trace; TraceError says what is missing or wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such trace file")
+    """Read and validate a trace; TraceError says what is missing or wrong (a file that is not a
+    trace at all, corrupt or truncated, is one too)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays, meta = read_npz(path, "trace")
     except (OSError, ValueError) as exc:
-        raise TraceError(f"{path}: not a moerun trace (.npz): {exc}") from exc
-    missing = [k for k in ("expert_ids", "gate_weights", "step_starts", "prompt_starts", "meta") if k not in arrays]
+        raise TraceError(str(exc)) from None
+    missing = [k for k in ("expert_ids", "gate_weights", "step_starts", "prompt_starts") if k not in arrays]
     if missing:
         raise TraceError(f"{path}: missing arrays {missing}; see moerun.trace.format for the layout")
-    try:
-        meta = json.loads(str(arrays["meta"]))
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{path}: meta is not JSON ({exc})") from exc
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise TraceError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
                          f"this moerun reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
-    trace = Trace(expert_ids=arrays["expert_ids"].astype(np.int32, copy=False),
-                  gate_weights=arrays["gate_weights"].astype(np.float32, copy=False),
-                  step_starts=arrays["step_starts"].astype(np.int64, copy=False),
-                  prompt_starts=arrays["prompt_starts"].astype(np.int64, copy=False),
-                  num_experts=int(meta.get("num_experts", 0)), model=str(meta.get("model", "unknown")),
-                  arch=str(meta.get("arch", "unknown")), expert_bytes=int(meta.get("expert_bytes", 0)),
-                  extra=dict(meta.get("extra", {})))
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise TraceError(f"{path}: meta 'extra' must be a JSON object, got {type(extra).__name__}")
+    # Checked as stored, before any cast: float ids must not be truncated, nor wide ones wrapped.
+    trace = Trace(expert_ids=_integers(path, arrays, "expert_ids"), gate_weights=arrays["gate_weights"],
+                  step_starts=_integers(path, arrays, "step_starts"),
+                  prompt_starts=_integers(path, arrays, "prompt_starts"),
+                  num_experts=_meta_int(path, meta, "num_experts", 0), model=str(meta.get("model", "unknown")),
+                  arch=str(meta.get("arch", "unknown")), expert_bytes=_meta_int(path, meta, "expert_bytes", 0),
+                  extra=extra)
     trace.validate(str(path))
     for key, value in (("num_layers", trace.num_layers), ("top_k", trace.top_k)):
-        if key in meta and int(meta[key]) != value:
+        if key in meta and _meta_int(path, meta, key, 0) != value:
             raise TraceError(f"{path}: meta says {key}={meta[key]} but expert_ids has {value}")
+    trace.expert_ids = trace.expert_ids.astype(np.int32)
+    trace.gate_weights = trace.gate_weights.astype(np.float32, copy=False)
     return trace
+
+
+def _integers(path, arrays: dict, name: str) -> np.ndarray:
+    """``arrays[name]`` as int64; TraceError when it does not hold integers that fit."""
+    a = arrays[name]
+    if a.dtype.kind not in "iu":
+        raise TraceError(f"{path}: {name} must hold integers, got {a.dtype}")
+    if a.dtype.kind == "u" and a.size and int(a.max()) > INT64_MAX:
+        raise TraceError(f"{path}: {name} holds {int(a.max())}, beyond any token count or expert id")
+    return a.astype(np.int64, copy=False)
+
+
+def _meta_int(path, meta: dict, key: str, default: int) -> int:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise TraceError(f"{path}: meta {key} must be a whole number >= 0, got {value!r}")
+    return value

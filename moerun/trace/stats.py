@@ -38,12 +38,7 @@ def layer_stats(trace: Trace) -> list[dict]:
         pred = float("nan")
         if l + 1 < trace.num_layers:
             nxt = trace.expert_ids[:, l + 1, :]
-            trans = np.zeros((E, E), np.int64)
-            for k1 in range(K):
-                for k2 in range(K):
-                    np.add.at(trans, (ids[:, k1], nxt[:, k2]), 1)
-            best = trans.argmax(axis=1)                                     # [E] best guess after e
-            guesses = best[ids]                                             # [N, K]
+            guesses = _best_next(ids, nxt, E)[ids]                          # [N, K]
             hit = (guesses[:, :, None] == nxt[:, None, :]).any(axis=2)
             pred = float(hit.mean())
         overlap = float((ids[1:, :, None] == ids[:-1, None, :]).any(-1).mean()) if len(ids) > 1 else float("nan")
@@ -52,12 +47,41 @@ def layer_stats(trace: Trace) -> list[dict]:
     return out
 
 
+def _best_next(ids: np.ndarray, nxt: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[E]``: for each expert e, the expert most often routed at the next layer by tokens that
+    routed e here (ties to the lowest id; 0 for an expert never routed). Counted over the pairs
+    that occur, not an E x E table."""
+    codes = (ids[:, :, None].astype(np.int64) * num_experts + nxt[:, None, :]).ravel()  # [N*K*K] e*E + f
+    pairs, counts = np.unique(codes, return_counts=True)
+    src, dst = np.divmod(pairs, num_experts)
+    order = np.lexsort((dst, -counts, src))                                # by e, then count down, then f
+    first = np.ones(order.size, bool)
+    first[1:] = src[order][1:] != src[order][:-1]
+    best = np.zeros(num_experts, np.int64)
+    best[src[order][first]] = dst[order][first]
+    return best
+
+
+# (key, column header, width, decimals, meaning): the table's columns, explained under it.
+COLUMNS = (
+    ("entropy_bits", "entropy", 8, 3, "bits of the layer's expert distribution (max log2 E)"),
+    ("skew_top10", "skew10%", 8, 3, "share of accesses to the layer's top 10% experts"),
+    ("reuse_distance_median", "reuse", 7, 1, "median accesses between two uses of an expert"),
+    ("next_layer_predictability", "next-pred", 9, 3,
+     "share of tokens whose next-layer experts include the one most often seen after theirs here "
+     "(the last layer has no next: -)"),
+    ("prev_token_overlap", "prev-tok", 8, 3, "share of a token's experts the token before also used"),
+)
+
+
 def format_table(rows: list[dict]) -> str:
-    """The per-layer stats as an aligned text table."""
-    head = f"{'layer':>5} {'entropy':>8} {'skew10%':>8} {'reuse':>7} {'next-pred':>9} {'prev-tok':>8}"
-    lines = [head]
+    """The per-layer stats as an aligned text table, with what each column means under it ("-":
+    undefined, such as the last layer's next-layer predictability)."""
+    lines = [f"{'layer':>5} " + " ".join(f"{head:>{width}}" for _, head, width, _, _ in COLUMNS)]
     for r in rows:
-        lines.append(f"{r['layer']:>5} {r['entropy_bits']:>8.3f} {r['skew_top10']:>8.3f} "
-                     f"{r['reuse_distance_median']:>7.1f} {r['next_layer_predictability']:>9.3f} "
-                     f"{r['prev_token_overlap']:>8.3f}")
+        cells = [f"{'-':>{width}}" if np.isnan(r[key]) else f"{r[key]:>{width}.{decimals}f}"
+                 for key, _, width, decimals, _ in COLUMNS]
+        lines.append(f"{r['layer']:>5} " + " ".join(cells))
+    lines.append("")
+    lines += [f"  {head:<9} {meaning}" for _, head, _, _, meaning in COLUMNS]
     return "\n".join(lines)

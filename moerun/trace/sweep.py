@@ -7,11 +7,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from moerun.files import atomic_write, write_text
 from moerun.policy.ir import CacheConfig, CompiledPolicy
 from moerun.trace.format import Trace
 from moerun.trace.replay import replay
 
 BELADY = CompiledPolicy(name="belady", cache=CacheConfig(eviction="belady"))
+BELADY_NOTE = ("belady: the best possible eviction when experts are fetched on demand (it knows the "
+               "trace's future); it never prefetches, so a policy that prefetches can hit more often")
+
+
+def default_capacities(trace: Trace) -> list[int]:
+    """Capacities a sweep tries when none are given: 1/8, 1/4 and 1/2 of the trace's experts (all
+    layers), each at least top_k, the slots one token's step needs."""
+    total = trace.num_layers * trace.num_experts
+    return sorted({max(trace.top_k, total // d) for d in (8, 4, 2)})
 
 
 def sweep(trace: Trace, policies: Sequence[CompiledPolicy], capacities: Sequence[int], *,
@@ -42,14 +52,16 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"{r['policy']:<20} {r['capacity']:>8} {r['hit_rate']:>8.4f} {r['misses']:>9} "
                      f"{r['bytes_fetched'] / 1e9:>9.2f} {r['estimated_ms']:>10.1f}"
                      + (f" {r.get('host_hit_rate', float('nan')):>8.4f}" if host else ""))
+    if any(r["policy"] == BELADY.name for r in rows):
+        lines.append(BELADY_NOTE)
     return "\n".join(lines)
 
 
 def write_outputs(rows: list[dict], json_path: str | Path | None, png_path: str | Path | None,
                   title: str = "") -> None:
-    """Write the rows as JSON and/or the hit-rate-vs-capacity plot as PNG."""
+    """Write the rows as JSON and/or the hit-rate-vs-capacity plot as PNG (each atomically)."""
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=2))
+        write_text(json_path, json.dumps(rows, indent=2) + "\n", what="sweep JSON")
     if png_path:
         import matplotlib
 
@@ -69,5 +81,8 @@ def write_outputs(rows: list[dict], json_path: str | Path | None, png_path: str 
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png_path, dpi=100)
-        plt.close(fig)
+        try:
+            with atomic_write(png_path, what="sweep plot") as f:
+                fig.savefig(f, format="png", dpi=100)
+        finally:
+            plt.close(fig)

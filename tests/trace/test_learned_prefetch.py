@@ -156,4 +156,4 @@ def test_trace_predictor_command(tmp_path, capsys):
     assert "recall@k" in capsys.readouterr().out
     assert load_predictor(out, num_layers=3, num_experts=8, top_k=2).extra["accuracy"][str(test)]["examples"] == 128
     assert main(["trace", "predictor", str(tmp_path / "missing.npz"), "--out", str(out)]) == 1
-    assert "no such trace file" in capsys.readouterr().out
+    assert "No such file or directory" in capsys.readouterr().err  # errors go to stderr

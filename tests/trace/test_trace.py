@@ -36,7 +36,7 @@ def test_trace_round_trips_and_reader_validates(tmp_path):
     bad.expert_ids[3, 1, 0] = 9
     with pytest.raises(TraceError, match="expert id 9 is outside 0..7"):
         write_trace(tmp_path / "bad.npz", bad)
-    with pytest.raises(TraceError, match="no such trace"):
+    with pytest.raises(TraceError, match="No such file"):
         read_trace(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(TraceError, match="not a moerun trace"):
@@ -110,7 +110,7 @@ def test_trace_commands(tmp_path, capsys):
     assert main(["trace", "stats", str(out)]) == 0
     assert "entropy" in capsys.readouterr().out
     assert main(["trace", "stats", str(tmp_path / "nope.npz")]) == 1
-    assert "no such trace file" in capsys.readouterr().out
+    assert "No such file or directory" in capsys.readouterr().err  # errors go to stderr
 
 
 def test_every_bundled_policy_runs_in_the_engine_and_replays():
@@ -133,7 +133,7 @@ def test_trace_replay_and_sweep_commands(tmp_path, capsys):
     assert main(["trace", "replay", str(trace), "--policy", str(policy)]) == 0
     assert "hit rate" in capsys.readouterr().out
     assert main(["trace", "replay", str(trace), "--policy", str(policy), "--capacity", "9", "--slots", "4"]) == 1
-    assert "capacity 9 but only 4" in capsys.readouterr().out
+    assert "capacity 9 but only 4" in capsys.readouterr().err
     assert main(["trace", "sweep", str(trace), "--policies", str(policy), "--capacities", "2", "4",
                  "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]) == 0
     out = capsys.readouterr().out
