@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+from .files import read_text, regular_file
+
 # safetensors dtype tags -> torch dtypes (the ones MoE checkpoints use).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -69,12 +71,13 @@ def resolve_checkpoint(model: str | os.PathLike, *, revision: str = "main") -> P
     cache = hub_cache_dir()
     repo_dir = cache / ("models--" + name.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
-    ref = repo_dir / "refs" / revision
+    ref = _inside(repo_dir / "refs", revision, f"revision {revision!r}")
     snapshot: Path | None = None
     if ref.is_file():
-        snapshot = snapshots / ref.read_text().strip()
+        commit = read_text(ref, limit_bytes=4096, what="hub cache ref").strip()
+        snapshot = _inside(snapshots, commit, f"{ref} (which names {commit!r})")
     elif (snapshots / revision).is_dir():  # a commit hash given as the revision
-        snapshot = snapshots / revision
+        snapshot = _inside(snapshots, revision, f"revision {revision!r}")
     if snapshot is None or not snapshot.is_dir():
         raise CheckpointError(
             f"model {name!r} (revision {revision!r}) is not in the local Hugging Face cache {cache} and "
@@ -85,10 +88,36 @@ def resolve_checkpoint(model: str | os.PathLike, *, revision: str = "main") -> P
     return snapshot
 
 
+def _inside(directory: Path, name: str, what: str) -> Path:
+    """``directory / name`` when the name stays inside ``directory`` (no ``..``, no absolute path);
+    CheckpointError otherwise: a file's contents must not choose what moerun reads. Checked on the
+    name, not the resolved path: the hub cache's files are symlinks into its ``blobs/`` folder."""
+    parts = Path(name).parts
+    if not name.strip() or Path(name).is_absolute() or ".." in parts or "\0" in name:
+        raise CheckpointError(f"{what} points outside {directory}; the checkpoint or cache is corrupted "
+                              "or was tampered with")
+    return directory / name
+
+
+def read_json_object(file: Path, what: str, limit_bytes: int = _MAX_HEADER_BYTES) -> dict:
+    """A JSON object from a small checkpoint file; CheckpointError naming the file otherwise."""
+    try:
+        value = json.loads(read_text(file, limit_bytes=limit_bytes, what=what))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{file}: not a readable {what} ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: a {what} is a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     """Tensors of one safetensors file, with the header checked against the file size."""
-    size = file.stat().st_size
     try:
+        size = regular_file(file, "safetensors file").stat().st_size
         with open(file, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -100,25 +129,54 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
                     "the file is corrupted or not safetensors"
                 )
             header = json.loads(f.read(header_bytes))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: unreadable safetensors header ({exc}); the file is corrupted") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise CheckpointError(f"{file}: unreadable safetensors header ({exc}); the file is corrupted") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is a JSON {type(header).__name__}, not an object; "
+                              "the file is corrupted or not safetensors")
     data_start = 8 + header_bytes
     tensors: dict[str, TensorInfo] = {}
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {key} has unsupported dtype {entry['dtype']}")
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{file}: tensor {key} ends at byte {data_start + end} but the file has {size} bytes; "
-                "the file is truncated (re-download or re-save it)"
-            )
-        tensors[key] = TensorInfo(
-            file, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, end - begin
-        )
+        tensors[key] = _tensor_info(file, key, entry, data_start, size)
     return tensors
+
+
+def _tensor_info(file: Path, key: str, entry, data_start: int, size: int) -> TensorInfo:
+    """One header entry checked: a known dtype, a shape, offsets inside the file that hold exactly
+    that many bytes."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{file}: tensor {key} {why}; the file is corrupted or not safetensors")
+
+    if not isinstance(entry, dict):
+        raise corrupt(f"has a header entry {entry!r:.60}, not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        if isinstance(dtype, str):
+            raise CheckpointError(f"{file}: tensor {key} has unsupported dtype {dtype}")
+        raise corrupt(f"has dtype {dtype!r:.60}")
+    if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+        raise corrupt(f"has shape {shape!r:.60}, not a list of whole numbers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise corrupt(f"has data_offsets {offsets!r:.60}, not [begin, end]")
+    begin, end = offsets
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{file}: tensor {key} ends at byte {data_start + end} but the file has {size} bytes; "
+            "the file is truncated (re-download or re-save it)"
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    torch_dtype = SAFETENSORS_DTYPES[dtype]
+    if numel * torch_dtype.itemsize != end - begin:
+        raise corrupt(f"of shape {shape} in {dtype} needs {numel * torch_dtype.itemsize} bytes, "
+                      f"its data_offsets give {end - begin}")
+    return TensorInfo(file, torch_dtype, tuple(shape), data_start + begin, end - begin)
 
 
 class Checkpoint:
@@ -134,9 +192,12 @@ class Checkpoint:
     @staticmethod
     def _weight_files(path: Path) -> list[Path]:
         index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({path / name for name in weight_map.values()})
+        if index.exists():
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names; "
+                                      "the index is corrupted")
+            files = sorted({_inside(path, name, f"{index} shard {name!r}") for name in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -21,10 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, read_json_object, resolve_checkpoint
 from .models import MoeAdapter, adapter_for
 from .policy.engine_setup import HostTier
 from .policy.ir import AUTO, CompiledPolicy
+from .runtime.decode_cache import ContextOverflowError
 from .runtime.fast_decode import FastDecoder
 from .runtime.handle import MoerunHandle
 from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
@@ -33,6 +35,36 @@ from .runtime.moe_layer import OffloadedMoE
 from .runtime.offload import OffloadRuntime, learned_predictor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes
+
+
+class LoadError(ValueError):
+    """An argument of :func:`load` or :func:`memory_plan` that cannot work; the message names it
+    and what to pass instead. (Checkpoints, budgets and policies have their own error types.)"""
+
+
+def _whole(name: str, value, lo: int, hi: int) -> int:
+    """``value`` when it is an int in ``lo..hi``; LoadError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LoadError(f"{name} must be a whole number (int), not {value!r} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise LoadError(f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _check_arguments(*, max_context, max_batch, cpu_threads=0, copy_streams=1, fast_decode=None,
+                     compile_decode=False, revision="main") -> None:
+    """Types and ranges of load()'s plain arguments, before any file is opened."""
+    _whole("max_context", max_context, 1, 2**31 - 1)
+    _whole("max_batch", max_batch, 1, 2**31 - 1)
+    _whole("cpu_threads", cpu_threads, 0, 4096)  # 0 = the default: one per physical core but one
+    _whole("copy_streams", copy_streams, 1, 64)
+    if fast_decode is not None and not isinstance(fast_decode, bool):
+        raise LoadError(f"fast_decode must be True, False or None (the device decides), not {fast_decode!r}")
+    if not isinstance(compile_decode, bool):
+        raise LoadError(f"compile_decode must be True or False, not {compile_decode!r}")
+    if not isinstance(revision, str) or not revision:
+        raise LoadError(f"revision must be a branch, tag or commit name (str), not {revision!r}")
 
 
 def load(
@@ -81,8 +113,9 @@ def load(
     Returns:
         A transformers ``PreTrainedModel`` (``generate()`` works) with a ``model.moerun`` handle.
     """
-    if not isinstance(compile_decode, bool):
-        raise TypeError(f"compile_decode must be True or False, not {compile_decode!r}")
+    _check_arguments(max_context=max_context, max_batch=max_batch, cpu_threads=cpu_threads,
+                     copy_streams=copy_streams, fast_decode=fast_decode, compile_decode=compile_decode,
+                     revision=revision)
     stages = _Stages()
     device = _pick_device(device)
     path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
@@ -98,8 +131,11 @@ def load(
                           num_slots=plan.num_slots, expert_bytes=plan.slot_bytes)
     predictor = learned_predictor(engine.setup, num_layers=len(moe_layers), num_experts=adapter.num_experts,
                                   top_k=adapter.top_k)
+    if host_budget is not None:
+        _check_host_budget(host_budget)
     host_capacity = _host_capacity(engine.setup.host, host_budget, plan.slot_bytes,
                                    len(moe_layers) * adapter.num_experts, adapter.top_k)
+    _check_host_memory(host_capacity * plan.slot_bytes, plan, device)
 
     if device.type == "cpu":
         _interpret_kernels()
@@ -107,6 +143,7 @@ def load(
 
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
     hf_model = _build_skeleton(config, dtype)
+    _check_dense_dtypes(hf_model, ckpt, adapter, non_expert)
     stages.mark("skeleton")
     runtime = _build_runtime(engine, adapter, ckpt, plan, moe_layers, device, dtype,
                              cpu_threads, copy_streams, host_capacity, bar, predictor, stages)
@@ -123,6 +160,7 @@ def load(
     decoder = FastDecoder(hf_model, adapter, runtime, max_context=max_context, max_batch=max_batch,
                           device=device, dtype=dtype, compile_backend="inductor" if compile_decode else None)
     decoder.install(hf_model)
+    _limit_context(hf_model, decoder, max_context)
     decoder.set_enabled(device.type == "cuda" if fast_decode is None else fast_decode)
     hf_model.moerun = MoerunHandle(
         model=hf_model, runtime=runtime, decoder=decoder, plan=plan, moe_layers=moe_layers, checkpoint_path=path,
@@ -153,6 +191,7 @@ def memory_plan(
     ``plan.min_budget_bytes`` is the smallest budget that works; ``plan.num_slots`` the expert
     slots this budget gives.
     """
+    _check_arguments(max_context=max_context, max_batch=max_batch, revision=revision)
     device = _pick_device(device)
     _, _, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
@@ -192,22 +231,39 @@ def _interpret_kernels() -> None:
 
 
 def _pick_device(device) -> torch.device:
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise LoadError(f"device {device!r} is not a device name: use 'cuda', 'cuda:N' or 'cpu' ({exc})") from None
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be a CUDA device or 'cpu', not {device}")
+        raise LoadError(f"device must be a CUDA device or 'cpu', not {device}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoadError(f"device {str(device)!r} asked for, but this torch sees no CUDA device "
+                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if not 0 <= device.index < torch.cuda.device_count():
+            raise LoadError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def _open_checkpoint(model, revision: str, dtype):
     path = resolve_checkpoint(model, revision=revision)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json; is it a transformers checkpoint directory?")
-    config = AutoConfig.from_pretrained(path)
+    read_json_object(config_file, "config.json", _MAX_CONFIG_BYTES)  # a regular file holding a JSON object
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{config_file}: transformers cannot read this config ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]})") from None
     adapter = adapter_for(config)
+    _check_config_shape(config_file, adapter)
     ckpt = Checkpoint(path)
+    _check_layers_and_experts(ckpt, adapter)
     _check_expert_tensors(ckpt, adapter)
     return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter)
 
@@ -227,6 +283,113 @@ def _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, ma
 
 
 # -- checks -----------------------------------------------------------------------------------------
+def _check_config_shape(config_file: Path, adapter: MoeAdapter) -> None:
+    """The model shape the config gives is whole numbers that fit together (top_k <= experts)."""
+    shape = {}
+    for name in ("num_layers", "num_experts", "top_k", "hidden_size", "expert_inter_size"):
+        try:
+            value = getattr(adapter, name)
+        except (AttributeError, TypeError) as exc:
+            raise CheckpointError(f"{config_file}: no {name} for {adapter.model_type} ({exc})") from None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+            raise CheckpointError(f"{config_file}: {name} must be a whole number >= 1, got {value!r}")
+        shape[name] = value
+    if shape["top_k"] > shape["num_experts"]:
+        raise CheckpointError(f"{config_file}: {shape['top_k']} experts per token but {shape['num_experts']} experts")
+    if not adapter.moe_layers():
+        raise CheckpointError(f"{config_file}: the config has no MoE layer; moerun offloads routed experts only")
+
+
+def _check_layers_and_experts(ckpt: Checkpoint, adapter: MoeAdapter) -> None:
+    """No decoder layer or routed expert in the files beyond what the config describes (a config that
+    undercounts would load silently without them). Multi-token-prediction layers right after the
+    last decoder layer (DeepSeek-V3's ``num_nextn_predict_layers``) are allowed; transformers drops them."""
+    extra = getattr(adapter.config, "num_nextn_predict_layers", 0) or 0
+    layers = adapter.num_layers + (extra if isinstance(extra, int) else 0)
+    for key in ckpt.tensors:
+        match = re.match(r"model\.layers\.(\d+)\.", key)
+        if match and int(match.group(1)) >= layers:
+            raise CheckpointError(f"{ckpt.path}: {key} is in layer {match.group(1)}, but config.json gives "
+                                  f"{adapter.num_layers} layers; the config does not match the weights")
+        expert = adapter._expert_key_re.match(key)
+        if expert and int(expert.group(2)) >= adapter.num_experts:
+            raise CheckpointError(f"{ckpt.path}: {key} is expert {expert.group(2)}, but config.json gives "
+                                  f"{adapter.num_experts} experts per layer; the config does not match the weights")
+
+
+def _check_dense_dtypes(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter, keys: list[str]) -> None:
+    """Every checkpoint tensor that fills a parameter of the skeleton is floating point (an int32
+    weight would be taken as is and fail, or compute garbage, at the first forward)."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for key in keys:
+        info = ckpt.tensors[key]
+        if adapter.module_key(key) in params and not info.dtype.is_floating_point:
+            raise CheckpointError(f"{info.file}: {key} is {info.dtype}; model weights must be floating point "
+                                  "(quantised checkpoints are not supported)")
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), or None where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f.read(1 << 16).decode("ascii", "replace").splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_host_memory(pool_bytes: int, plan: MemoryPlan, device: torch.device) -> None:
+    """The host pool (and, on a CPU device, the dense part and the arena too) fits the host's
+    available memory; running out later would mean the OOM killer, not an error."""
+    available = _host_available_bytes()
+    if available is None:
+        return
+    need, parts = pool_bytes, f"the host pool's {fmt_bytes(pool_bytes)}"
+    if device.type == "cpu":
+        dense = plan.fixed_bytes + plan.arena_bytes
+        need += dense
+        parts += f" + {fmt_bytes(dense)} of weights, KV cache, workspace and arena (device='cpu')"
+    if need > available:
+        raise BudgetError(
+            f"loading needs {fmt_bytes(need)} of host memory ({parts}) but only {fmt_bytes(available)} is "
+            "available (MemAvailable); pass a host_budget below the available memory (the pool then reads the "
+            "other experts from disk), or free memory")
+
+
+def _check_host_budget(host_budget) -> None:
+    """A host budget above the machine's memory is a typo, not a limit."""
+    budget = parse_bytes(host_budget, "host_budget")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    if total and budget > total:
+        raise BudgetError(f"host_budget {fmt_bytes(budget)} is more than this machine's {fmt_bytes(total)} of "
+                          "memory; pass at most that, or host_budget=None (no limit)")
+
+
+def _limit_context(model, decoder: FastDecoder, max_context: int) -> None:
+    """A forward that would hold more than ``max_context`` tokens per sequence (what the memory plan
+    reserved KV cache and activations for) raises ContextOverflowError before it runs, on every
+    path: the fast path's static cache checks its own writes the same way."""
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if decoder.cache.owns(cache):
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return
+        written = int(cache.get_seq_length()) if cache is not None else 0
+        if written + tokens.shape[1] > max_context:
+            raise ContextOverflowError(
+                f"this forward would hold {written + tokens.shape[1]} tokens per sequence, but the model was "
+                f"loaded with max_context={max_context} (prompt + generated; the memory plan reserves no more). "
+                "Load it with a larger max_context, or shorten the prompt or max_new_tokens.")
+
+    model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _check_expert_tensors(ckpt: Checkpoint, adapter: MoeAdapter) -> None:
     """Every routed expert's gate/up/down is in the checkpoint with the shape the config implies."""
     h, i = adapter.hidden_size, adapter.expert_inter_size
@@ -295,7 +458,15 @@ def _host_capacity(host: HostTier, host_budget, slot_bytes: int, num_routed: int
 
 def _budget_bytes(vram_budget, device: torch.device) -> int:
     if vram_budget != "auto":
-        return parse_bytes(vram_budget, "vram_budget")
+        budget = parse_bytes(vram_budget, "vram_budget")
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            if budget > free:
+                raise BudgetError(
+                    f"vram_budget {fmt_bytes(budget)} ({budget} bytes) is more than the {fmt_bytes(free)} free on "
+                    f"{device} (of {fmt_bytes(total)}); pass at most {free} bytes, or vram_budget='auto' "
+                    "(free memory minus a margin)")
+        return budget
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, free - max(AUTO_MARGIN_BYTES, free // 20))
