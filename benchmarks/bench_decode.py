@@ -3,8 +3,8 @@
 Three rows on a built-in model (default: Qwen1.5-MoE-A2.7B shapes, bf16, random weights), batch 1,
 greedy unless ``--sample``:
 
-- ``dense-only``: every expert resident, routed experts SKIPPED (a benchmark-only switch: the
-  fast path's ``skip_routed_experts``; on the transformers path the runtime's step returns zeros).
+- ``dense-only``: every expert resident, routed experts SKIPPED (the fast path runs with the
+  ``SkipRoutedExperts`` routing override; on the transformers path the runtime's step returns zeros).
   Times the dense part alone; its tokens are not the model's.
 - ``resident``: every expert resident (budget ``auto``).
 - ``budget``: ``--budget`` (default 10GiB), one row per ``--policy``.
@@ -13,7 +13,7 @@ Greedy decoding of a random-weight model falls into a loop of repeated tokens, s
 repeats (high hit rates); ``--sample`` samples from the whole vocabulary so that tokens vary, yet a
 random-weight model's routing stays concentrated (93 % hits at 10 GiB on the H100). ``--routing
 uniform`` draws every token's experts uniformly at random on the device (the fast path's
-``uniform_routing`` switch): the worst case for any cache, the one the issue's target names; those
+``UniformRouting`` override, moerun.bench.routing_overrides): the worst case for any cache, the one the issue's target names; those
 rows run the fast path only.
 
 Each row times the fast path (graphs captured by a warm-up generation) and the transformers path
@@ -38,6 +38,7 @@ from transformers import AutoConfig
 import moerun
 from moerun.bench.measure import timed_generate
 from moerun.bench.models import prepare_checkpoint
+from moerun.bench.routing_overrides import SkipRoutedExperts, UniformRouting
 
 
 def _tok_s(model, prompt, new_tokens: int, device, sample: bool) -> tuple[float, list]:
@@ -58,11 +59,11 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     handle = model.moerun
     uniform = args.routing == "uniform" and not skip_routed
     # Dense-only: prefill (both paths) and the transformers path's decode skip through the runtime's
-    # step, the fast path's decode steps through its own switch.
+    # step, the fast path's decode steps through a routing override.
     restore = _skip_routed_on_transformers_path(model) if skip_routed else (lambda: None)
     handle.fast_decode = True
-    handle.decoder.skip_routed_experts = skip_routed
-    handle.decoder.uniform_routing = uniform
+    handle.decoder.routing_override = (SkipRoutedExperts() if skip_routed else
+                                       UniformRouting(handle.model_info["num_experts"]) if uniform else None)
     start = time.perf_counter()
     # Warm-up: compile, then capture every graph (a compiled segment runs twice before its capture,
     # and whole steps alternate between two graphs), so the timed run replays only.
@@ -72,9 +73,8 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
     with handle.profile_decode() as profile:
         model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
-    stats = handle.stats()  # before the switches go off: turning uniform routing off drops its graphs
-    handle.decoder.skip_routed_experts = False
-    handle.decoder.uniform_routing = False
+    stats = handle.stats()  # before the override goes: removing it drops its graphs
+    handle.decoder.routing_override = None
 
     slow_tok_s, same, n = None, 0, 0
     if not uniform:  # uniform routing exists on the fast path only (its tokens are not the model's)
@@ -119,7 +119,7 @@ def main() -> None:
                         "model's routing then varies per step, close to uniform (greedy repeats a loop)")
     p.add_argument("--routing", choices=["model", "uniform"], default="model",
                    help="uniform: the budget and resident rows draw every token's experts uniformly at random "
-                        "(the fast path's uniform_routing switch: the worst case for a cache)")
+                        "(the UniformRouting override on the fast path: the worst case for a cache)")
     p.add_argument("--compile", action="store_true",
                    help="moerun.load(compile_decode=True): fuse the fast path's small kernels (torch.compile)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")

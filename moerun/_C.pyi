@@ -110,6 +110,12 @@ class CpuExecutor:
     num_threads: int
 
 # -- the policy engine (csrc/policy_engine.h; moerun/policy_engine.py wraps it) -------------------------------
+# -- the CPU device's fused MoE (csrc/fused_moe_host*): kernels/fused_moe.fused_moe's twin over a host arena --
+def fused_moe_host(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_table: torch.Tensor,
+                   arena: torch.Tensor, inter_size: int,
+                   out: Written[torch.Tensor] | None = None) -> torch.Tensor: ...  # [T, H] x.dtype; pairs not resident add 0
+
+
 def policy_vocabulary() -> dict[str, list[str]]: ...  # each enum's names in order, and the config's keys
 
 class Plan:

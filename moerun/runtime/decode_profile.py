@@ -2,15 +2,15 @@
 
 Phases of one MoE layer step (docs/design.md, "One MoE layer step"):
 
-- ``graph_a``: device time of segment A (norm, attention, norm, router, top-k, copies to host);
+- ``graph_a``: device time of the attention segment (norm, attention, norm, router, top-k, copies to host);
 - ``sync``: host time blocked waiting for those copies (it overlaps ``graph_a``);
 - ``plan``: host time of the policy engine's plan and issuing copies / CPU work;
 - ``copies_wait``: device time the compute stream waited on slot copies beyond ``plan``
-  (device gap from the end of A to the end of planning's waits, minus ``plan``, floored at zero;
+  (device gap from the end of attention to the end of planning's waits, minus ``plan``, floored at zero;
   the shared experts run in that gap, so it is approximate while they take longer than ``plan``);
 - ``cpu_wait``: host time blocked on the CPU executor;
-- ``graph_b``: device time of the shared experts (segment S), the fused MoE (segment B) and the
-  merge segment (CPU partial, shared output, residual).
+- ``graph_b``: device time of the shared experts, the fused MoE (experts segment) and the residual
+  segment (CPU partial, shared output, residual).
 
 Steps that run as one whole-step graph (every expert resident, or routed experts skipped) have no
 layer phases: they count in ``steps``, ``step_ms`` and ``whole_steps`` only.
@@ -21,6 +21,8 @@ cost nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections import defaultdict
 
@@ -60,6 +62,10 @@ class DecodeProfile:
         self._sum_ms[layer][phase] += ms
         return ms
 
+    def layer(self, layer: int) -> "LayerTimer":
+        """A timer of one planned step of decoder layer ``layer``."""
+        return LayerTimer(self, layer)
+
     def begin_step(self) -> None:
         self._step_start = time.perf_counter()
 
@@ -84,3 +90,49 @@ class DecodeProfile:
         return {"steps": self.steps, "whole_steps": self.whole_steps, "step_ms": self.step_ms / max(self.steps, 1),
                 "per_layer_ms": per_layer,
                 "layer_sum_ms": total}
+
+
+class LayerTimer:
+    """The marks of one planned MoE layer step, turned into its phases (module docstring) by
+    :meth:`close`. The step driver marks the device stream between its segments (``mark``) and wraps
+    its host waits (``host``); :data:`NO_TIMER` does the same calls for free when no profile is open."""
+
+    def __init__(self, profile: DecodeProfile, layer: int):
+        self.profile, self.layer = profile, layer
+        self.marks: dict[str, object] = {}
+        self.host_ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = self.profile.now()
+
+    @contextlib.contextmanager
+    def host(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_ms[phase] = self.profile.host_span(self.layer, phase, start)
+
+    def close(self) -> None:
+        """Device phases from the marks: attention, then the gap until the plan's waits are queued (less
+        the plan's own host time), then the shared experts, the experts and the residual."""
+        m, span = self.marks, functools.partial(self.profile.device_span, self.layer)
+        span("graph_a", m["attention"], m["attention_end"])
+        span("copies_wait", m["attention_end"], m["planned"], minus_ms=self.host_ms.get("plan", 0.0))
+        span("graph_b", m["attention_end"], m["shared_end"])
+        span("graph_b", m["planned"], m["experts_end"])
+        span("graph_b", m["residual"], m["residual_end"])
+
+
+class _NoTimer:
+    def mark(self, name: str) -> None:
+        pass
+
+    def host(self, phase: str):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+NO_TIMER = _NoTimer()

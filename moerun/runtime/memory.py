@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.base import MoeAdapter
-from .fast_decode import MAX_STEP_TOKENS
+from .generate_hooks import MAX_STEP_TOKENS
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -43,7 +43,10 @@ def parse_bytes(value: int | str, what: str = "budget") -> int:
             f"cannot read {what} {value!r}: use bytes (int) or a number with a unit "
             "(B, KB, MB, GB, KiB, MiB, GiB), e.g. '10GiB'"
         )
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    try:
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    except OverflowError:  # hundreds of digits: float('inf')
+        raise BudgetError(f"{what} {str(value)[:40]}... is larger than any machine's memory") from None
     if size <= 0:
         raise BudgetError(f"{what} must be positive, got {value!r}")
     return size

@@ -565,15 +565,16 @@ def test_arena_is_filled_at_load_only_when_the_policy_keeps_every_expert(checkpo
     assert stats["fetches"] > 0 and stats["decode"]["whole_steps"] == 0
 
 
-def test_uniform_routing_switch_draws_distinct_experts_for_the_engine(checkpoints, references, tmp_path):
-    # The benchmark switch replaces every router's choice on the device, so the engine, the trace and
+def test_uniform_routing_override_draws_distinct_experts_for_the_engine(checkpoints, references, tmp_path):
+    # The benchmark's override replaces every router's choice on the device, so the engine, the trace and
     # the kernels see it: K distinct experts per token, spread over all experts, weights 1/K.
+    from moerun.bench.routing_overrides import UniformRouting
     from moerun.trace.format import read_trace
 
     path = checkpoints["qwen2_moe"]
     prompt = references["qwen2_moe"][0]
     model = _load_fast(path, 4, policy=_policy("gpu_only"))
-    model.moerun.decoder.uniform_routing = True
+    model.moerun.decoder.routing_override = UniformRouting(synthetic_config("qwen2_moe").num_experts)
     with model.moerun.record_trace(tmp_path / "uniform.npz"):
         model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     trace = read_trace(tmp_path / "uniform.npz")
@@ -582,3 +583,20 @@ def test_uniform_routing_switch_draws_distinct_experts_for_the_engine(checkpoint
     assert decode.shape[0] == 15 and all(len(set(row)) == k for row in decode.reshape(-1, k).tolist())
     assert len(set(decode.reshape(-1).tolist())) == synthetic_config("qwen2_moe").num_experts
     assert (trace.gate_weights[trace.step_starts[1]:] == 1.0 / k).all()
+
+
+def test_skipping_the_routed_experts_runs_whole_dense_steps_the_engine_never_sees(checkpoints, references):
+    from moerun.bench.routing_overrides import SkipRoutedExperts
+
+    path = checkpoints["olmoe"]
+    prompt = references["olmoe"][0]
+    model = _load_fast(path, 4, policy=_policy("gpu_only"))
+    model.moerun.decoder.routing_override = SkipRoutedExperts()
+    model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    stats = model.moerun.stats()
+    assert stats["decode"]["fast_steps"] == stats["decode"]["whole_steps"] == NEW_TOKENS - 1
+    for counts in stats["per_layer"].values():
+        assert counts["steps"] == 1  # the prefill only: decode steps never reached the engine
+    model.moerun.decoder.routing_override = None  # the model's own routing again, same tokens as transformers
+    tokens, _ = _generate(model, prompt)
+    assert torch.equal(tokens, references["olmoe"][1])

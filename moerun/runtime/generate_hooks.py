@@ -1,0 +1,204 @@
+"""Where the fast decode path meets transformers: the model's forward/generate hooks and what it can run.
+
+``install(decoder, model)`` replaces three attributes of the loaded model:
+
+- ``forward``: a call over moerun's static KV cache is counted against ``max_context`` first (a step
+  past it raises before anything is written); a decode step the fast path can run
+  (:func:`takes_step`) goes to ``decoder.step``; everything else (prefill, unsupported arguments)
+  to transformers' own forward;
+- ``generate``: hands generate() moerun's static cache when the caller passes none
+  (:func:`cache_for_generate`) and, afterwards, checks that forward() actually received it (a
+  transformers whose plumbing moved would otherwise decode through its own layers unnoticed);
+- ``create_masks_for_generate``: generate's static-cache masks, extended on the device step by step
+  (decode_cache.DecodeMask).
+
+:func:`unsupported_reason` says why a model cannot take the fast path at all. The transformers
+internals relied on here are checked in transformers_contract. This module knows nothing about graphs,
+experts or the policy.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.masking_utils import create_masks_for_generate
+
+from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
+
+if TYPE_CHECKING:
+    from .fast_decode import FastDecoder
+
+# Tokens per sequence step the fast path takes (the fused kernel's decode path covers them;
+# memory.py reserves room for a step of max_batch x this many tokens).
+MAX_STEP_TOKENS = 16
+# The decoder-layer structure the segments reproduce (pre-norm: attention then MLP, each with a residual).
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# forward() arguments a decode step may carry besides the KV cache (whose name depends on the transformers
+# version: transformers_contract); any other argument (or a true output_* flag) goes to transformers.
+_STEP_ARGS = {"input_ids", "position_ids", "attention_mask", "use_cache", "logits_to_keep",
+              "return_dict", "output_attentions", "output_hidden_states", "output_router_logits"}
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run ``model`` (one line), or None when it can."""
+    cfg = model.config
+    try:
+        fast_path_contract(model)
+    except TransformersMismatch as exc:
+        return str(exc)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in _ATTENTION_IMPLEMENTATIONS:
+        return f"attention implementation {impl!r} (the fast path runs {' or '.join(_ATTENTION_IMPLEMENTATIONS)})"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "sliding-window attention layers (the fast path covers full attention only)"
+    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention (the fast path covers full attention only)"
+    decoder = model.get_decoder()
+    for name in ("embed_tokens", "rotary_emb", "norm", "layers"):
+        if not hasattr(decoder, name):
+            return f"the decoder has no {name!r} (an unknown model layout)"
+    if getattr(decoder.rotary_emb, "rope_type", "default") in ("dynamic", "longrope"):
+        return f"rope type {decoder.rotary_emb.rope_type!r} updates its tables from the sequence length"
+    for index, layer in enumerate(decoder.layers[: cfg.num_hidden_layers]):
+        children = {name for name, _ in layer.named_children()}
+        if children != _LAYER_CHILDREN:
+            return (f"decoder layer {index} ({type(layer).__name__}) has children {sorted(children)}, not the "
+                    f"pre-norm layout {sorted(_LAYER_CHILDREN)}")
+    return None
+
+
+def takes_step(decoder: "FastDecoder", args, kwargs) -> bool:
+    """Whether this forward call over moerun's cache is a decode step the fast path runs. A decode
+    step it cannot run is counted (``fallback_steps``), with a one-time notice saying why."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not decoder.enabled or ids is None or ids.dim() != 2 or ids.shape[0] != decoder.cache.batch_size:
+        return False
+    # Prefill (the first forward of a generation) runs through transformers.
+    if not (1 <= ids.shape[1] <= MAX_STEP_TOKENS and decoder.cache.length > ids.shape[1]):
+        return False
+    unknown = set(kwargs) - _STEP_ARGS - {decoder.cache_arg}
+    reason = None
+    if torch.is_grad_enabled():
+        reason = "gradients are enabled"
+    elif args:
+        reason = "forward() got positional arguments"
+    elif unknown:
+        reason = f"forward() got argument(s) {sorted(unknown)}"
+    elif any(kwargs.get(f) for f in ("output_attentions", "output_hidden_states", "output_router_logits")):
+        reason = "attentions, hidden states or router logits were asked for"
+    elif kwargs.get("return_dict") is False or kwargs.get("use_cache") is False:
+        reason = "return_dict=False or use_cache=False"
+    elif not isinstance(kwargs.get("logits_to_keep", 0), int):  # index tensors: transformers slices them
+        reason = "logits_to_keep is an index tensor"
+    if reason is None:
+        return True
+    decoder.fallback_steps += 1
+    decoder.notice_once(f"fallback:{reason}", f"decode steps run through transformers' layers: {reason}")
+    return False
+
+
+def cache_for_generate(decoder: "FastDecoder", model, args, kwargs):
+    """moerun's static cache, emptied, for a generate() call that can use it; None otherwise."""
+    if not decoder.enabled or kwargs.get(decoder.cache_arg) is not None or kwargs.get("use_cache") is False:
+        return None
+    config = kwargs.get("generation_config") or model.generation_config
+    if any(k in kwargs for k in ("assistant_model", "prompt_lookup_num_tokens")) or \
+            getattr(config, "cache_implementation", None) is not None:
+        return None
+    if (kwargs.get("num_beams") or config.num_beams or 1) != 1:
+        decoder.notice_once("beams", "beam search runs through transformers' layers (the fast path decodes "
+                                     "one hypothesis per sequence)")
+        return None
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
+    if inputs is None:
+        return None
+    batch = inputs.shape[0] * (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+    if not decoder.cache.fits(batch):
+        decoder.notice_once(f"batch{batch}", f"a batch of {batch} sequences is more than max_batch="
+                                             f"{decoder.cache.max_batch}: it decodes through transformers' layers "
+                                             "(load with a larger max_batch for the fast path)")
+        return None
+    return decoder.start_generation(batch)
+
+
+def install(decoder: "FastDecoder", model) -> None:
+    """Route the model's decode steps and generate() through ``decoder`` (module docstring)."""
+    original_forward, original_generate = type(model).forward, type(model).generate
+    model_ref = weakref.ref(model)  # the model holds the decoder (through its handle)
+    forwards_over_cache = [0]  # forward() calls that got moerun's cache during one generate()
+
+    def forward(*args, **kwargs):
+        if decoder.cache.owns(kwargs.get(decoder.cache_arg)):
+            forwards_over_cache[0] += 1
+            tokens = kwargs.get("input_ids", args[0] if args else None)
+            if tokens is None:
+                tokens = kwargs["inputs_embeds"]
+            decoder.cache.advance(tokens.shape[1])  # raises before a write past max_context
+            if takes_step(decoder, args, kwargs):
+                return decoder.step(**kwargs)
+        decoder.flush_accounting()  # the engine sees the steps in order
+        return original_forward(model_ref(), *args, **kwargs)
+
+    def generate(*args, **kwargs):
+        if not decoder.enabled:
+            return original_generate(model_ref(), *args, **kwargs)
+        # The cache and the step buffers outlive this call and are updated in place by later ones:
+        # they must not become inference tensors (generate itself runs under no_grad).
+        with torch.inference_mode(False):
+            cache = cache_for_generate(decoder, model_ref(), args, kwargs)
+            if cache is not None:
+                kwargs[decoder.cache_arg] = cache
+                kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
+            forwards_over_cache[0] = 0
+            try:
+                return original_generate(model_ref(), *args, **kwargs)
+            finally:
+                decoder.flush_accounting()
+                if cache is not None and forwards_over_cache[0] == 0:
+                    # generate() never handed moerun's cache to forward(): its plumbing changed.
+                    decoder.off_reason = mismatch(
+                        f"did not pass the KV cache given to generate() as {decoder.cache_arg!r} on to "
+                        "forward()").args[0]
+                    decoder.notice_once("lost-cache", f"fast decode path not used: {decoder.off_reason}")
+
+    # generate() asks the model for its static-cache masks by this name before every step.
+    own_masks = inspect.getattr_static(type(model), "create_masks_for_generate", None)
+
+    def original_masks(*args, **kwargs):
+        if own_masks is None:
+            return create_masks_for_generate(*args, **kwargs)
+        return own_masks.__get__(model_ref(), type(model_ref()))(*args, **kwargs)
+
+    def create_masks(*args, **kwargs):
+        if not decoder.enabled:
+            return original_masks(*args, **kwargs)
+        return decoder.mask.build(original_masks, *args, **kwargs)
+
+    model.create_masks_for_generate = create_masks
+    forward.__signature__ = inspect.signature(model.forward)  # generate inspects forward's arguments
+    forward.__doc__ = original_forward.__doc__
+    generate.__signature__ = inspect.signature(model.generate)
+    generate.__doc__ = original_generate.__doc__
+    model.forward, model.generate = forward, generate
+
+
+def step_mask(decoder: "FastDecoder", input_ids, attention_mask, cache, position_ids) -> torch.Tensor:
+    """The 4-D mask ``[B, 1, Q, L]`` transformers' attention expects (generate builds it for static
+    caches; otherwise built here with the same function)."""
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask["full_attention"]
+    if attention_mask is None or attention_mask.dim() == 2:
+        batch, tokens = input_ids.shape
+        attention_mask = create_masks_for_generate(
+            config=decoder.model().config,
+            inputs_embeds=torch.empty((batch, tokens, 0), dtype=decoder.dtype, device=input_ids.device),
+            attention_mask=attention_mask, position_ids=position_ids, **{decoder.cache_arg: cache})
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise RuntimeError("the fast decode path needs transformers' 4-D attention mask for a static cache; "
+                           "turn it off with model.moerun.fast_decode = False")
+    return attention_mask
