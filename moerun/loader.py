@@ -27,6 +27,7 @@ from .models import MoeAdapter, adapter_for
 from .policy.engine_setup import HostTier
 from .policy.ir import AUTO, CompiledPolicy
 from .runtime.decode_cache import ContextOverflowError
+from .transformers_contract import CACHE_ARGUMENT_NAMES
 from .runtime.fast_decode import FastDecoder
 from .runtime.handle import MoerunHandle
 from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
@@ -372,7 +373,7 @@ def _limit_context(model, decoder: FastDecoder, max_context: int) -> None:
     reserved KV cache and activations for) raises ContextOverflowError before it runs, on every
     path: the fast path's static cache checks its own writes the same way."""
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
         if decoder.cache.owns(cache):
             return
         tokens = kwargs.get("input_ids", args[0] if args else None)

@@ -6,10 +6,17 @@ stats() — runtime counters per layer and in total, merged with the policy engi
 device bytes of skeleton / KV reserve / arena and host bytes of the pool; fast_decode — the switch
 of the fast decode path (fast_decode.py); profile_decode() — a context manager collecting its
 per-layer time breakdown; tokenizer — the checkpoint's tokenizer when it has one.
+
+Threads: one model runs one thing at a time. ``handle.lock`` (re-entrant) is held by the model's
+generate() and forward() and by stats(), reset_stats() and set_policy(), so calls from several
+threads take turns, each as if it ran alone (same tokens as run one after another). Serving many
+requests at once belongs in one loop that batches them, not in threads racing on one model.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import weakref
 from pathlib import Path
 from typing import Iterator
@@ -22,8 +29,22 @@ from .layer_counters import LayerCounters, summarize
 from .trace_recorder import TraceRecorder
 
 
+def _serialised(method):
+    """Run ``method`` under the handle's lock, after any step an interrupt cut short is completed."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            self.runtime.settle()
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class MoerunHandle:
-    """Offloading controls of one model returned by :func:`moerun.load`."""
+    """Offloading controls of one model returned by :func:`moerun.load`.
+
+    ``lock`` serialises the model's generate() and forward() with stats(), reset_stats() and
+    set_policy() (see the module docstring): a second thread waits for the first to finish.
+    """
 
     def __init__(self, *, model, runtime: OffloadRuntime, decoder: FastDecoder, plan: MemoryPlan,
                  moe_layers: list[int], checkpoint_path: Path, pool_bytes: int, policy, model_info: dict):
@@ -38,7 +59,10 @@ class MoerunHandle:
         self.model_info = dict(model_info)
         self.load_seconds: dict[str, float] = {}  # load()'s stages, in order: where the load time went
         self._tokenizer = None
+        self.lock = threading.RLock()
+        _serialise_entry_points(model, self.lock)
 
+    @_serialised
     def stats(self) -> dict:
         """Counters since load or the last reset: hits, misses, fetches, bytes, CPU share, per layer,
         plus the engine's own statistics under ``"engine"`` and the host pool's under ``"host"``
@@ -55,6 +79,7 @@ class MoerunHandle:
         out["decode"] = self.decoder.stats()
         return out
 
+    @_serialised
     def reset_stats(self) -> None:
         """Start the runtime's counters (everything :meth:`stats` sums per layer) from zero; the
         engine's own statistics under ``"engine"`` keep counting since load (they drive its policy)."""
@@ -88,6 +113,7 @@ class MoerunHandle:
         finally:
             self.decoder.profile = None
 
+    @_serialised
     def set_policy(self, policy) -> None:
         """Replace the policy (a compiled policy, ``.moe`` text, path or bundled name) between steps.
 
@@ -107,6 +133,9 @@ class MoerunHandle:
         Each forward pass is one step of the trace; a pass that starts with an empty KV cache starts
         one prompt per sequence of its batch.
         """
+        from ..files import check_writable
+
+        check_writable(path, "trace")  # a bad path fails now, not after the generation
         if self.runtime.recorder is not None:
             raise RuntimeError("record_trace is already open on this model; close it before opening another")
         self.decoder.flush_accounting()  # a step before the trace opened stays out of it
@@ -159,6 +188,19 @@ class MoerunHandle:
                     "directory to use text."
                 ) from exc
         return self._tokenizer
+
+
+def _serialise_entry_points(model, lock: threading.RLock) -> None:
+    """The model's generate() and forward() (instance attributes: the fast decode path's) run under
+    ``lock``; generate's own forwards re-enter it."""
+    for name in ("generate", "forward"):
+        inner = getattr(model, name)
+
+        @functools.wraps(inner)  # keeps the signature generate() inspects
+        def locked(*args, _inner=inner, **kwargs):
+            with lock:
+                return _inner(*args, **kwargs)
+        setattr(model, name, locked)
 
 
 def _prompt_marker(recorder: TraceRecorder):

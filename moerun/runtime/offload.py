@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +79,11 @@ class StepPlan:
     releases: list
     cpu_experts: list = field(default_factory=list)
     cpu_us: float = 0.0
+    # How far it got, so that a step an exception or Ctrl-C cut short can be completed (settle()).
+    inputs: HostStep | None = None  # what the CPU job reads: kept alive until it is waited for
+    cpu_submitted: bool = False
+    cpu_waited: bool = False
+    kernel_done: bool = False     # after_kernel ran: slots released, prefetches issued, releases applied
 
 
 class OffloadRuntime:
@@ -129,6 +135,8 @@ class OffloadRuntime:
         self._total_experts = num_layers * num_experts
         self._fetches_issued = 0  # demand fetches and prefetches handed to the transfer engine
         self._settled_at = -1  # _fetches_issued when every copy was last known landed
+        self._open: StepPlan | None = None  # the step between begin() and finish()
+        self._unissued: deque = deque()  # (layer, expert, slot, demand) planned, not yet handed over
 
     # -- the step -------------------------------------------------------------------------------
     def run(
@@ -160,6 +168,7 @@ class OffloadRuntime:
 
         Called once the host copies in ``host`` are complete (after the step's one sync).
         """
+        self.settle()  # a step cut short before this one is completed first
         start = host.started_at
         self.transfer.poll()  # issue prefetches queued behind the in-flight limit
         # The engine reads ids/weights through the buffer protocol: numpy views, no list building.
@@ -170,22 +179,52 @@ class OffloadRuntime:
         if self.recorder is not None:
             self.recorder.record(layer, host.ids, host.weights)
 
-        # Each plan property builds a fresh list: read each once.
+        # Each plan property builds a fresh list: read each once. From here the engine's state runs
+        # ahead of the arena's until finish(); settle() catches up if the step is cut short.
         hits, fetches, prefetches = plan.hits, plan.fetches, plan.prefetches
+        step = self._open = StepPlan(
+            layer=layer, start=start, expert_ids=expert_ids,
+            slots=[slot for _, slot in hits] + [slot for _, slot, _, _ in fetches], hits=hits, fetches=fetches,
+            prefetches=prefetches, releases=plan.releases, cpu_experts=[expert for (expert,) in plan.cpu],
+            inputs=host)
         # fetch() also records the new occupant in the arena's slot table (stream-ordered).
-        for expert, slot, _, _ in fetches:
-            self.transfer.fetch(layer, expert, slot, True)
-        self._fetches_issued += len(fetches) + len(prefetches)
+        self._issue([(layer, expert, slot, True) for expert, slot, _, _ in fetches])
 
-        cpu_experts = [expert for (expert,) in plan.cpu]  # the engine lists [(expert,)]
-        if cpu_experts:
-            self.cpu_executor.submit(self.pool, layer, host.x, host.ids, host.weights, cpu_experts,
+        if step.cpu_experts:
+            self.cpu_executor.submit(self.pool, layer, host.x, host.ids, host.weights, step.cpu_experts,
                                      host.cpu_out)
-        slots = [slot for _, slot in hits] + [slot for _, slot, _, _ in fetches]
-        self.transfer.wait_slots(slots)
-        return StepPlan(layer=layer, start=start, expert_ids=expert_ids,
-                        slots=slots, hits=hits, fetches=fetches, prefetches=prefetches,
-                        releases=plan.releases, cpu_experts=cpu_experts)
+            step.cpu_submitted = True
+        self.transfer.wait_slots(step.slots)
+        return step
+
+    def _issue(self, fetches: list) -> None:
+        """Hand copies ``(layer, expert, slot, demand)`` the engine planned to the transfer engine.
+        Ones an interrupt leaves behind stay queued for settle(): the engine already counts them resident."""
+        self._unissued.extend(fetches)
+        while self._unissued:
+            layer, expert, slot, demand = self._unissued[0]
+            self.transfer.fetch(layer, expert, slot, demand)
+            self._unissued.popleft()
+            self._fetches_issued += 1
+
+    def settle(self) -> None:
+        """Complete what an exception or Ctrl-C left half done (a step begun but not finished, copies
+        planned but not issued): the copies issued, the CPU job waited for (its result dropped), the
+        slots released, prefetches and releases applied, the step counted. Afterwards slots, events
+        and statistics agree with the engine again. begin() calls it, and the handle before reading
+        statistics or swapping the policy; without such a leftover it does nothing."""
+        self._issue([])
+        step = self._open
+        if step is None:
+            return
+        try:
+            if step.cpu_submitted and not step.cpu_waited:
+                self.cpu_executor.wait()  # a failed job raises once the rest is done (wait() ends it)
+        finally:
+            step.cpu_waited = True
+            if not step.kernel_done:
+                self.after_kernel(step)
+            self.finish(step, timed=False)  # closes the step: an interrupt before this resumes here
 
     def moe_kernel(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,9 +246,7 @@ class OffloadRuntime:
             predicted = host
         plan = self.engine.prefetch_ahead(layer, predicted.view(-1).numpy())
         prefetches = plan.prefetches
-        for p_layer, p_expert, slot, _, _ in prefetches:
-            self.transfer.fetch(p_layer, p_expert, slot, False)
-        self._fetches_issued += len(prefetches)
+        self._issue([(p_layer, p_expert, slot, False) for p_layer, p_expert, slot, _, _ in prefetches])
         self.counters[layer - 1].add_prefetches(prefetches, self.slot_bytes)
 
     def after_kernel(self, step: StepPlan) -> None:
@@ -217,17 +254,18 @@ class OffloadRuntime:
         self.transfer.release_slots(step.slots)
         # Prefetches go out after the kernel launch: one may bring in an expert that this step
         # runs on the CPU, and the kernel must not also see it in the slot table.
-        for p_layer, p_expert, slot, _, _ in step.prefetches:
-            self.transfer.fetch(p_layer, p_expert, slot, False)
+        self._issue([(p_layer, p_expert, slot, False) for p_layer, p_expert, slot, _, _ in step.prefetches])
         # Released experts (staged for this step only, TTL/watermark evictions, shrinks) leave the
         # table after the kernel, unless this plan already gave their slot to another expert.
         for slot, r_layer, r_expert in step.releases:
             if self.arena.occupant(slot) == (r_layer, r_expert):
                 self.arena.evict(slot)
+        step.kernel_done = True
 
     def wait_cpu(self, step: StepPlan) -> None:
         """Block until the CPU executor has written this step's partial sum."""
         self.cpu_executor.wait()
+        step.cpu_waited = True
         # The executor's own time, not the host's wall time since submit: that also counts whatever the
         # host did meanwhile (a first kernel launch compiling, say) and once taught the cost model that
         # CPU experts cost seconds, after which it never chose the CPU again.
@@ -236,6 +274,8 @@ class OffloadRuntime:
     def finish(self, step: StepPlan, timed: bool = True) -> None:
         """Count the carried-out plan; feed measured times to the cost model when it is used
         (``timed=False``: the step's times were not measured layer by layer)."""
+        if self._open is step:
+            self._open = None
         self.counters[step.layer].add_step(num_pairs=len(step.expert_ids), hits=step.hits,
                                            fetches=step.fetches, prefetches=step.prefetches,
                                            num_cpu=len(step.cpu_experts), slot_bytes=self.slot_bytes)
@@ -326,6 +366,7 @@ class OffloadRuntime:
         x comes along every step (T*H elements, small at decode) so that experts the plan sends
         to the CPU need no second sync.
         """
+        self.settle()  # a CPU job cut short may still read the buffers refilled here
         start = time.perf_counter()
         t, k = ids.shape
         if self.device.type == "cuda":
