@@ -112,11 +112,12 @@ class Trace:
         s = self.step_starts
         if s.ndim != 1 or s.size < 1 or s[0] != 0 or s[-1] != self.num_tokens or np.any(np.diff(s) < 0):
             raise TraceError(f"{where}: step_starts must rise from 0 to the token count {self.num_tokens}, "
-                             f"got {s[:3].tolist()}...{s[-3:].tolist()} ({s.size} entries)")
+                             f"got {s.ravel()[:3].tolist()}...{s.ravel()[-3:].tolist()} ({s.size} entries, "
+                             f"shape {s.shape})")
         p = self.prompt_starts
         if p.ndim != 1 or (p.size and (p[0] != 0 or np.any(np.diff(p) <= 0) or p[-1] >= max(self.num_tokens, 1))):
             raise TraceError(f"{where}: prompt_starts must rise strictly from 0 below the token count "
-                             f"{self.num_tokens}, got {p.tolist()[:8]}")
+                             f"{self.num_tokens}, got {p.ravel()[:8].tolist()} (shape {p.shape})")
         return self
 
     def check_model(self, *, num_layers: int, num_experts: int, top_k: int | None = None) -> None:
