@@ -13,12 +13,11 @@ import time
 from moerun.cli import whole_number
 from moerun.files import check_writable
 from moerun.policy.errors import PolicyError
+from moerun.policy.validator import INT32_MAX, INT64_MAX  # slots are the engine's int, the host tier's int64
 from moerun.trace.format import MAX_EXPERTS, TraceError, read_trace, write_trace
 from moerun.trace.workloads import WORKLOADS, synthetic_trace
 
 ERRORS = (TraceError, PolicyError)  # what these commands raise for bad input (moerun.cli prints it)
-INT32_MAX = 2**31 - 1  # slots and capacities are the engine's int
-INT64_MAX = 2**63 - 1  # the host tier's capacity is int64
 SYNTH_MAX_DRAWS = 1 << 27  # tokens x experts one synthetic layer draws at once (float64: 1 GiB)
 
 

@@ -36,8 +36,8 @@ FORMAT_VERSION = 1
 # Experts per layer a trace may claim: more than any MoE model has (hundreds), few enough that the
 # per-expert tables of replay and stats stay small. The engine's (layer, expert) keys are int32.
 MAX_EXPERTS = 1 << 16
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
+_INT32_MAX = int(np.iinfo(np.int32).max)
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 class TraceError(ValueError):
@@ -98,9 +98,9 @@ class Trace:
             raise TraceError(f"{where}: expert_ids has shape {ids.shape}: a trace needs >= 1 layer and k >= 1")
         if not 0 < self.num_experts <= MAX_EXPERTS:
             raise TraceError(f"{where}: num_experts must be in 1..{MAX_EXPERTS}, got {self.num_experts}")
-        if self.num_layers * self.num_experts > INT32_MAX:
+        if self.num_layers * self.num_experts > _INT32_MAX:
             raise TraceError(f"{where}: {self.num_layers} layers x {self.num_experts} experts is more "
-                             f"(layer, expert) pairs than the engine numbers ({INT32_MAX})")
+                             f"(layer, expert) pairs than the engine numbers ({_INT32_MAX})")
         if ids.size:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.num_experts:
@@ -179,13 +179,13 @@ def _integers(path, arrays: dict, name: str) -> np.ndarray:
     a = arrays[name]
     if a.dtype.kind not in "iu":
         raise TraceError(f"{path}: {name} must hold integers, got {a.dtype}")
-    if a.dtype.kind == "u" and a.size and int(a.max()) > INT64_MAX:
+    if a.dtype.kind == "u" and a.size and int(a.max()) > _INT64_MAX:
         raise TraceError(f"{path}: {name} holds {int(a.max())}, beyond any token count or expert id")
     return a.astype(np.int64, copy=False)
 
 
 def _meta_int(path, meta: dict, key: str, default: int) -> int:
     value = meta.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
         raise TraceError(f"{path}: meta {key} must be a whole number >= 0, got {value!r}")
     return value
