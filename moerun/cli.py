@@ -68,7 +68,8 @@ def whole_number(lo: int, hi: int):
 
 def error_text(exc: BaseException) -> str:
     """What the command line prints for ``exc``: a policy error's diagnostics, else ``error: ...`` on one line."""
-    format_lines = getattr(exc, "format", None)  # PolicyError's compiler-style diagnostics
-    if callable(format_lines):
-        return format_lines()
+    from .policy.errors import PolicyError  # here: reached only when a command failed
+
+    if isinstance(exc, PolicyError):
+        return exc.format()
     return "error: " + " ".join(str(exc).split())
