@@ -37,6 +37,7 @@ from .runtime.offload import OffloadRuntime, learned_predictor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes
+_NO_HOST_MEMORY_CHECK = "MOERUN_NO_HOST_MEMORY_CHECK"  # "1": trust that host memory grows on use (balloon VMs)
 
 
 class LoadError(ValueError):
@@ -345,8 +346,9 @@ def _host_available_bytes() -> int | None:
 
 def _check_host_memory(pool_bytes: int, plan: MemoryPlan, device: torch.device) -> None:
     """The host pool (and, on a CPU device, the dense part and the arena too) fits the host's
-    available memory; running out later would mean the OOM killer, not an error."""
-    available = _host_available_bytes()
+    available memory; running out later would mean the OOM killer, not an error. A VM whose memory
+    grows as it is used (a balloon) reports too little: ``MOERUN_NO_HOST_MEMORY_CHECK=1`` skips this."""
+    available = None if os.environ.get(_NO_HOST_MEMORY_CHECK) == "1" else _host_available_bytes()
     if available is None:
         return
     need, parts = pool_bytes, f"the host pool's {fmt_bytes(pool_bytes)}"
@@ -358,12 +360,14 @@ def _check_host_memory(pool_bytes: int, plan: MemoryPlan, device: torch.device) 
         raise BudgetError(
             f"loading needs {fmt_bytes(need)} of host memory ({parts}) but only {fmt_bytes(available)} is "
             "available (MemAvailable); pass a host_budget below the available memory (the pool then reads the "
-            "other experts from disk), or free memory")
+            f"other experts from disk), or free memory (or set {_NO_HOST_MEMORY_CHECK}=1 where memory grows on use)")
 
 
 def _check_host_budget(host_budget) -> None:
     """A host budget above the machine's memory is a typo, not a limit."""
     budget = parse_bytes(host_budget, "host_budget")
+    if os.environ.get(_NO_HOST_MEMORY_CHECK) == "1":
+        return
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if total and budget > total:
         raise BudgetError(f"host_budget {fmt_bytes(budget)} is more than this machine's {fmt_bytes(total)} of "
