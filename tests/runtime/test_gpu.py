@@ -82,7 +82,7 @@ def test_fast_path_graphs_match_the_transformers_path_in_bf16(mode, qwen_bf16, r
     calls.clear()
     ref = model.generate(prompt, past_key_values=cache, disable_compile=True, **kw)
     assert torch.equal(fast, ref) and torch.equal(again, ref)
-    if mode == "lookahead":  # the P segments' predictions are the layer hooks' ones, in the same order
+    if mode == "lookahead":  # the predict_next segments' predictions are the layer hooks' ones, in the same order
         assert model.moerun.stats()["prefetches"] > 0 and len(fast_calls) == len(calls) > 0
         assert all(lf == lt and torch.equal(f, t) for (lf, f), (lt, t) in zip(fast_calls, calls))
 
