@@ -21,6 +21,7 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
+from ..transformers_contract import CACHE_ARGUMENT_NAMES
 from .decode_profile import DecodeProfile
 from .fast_decode import FastDecoder
 from .memory import MemoryPlan
@@ -207,7 +208,7 @@ def _prompt_marker(recorder: TraceRecorder):
     """Forward pre-hook of the decoder: a pass with an empty KV cache starts new prompts."""
 
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
         if cache is None or cache.get_seq_length() == 0:
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")

@@ -121,9 +121,14 @@ class OffloadRuntime:
         self._step_ids: list[torch.Tensor | None] = [None] * num_layers  # this step's ids per layer
         self.counters = [LayerCounters() for _ in range(num_layers)]
         self.recorder: TraceRecorder | None = None
-        # Imported here, not at module import: on the CPU the loader first puts Triton in
-        # interpreter mode, which Triton reads when the kernel module is imported.
-        self._fused_moe = importlib.import_module("moerun.kernels.fused_moe").fused_moe
+        # The fused MoE over the slots: Triton's kernels on a GPU; on a CPU device (the arena is then
+        # host memory) the native one, since Triton could only interpret its kernels there.
+        if device.type == "cuda":
+            self._fused_moe = importlib.import_module("moerun.kernels.fused_moe").fused_moe
+        else:
+            from ..native import fused_moe_host as _fused_moe_host
+
+            self._fused_moe = _fused_moe_host
         on_cuda = device.type == "cuda"
         self._ids_host = _PinnedBuffer(torch.int64, on_cuda)
         self._weights_host = _PinnedBuffer(torch.float32, on_cuda)
