@@ -126,9 +126,9 @@ class OffloadRuntime:
         if device.type == "cuda":
             self._fused_moe = importlib.import_module("moerun.kernels.fused_moe").fused_moe
         else:
-            from ..native import fused_moe_host as _fused_moe_host
+            from ..native import fused_moe_host
 
-            self._fused_moe = _fused_moe_host
+            self._fused_moe = fused_moe_host
         on_cuda = device.type == "cuda"
         self._ids_host = _PinnedBuffer(torch.int64, on_cuda)
         self._weights_host = _PinnedBuffer(torch.float32, on_cuda)
