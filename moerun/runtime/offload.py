@@ -1,8 +1,8 @@
 """The per-layer expert step: ids to the host (the one sync), plan, copies, CPU experts, fused MoE.
 
 ``OffloadRuntime`` owns what the MoE layers of one model share: the slot arena, the host pool,
-the transfer engine, the CPU executor and the policy engine. ``run(layer, x, ids, weights)``
-carries out one layer's step as docs/design.md draws it (``layer`` counts MoE layers only: it is the
+the transfer engine, the CPU executor and the policy engine. ``run(moe_layer, x, ids, weights)``
+carries out one MoE layer's step as docs/design.md draws it (``moe_layer`` counts MoE layers only: it is the
 engine's, the arena's and the pool's layer id, so dense layers cost no slots):
 
 1. the chosen ids and gate weights go to pinned host buffers; waiting on that copy is the step's
@@ -69,7 +69,7 @@ class HostStep:
 class StepPlan:
     """One layer step's plan as the runtime carries it out (engine lists read once)."""
 
-    layer: int
+    moe_layer: int
     start: float
     expert_ids: np.ndarray        # [T*K]
     slots: list
@@ -118,7 +118,7 @@ class OffloadRuntime:
         self.device = device
         self.lookahead = lookahead
         self.predictor = predictor  # ExpertPredictor of `learned` prefetch, or None
-        self._step_ids: list[torch.Tensor | None] = [None] * num_layers  # this step's ids per layer
+        self._step_ids: list[torch.Tensor | None] = [None] * num_layers  # this step's ids per MoE layer
         self.counters = [LayerCounters() for _ in range(num_layers)]
         self.recorder: TraceRecorder | None = None
         # The fused MoE over the slots: Triton's kernels on a GPU; on a CPU device (the arena is then
@@ -141,25 +141,25 @@ class OffloadRuntime:
         self._fetches_issued = 0  # demand fetches and prefetches handed to the transfer engine
         self._settled_at = -1  # _fetches_issued when every copy was last known landed
         self._open: StepPlan | None = None  # the step between begin() and finish()
-        self._unissued: deque = deque()  # (layer, expert, slot, demand) planned, not yet handed over
+        self._unissued: deque = deque()  # (moe_layer, expert, slot, demand) planned, not yet handed over
 
     # -- the step -------------------------------------------------------------------------------
     def run(
         self,
-        layer: int,
+        moe_layer: int,
         x: torch.Tensor,
         ids: torch.Tensor,
         weights: torch.Tensor,
     ) -> torch.Tensor:
-        """Routed-expert output ``[T, H]`` (x.dtype) of layer ``layer`` for tokens ``x`` ``[T, H]``.
+        """Routed-expert output ``[T, H]`` (x.dtype) of MoE layer ``moe_layer`` for tokens ``x`` ``[T, H]``.
 
         ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device.
         The transformers path calls this; the fast decode path calls the same phases with its
         static buffers, the kernel and the CPU merge inside CUDA graphs.
         """
         host = self.to_host(x, ids, weights)  # the one sync
-        step = self.begin(layer, host)
-        y = self.moe_kernel(layer, x, ids, weights)
+        step = self.begin(moe_layer, host)
+        y = self.moe_kernel(moe_layer, x, ids, weights)
         self.after_kernel(step)
         if step.cpu_experts:
             self.wait_cpu(step)
@@ -167,8 +167,8 @@ class OffloadRuntime:
         self.finish(step)
         return y
 
-    def begin(self, layer: int, host: HostStep) -> StepPlan:
-        """Plan layer ``layer``'s step from its host copies, issue the demand copies, start the CPU
+    def begin(self, moe_layer: int, host: HostStep) -> StepPlan:
+        """Plan MoE layer ``moe_layer``'s step from its host copies, issue the demand copies, start the CPU
         experts, and make the compute stream wait for the slots the kernel reads.
 
         Called once the host copies in ``host`` are complete (after the step's one sync).
@@ -179,36 +179,36 @@ class OffloadRuntime:
         # The engine reads ids/weights through the buffer protocol: numpy views, no list building.
         expert_ids = host.ids.view(-1).numpy()  # [T*K] the layer's routed ids
         if self.predictor is not None:
-            self._predict(layer, host.ids)
-        plan = self.engine.step(layer, expert_ids, host.weights.view(-1).numpy())
+            self._predict(moe_layer, host.ids)
+        plan = self.engine.step(moe_layer, expert_ids, host.weights.view(-1).numpy())
         if self.recorder is not None:
-            self.recorder.record(layer, host.ids, host.weights)
+            self.recorder.record(moe_layer, host.ids, host.weights)
 
         # Each plan property builds a fresh list: read each once. From here the engine's state runs
         # ahead of the arena's until finish(); settle() catches up if the step is cut short.
         hits, fetches, prefetches = plan.hits, plan.fetches, plan.prefetches
         step = self._open = StepPlan(
-            layer=layer, start=start, expert_ids=expert_ids,
+            moe_layer=moe_layer, start=start, expert_ids=expert_ids,
             slots=[slot for _, slot in hits] + [slot for _, slot, _, _ in fetches], hits=hits, fetches=fetches,
             prefetches=prefetches, releases=plan.releases, cpu_experts=[expert for (expert,) in plan.cpu],
             inputs=host)
         # fetch() also records the new occupant in the arena's slot table (stream-ordered).
-        self._issue([(layer, expert, slot, True) for expert, slot, _, _ in fetches])
+        self._issue([(moe_layer, expert, slot, True) for expert, slot, _, _ in fetches])
 
         if step.cpu_experts:
-            self.cpu_executor.submit(self.pool, layer, host.x, host.ids, host.weights, step.cpu_experts,
+            self.cpu_executor.submit(self.pool, moe_layer, host.x, host.ids, host.weights, step.cpu_experts,
                                      host.cpu_out)
             step.cpu_submitted = True
         self.transfer.wait_slots(step.slots)
         return step
 
     def _issue(self, fetches: list) -> None:
-        """Hand copies ``(layer, expert, slot, demand)`` the engine planned to the transfer engine.
+        """Hand copies ``(moe_layer, expert, slot, demand)`` the engine planned to the transfer engine.
         Ones an interrupt leaves behind stay queued for settle(): the engine already counts them resident."""
         self._unissued.extend(fetches)
         while self._unissued:
-            layer, expert, slot, demand = self._unissued[0]
-            self.transfer.fetch(layer, expert, slot, demand)
+            moe_layer, expert, slot, demand = self._unissued[0]
+            self.transfer.fetch(moe_layer, expert, slot, demand)
             self._unissued.popleft()
             self._fetches_issued += 1
 
@@ -231,15 +231,15 @@ class OffloadRuntime:
                 self.after_kernel(step)
             self.finish(step, timed=False)  # closes the step: an interrupt before this resumes here
 
-    def moe_kernel(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    def moe_kernel(self, moe_layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """The fused kernel over layer ``layer``'s slots (reads the slot table on the device, so
+        """The fused kernel over MoE layer ``moe_layer``'s slots (reads the slot table on the device, so
         it is graph-capturable): ``[T, H]`` with pairs not resident contributing zero."""
-        return self._fused_moe(x, ids, weights, self.arena.slot_table[layer], self.arena.weights,
+        return self._fused_moe(x, ids, weights, self.arena.slot_table[moe_layer], self.arena.weights,
                                self.inter_size, out)
 
-    def prefetch_ahead(self, layer: int, predicted: torch.Tensor) -> None:
-        """Lookahead prefetch: ``predicted`` ``[T, K]`` int64 are the experts of MoE layer ``layer``
+    def prefetch_ahead(self, moe_layer: int, predicted: torch.Tensor) -> None:
+        """Lookahead prefetch: ``predicted`` ``[T, K]`` int64 are the experts of MoE layer ``moe_layer``
         as its router picks them from the hidden state the layer before it just produced (same stream
         as that layer's work). The engine issues copies of the ones not resident, which run while
         this layer's attention does; its step then finds them in their slots (the kernel waits for
@@ -249,10 +249,10 @@ class OffloadRuntime:
             host.copy_(predicted, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             predicted = host
-        plan = self.engine.prefetch_ahead(layer, predicted.view(-1).numpy())
+        plan = self.engine.prefetch_ahead(moe_layer, predicted.view(-1).numpy())
         prefetches = plan.prefetches
         self._issue([(p_layer, p_expert, slot, False) for p_layer, p_expert, slot, _, _ in prefetches])
-        self.counters[layer - 1].add_prefetches(prefetches, self.slot_bytes)
+        self.counters[moe_layer - 1].add_prefetches(prefetches, self.slot_bytes)
 
     def after_kernel(self, step: StepPlan) -> None:
         """Release the slots the kernel read, issue prefetches, drop released experts."""
@@ -281,28 +281,28 @@ class OffloadRuntime:
         (``timed=False``: the step's times were not measured layer by layer)."""
         if self._open is step:
             self._open = None
-        self.counters[step.layer].add_step(num_pairs=len(step.expert_ids), hits=step.hits,
+        self.counters[step.moe_layer].add_step(num_pairs=len(step.expert_ids), hits=step.hits,
                                            fetches=step.fetches, prefetches=step.prefetches,
                                            num_cpu=len(step.cpu_experts), slot_bytes=self.slot_bytes)
         if self.observe_timings and timed:
             cpu_pairs = int(np.isin(step.expert_ids, step.cpu_experts).sum()) if step.cpu_experts else 0
-            self._observe_timing(step.layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
+            self._observe_timing(step.moe_layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
 
     def fill_arena(self) -> int:
         """When the arena and the policy's capacity hold every expert, copy them all in now
         (start-up): nothing can miss later, so waiting for first uses would only add misses.
         Returns how many were placed (0 when anything is smaller: which experts to keep is then
         the policy's choice, made as the routing comes)."""
-        caps = self.engine.stats()["capacities"]  # [flat capacity] or one per layer
+        caps = self.engine.stats()["capacities"]  # [flat capacity] or one per MoE layer
         fits_policy = sum(caps) >= self._total_experts and (len(caps) == 1 or min(caps) >= self.num_experts)
         if self.arena.num_slots < self._total_experts or not fits_policy:
             return 0
         placed = 0
-        for layer in range(self.num_layers):
+        for moe_layer in range(self.num_layers):
             for expert in range(self.num_experts):
-                slot = self.engine.warm(layer, expert)
+                slot = self.engine.warm(moe_layer, expert)
                 if slot >= 0:
-                    self.transfer.fetch(layer, expert, slot, True)
+                    self.transfer.fetch(moe_layer, expert, slot, True)
                     placed += 1
         self.transfer.synchronize()
         self._fetches_issued += placed
@@ -310,7 +310,7 @@ class OffloadRuntime:
         return placed
 
     def all_resident(self) -> bool:
-        """Whether every expert of every layer sits in a slot with its copy landed, so that no step
+        """Whether every expert of every MoE layer sits in a slot with its copy landed, so that no step
         can miss (the fast decode path then runs a whole step as one graph and plans afterwards).
 
         Blocks on the copy streams once after new fetches, never in a steady resident state.
@@ -322,35 +322,35 @@ class OffloadRuntime:
             self._settled_at = self._fetches_issued
         return True
 
-    def account(self, layer: int, host: HostStep) -> None:
-        """Plan and count a step of layer ``layer`` that the GPU has already run over resident
+    def account(self, moe_layer: int, host: HostStep) -> None:
+        """Plan and count a step of MoE layer ``moe_layer`` that the GPU has already run over resident
         slots (:meth:`all_resident`): the engine sees the same accesses as in a planned step, so
         statistics, adapt rules and eviction state stay the same; releases are applied now."""
-        step = self.begin(layer, host)
+        step = self.begin(moe_layer, host)
         if step.fetches or step.cpu_experts:
-            raise RuntimeError(f"moerun internal error: layer {layer} planned {len(step.fetches)} fetches and "
+            raise RuntimeError(f"moerun internal error: MoE layer {moe_layer} planned {len(step.fetches)} fetches and "
                                f"{len(step.cpu_experts)} CPU experts with every expert resident")
         self.after_kernel(step)
         self.finish(step, timed=False)
 
-    def _predict(self, layer: int, ids_host: torch.Tensor) -> None:
+    def _predict(self, moe_layer: int, ids_host: torch.Tensor) -> None:
         """Learned prefetch: the predictor scores the next layers' experts from this step's routing
         at this layer and the ones before it; the engine gets the best ids with their scores."""
         p = self.predictor
         t, k = ids_host.shape
-        self._step_ids[layer] = ids_host.clone()
+        self._step_ids[moe_layer] = ids_host.clone()
         hist = torch.full((t, p.history, k), -1, dtype=torch.int64)  # [T, H, K] layers l, l-1, ...
-        for j in range(min(p.history, layer + 1)):
-            prev = self._step_ids[layer - j]
+        for j in range(min(p.history, moe_layer + 1)):
+            prev = self._step_ids[moe_layer - j]
             if prev is not None and prev.shape[0] == t:  # same step (layers run in order)
                 hist[:, j] = prev
-        probs = p.predict(hist, torch.full((t,), layer, dtype=torch.int64))  # [T, D, E]
+        probs = p.predict(hist, torch.full((t,), moe_layer, dtype=torch.int64))  # [T, D, E]
         ids, scores = step_top(probs, torch.zeros(t, dtype=torch.int64), 1, min(self.num_experts, k * t))
         for d in range(1, p.horizon + 1):
-            if layer + d < self.num_layers:
-                self.engine.observe_prediction(layer + d, ids[0, d - 1].numpy(), scores[0, d - 1].numpy())
+            if moe_layer + d < self.num_layers:
+                self.engine.observe_prediction(moe_layer + d, ids[0, d - 1].numpy(), scores[0, d - 1].numpy())
 
-    def _observe_timing(self, layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
+    def _observe_timing(self, moe_layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
         """Feed measured copy and CPU times to the engine's cost model (hybrid scheduling).
 
         Copy time and bytes are those of the copies the transfer engine timed since the last call
@@ -362,7 +362,7 @@ class OffloadRuntime:
         copy_us = t["copy_time_us"] - self._last_copy[0]
         copy_bytes = t["timed_bytes"] - self._last_copy[1]
         self._last_copy = (t["copy_time_us"], t["timed_bytes"])
-        self.engine.observe_timing(layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
+        self.engine.observe_timing(moe_layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
                                    cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
 
     def to_host(self, x, ids, weights) -> HostStep:
