@@ -1,7 +1,8 @@
 """The ``moerun`` console script (also ``python -m moerun``).
 
 Each command group lives with the concept it serves: ``moerun policy ...`` in
-``moerun.policy.commands``, ``moerun trace ...`` in ``moerun.trace.commands``. A group module
+``moerun.policy.commands``, ``moerun trace ...`` in ``moerun.trace.commands``, ``moerun run`` (one
+command, no sub-commands) in ``moerun.run_command``. A group module
 exposes ``add_parser(subparsers)``, which registers its sub-commands, each with a ``func(args) -> int``,
 and ``ERRORS``, the error types its commands raise for bad input. Those, and OSError (a file that
 cannot be read or written), end the command here: the message on stderr, exit status 1, no
@@ -18,6 +19,7 @@ import sys
 GROUPS = (
     ("policy", "moerun.policy.commands"),
     ("trace", "moerun.trace.commands"),
+    ("run", "moerun.run_command"),
 )
 
 
