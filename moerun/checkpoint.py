@@ -179,6 +179,23 @@ def _tensor_info(file: Path, key: str, entry, data_start: int, size: int) -> Ten
     return TensorInfo(file, torch_dtype, tuple(shape), data_start + begin, end - begin)
 
 
+def load_tokenizer(path: Path):
+    """``(tokenizer, None)``, or ``(None, why)`` when the checkpoint at ``path`` has no usable one.
+
+    Without tokenizer files transformers may still build the architecture's tokenizer class with an
+    empty vocabulary (special tokens only), which turns any text into no tokens: that counts as none.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        return None, type(exc).__name__
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        return None, "its vocabulary is empty"
+    return tokenizer, None
+
+
 class Checkpoint:
     """The safetensors tensors of a checkpoint directory (single file or sharded with an index)."""
 

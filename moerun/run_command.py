@@ -141,23 +141,13 @@ def _fit(options: dict, prompt_tokens: int, max_context: int) -> dict:
 
 def _checkpoint_and_tokenizer(model: str, *, chat: bool):
     """The checkpoint's directory and tokenizer, checked before the (long) load."""
-    from transformers import AutoTokenizer
-
-    from .checkpoint import CheckpointError, resolve_checkpoint
+    from .checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
 
     try:
         path = resolve_checkpoint(model)
     except CheckpointError as exc:
         raise RunError(str(exc)) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        reason = None
-    except (OSError, ValueError, TypeError) as exc:
-        tokenizer, reason = None, type(exc).__name__
-    # Without tokenizer files, transformers may build its architecture's tokenizer with an empty
-    # vocabulary (special tokens only), which turns any text into no tokens.
-    if tokenizer is not None and len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        reason = "its vocabulary is empty"
+    tokenizer, reason = load_tokenizer(path)
     if reason:
         raise RunError(f"{path} has no usable tokenizer ({reason}); `moerun run` needs one to turn text into "
                        "tokens: add the model's tokenizer files to the checkpoint directory")

@@ -177,17 +177,17 @@ class MoerunHandle:
     def tokenizer(self):
         """The checkpoint's tokenizer; a clear error when the checkpoint has none."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from ..checkpoint import load_tokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_path)
-            except (OSError, ValueError, TypeError) as exc:
+            tokenizer, reason = load_tokenizer(self.checkpoint_path)
+            if tokenizer is None:
                 raise RuntimeError(
-                    f"{self.checkpoint_path} has no usable tokenizer ({type(exc).__name__}), so text "
+                    f"{self.checkpoint_path} has no usable tokenizer ({reason}), so text "
                     "cannot be encoded or decoded; generate() still works on token ids "
                     "(model.generate(input_ids=...)). Add tokenizer files to the checkpoint "
                     "directory to use text."
-                ) from exc
+                )
+            self._tokenizer = tokenizer
         return self._tokenizer
 
 

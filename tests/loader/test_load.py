@@ -193,3 +193,11 @@ def test_cpu_load_after_compiled_triton_import_says_what_to_do(tiny):
     done = _run_python(code, {})
     assert done.returncode != 0
     assert "imported before in compiled mode" in done.stderr, done.stderr[-2000:]
+
+
+def test_an_architecture_tokenizer_with_an_empty_vocabulary_counts_as_none(tmp_path):
+    # transformers builds qwen2_moe's tokenizer class from the config alone, with special tokens only.
+    path = build_checkpoint(synthetic_config("qwen2_moe"), tmp_path, seed=0)
+    model = moerun.load(path, device="cpu", max_context=32, progress=False)
+    with pytest.raises(RuntimeError, match=r"no usable tokenizer \(its vocabulary is empty\)"):
+        model.moerun.tokenizer
