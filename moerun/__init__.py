@@ -7,10 +7,11 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# Without a GPU, Triton can only interpret kernels, and it fixes compiled-or-interpreted when it is
-# imported (its library functions are decorated then). transformers imports triton as soon as a
-# model is built, so waiting for moerun.load(device="cpu") would be too late. Looking for the GPU
-# driver's device nodes keeps `import moerun` free of a torch import.
+# Without a GPU, Triton can only interpret kernels (moerun.kernels called on host tensors, as the
+# kernel tests do; the runtime itself computes a CPU device's experts natively), and Triton fixes
+# compiled-or-interpreted when it is imported (its library functions are decorated then), which
+# transformers does as soon as a model is built. Looking for the GPU driver's device nodes keeps
+# `import moerun` free of a torch import.
 if not any(_os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/kfd")):
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -139,8 +139,6 @@ def load(
                                    len(moe_layers) * adapter.num_experts, adapter.top_k)
     _check_host_memory(host_capacity * plan.slot_bytes, plan, device)
 
-    if device.type == "cpu":
-        _interpret_kernels()
     stages.mark("checkpoint and plan")
 
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
@@ -198,38 +196,6 @@ def memory_plan(
     _, _, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     return _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
-
-
-def _interpret_kernels() -> None:
-    """No GPU: run the Triton kernels in the interpreter on host tensors.
-
-    Triton fixes compiled-or-interpreted when a function is decorated: its own library functions
-    (``tl.sigmoid``...) when triton is imported, moerun's kernels when moerun.kernels.fused_moe is.
-    A kernel module imported before the switch is re-imported; triton itself cannot be, so a
-    triton imported in compiled mode is an error that says what to do.
-    """
-    import importlib
-    import sys
-
-    if os.environ.get("TRITON_INTERPRET", "1") != "1":
-        raise RuntimeError(
-            f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']!r} but moerun runs its Triton kernels in the "
-            "interpreter on a CPU device; unset it or set it to 1, or load on a CUDA device"
-        )
-    if "triton.language.standard" in sys.modules:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(sys.modules["triton.language.standard"].sigmoid, InterpretedFunction):
-            raise RuntimeError(
-                "moerun.load(device='cpu') runs Triton kernels in Triton's interpreter, but triton was "
-                "imported before in compiled mode, which cannot be undone in this process. Set the "
-                "environment variable TRITON_INTERPRET=1 before anything imports triton (e.g. "
-                "`TRITON_INTERPRET=1 python ...`, or os.environ at the very top of the script)."
-            )
-    os.environ["TRITON_INTERPRET"] = "1"
-    module = sys.modules.get("moerun.kernels.fused_moe")
-    if module is not None and not module.INTERPRETED:
-        importlib.reload(module)
 
 
 def _pick_device(device) -> torch.device:
