@@ -2,7 +2,7 @@
 
 Each command group lives with the concept it serves: ``moerun policy ...`` in
 ``moerun.policy.commands``, ``moerun trace ...`` in ``moerun.trace.commands``, ``moerun run`` (one
-command, no sub-commands) in ``moerun.run_command``. A group module
+command, no sub-commands) in ``moerun.run_command``, ``moerun serve`` in ``moerun.serve.command``. A group module
 exposes ``add_parser(subparsers)``, which registers its sub-commands, each with a ``func(args) -> int``,
 and ``ERRORS``, the error types its commands raise for bad input. Those, and OSError (a file that
 cannot be read or written), end the command here: the message on stderr, exit status 1, no
@@ -20,6 +20,7 @@ GROUPS = (
     ("policy", "moerun.policy.commands"),
     ("trace", "moerun.trace.commands"),
     ("run", "moerun.run_command"),
+    ("serve", "moerun.serve.command"),
 )
 
 

@@ -4,9 +4,11 @@ A transformers ``StaticCache`` of ``max_context`` positions (so prefill runs thr
 own code and writes into it, and the attention modules captured in the decode graphs update it in
 place through its device-side length), for one batch size at a time: a generate() call with another
 batch size replaces it, so the cache never holds more than the ``max_batch x max_context`` tokens
-the memory plan reserves. The host keeps its own count of the tokens written, so checking that a
-step fits needs no device read; a step that would run past ``max_context`` raises
-:class:`ContextOverflowError` before anything is written.
+the memory plan reserves. The serving engine (moerun.serve) takes the same reserve as a
+``row_cache.RowCache`` of ``max_batch`` rows, each row a sequence at its own position
+(:meth:`DecodeCache.start_rows`); either replaces the other. The host keeps its own count of the
+tokens written, so checking that a step fits needs no device read; a step that would run past
+``max_context`` raises :class:`ContextOverflowError` before anything is written.
 
 This module knows nothing about graphs or experts.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from transformers import StaticCache
+
+from .row_cache import RowCache
 
 
 class ContextOverflowError(ValueError):
@@ -27,7 +31,7 @@ class DecodeCache:
         self.config = config
         self.max_context = max_context
         self.max_batch = max_batch
-        self.cache: StaticCache | None = None
+        self.cache: StaticCache | RowCache | None = None
         self.batch_size = 0
         self.length = 0  # tokens written per sequence (prefill + decode steps)
 
@@ -43,7 +47,7 @@ class DecodeCache:
         """
         if not self.fits(batch_size):
             raise ValueError(f"batch size {batch_size} is outside 1..max_batch={self.max_batch}")
-        replaced = self.cache is None or batch_size != self.batch_size
+        replaced = self.cache is None or batch_size != self.batch_size or isinstance(self.cache, RowCache)
         if replaced:
             self.cache = None  # free the old tensors before the new ones are allocated
             self.cache = StaticCache(config=self.config, max_cache_len=self.max_context)
@@ -51,6 +55,18 @@ class DecodeCache:
         else:
             self.cache.reset()  # in place: tensors (and graphs captured over them) stay valid
         self.length = 0
+        return self.cache, replaced
+
+    def start_rows(self, device: torch.device) -> tuple[RowCache, bool]:
+        """The serving engine's cache: ``max_batch`` rows, each holding a sequence at its own position
+        (row_cache). Returns ``(cache, replaced)`` as :meth:`start` does; an existing row cache is kept
+        as it is (the engine tracks what its rows hold)."""
+        replaced = not isinstance(self.cache, RowCache)
+        if replaced:
+            self.cache = None  # free the old tensors before the new ones are allocated
+            self.cache = RowCache(self.config.num_hidden_layers, self.max_batch, self.max_context, device)
+            self.batch_size = self.max_batch
+        self.length = 0  # per-row lengths are the engine's; this count serves generate() only
         return self.cache, replaced
 
     def owns(self, past_key_values) -> bool:
@@ -73,6 +89,8 @@ class DecodeCache:
         """Bytes of the key/value tensors allocated so far (they are allocated by the first prefill)."""
         if self.cache is None:
             return 0
+        if isinstance(self.cache, RowCache):
+            return self.cache.nbytes()
         total = 0
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", False):

@@ -178,6 +178,15 @@ class FastDecoder:
             self._shapes.clear()  # their segments were built over the previous cache
         return cache
 
+    def start_rows(self):
+        """The static cache as rows of independent sequences (decode_cache.DecodeCache.start_rows), for
+        the serving engine, which calls :meth:`step` with per-row ``position_ids`` and 4-D masks."""
+        cache, replaced = self.cache.start_rows(self.device)
+        self.mask.reset()
+        if replaced:
+            self._shapes.clear()  # their segments were built over the previous cache
+        return cache
+
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, *, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
