@@ -86,7 +86,7 @@ def bench_shape(name: str, shape: tuple) -> dict:
         "K_experts_in_L2": ids_with_counts([TOKENS] * top_k + [0] * (num_experts - top_k), top_k),
     }
     for tag, route in routings.items():
-        call = lambda route=route: fused_moe(x, route, w, prob.table, prob.arena, inter, out, config=cfg)  # noqa: E731
+        call = lambda route=route: fused_moe(x, route, w, prob.table, prob.arena, prob.layout, out, config=cfg)  # noqa: E731
         row[f"routing_{tag}_us"] = graph_us([call], replays=20)
         row[f"routing_{tag}_kernels_us"] = {k.split("(")[0][:40]: v for k, v in kernel_us(call).items()}
 

@@ -3,16 +3,22 @@
 Notation: T tokens, K experts per token, P = T*K (token, expert) pairs, E experts in the layer,
 H hidden size, I expert intermediate size, N arena slots, S slot elements.
 
-An expert is one slot row of the arena: gate_up [2I, H] (gate rows first) at element 0, down [H, I]
-at element 2*I*H. The slot of expert e is ``slot_table[e]`` (-1 = not resident); the kernels read
-it on the device, so one launch serves any placement and the launch is graph-capturable. Pairs
-whose expert is not resident contribute nothing here (the CPU path adds them).
+An expert is one slot row of the arena, laid out by its SlotLayout (csrc/slot_layout.h): in the
+float format gate_up [2I, H] (gate rows first) at element 0, down [H, I] at element 2*I*H; in a
+quantized expert format (csrc/expert_format.h: fp8 and int8 per row, fp8 per 128x128 block, int4 per
+group with zero points, MXFP4) each matrix's codes, scales and zero points at the layout's byte
+offsets, which the kernels read as bytes and dequantize in registers. The slot of expert e is
+``slot_table[e]`` (-1 = not resident); the kernels read it on the device, so one launch serves any
+placement and the launch is graph-capturable. Pairs whose expert is not resident contribute nothing
+here (the CPU path adds them).
 
 Two paths, chosen by T (``DECODE_MAX_TOKENS``):
 - decode: weight-streaming GEMV. Kernel 1, one program per (pair, block of I rows), streams gate
   and up rows once and writes h = silu(g) * u in fp32. Kernel 2, one program per (token, block of
   H rows), streams down rows for each of the token's resident experts and reduces the
-  gate-weighted sum in registers, writing the output once.
+  gate-weighted sum in registers, writing the output once. Quantized formats stream the codes in
+  16-byte vectors (16 or 32 columns), each reduced in registers and multiplied by its group's scale
+  (per-row scales once per row at the end), so a step moves packed bytes only.
 - prefill: pairs grouped by expert into blocks of pairs of one expert: BLOCK_M rows each, then the
   expert's remaining pairs rounded up to TAIL_M rows in blocks of BLOCK_M/2 and BLOCK_M/4 (less
   padding: with 128/32, an expert with 136 pairs computes 160 rows, not 256; one with 200, 224).
@@ -20,7 +26,9 @@ Two paths, chosen by T (``DECODE_MAX_TOKENS``):
   block table, then an atomic scatter. Then a grouped GEMM with tl.dot for gate_up (+ SiLU*mul)
   and for down (+ gate weight, one row per pair, in the model dtype), weight tiles by pointer loads
   or TMA, each GEMM with its own tile and launch order; and a last kernel that sums each token's K
-  rows in fp32.
+  rows in fp32. Quantized weight tiles (pointer loads) are dequantized to x's dtype before the dot:
+  a reduction step lies within one scale group, so each tile column takes one scale; per-row scales
+  multiply the accumulator once.
 
 On Hopper and later every kernel is launched with programmatic dependent launch: it starts while
 the previous kernel drains and waits for it before touching memory (``_pdl_wait``).
@@ -37,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_config import DECODE_MAX_TOKENS, FusedMoeConfig, get_config, short_block_sizes
+from .fused_moe_config import DECODE_MAX_TOKENS, DecodeConfig, FusedMoeConfig, get_config, short_block_sizes
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # pairs per program of the scatter: one per thread, so a thread waits on one contended atomic
@@ -57,6 +65,185 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# expert formats: codes to values, in registers
+# --------------------------------------------------------------------------------------------
+# The kernels' name of each kind of expert format (csrc/expert_format.h, FormatKind); the group
+# size comes from the SlotLayout. Quantized weights are read as bytes, 16 at a time: a vector of
+# VC columns (16 for the 8-bit formats, 32 for the 4-bit ones), never across a scale group.
+FLOAT = tl.constexpr(0)
+FP8 = tl.constexpr(1)  # e4m3 codes, fp32 scale per row
+FP8_BLOCK = tl.constexpr(2)  # e4m3 codes, fp32 scale per GROUP x GROUP block (gate and up blocked apart)
+INT8 = tl.constexpr(3)  # int8 codes, fp32 scale per row
+INT4 = tl.constexpr(4)  # uint4 codes, fp32 scale and uint8 zero point per GROUP columns of a row
+MXFP4 = tl.constexpr(5)  # e2m1 codes, e8m0 scale per GROUP (32) columns of a row
+
+
+@triton.jit
+def _code_values(q, FMT: tl.constexpr):
+    """Codes -> fp32 values before any scale, exactly. q: the bytes (uint8) of the 8-bit formats, the
+    nibbles (int32, 0..15) of the 4-bit ones. int4 gives q (zero points are the caller's); mxfp4 gives
+    the e2m1 value times 2^-14 (built as fp16 bits, where e2m1's 0.5 is a normal number)."""
+    if FMT == FP8 or FMT == FP8_BLOCK:
+        return q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    elif FMT == INT8:
+        # no int -> float conversion instruction: the bits of 2^23 + (q ^ 0x80) as an fp32, minus 2^23 + 128
+        return ((q.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    elif FMT == INT4:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + q, minus 2^23
+    else:
+        # e2m1 (sign, 2 exponent bits, 1 mantissa bit) into fp16's sign, exponent and mantissa top bits
+        return (((q & 7) << 9) | ((q & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _scale_values(s, FMT: tl.constexpr):
+    """Stored scales -> fp32: mxfp4's e8m0 exponents (uint8) as 2^(e - 127) (e = 0, 2^-127, reads as 0),
+    the others' fp32 as they are."""
+    if FMT == MXFP4:
+        return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    else:
+        return s
+
+
+@triton.jit
+def _vector_values(b, FMT: tl.constexpr):
+    """[R, NV, 16] bytes -> [R, NV, VC] code values (_code_values): 4-bit codes two a byte, column 2j in
+    the low nibble."""
+    if FMT == INT4 or FMT == MXFP4:
+        b32 = b.to(tl.int32)
+        return _code_values(tl.interleave(b32 & 0xF, b32 >> 4), FMT)
+    else:
+        return _code_values(b, FMT)
+
+
+@triton.jit
+def _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32, w_off, s_off, z_off, FMT: tl.constexpr):
+    """Pointers to one matrix's parts in a quantized slot: codes and zero points (bytes), scales (fp32,
+    mxfp4: bytes). arena_ptr is the arena's bytes, scale_ptr the same memory as fp32."""
+    base = arena_ptr + slot.to(tl.int64) * stride_slot
+    if FMT == MXFP4:
+        sc_ptr = base + s_off
+    else:
+        sc_ptr = scale_ptr + slot.to(tl.int64) * stride_slot_f32 + s_off // 4
+    return base + w_off, sc_ptr, base + z_off
+
+
+@triton.jit
+def _decode_rows_dot(
+    x_ptr, w_ptr, sc_ptr, z_ptr, rows, row_ok, srow, C,
+    FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """[BLOCK_R] fp32: sum_c w[r, c] * x[c] for the rows ``rows`` of a quantized matrix [R, C] whose codes
+    start at w_ptr (row-major, C * 16 / VC bytes a row); ``srow``: each row's row in the scale (and
+    zero point) matrix. x [C], any float dtype. Each step reads BLOCK_C columns of every row as
+    16-byte vectors and reduces each vector in registers; a group's scale multiplies its vectors' sums."""
+    NV: tl.constexpr = BLOCK_C // VC
+    row_bytes = C * 16 // VC
+    v = tl.arange(0, NV)
+    vb = v[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # [1, NV, 16] byte of the step
+    vcol = v[None, :, None] * VC + tl.arange(0, VC)[None, None, :]  # [1, NV, VC] column of the step
+    w_rows = w_ptr + rows[:, None, None].to(tl.int64) * row_bytes  # [BR, 1, 1]
+    acc = tl.zeros((BLOCK_R, NV), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        byte = c0 * 16 // VC + vb
+        b = tl.load(w_rows + byte, mask=row_ok[:, None, None] & (byte < row_bytes), other=0)  # [BR, NV, 16]
+        cols = c0 + vcol
+        xv = tl.load(x_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)  # [1, NV, VC]
+        part = tl.sum(_vector_values(b, FMT) * xv, axis=2)  # [BR, NV]
+        if FMT == FP8_BLOCK or FMT == INT4 or FMT == MXFP4:
+            vc0 = c0 + v * VC  # [NV] first column of each vector
+            sidx = srow[:, None] * tl.cdiv(C, GROUP) + (vc0 // GROUP)[None, :]  # [BR, NV]
+            sm = row_ok[:, None] & (vc0 < C)[None, :]
+            if FMT == INT4:  # sum (q - z) x = sum q x - z sum x
+                part -= tl.load(z_ptr + sidx, mask=sm, other=0).to(tl.float32) * tl.sum(xv, axis=2)
+            acc += part * _scale_values(tl.load(sc_ptr + sidx, mask=sm, other=0), FMT)
+        else:
+            acc += part
+    out = tl.sum(acc, axis=1)  # [BR]
+    if FMT == MXFP4:
+        out *= 16384.0  # the 2^14 of _code_values
+    if FMT == FP8 or FMT == INT8:
+        out *= tl.load(sc_ptr + srow, mask=row_ok, other=0.0)
+    return out
+
+
+@triton.jit
+def _decode_down_quantized(
+    h_ptr, ids_ptr, weights_ptr, table_ptr, arena_ptr, scale_ptr, token, rows, row_ok,
+    H, I, stride_slot, stride_slot_f32, w_off, s_off, z_off,
+    K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+    VC: tl.constexpr,
+):
+    """The down kernel's quantized formats: [BO] fp32 sum over the token's resident experts of
+    w * down[rows, :] . h, reading each expert's codes as _decode_rows_dot does (K unrolled, all K
+    experts' loads in flight at once; a non-resident expert's loads fully masked)."""
+    NV: tl.constexpr = BLOCK_I // VC
+    row_bytes = I * 16 // VC
+    v = tl.arange(0, NV)
+    vb = v[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # [1, NV, 16]
+    vcol = v[None, :, None] * VC + tl.arange(0, VC)[None, None, :]  # [1, NV, VC]
+    if FMT == FP8_BLOCK:
+        srow = rows // GROUP
+    else:
+        srow = rows
+    acc = tl.zeros((BLOCK_OUT, NV), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        cols = i0 + vcol
+        byte = i0 * 16 // VC + vb
+        vc0 = i0 + v * VC  # [NV]
+        for k in tl.static_range(K):
+            pair = token * K + k
+            slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
+            i_end = tl.where(slot >= 0, I, 0)  # a non-resident expert masks every column
+            w = tl.load(weights_ptr + pair).to(tl.float32)
+            w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, tl.maximum(slot, 0), stride_slot,
+                                               stride_slot_f32, w_off, s_off, z_off, FMT)
+            b = tl.load(w_ptr + rows[:, None, None].to(tl.int64) * row_bytes + byte,
+                        mask=row_ok[:, None, None] & (byte < i_end * 16 // VC), other=0)  # [BO, NV, 16]
+            hv = tl.load(h_ptr + pair.to(tl.int64) * I + cols, mask=cols < i_end, other=0.0) * w  # [1, NV, VC]
+            part = tl.sum(_vector_values(b, FMT) * hv, axis=2)  # [BO, NV]
+            if FMT == FP8_BLOCK or FMT == INT4 or FMT == MXFP4:
+                sidx = srow[:, None] * tl.cdiv(I, GROUP) + (vc0 // GROUP)[None, :]  # [BO, NV]
+                sm = row_ok[:, None] & (vc0 < i_end)[None, :]
+                if FMT == INT4:
+                    part -= tl.load(z_ptr + sidx, mask=sm, other=0).to(tl.float32) * tl.sum(hv, axis=2)
+                acc += part * _scale_values(tl.load(sc_ptr + sidx, mask=sm, other=0), FMT)
+            else:
+                acc += part * tl.load(sc_ptr + rows, mask=rows < tl.where(slot >= 0, H, 0), other=0.0)[:, None]
+    y = tl.sum(acc, axis=1)  # [BO]
+    if FMT == MXFP4:
+        y *= 16384.0
+    return y
+
+
+@triton.jit
+def _weight_tile(
+    w_cols, ks, col_ok, C, sc_ptr, z_ptr, srow, k0, out_dtype: tl.constexpr,
+    FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
+):
+    """[BK, NC] weights W[row(n), ks[k]] of a quantized matrix [R, C] for tl.dot, in out_dtype: w_cols
+    [1, NC] points at each tile column's matrix row, srow [NC] is its row of the scales. Group formats:
+    the step's columns ks lie in one group (BK <= GROUP), so a tile column has one scale (and zero
+    point), applied here; per-channel formats come back unscaled (exact in any float dtype) and the
+    caller scales the accumulator's columns."""
+    k_ok = (ks < C)[:, None] & col_ok[None, :]
+    if VC == 32:  # two codes a byte, low nibble first
+        b = tl.load(w_cols + (ks // 2)[:, None], mask=k_ok, other=0).to(tl.int32)
+        vals = _code_values((b >> ((ks % 2) * 4)[:, None]) & 0xF, FMT)
+    else:
+        vals = _code_values(tl.load(w_cols + ks[:, None], mask=k_ok, other=0), FMT)
+    if FMT == FP8_BLOCK or FMT == INT4 or FMT == MXFP4:
+        sidx = srow * tl.cdiv(C, GROUP) + k0 // GROUP  # [NC]
+        sc = _scale_values(tl.load(sc_ptr + sidx, mask=col_ok, other=0), FMT)
+        if FMT == INT4:
+            vals -= tl.load(z_ptr + sidx, mask=col_ok, other=0).to(tl.float32)[None, :]
+        if FMT == MXFP4:
+            sc *= 16384.0
+        vals *= sc[None, :]
+    return vals.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # decode path: weight streaming
 # --------------------------------------------------------------------------------------------
 @triton.jit
@@ -64,18 +251,38 @@ def _decode_gate_up_kernel(
     x_ptr,  # [T, H]
     ids_ptr,  # [P] expert id of each pair
     table_ptr,  # [E] int32 slot of each expert, -1 = not resident
-    arena_ptr,  # [N, S]
+    arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
+    scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     h_ptr,  # [P, I] fp32 out: silu(gate) * up
     H, I, K,
-    stride_x, stride_slot,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+    stride_x, stride_slot, stride_slot_f32,
+    w_off, s_off, z_off,  # quantized formats: bytes into a slot of gate_up's weights, scales, zero points
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _pdl_wait(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair)
     slot = tl.load(table_ptr + expert)
-    if slot >= 0:
+    if FMT != FLOAT:
+        if slot >= 0:
+            token = pair // K
+            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate rows
+            w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
+                                               w_off, s_off, z_off, FMT)
+            # gate rows are rows 0..I-1 of the matrix, up rows I..2I-1; fp8-block128 blocks them apart
+            if FMT == FP8_BLOCK:
+                gate_srow, up_srow = rows // GROUP, tl.cdiv(I, GROUP) + rows // GROUP
+            else:
+                gate_srow, up_srow = rows, I + rows
+            g = _decode_rows_dot(x_ptr + token * stride_x, w_ptr, sc_ptr, z_ptr, rows, rows < I, gate_srow, H,
+                                 FMT, GROUP, VC, BLOCK_N, BLOCK_H)
+            u = _decode_rows_dot(x_ptr + token * stride_x, w_ptr + I.to(tl.int64) * (H * 16 // VC), sc_ptr, z_ptr,
+                                 rows, rows < I, up_srow, H, FMT, GROUP, VC, BLOCK_N, BLOCK_H)
+            h = g * tl.sigmoid(g) * u
+            tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=rows < I)
+    elif slot >= 0:
         token = pair // K
         gate_base = arena_ptr + slot.to(tl.int64) * stride_slot
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -106,36 +313,44 @@ def _decode_down_kernel(
     ids_ptr,  # [P]
     weights_ptr,  # [P] fp32 gate weights
     table_ptr,  # [E] int32
-    arena_ptr,  # [N, S]
+    arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
+    scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     out_ptr,  # [T, H]
     H, I,
-    stride_out, stride_slot,
-    K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
+    stride_out, stride_slot, stride_slot_f32,
+    w_off, s_off, z_off,  # quantized formats: bytes into a slot of down's weights, scales, zero points
+    K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+    VC: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_wait(PDL)
     token = tl.program_id(0)
     pid_o = tl.program_id(1)
     rows = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)  # [BO] output (hidden) rows
     row_ok = rows < H
-    cols0 = tl.arange(0, BLOCK_I)
-    acc = tl.zeros((BLOCK_OUT, BLOCK_I), dtype=tl.float32)
-    down_off = 2 * I.to(tl.int64) * H
-    for i0 in range(0, I, BLOCK_I):
-        cols = i0 + cols0
-        # K unrolled with masks instead of branches, so the loads of all K experts are in flight at once;
-        # a non-resident expert's loads are fully masked (no memory traffic).
-        for k in tl.static_range(K):
-            pair = token * K + k
-            slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
-            i_end = tl.where(slot >= 0, I, 0)  # a non-resident expert masks every column
-            w = tl.load(weights_ptr + pair).to(tl.float32)
-            down_rows = arena_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot + down_off \
-                + rows[:, None].to(tl.int64) * I  # [BO, 1]
-            cols_k_ok = cols < i_end
-            hv = tl.load(h_ptr + pair.to(tl.int64) * I + cols, mask=cols_k_ok, other=0.0) * w  # [BI]
-            wd = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & cols_k_ok[None, :], other=0.0)
-            acc += wd.to(tl.float32) * hv[None, :]
-    y = tl.sum(acc, axis=1)  # [BO]
+    if FMT != FLOAT:
+        y = _decode_down_quantized(h_ptr, ids_ptr, weights_ptr, table_ptr, arena_ptr, scale_ptr, token, rows,
+                                   row_ok, H, I, stride_slot, stride_slot_f32, w_off, s_off, z_off,
+                                   K, BLOCK_OUT, BLOCK_I, FMT, GROUP, VC)
+    else:
+        cols0 = tl.arange(0, BLOCK_I)
+        acc = tl.zeros((BLOCK_OUT, BLOCK_I), dtype=tl.float32)
+        down_off = 2 * I.to(tl.int64) * H
+        for i0 in range(0, I, BLOCK_I):
+            cols = i0 + cols0
+            # K unrolled with masks instead of branches, so the loads of all K experts are in flight at once;
+            # a non-resident expert's loads are fully masked (no memory traffic).
+            for k in tl.static_range(K):
+                pair = token * K + k
+                slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
+                i_end = tl.where(slot >= 0, I, 0)  # a non-resident expert masks every column
+                w = tl.load(weights_ptr + pair).to(tl.float32)
+                down_rows = arena_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot + down_off \
+                    + rows[:, None].to(tl.int64) * I  # [BO, 1]
+                cols_k_ok = cols < i_end
+                hv = tl.load(h_ptr + pair.to(tl.int64) * I + cols, mask=cols_k_ok, other=0.0) * w  # [BI]
+                wd = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & cols_k_ok[None, :], other=0.0)
+                acc += wd.to(tl.float32) * hv[None, :]
+        y = tl.sum(acc, axis=1)  # [BO]
     tl.store(out_ptr + token * stride_out + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -260,13 +475,13 @@ def _block_and_tile(num_blocks, n_tiles, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n,
+    x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n,
     H, I, K, P, stride_x,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    WEIGHT_DESC: tl.constexpr,
+    WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
 ):
     # The expert's gate_up [2I, H] is at w_ptr, or (WEIGHT_DESC) rows w_row.. of w_desc, the arena
-    # seen as rows of H elements.
+    # seen as rows of H elements; quantized formats: its codes at w_ptr, scales at sc_ptr, zero points at z_ptr.
     pairs = tl.load(sorted_pairs_ptr + first_row + tl.arange(0, BM))  # [BM]
     pair_ok = pairs < P
     tokens = tl.where(pair_ok, pairs // K, 0)
@@ -275,7 +490,28 @@ def _gate_up_tile(
     row_ok = rows < I
     ks0 = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + tokens[:, None].to(tl.int64) * stride_x  # [BM, 1]
-    if WEIGHT_DESC:
+    if FMT != FLOAT:
+        # one [BK, 2*BN] tile dequantized to x's dtype, gate and up rows interleaved, as below
+        cols = tl.arange(0, 2 * BLOCK_N)  # [2BN]
+        inter_row = n0 + cols // 2
+        col_ok = inter_row < I
+        w_rows = inter_row + (cols % 2) * I  # [2BN] row of gate_up
+        if FMT == FP8_BLOCK:  # gate and up blocked apart
+            srow = inter_row // GROUP + (cols % 2) * tl.cdiv(I, GROUP)
+        else:
+            srow = w_rows
+        w_cols = w_ptr + w_rows[None, :].to(tl.int64) * (H * 16 // VC)  # [1, 2BN]
+        acc = tl.zeros((BM, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + ks0
+            a = tl.load(x_rows + ks[None, :], mask=pair_ok[:, None] & (ks < H)[None, :], other=0.0)  # [BM, BK]
+            b = _weight_tile(w_cols, ks, col_ok, H, sc_ptr, z_ptr, srow, k0, x_ptr.dtype.element_ty,
+                             FMT, GROUP, VC)  # [BK, 2BN]
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if FMT == FP8 or FMT == INT8:
+            acc *= tl.load(sc_ptr + srow, mask=col_ok, other=0.0)[None, :]
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BLOCK_N, 2)))  # [BM, BN] each
+    elif WEIGHT_DESC:
         # two TMA tiles, W^T [BK, BN] each. Rows past the expert's own (gate rows past I, up rows past
         # 2I) only feed output columns that are never stored; columns past H read as zero.
         acc_g = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
@@ -310,13 +546,16 @@ def _prefill_gate_up_kernel(
     sorted_pairs_ptr,  # [M_pad] pair index, P = padding
     blocks_ptr,  # [3, num_blocks] expert (E = no work), first sorted row, rows
     table_ptr,  # [E] int32
-    arena_ptr,  # [N, S]
+    arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
+    scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     w_desc,  # TMA descriptor of the arena (WEIGHT_DESC), else unused
     h_ptr,  # [P, I] x.dtype out: silu(gate) * up
     H, I, K, P, E, num_blocks,
-    stride_x, stride_slot, slot_rows,
+    stride_x, stride_slot, stride_slot_f32, slot_rows,
+    w_off, s_off, z_off,  # quantized formats: bytes into a slot of gate_up's weights, scales, zero points
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr,
+    GROUP: tl.constexpr, VC: tl.constexpr, PDL: tl.constexpr,
 ):
     # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, H], slot_rows = S / H
     _pdl_wait(PDL)
@@ -326,35 +565,40 @@ def _prefill_gate_up_kernel(
         first_row = tl.load(blocks_ptr + num_blocks + block)
         n_rows = tl.load(blocks_ptr + 2 * num_blocks + block)
         slot = tl.load(table_ptr + expert)
-        w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot
+        if FMT == FLOAT:
+            w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot
+            sc_ptr, z_ptr = w_ptr, w_ptr  # unused
+        else:
+            w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
+                                               w_off, s_off, z_off, FMT)
         w_row = slot * slot_rows
         # one code path per block size (the constexpr tests drop the sizes this config never uses)
         if TAIL_M == BLOCK_M:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
-                          stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
+                          K, P, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         elif n_rows == BLOCK_M:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
-                          stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
+                          K, P, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         elif TAIL_M == BLOCK_M // 2:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
-                          stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
+                          K, P, stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         elif n_rows == BLOCK_M // 2:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
-                          stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
+                          K, P, stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         else:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, h_ptr, first_row, pid_n, H, I, K, P,
-                          stride_x, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
+                          K, P, stride_x, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
 
 
 @triton.jit
 def _down_tile(
-    h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
+    h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row, pid_n,
     H, I, P,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    WEIGHT_DESC: tl.constexpr,
+    WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
 ):
     # The expert's down [H, I] is at w_ptr, or (WEIGHT_DESC) rows w_row.. of w_desc, the arena seen
-    # as rows of I elements.
+    # as rows of I elements; quantized formats: its codes at w_ptr, scales at sc_ptr, zero points at z_ptr.
     pairs = tl.load(sorted_pairs_ptr + first_row + tl.arange(0, BM))  # [BM]
     pair_ok = pairs < P
     safe_pairs = tl.where(pair_ok, pairs, 0).to(tl.int64)
@@ -364,15 +608,24 @@ def _down_tile(
     ks0 = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + safe_pairs[:, None] * I  # [BM, 1]
     acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    if FMT == FP8_BLOCK:
+        srow = rows // GROUP
+    else:
+        srow = rows
     for k0 in range(0, I, BLOCK_K):
         ks = k0 + ks0
         a = tl.load(h_rows + ks[None, :], mask=pair_ok[:, None] & (ks < I)[None, :], other=0.0)  # [BM, BK]
-        if WEIGHT_DESC:
+        if FMT != FLOAT:  # dequantized to h's dtype
+            b = _weight_tile(w_ptr + rows[None, :].to(tl.int64) * (I * 16 // VC), ks, row_ok, I, sc_ptr, z_ptr,
+                             srow, k0, h_ptr.dtype.element_ty, FMT, GROUP, VC)  # [BK, BN]
+        elif WEIGHT_DESC:
             b = w_desc.load([w_row + n0, k0]).T  # [BK, BN]; rows past H: output columns never stored
         else:
             b = tl.load(w_ptr + rows[None, :].to(tl.int64) * I + ks[:, None],
                         mask=(ks < I)[:, None] & row_ok[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FMT == FP8 or FMT == INT8:
+        acc *= tl.load(sc_ptr + srow, mask=row_ok, other=0.0)[None, :]
     w = tl.load(weights_ptr + safe_pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
     acc = acc * w[:, None]
     tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -388,13 +641,16 @@ def _prefill_down_kernel(
     blocks_ptr,  # [3, num_blocks]
     weights_ptr,  # [P] fp32
     table_ptr,  # [E] int32
-    arena_ptr,  # [N, S]
+    arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
+    scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     w_desc,  # TMA descriptor of the arena (WEIGHT_DESC), else unused
     y_ptr,  # [P, H] x.dtype out: w * down(h) per pair
     H, I, P, E, num_blocks,
-    stride_slot, slot_rows,
+    stride_slot, stride_slot_f32, slot_rows,
+    w_off, s_off, z_off,  # quantized formats: bytes into a slot of down's weights, scales, zero points
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr,
+    GROUP: tl.constexpr, VC: tl.constexpr, PDL: tl.constexpr,
 ):
     # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, I], slot_rows = S / I
     _pdl_wait(PDL)
@@ -404,24 +660,29 @@ def _prefill_down_kernel(
         first_row = tl.load(blocks_ptr + num_blocks + block)
         n_rows = tl.load(blocks_ptr + 2 * num_blocks + block)
         slot = tl.load(table_ptr + expert)
-        w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * I.to(tl.int64) * H
+        if FMT == FLOAT:
+            w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * I.to(tl.int64) * H
+            sc_ptr, z_ptr = w_ptr, w_ptr  # unused
+        else:
+            w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
+                                               w_off, s_off, z_off, FMT)
         w_row = slot * slot_rows + 2 * H  # down starts 2*I*H elements = 2*H rows of I into the slot
         # one code path per block size (the constexpr tests drop the sizes this config never uses)
         if TAIL_M == BLOCK_M:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
-                       H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
+                       pid_n, H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         elif n_rows == BLOCK_M:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
-                       H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
+                       pid_n, H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         elif TAIL_M == BLOCK_M // 2:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
-                       H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
+                       pid_n, H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         elif n_rows == BLOCK_M // 2:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
-                       H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
+                       pid_n, H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
         else:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, y_ptr, first_row, pid_n,
-                       H, I, P, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
+                       pid_n, H, I, P, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
 
 
 @triton.jit
@@ -455,7 +716,7 @@ def _sum_pairs_kernel(
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, inter_size, out) -> None:
+def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, layout, out) -> None:
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             f"fused_moe runs Triton kernels and x is on {x.device}: use a CUDA device, or set TRITON_INTERPRET=1 "
@@ -482,12 +743,17 @@ def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, inter_size, out)
         )
     if arena.dim() != 2:
         raise ValueError(f"arena must be [num_slots, slot_elems], got shape {tuple(arena.shape)}")
-    if inter_size <= 0:
-        raise ValueError(f"inter_size must be positive, got {inter_size}")
-    if arena.shape[1] < 3 * inter_size * hidden:
+    if not hasattr(layout, "slot_elems"):
+        raise TypeError(f"layout must be a SlotLayout (moerun.native.slot_layout(dtype, H, I, format)), got "
+                        f"{type(layout).__name__}")
+    if layout.hidden_size != hidden:
+        raise ValueError(f"x has H={hidden} but the slot layout is for hidden_size={layout.hidden_size}")
+    if layout.dtype != x.dtype:
+        raise TypeError(f"the slot layout is for {layout.dtype} but x is {x.dtype}; cast x to the model dtype")
+    if arena.shape[1] != layout.slot_elems:
         raise ValueError(
-            f"arena slots hold {arena.shape[1]} elements but an expert of H={hidden}, I={inter_size} "
-            f"needs 3*I*H = {3 * inter_size * hidden}; check inter_size and the arena's slot_elems"
+            f"arena slots hold {arena.shape[1]} elements but the slot layout's slots are {layout.slot_elems} "
+            f"({layout.format}, H={hidden}, I={layout.inter_size}); the arena must be made from this layout"
         )
     if x.stride(1) != 1 or arena.stride(1) != 1:
         raise ValueError("x and arena must be contiguous along their last dimension (call .contiguous())")
@@ -504,21 +770,78 @@ def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, inter_size, out)
             raise ValueError("out must be contiguous along its last dimension")
 
 
-def _fused_moe_decode(x, ids, weights, slot_table, arena, inter_size, out, cfg) -> None:
+# the kernels' code (FLOAT, FP8, ...) of each expert format's kind; a format not listed has no kernel
+FORMAT_KINDS = {"float": 0, "fp8": 1, "fp8-block128": 2, "int8": 3, "int4-g32": 4, "int4-g64": 4, "int4-g128": 4,
+                "mxfp4": 5}
+
+
+class _Slots(NamedTuple):
+    """What the kernels take of an arena in a layout: the arena (float: as it is; quantized: its bytes),
+    the same memory as fp32 (quantized formats' scales), their row strides, and the format's code."""
+
+    arena: torch.Tensor  # [N, S] model dtype (float), [N, slot_bytes] uint8 (quantized)
+    scales: torch.Tensor  # [N, slot_bytes / 4] fp32 view (quantized); the arena itself (float, unused)
+    stride: int
+    stride_f32: int
+    fmt: int
+    group: int
+    vc: int  # quantized: columns per 16-byte vector of codes (16: 8-bit, 32: 4-bit); float: 0
+
+
+def _slots(arena: torch.Tensor, layout) -> _Slots:
+    fmt = FORMAT_KINDS.get(layout.format)
+    if fmt is None:
+        raise NotImplementedError(f"fused_moe has no kernel for expert format {layout.format!r} "
+                                  f"(kernels/fused_moe.py FORMAT_KINDS: {', '.join(FORMAT_KINDS)})")
+    if not layout.quantized:
+        return _Slots(arena, arena, arena.stride(0), 0, fmt, 0, 0)
+    raw = arena.view(torch.uint8)  # [N, slot_bytes]
+    f32 = raw.view(torch.float32)  # slot_bytes and every scale offset are multiples of 16
+    return _Slots(raw, f32, raw.stride(0), f32.stride(0), fmt, layout.group_size, 128 // layout.weight_bits)
+
+
+def _part_offsets(layout, matrix: str) -> tuple[int, int, int]:
+    """Byte offsets in a slot of one matrix's weights, scales and zero points (0 where the format has none)."""
+    return (getattr(layout, f"{matrix}_offset"), getattr(layout, f"{matrix}_scales_offset"),
+            getattr(layout, f"{matrix}_zeros_offset"))
+
+
+def _check_config(layout, slots: _Slots, cfg) -> None:
+    """The constraints a quantized format puts on a launch config (configs are data: say which one broke)."""
+    if not slots.vc:
+        return
+    if isinstance(cfg, DecodeConfig):
+        for name in ("block_h", "block_i"):
+            if getattr(cfg, name) % slots.vc:
+                raise ValueError(f"decode {name}={getattr(cfg, name)} must be a multiple of {slots.vc} for "
+                                 f"{layout.format} (16 bytes of codes a vector)")
+    elif slots.group:
+        for name in ("gate_up", "down"):
+            block_k = getattr(cfg, name).block_k
+            if block_k > slots.group or slots.group % block_k:
+                raise ValueError(f"prefill {name}.block_k={block_k} must divide {layout.format}'s group of "
+                                 f"{slots.group} (one scale per column a step)")
+
+
+def _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg) -> None:
     tokens, hidden = x.shape
+    inter_size = layout.inter_size
     top_k = ids.shape[1]
     pairs = tokens * top_k
+    slots = _slots(arena, layout)
+    _check_config(layout, slots, cfg)
     h = torch.empty((pairs, inter_size), dtype=torch.float32, device=x.device)  # [P, I]
     pdl = _pdl(x.device)
+    fmt = dict(FMT=slots.fmt, GROUP=slots.group, VC=slots.vc)
     _decode_gate_up_kernel[(pairs, triton.cdiv(inter_size, cfg.block_n))](
-        x, ids, slot_table, arena, h,
-        hidden, inter_size, top_k, x.stride(0), arena.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, **pdl,
+        x, ids, slot_table, slots.arena, slots.scales, h,
+        hidden, inter_size, top_k, x.stride(0), slots.stride, slots.stride_f32, *_part_offsets(layout, "gate_up"),
+        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, **fmt, **pdl,
     )
     _decode_down_kernel[(tokens, triton.cdiv(hidden, cfg.block_out))](
-        h, ids, weights, slot_table, arena, out,
-        hidden, inter_size, out.stride(0), arena.stride(0),
-        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps, **pdl,
+        h, ids, weights, slot_table, slots.arena, slots.scales, out,
+        hidden, inter_size, out.stride(0), slots.stride, slots.stride_f32, *_part_offsets(layout, "down"),
+        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps, **fmt, **pdl,
     )
 
 
@@ -600,8 +923,11 @@ def _pdl(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True}
 
 
-def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg) -> None:
+def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg) -> None:
     tokens, hidden = x.shape
+    inter_size = layout.inter_size
+    slots = _slots(arena, layout)
+    _check_config(layout, slots, cfg)
     top_k = ids.shape[1]
     pairs = tokens * top_k
     num_experts = slot_table.shape[0]
@@ -615,25 +941,30 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg)
     # per-pair outputs in the model dtype, summed in fp32 by the last kernel (fp32 here would double
     # the bytes of what is, at K = 8, the largest intermediate)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)  # [P, H]
-    gu_desc, down_desc = _weight_descriptors(arena, hidden, inter_size, cfg)
+    # weight tiles by TMA are for the float format only (a quantized slot's parts are not rows of H or I)
+    gu_desc, down_desc = (None, None) if layout.quantized else _weight_descriptors(arena, hidden, inter_size, cfg)
     slot_elems = arena.shape[1]
     pdl = _pdl(x.device)
+    fmt = dict(FMT=slots.fmt, GROUP=slots.group, VC=slots.vc)
     gu = cfg.gate_up
     _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gu.block_n),)](
-        x, sorted_pairs, blocks, slot_table, arena, gu_desc if gu_desc is not None else arena, h,
-        hidden, inter_size, top_k, pairs, num_experts, num_blocks, x.stride(0), arena.stride(0),
-        slot_elems // hidden,
+        x, sorted_pairs, blocks, slot_table, slots.arena, slots.scales,
+        gu_desc if gu_desc is not None else slots.arena, h,
+        hidden, inter_size, top_k, pairs, num_experts, num_blocks, x.stride(0), slots.stride, slots.stride_f32,
+        slot_elems // hidden, *_part_offsets(layout, "gate_up"),
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, GROUP_M=gu.group_m,
         PRECISION=precision, WEIGHT_DESC=gu_desc is not None, num_warps=gu.num_warps, num_stages=gu.num_stages,
-        **pdl,
+        **fmt, **pdl,
     )
     dn = cfg.down
     _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, dn.block_n),)](
-        h, sorted_pairs, blocks, weights, slot_table, arena, down_desc if down_desc is not None else arena, y,
-        hidden, inter_size, pairs, num_experts, num_blocks, arena.stride(0), slot_elems // inter_size,
+        h, sorted_pairs, blocks, weights, slot_table, slots.arena, slots.scales,
+        down_desc if down_desc is not None else slots.arena, y,
+        hidden, inter_size, pairs, num_experts, num_blocks, slots.stride, slots.stride_f32,
+        slot_elems // inter_size, *_part_offsets(layout, "down"),
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, GROUP_M=dn.group_m,
         PRECISION=precision, WEIGHT_DESC=down_desc is not None, num_warps=dn.num_warps, num_stages=dn.num_stages,
-        **pdl,
+        **fmt, **pdl,
     )
     _sum_pairs_kernel[(tokens, triton.cdiv(hidden, cfg.sum_block_h))](
         y, ids, slot_table, out, hidden, out.stride(0), K=top_k, BLOCK_H=cfg.sum_block_h,
@@ -647,7 +978,7 @@ def fused_moe(
     topk_weights: torch.Tensor,
     slot_table: torch.Tensor,
     arena: torch.Tensor,
-    inter_size: int,
+    layout,
     out: torch.Tensor | None = None,
     *,
     config: FusedMoeConfig | None = None,
@@ -660,15 +991,18 @@ def fused_moe(
         topk_ids: [T, K] int32/int64 chosen experts.
         topk_weights: [T, K] fp32 gate weights.
         slot_table: [E] int32, this layer's row of the slot table (-1 = not resident), on x's device.
-        arena: [N, S] expert slots, same dtype as x (slot layout in the module docstring).
-        inter_size: I, the expert intermediate size.
+        arena: [N, S] expert slots of ``layout.slot_elems`` elements, same dtype as x (quantized
+            formats: read as the slots' bytes).
+        layout: the arena's SlotLayout (``moerun.native.slot_layout(dtype, H, I, format)``): H, I, the
+            model dtype, the expert format and where each part of a slot sits.
         out: optional [T, H] output in x.dtype (every element is written).
-        config: launch parameters; default: the tuned table for this device and (H, I) (fp32: defaults).
+        config: launch parameters; default: the tuned table for this device, (H, I) and format (fp32:
+            the format's defaults).
         path: ``"decode"`` or ``"prefill"`` to force a path; default: by T.
     Returns:
         [T, H] in x.dtype; pairs whose expert is not resident contribute zero.
     """
-    _check_inputs(x, topk_ids, topk_weights, slot_table, arena, inter_size, out)
+    _check_inputs(x, topk_ids, topk_weights, slot_table, arena, layout, out)
     if out is None:
         out = torch.empty_like(x)
     tokens, hidden = x.shape
@@ -676,13 +1010,13 @@ def fused_moe(
         return out
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
-    cfg = config if config is not None else get_config(x.device, hidden, inter_size, x.dtype)
+    cfg = config if config is not None else get_config(x.device, hidden, layout.inter_size, x.dtype, layout.format)
     if path is None:
         path = "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
     if path == "decode":
-        _fused_moe_decode(x, ids, weights, slot_table, arena, inter_size, out, cfg.decode)
+        _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg.decode)
     elif path == "prefill":
-        _fused_moe_prefill(x, ids, weights, slot_table, arena, inter_size, out, cfg.prefill)
+        _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg.prefill)
     else:
         raise ValueError(f"path must be 'decode', 'prefill' or None, got {path!r}")
     return out

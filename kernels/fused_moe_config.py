@@ -1,10 +1,13 @@
 """Launch configurations of the fused-MoE kernels, as data keyed by device and expert shape.
 
 Tuned values live in ``fused_moe_configs.json`` beside this file, written by
-``benchmarks/bench_kernels.py --tune``: ``{device_name: {"H,I": {"decode": {...}, "prefill": {...}}}}``.
-A shape or device missing from the file falls back to the defaults below, which are correct
-everywhere (interpreter included) and reasonable on a Hopper GPU. This module knows nothing about
-the kernels themselves; it only says how to launch them.
+``benchmarks/bench_kernels.py --tune``: ``{device_name: {"H,I": {"decode": {...}, "prefill": {...}}}}``
+for the float format and ``"H,I,format"`` (``"2048,1408,int4-g128"``) for the quantized expert
+formats. A float shape or device missing from the file falls back to the dataclass defaults below;
+a quantized format's to the file's ``"defaults"`` entry for that format (its tiles differ: bytes
+read 16 at a time, no TMA, a prefill reduction step within one scale group). Both are correct everywhere
+(interpreter included) and reasonable on a Hopper GPU. This module knows nothing about the kernels
+themselves; it only says how to launch them.
 """
 from __future__ import annotations
 
@@ -110,8 +113,13 @@ def device_key(device: torch.device) -> str:
     return "cpu"
 
 
-def shape_key(hidden_size: int, inter_size: int) -> str:
-    return f"{hidden_size},{inter_size}"
+def shape_key(hidden_size: int, inter_size: int, format: str = "float") -> str:
+    """The key of a tuned entry: ``"H,I"`` for the float format, ``"H,I,format"`` for the others."""
+    return f"{hidden_size},{inter_size}" if format == "float" else f"{hidden_size},{inter_size},{format}"
+
+
+# the file's entry of per-format defaults ({format: config}); not a device name
+DEFAULTS_KEY = "defaults"
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,13 +132,22 @@ def _load_table() -> dict:
 
 @functools.lru_cache(maxsize=None)  # called per MoE layer call: parse each entry once
 def get_config(device: torch.device, hidden_size: int, inter_size: int,
-               dtype: torch.dtype = torch.bfloat16) -> FusedMoeConfig:
-    """The tuned config for this device and shape, else the defaults.
+               dtype: torch.dtype = torch.bfloat16, format: str = "float") -> FusedMoeConfig:
+    """The tuned config for this device, shape and expert format, else the format's defaults.
 
     Configs are tuned in bf16 and serve fp16 too. fp32 gets the defaults: a tuned tile's pipeline
     stages (or TMA buffers) in shared memory take twice the bytes at fp32 and may not fit.
+    Raises ValueError for a quantized format the file has no defaults for.
     """
+    if format == "float":
+        default = FusedMoeConfig()
+    else:
+        defaults = _load_table().get(DEFAULTS_KEY, {})
+        if format not in defaults:
+            raise ValueError(f"no fused-MoE launch config for expert format {format!r}: add its defaults to "
+                             f"{CONFIG_FILE.name} (formats with defaults: {', '.join(defaults) or 'none'})")
+        default = FusedMoeConfig.from_dict(defaults[format])
     if dtype == torch.float32:
-        return FusedMoeConfig()
-    entry = _load_table().get(device_key(device), {}).get(shape_key(hidden_size, inter_size))
-    return FusedMoeConfig.from_dict(entry) if entry else FusedMoeConfig()
+        return default
+    entry = _load_table().get(device_key(device), {}).get(shape_key(hidden_size, inter_size, format))
+    return FusedMoeConfig.from_dict(entry) if entry else default

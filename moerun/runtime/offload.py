@@ -236,7 +236,7 @@ class OffloadRuntime:
         """The fused kernel over MoE layer ``moe_layer``'s slots (reads the slot table on the device, so
         it is graph-capturable): ``[T, H]`` with pairs not resident contributing zero."""
         return self._fused_moe(x, ids, weights, self.arena.slot_table[moe_layer], self.arena.weights,
-                               self.inter_size, out)
+                               self.layout, out)
 
     def prefetch_ahead(self, moe_layer: int, predicted: torch.Tensor) -> None:
         """Lookahead prefetch: ``predicted`` ``[T, K]`` int64 are the experts of MoE layer ``moe_layer``

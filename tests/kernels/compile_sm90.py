@@ -25,7 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from moerun.kernels import fused_moe as fm  # noqa: E402
-from moerun.kernels.fused_moe_config import CONFIG_FILE, FusedMoeConfig, get_config  # noqa: E402
+from moerun.kernels.fused_moe_config import CONFIG_FILE, DEFAULTS_KEY, FusedMoeConfig, get_config  # noqa: E402
 from moerun.native import slot_layout  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -68,15 +68,16 @@ def compile_launch(kernel, args, kwargs) -> dict:
 
 
 def launch_fused_moe(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
-                     cfg: FusedMoeConfig) -> None:
+                     cfg: FusedMoeConfig, format: str = "float") -> None:
     """Both paths once, on CPU tensors (recorded, not run)."""
-    arena = torch.empty(2, slot_layout(dtype, hidden, inter).slot_elems, dtype=dtype)  # [N, S]; never touched
+    layout = slot_layout(dtype, hidden, inter, format)
+    arena = torch.empty(2, layout.slot_elems, dtype=dtype)  # [N, S]; never touched
     table = torch.zeros(experts, dtype=torch.int32)
     for tokens, path in ((1, "decode"), (64, "prefill")):
         x = torch.empty(tokens, hidden, dtype=dtype)
         ids = torch.zeros(tokens, top_k, dtype=torch.int32)
         w = torch.empty(tokens, top_k, dtype=torch.float32)
-        fm.fused_moe(x, ids, w, table, arena, inter, config=cfg, path=path)
+        fm.fused_moe(x, ids, w, table, arena, layout, config=cfg, path=path)
 
 
 def main() -> None:
@@ -92,12 +93,18 @@ def main() -> None:
     with CONFIG_FILE.open() as f:
         table = json.load(f)
     for device, shapes in table.items():
+        if device == DEFAULTS_KEY:  # each quantized format's defaults, in bf16 at a shape every group divides
+            for fmt, entry in shapes.items():
+                cases.append((f"defaults {fmt} bfloat16", functools.partial(
+                    launch_fused_moe, 2048, 1536, 64, 6, torch.bfloat16, FusedMoeConfig.from_dict(entry), fmt)))
+            continue
         for key, entry in shapes.items():
-            hidden, inter = (int(v) for v in key.split(","))
+            hidden, inter, *fmt = key.split(",")
+            hidden, inter, fmt = int(hidden), int(inter), (fmt[0] if fmt else "float")
             for dtype, cfg in ((torch.bfloat16, FusedMoeConfig.from_dict(entry)),
-                               (torch.float32, get_config(torch.device("cpu"), hidden, inter, torch.float32))):
+                               (torch.float32, get_config(torch.device("cpu"), hidden, inter, torch.float32, fmt))):
                 cases.append((f"{device} {key} {str(dtype)[6:]}",
-                              functools.partial(launch_fused_moe, hidden, inter, 64, 6, dtype, cfg)))
+                              functools.partial(launch_fused_moe, hidden, inter, 64, 6, dtype, cfg, fmt)))
     cases.append(("defaults float16", functools.partial(launch_fused_moe, 2048, 1408, 64, 6, torch.float16,
                                                         FusedMoeConfig())))
     seen = set()

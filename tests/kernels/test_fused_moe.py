@@ -1,15 +1,32 @@
 """fused_moe against a float64 torch reference, on random placements with non-resident experts.
 
 CPU runs go through the Triton interpreter (fp32/fp16, tiny shapes); bf16 at real model shapes
-runs on a GPU (marked ``gpu``).
+runs on a GPU (marked ``gpu``). Every expert format: experts encoded by the tests' reference encoder
+(tests/expert_format_reference.py) into the slots, the reference computed on the reference-decoded
+weights.
 """
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
 from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, get_config
-from moerun.native import slot_layout, slot_views
+from moerun.native import EXPERT_FORMATS, slot_layout, slot_views
+
+
+def _load_format_reference():
+    """tests/expert_format_reference.py (the tests import by file: pytest runs in importlib mode)."""
+    spec = importlib.util.spec_from_file_location(
+        "expert_format_reference", Path(__file__).parents[1] / "expert_format_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+formats = _load_format_reference()
 
 # small blocks so tiny shapes still cover several blocks and the masked edges
 # the interpreter on CPU in CI; real kernels where a GPU exists
@@ -45,7 +62,38 @@ def make_problem(tokens, hidden, inter, experts, top_k, slots, dtype, device, re
     x = torch.randn(tokens, hidden, **rand).to(dtype)  # [T, H]
     ids = torch.stack([torch.randperm(experts, **rand)[:top_k] for _ in range(tokens)]).int()  # [T, K]
     weights = torch.rand(tokens, top_k, **rand)  # [T, K]
-    return dict(x=x, ids=ids, weights=weights, table=table, arena=arena, gate_up=gate_up, down=down, inter=inter)
+    return dict(x=x, ids=ids, weights=weights, table=table, arena=arena, gate_up=gate_up, down=down, inter=inter,
+                layout=layout)
+
+
+def make_format_problem(fmt, tokens, hidden, inter, experts, top_k, slots, dtype, device, resident_frac=0.7):
+    """make_problem for any expert format: random experts encoded into their slots by the reference
+    encoder; gate_up/down are the reference-decoded weights. Unused slots are 0xFF bytes: NaN as a float
+    and as an fp32 scale, so a kernel that reads one poisons the output."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    layout = slot_layout(dtype, hidden, inter, fmt)
+    n_resident = min(slots, max(1, round(resident_frac * experts)))
+    resident = torch.randperm(experts, generator=gen)[:n_resident].tolist()
+    slot_of = torch.randperm(slots, generator=gen)[:n_resident].tolist()
+    table = torch.full((experts,), -1, dtype=torch.int32)
+    table[resident] = torch.tensor(slot_of, dtype=torch.int32)
+    arena = torch.empty((slots, layout.slot_elems), dtype=dtype)
+    arena.view(torch.uint8).fill_(0xFF)
+    gate_up = torch.zeros(experts, 2 * inter, hidden)  # [E, 2I, H] decoded (zero where not resident)
+    down = torch.zeros(experts, hidden, inter)  # [E, H, I]
+    for e, s in zip(resident, slot_of):
+        gate = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
+        up = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
+        dn = torch.randn(hidden, inter, generator=gen) * inter ** -0.5
+        slot = formats.encode(layout, gate, up, dn)  # uint8 [slot_bytes]
+        arena[s].view(torch.uint8).copy_(slot)
+        gate_up[e], down[e] = formats.decode(layout, slot)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)  # [T, H]
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).int()  # [T, K]
+    weights = torch.rand(tokens, top_k, generator=gen)  # [T, K]
+    p = dict(x=x, ids=ids, weights=weights, table=table, arena=arena, gate_up=gate_up, down=down, inter=inter,
+             layout=layout)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
 
 
 def reference(p) -> torch.Tensor:
@@ -68,7 +116,7 @@ def reference(p) -> torch.Tensor:
 
 def run(p, path=None, config=TINY, ids_dtype=torch.int32):
     out = torch.full_like(p["x"], float("nan"))  # poisoned: every element must be written
-    got = fused_moe(p["x"], p["ids"].to(ids_dtype), p["weights"], p["table"], p["arena"], p["inter"], out,
+    got = fused_moe(p["x"], p["ids"].to(ids_dtype), p["weights"], p["table"], p["arena"], p["layout"], out,
                     config=config, path=path)
     assert got is out
     return out
@@ -176,13 +224,19 @@ def test_sort_pairs_rejects_a_tail_that_does_not_divide_the_block():
 def test_rejects_mismatched_arena_dtype():
     p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
     with pytest.raises(TypeError, match="arena dtype"):
-        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"].half(), p["inter"])
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"].half(), p["layout"])
 
 
-def test_rejects_slots_too_small_for_the_expert():
+def test_rejects_an_arena_of_another_layout():
     p = make_problem(2, hidden=32, inter=16, experts=4, top_k=2, slots=3, dtype=torch.float32, device=DEVICE)
-    with pytest.raises(ValueError, match="3\\*I\\*H"):
-        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], 32)
+    with pytest.raises(ValueError, match="slot_elems|slots are"):
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], slot_layout(torch.float32, 32, 32))
+    with pytest.raises(ValueError, match="slots are"):  # same H, I and dtype, another format
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], slot_layout(torch.float32, 32, 16, "fp8"))
+    with pytest.raises(TypeError, match="SlotLayout"):  # the old signature's inter_size
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], 16)
+    with pytest.raises(TypeError, match="slot layout is for"):
+        fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], slot_layout(torch.float16, 32, 16))
 
 
 # (H, I, E, K) of Qwen1.5-MoE, Mixtral, OLMoE, DeepSeek-V2-Lite, and an odd shape
@@ -203,7 +257,7 @@ def test_fused_moe_bf16_real_shapes_gpu(shape, tokens):
     slots = min(experts, 6) if shape == "mixtral" else experts  # Mixtral experts are 352 MB each
     p = make_problem(tokens, hidden, inter, experts, top_k, slots, torch.bfloat16, "cuda")
     out = torch.full_like(p["x"], float("nan"))
-    fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], inter, out)  # tuned default config
+    fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], p["layout"], out)  # tuned default config
     torch.cuda.synchronize()
     assert rel_err(out, reference(p)) < TOL[torch.bfloat16]
 
@@ -212,11 +266,100 @@ def test_tuned_config_table_loads_and_names_known_fields():
     import json
     from moerun.kernels.fused_moe_config import CONFIG_FILE
 
+    from moerun.kernels.fused_moe_config import DEFAULTS_KEY
+
     table = json.loads(CONFIG_FILE.read_text())
     for device, shapes in table.items():
         for key, entry in shapes.items():
-            hidden, inter = map(int, key.split(","))
+            if device == DEFAULTS_KEY:
+                assert key in EXPERT_FORMATS and key != "float", key  # the float defaults are the dataclasses'
+            else:
+                hidden, inter, *fmt = key.split(",")
+                assert int(hidden) > 0 and int(inter) > 0 and all(f in EXPERT_FORMATS for f in fmt), (device, key)
             cfg = FusedMoeConfig.from_dict(entry)  # raises on an unknown field
-            assert cfg.prefill.block_m >= 16 and cfg.decode.block_n >= 1, (device, hidden, inter)
+            assert cfg.prefill.block_m >= 16 and cfg.decode.block_n >= 1, (device, key)
     # tuned in bf16; fp32 takes the defaults, whose shared-memory stages fit at 4 bytes an element
     assert get_config(torch.device("cpu"), 2048, 1408, torch.float32) == FusedMoeConfig()
+
+
+# ---- expert formats -------------------------------------------------------------------------------------------
+# small blocks, as TINY, sized so tiny shapes still take several steps of every loop and a vector of
+# 16 bytes of codes (16 or 32 columns) fits a step; the prefill's reduction step stays within the
+# smallest group (32)
+TINY_Q = FusedMoeConfig(DecodeConfig(block_n=32, block_h=64, block_out=32, block_i=64),
+                        PrefillConfig(block_m=16, tail_m=4, gate_up=GemmTile(32, 32, 4, 2),
+                                      down=GemmTile(64, 32, 4, 2, group_m=2), sum_block_h=64))
+# tolerance on the decoded weights: the kernels compute with exactly those values (decode, and the
+# prefill in fp32), or round them to x's dtype for tl.dot (prefill in fp16)
+FORMAT_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
+@pytest.mark.parametrize("path,tokens", [("decode", 2), ("prefill", 9)])
+def test_every_expert_format_matches_reference_interpreter(fmt, path, tokens):
+    # H and I multiples of 128: every format's group divides them (fp8-block128: one block of each)
+    p = make_format_problem(fmt, tokens, hidden=128, inter=128, experts=4, top_k=2, slots=3,
+                            dtype=torch.float32, device=DEVICE)
+    assert rel_err(run(p, path, config=TINY_Q), reference(p)) < FORMAT_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block128", "int4-g64"])
+@pytest.mark.parametrize("path,tokens", [("decode", 2), ("prefill", 9)])
+def test_expert_formats_with_fp16_activations_interpreter(fmt, path, tokens):
+    p = make_format_problem(fmt, tokens, hidden=128, inter=128, experts=4, top_k=2, slots=3,
+                            dtype=torch.float16, device=DEVICE)
+    assert rel_err(run(p, path, config=TINY_Q), reference(p)) < FORMAT_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block128", "int8"])
+@pytest.mark.parametrize("path,tokens", [("decode", 2), ("prefill", 9)])
+def test_8bit_formats_with_partial_blocks_and_vectors_interpreter(fmt, path, tokens):
+    # H = 136, I = 72: partial fp8 blocks (gate and up blocked apart) and a partial 16-byte vector a row
+    p = make_format_problem(fmt, tokens, hidden=136, inter=72, experts=3, top_k=2, slots=3,
+                            dtype=torch.float32, device=DEVICE, resident_frac=1.0)
+    assert rel_err(run(p, path, config=TINY_Q), reference(p)) < FORMAT_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
+def test_every_expert_format_has_a_launch_config_the_kernels_take(fmt):
+    layout = slot_layout(torch.bfloat16, 2048, 1408 if fmt not in ("int4-g128",) else 1536, fmt)
+    cfg = get_config(torch.device("cpu"), layout.hidden_size, layout.inter_size, torch.bfloat16, fmt)
+    if layout.quantized:
+        vc = 128 // layout.weight_bits
+        assert cfg.decode.block_h % vc == 0 and cfg.decode.block_i % vc == 0
+        assert not cfg.prefill.gate_up.tma and not cfg.prefill.down.tma
+        if layout.group_size:
+            assert layout.group_size % cfg.prefill.gate_up.block_k == 0
+            assert layout.group_size % cfg.prefill.down.block_k == 0
+
+
+def test_a_config_that_breaks_a_format_constraint_is_named():
+    p = make_format_problem("int4-g32", 2, hidden=64, inter=64, experts=2, top_k=1, slots=2,
+                            dtype=torch.float32, device=DEVICE)
+    bad = FusedMoeConfig(DecodeConfig(block_h=16), TINY_Q.prefill)  # 16 columns: half a vector of nibbles
+    with pytest.raises(ValueError, match="block_h=16"):
+        run(p, "decode", config=bad)
+    bad = FusedMoeConfig(TINY_Q.decode, PrefillConfig(block_m=32, tail_m=8, gate_up=GemmTile(16, 64, 4, 2)))
+    with pytest.raises(ValueError, match="gate_up.block_k=64"):
+        run(p, "prefill", config=bad)
+
+
+# (H, I, E, K, slots) at real shapes, few experts: they are encoded on the CPU by the reference encoder
+GPU_FORMAT_SHAPES = {
+    "qwen1.5-moe": (2048, 1408, 8, 4, 6),
+    "olmoe": (2048, 1024, 8, 8, 6),
+    "mixtral": (4096, 14336, 3, 2, 2),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
+@pytest.mark.parametrize("shape", list(GPU_FORMAT_SHAPES))
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_every_expert_format_bf16_real_shapes_gpu(fmt, shape, tokens):
+    hidden, inter, experts, top_k, slots = GPU_FORMAT_SHAPES[shape]
+    p = make_format_problem(fmt, tokens, hidden, inter, experts, top_k, slots, torch.bfloat16, "cuda")
+    out = torch.full_like(p["x"], float("nan"))
+    fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], p["layout"], out)  # default config
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(p)) < FORMAT_TOL[torch.bfloat16]
