@@ -7,7 +7,8 @@ loaded once with ``max_batch = --clients``. Rows:
 - ``generate``: ``model.generate()`` of a batch of ``--clients`` prompts, ``--new-tokens`` each;
   aggregate tok/s over the whole call (prefill included, as a client's view of the server is);
 - ``serve burst``: the server (uvicorn on localhost, in this process; the engine on its own thread)
-  with ``--clients`` clients (asyncio + httpx) that each stream ``--requests`` completions one after
+  with ``--clients`` clients (asyncio + httpx, in a process of their own so that parsing the streams
+  does not take the server's interpreter lock) that each stream ``--requests`` completions one after
   the other, all starting at once;
 - ``serve staggered``: the same clients starting ``--stagger-s`` apart (default: one request's
   generate() time spread over the clients), so requests join and leave a running batch.
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import multiprocessing
 import sys
 import threading
 import time
@@ -144,6 +146,16 @@ async def _drive(url: str, bodies: list[list[dict]], starts_s: list[float]) -> l
     return [r for results in per_client for r in results]
 
 
+def _drive_here(url: str, bodies: list[list[dict]], starts_s: list[float]) -> list[tuple[float, list[float]]]:
+    return asyncio.run(_drive(url, bodies, starts_s))
+
+
+def _drive_elsewhere(url: str, bodies: list[list[dict]], starts_s: list[float]) -> list[tuple[float, list[float]]]:
+    """:func:`_drive` in a client process (its time stamps are read there, on the same monotonic clock)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_drive_here, (url, bodies, starts_s))
+
+
 def _serve_row(name: str, results: list[tuple[float, list[float]]], new_tokens: int, generate_tok_s: float) -> dict:
     first_sent = min(sent for sent, _ in results)
     last_token = max(stamps[-1] for _, stamps in results if stamps)
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Warm-up: requests of 2, 4, ... tokens leave one by one, so every batch size 1..N meets its graphs.
         warm = [[{**body_base, "prompt": prompts[i].tolist(), "max_tokens": 2 + 2 * i}] for i in range(args.clients)]
-        asyncio.run(_drive(server.url, warm, [0.0] * args.clients))
+        _drive_elsewhere(server.url, warm, [0.0] * args.clients)
         modes = ["burst", "staggered"] if args.arrivals == "both" else [args.arrivals]
         for mode in modes:
             stagger = args.stagger_s if args.stagger_s is not None else gen["wall_s"] / args.clients
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             bodies = [[{**body_base, "prompt": prompts[(i + r) % args.clients].tolist()} for r in range(args.requests)]
                       for i in range(args.clients)]
             before = model.moerun.stats()
-            results = asyncio.run(_drive(server.url, bodies, starts))
+            results = _drive_elsewhere(server.url, bodies, starts)
             after = model.moerun.stats()
             row = _serve_row(f"serve {mode}", results, args.new_tokens, gen["tok_s"])
             accesses = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])

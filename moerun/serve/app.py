@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .batching import BatchingEngine, ConsumerGone, Event, Request, RequestError
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .sampling import TokenLogprob
 from .text_stream import TextStream
 
@@ -129,7 +129,7 @@ class _Api:
         self.created = int(time.time())
 
     # -- requests -> engine requests ---------------------------------------------------------------
-    def _check_model(self, body: _Sampling) -> None:
+    def _check_model(self, body: GenerationRequest) -> None:
         if body.model != self.model_name:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r} "
                                 "(GET /v1/models)", type="not_found_error", param="model", code="model_not_found")
@@ -153,7 +153,7 @@ class _Api:
             raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _submit(self, body: _Sampling, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+    def _submit(self, body: GenerationRequest, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
                 queue: asyncio.Queue) -> list[_Choice]:
         """One engine request per choice (``n`` per prompt); their events go to ``queue``."""
         loop = asyncio.get_running_loop()

@@ -78,13 +78,14 @@ class Event:
 
 @dataclass
 class Request:
-    """One sequence to generate: ``prompt`` token ids, at most ``max_tokens`` new tokens, its sampling
+    """One sequence to generate: ``prompt`` token ids, at most ``max_tokens`` new tokens (None: as many as
+    fit in ``max_context``), its sampling
     settings, extra stop token ids (the model's end-of-sequence ids stop it too unless ``ignore_eos``),
     an optional :class:`TextStream` (text and stop strings), and ``on_event``, called with each
     :class:`Event` on the engine's thread."""
 
     prompt: list[int]
-    max_tokens: int
+    max_tokens: int | None
     on_event: Callable[[Event], None]
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
     stop_token_ids: frozenset[int] = frozenset()
@@ -99,6 +100,7 @@ class _Sequence:
 
     id: int
     request: Request
+    max_tokens: int
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     length: int = 0
@@ -172,7 +174,7 @@ class BatchingEngine:
 
     def submit(self, request: Request) -> int:
         """Queue ``request``; returns its id (for :meth:`cancel`). RequestError when it cannot be served."""
-        self.check(len(request.prompt), request.max_tokens)
+        max_tokens = self.check(len(request.prompt), request.max_tokens)
         bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside this model's vocabulary (0..{self.vocab_size - 1})",
@@ -181,7 +183,7 @@ class BatchingEngine:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the serving engine is shutting down and takes no new requests")
-            seq = _Sequence(next(self._ids), request, frozenset(stop_ids), request.sampling.generator())
+            seq = _Sequence(next(self._ids), request, max_tokens, frozenset(stop_ids), request.sampling.generator())
             self._waiting.append(seq)
             self._counts["submitted"] += 1
             self._lock.notify()
@@ -241,7 +243,10 @@ class BatchingEngine:
                     self._lock.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - the thread must go on, and nobody may wait forever
+                self._fail_all(exc)
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -360,7 +365,7 @@ class BatchingEngine:
         elif stream is not None:
             text = stream.add(token)
             reason = "stop" if stream.stopped else None
-        if reason is None and seq.generated >= seq.request.max_tokens:
+        if reason is None and seq.generated >= seq.max_tokens:
             reason = "length"
         if reason is not None and stream is not None:
             text += stream.finish()  # held-back text that turned out to be no stop string
@@ -381,6 +386,16 @@ class BatchingEngine:
             self._mask[row].copy_(self._mask[last])
             self._rows[row] = moved
         self._rows.pop()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """An iteration failed outside a request's own prefill or step: every request in flight ends with
+        the error (a failure to take the KV cache, say, would otherwise leave them all waiting)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        self._fail_running(exc)
+        event = _error_event(exc)
+        for seq in waiting:
+            self._finish(seq, event)
 
     def _fail_running(self, exc: BaseException) -> None:
         """A decode step failed: every running sequence ends with the error (their rows' state is unknown)."""

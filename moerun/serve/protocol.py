@@ -43,8 +43,8 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
-    """Fields both endpoints share."""
+class GenerationRequest(_Request):
+    """The fields both generation endpoints share."""
 
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -85,7 +85,7 @@ class _Sampling(_Request):
                               seed=seed, logprobs=logprobs)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: ``prompt`` is text, token ids, or a list of either (a choice each)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -127,7 +127,7 @@ class ChatMessage(BaseModel):
         return {**(self.model_extra or {}), "role": self.role, "content": content}
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]

@@ -205,6 +205,49 @@ def test_a_failed_step_ends_the_running_requests_and_the_engine_goes_on(model, r
     assert ok.tokens == _expected(reference, batch[0], 6)
 
 
+def test_without_max_tokens_a_request_fills_the_rest_of_its_row(model):
+    engine = BatchingEngine(model)
+    rec = Recorder()
+    engine.submit(Request([7] * 90, None, rec, ignore_eos=True))
+    _until_idle(engine)
+    assert len(rec.tokens) == MAX_CONTEXT - 90 and rec.finish == "length"
+
+
+def test_an_iteration_that_fails_outside_any_request_fails_them_all_and_the_thread_goes_on(model, reference,
+                                                                                             prompts, monkeypatch):
+    engine = BatchingEngine(model)
+    batch = prompts(3, seed=10)
+    finished = threading.Semaphore(0)
+
+    def recorder():
+        rec = Recorder()
+        original = rec.__call__
+
+        def call(event):
+            original(event)
+            if event.finish_reason is not None:
+                finished.release()
+        return rec, call
+
+    def take_cache():
+        raise RuntimeError("out of device memory")
+    monkeypatch.setattr(engine, "_take_cache", take_cache)
+    engine.start()
+    try:
+        failed = [recorder() for _ in batch]
+        for prompt, (_, call) in zip(batch, failed):
+            engine.submit(Request(prompt, 6, call))
+        assert all(finished.acquire(timeout=60) for _ in batch)
+        assert all(rec.finish == "error" and "out of device memory" in rec.events[-1].error for rec, _ in failed)
+        monkeypatch.undo()
+        rec, call = recorder()
+        engine.submit(Request(batch[0], 6, call))
+        assert finished.acquire(timeout=60)
+        assert rec.tokens == _expected(reference, batch[0], 6)
+    finally:
+        engine.stop(timeout=60)
+
+
 def test_a_generate_while_serving_ends_the_requests_in_flight_with_an_error(model, reference, prompts):
     engine = BatchingEngine(model)
     batch = prompts(2, seed=6)
@@ -265,3 +308,35 @@ def test_stop_cancels_the_requests_still_running_or_waiting(model, prompts):
     engine.stop()
     assert [r.finish for r in recorders] == ["cancelled"] * 6
     assert engine.stats()["finished"]["cancelled"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts", ["evicting", "resident"])
+def test_on_the_gpu_graphed_steps_serve_every_row_at_its_own_position(experts, checkpoints, prompts):
+    # The fast path's CUDA graphs replay the row cache's writes with the positions of each step, as
+    # planned steps (an expert can miss: 4 slots) and as whole-step graphs (every expert resident).
+    import moerun
+
+    path = checkpoints["chat"]
+    kw = dict(device="cuda", max_context=MAX_CONTEXT, max_batch=MAX_BATCH, progress=False,
+              policy="policy p { cache { eviction = lru } }")
+    plan = moerun.memory_plan(path, vram_budget=1 << 34, **{k: kw[k] for k in ("device", "max_context", "max_batch")})
+    budget = plan.fixed_bytes + 4 * plan.slot_bytes if experts == "evicting" else "auto"
+    model = moerun.load(path, vram_budget=budget, **kw)
+    batch = prompts(10, seed=9)
+    want = []
+    for prompt in batch:
+        out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False)
+        tokens = out[0, len(prompt):].tolist()
+        want.append(tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens)
+    engine = BatchingEngine(model)
+    recorders = [Recorder() for _ in batch]
+    for i, (prompt, rec) in enumerate(zip(batch, recorders)):
+        engine.submit(Request(prompt, 12, rec))
+        if i % 3 == 2:
+            engine.step()  # arrivals between steps
+    _until_idle(engine)
+    assert [r.tokens for r in recorders] == want
+    decode = model.moerun.stats()["decode"]
+    assert decode["graph_replays"] > 0
+    assert (decode["whole_steps"] > 0) == (experts == "resident")
