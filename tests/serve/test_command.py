@@ -45,6 +45,23 @@ def test_a_port_in_use_is_an_error_line_before_loading(checkpoints, capsys):
     _assert_error_line(status, capsys.readouterr().err, "cannot listen on 127.0.0.1:")
 
 
+@pytest.mark.parametrize("extra, expected", [(["--policy", "nope.moe"], "nope.moe"),
+                                             (["--vram-budget", "lots"], "cannot read vram_budget")])
+def test_a_model_that_cannot_load_is_an_error_line(checkpoints, capsys, extra, expected):
+    status = main(_argv(checkpoints["chat"], "--port", str(_free_port()), *extra))
+    _assert_error_line(status, capsys.readouterr().err, expected)
+
+
+@pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--max-batch", "0"), ("--max-context", "0"),
+                                         ("--shutdown-timeout", "-1"), ("--max-prefill-tokens", "0")])
+def test_out_of_range_options_are_usage_errors(checkpoints, capsys, flag, value):
+    with pytest.raises(SystemExit) as done:
+        main(_argv(checkpoints["chat"], flag, value))
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}" in err and "Traceback" not in err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,8 +23,8 @@ TIMEOUT_S = 60
 class _Server:
     """A uvicorn server on a free localhost port, on a thread; ``url`` of its API."""
 
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    def __init__(self, app, **config):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + TIMEOUT_S
@@ -240,3 +240,42 @@ def test_metrics_report_the_engine_and_the_runtime(client):
     assert body["engine"]["max_batch"] == 4 and body["engine"]["running"] == 0
     assert body["runtime"]["hits"] + body["runtime"]["misses"] > 0  # the runtime's stats(), as JSON
     assert "decode" in body["runtime"] and "engine" in body["runtime"]
+
+
+def test_a_chat_stream_stops_at_a_stop_string_with_logprobs(served, oai, reference):
+    _, _, tokenizer = served
+    prompt = _chat_ids(tokenizer, "w4 w5")
+    text, _ = _reply(tokenizer, reference, prompt, 12)
+    words = text.split()
+    assert len(words) >= 4, "the reference reply is too short for this test"
+    stop = " " + words[2]
+    shown = text[:text.index(stop)]
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w4 w5"}],
+                                              max_tokens=12, temperature=0, stream=True, stop=[stop],
+                                              logprobs=True, top_logprobs=2))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == shown
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) >= len(shown.split())  # one per token, the tokens of the stop string included
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
+
+
+def test_a_shutdown_cancels_what_outlasts_its_grace_period_and_frees_the_rows(served, slow_steps):
+    _, engine, tokenizer = served
+    app = create_app(engine, tokenizer, model_name=MODEL, manage_engine=False)  # the engine is the module's
+    server = _Server(app, timeout_graceful_shutdown=0.2)
+    before = engine.stats()
+    body = {"model": MODEL, "prompt": "w1 w2", "max_tokens": 90, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    received = []
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as c, c.stream("POST", "/v1/completions",
+                                                                             json=body) as response:
+        lines = response.iter_lines()
+        received.append(next(lines))  # the request holds a row
+        server.server.should_exit = True  # what SIGINT/SIGTERM set
+        with pytest.raises(httpx.HTTPError):  # the stream is cut when the grace period ends
+            received.extend(lines)
+    server.thread.join(TIMEOUT_S)
+    assert not server.thread.is_alive()
+    _wait_idle(engine, before["finished"]["cancelled"])
+    assert "data: [DONE]" not in received
