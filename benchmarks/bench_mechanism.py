@@ -2,6 +2,7 @@
 host tier (the pool as a cache in front of the files), overlap, memory.
 
     python benchmarks/bench_mechanism.py [--json out.json] [--small]
+    python benchmarks/bench_mechanism.py --sections cpu --formats float fp8 int8 int4-g128 mxfp4  # per format
 
 Shapes default to one Qwen1.5-MoE-A2.7B expert (H=2048, I=1408, bf16: 17.3 MB). --small runs tiny shapes
 on any machine (a smoke run; its numbers mean nothing). Results go in benchmarks/RESULTS.md by hand.
@@ -19,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moerun.native import CpuExecutor, ExpertArena, HostPool, TransferEngine, build_info, slot_elems
+from moerun.native import (SLOT_PARTS, CpuExecutor, ExpertArena, HostPool, TransferEngine, build_info, encode_expert,
+                           slot_elems, slot_layout)
 
 
 def median_us(fn, repeat: int) -> float:
@@ -142,6 +144,57 @@ def bench_cpu_isas(pool: HostPool, repeat: int) -> list[dict]:
         rows += [bench_cpu(pool, executor, e, t, repeat) for t in (1, 4, 16) for e in (1, 2, 4)]
         del executor
     os.environ.pop("MOERUN_CPU_ISA", None)
+    return rows
+
+
+def dram_read_GBps(nbytes: int, threads: int, repeat: int) -> float:
+    """Host DRAM read rate with `threads` threads: torch summing a buffer far larger than any cache."""
+    buf = torch.ones(nbytes // 4)
+    torch.set_num_threads(threads)
+    buf.sum()
+    return nbytes / median_us(lambda: buf.sum(), repeat) / 1e3
+
+
+def bench_cpu_formats(formats: list[str], hidden: int, inter: int, dtype: torch.dtype, pool_bytes: int,
+                      repeat: int) -> list[dict]:
+    """The CPU executor on experts in each expert format, weights cold: T = 1, 4, 16 tokens x 1, 4 experts
+    per job, each job taking the pool's next experts (a pool of ~pool_bytes, far beyond the last level
+    cache), so the weights stream from DRAM as under uniform routing. ``packed_GBps`` counts the slots'
+    packed bytes (weights, scales, zero points) a job reads; ``of_dram`` divides it by the host's DRAM
+    read rate with as many threads (torch summing a buffer of pool_bytes), the issue-25 target's ratio.
+    """
+    executor = CpuExecutor()
+    dram = dram_read_GBps(pool_bytes, executor.num_threads, repeat)
+    g = torch.Generator().manual_seed(0)
+    expert = [torch.randn(s, generator=g).to(dtype) * 0.02 for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    rows = []
+    for fmt in formats:
+        layout = slot_layout(dtype, hidden, inter, fmt)
+        num_experts = max(8, pool_bytes // layout.slot_bytes)
+        pool = HostPool(1, num_experts, hidden, inter, dtype, pinned=False, format=fmt)
+        slot = encode_expert(layout, *expert)  # one encode, copied: the bytes' values do not change the speed
+        for e in range(num_experts):
+            pool.view(0, e).view(torch.uint8).copy_(slot)
+        packed = sum(getattr(layout, f"{part}_bytes") for part in SLOT_PARTS)
+        for tokens in (1, 4, 16):
+            for experts in (1, 4):
+                x = torch.randn(tokens, hidden, generator=g).to(dtype)
+                ids = torch.arange(experts, dtype=torch.int32).repeat(tokens, 1)
+                w = torch.full((tokens, experts), 1.0 / experts)
+                out = torch.empty(tokens, hidden)
+                jobs = []
+                for i in range(repeat + 2):
+                    first = (i * experts) % (num_experts - experts + 1)
+                    executor.submit(pool, 0, x, ids + first, w, list(range(first, first + experts)), out)
+                    executor.wait()
+                    jobs.append(executor.last_job_us)
+                us = statistics.median(jobs[2:])
+                rate = experts * packed / us / 1e3
+                rows.append({"format": fmt, "tokens": tokens, "experts": experts, "isa": executor.isa,
+                             "threads": executor.num_threads, "expert_bytes": packed, "job_us": round(us, 1),
+                             "packed_GBps": round(rate, 1), "dram_GBps": round(dram, 1),
+                             "of_dram": round(rate / dram, 2)})
+        del pool
     return rows
 
 
@@ -345,6 +398,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run on any machine)")
     ap.add_argument("--sections", help="comma-separated subset of cpu,cpu_gapped,host_tier,fetch,overlap,memory (default: all)")
     ap.add_argument("--tmp", help="directory for the host-tier benchmark's safetensors file (default: system tmp)")
+    ap.add_argument("--formats", nargs="+", metavar="FORMAT",
+                    help="the cpu section runs the executor on cold experts in these expert formats (e.g. float fp8 "
+                         "int8 int4-g128 mxfp4) against the DRAM read rate, instead of its per-ISA bf16 rows")
     args = ap.parse_args()
     faulthandler.enable()
     hidden, inter, experts, repeat = (256, 128, 8, 5) if args.small else (2048, 1408, 32, 30)
@@ -355,7 +411,8 @@ def main() -> None:
     t0 = time.perf_counter()
     pool = make_pool(experts, hidden, inter, dtype)
     results["pool_build_s"] = round(time.perf_counter() - t0, 2)
-    sections = {"cpu": lambda: bench_cpu_isas(pool, repeat),
+    sections = {"cpu": lambda: (bench_cpu_formats(args.formats, hidden, inter, dtype, (64 if args.small else 2048) << 20,
+                                                  repeat) if args.formats else bench_cpu_isas(pool, repeat)),
                 "cpu_gapped": lambda: bench_cpu_gapped(pool, 4 * repeat),
                 "host_tier": lambda: bench_host_tier(hidden, inter, dtype, experts, experts // 4, repeat,
                                                      args.tmp or tempfile.gettempdir())}

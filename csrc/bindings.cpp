@@ -27,6 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   moerun::bind_transfer(m);
   moerun::bind_cpu_executor(m);
   moerun::bind_fused_moe_host(m);
+  moerun::bind_expert_codec(m);
   m.def("build_info", &moerun::build_info, "How this extension was built: {'cuda': bool, 'torch_version': str}");
   moerun::bind_policy_engine(m);
 }

@@ -38,7 +38,8 @@ void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_d
   if (layer < 0 || layer >= pool.num_layers())
     throw std::out_of_range("CpuExecutor: layer " + std::to_string(layer) + " is outside [0, " +
                             std::to_string(pool.num_layers()) + ")");
-  const int64_t H = pool.hidden_size(), I = pool.inter_size();
+  const SlotLayout layout = pool.layout();  // the pool's expert format and shape
+  const int64_t H = layout.hidden_size, I = layout.inter_size;
   // Gather each expert's tokens into contiguous fp32 rows (the caller's x may be freed after return).
   jobs_.clear();
   row_token_.clear();
@@ -68,6 +69,7 @@ void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_d
   out_ = out;
   keep_alive_ = std::move(keep_alive);
   host_ = &pool;
+  layout_ = layout;
   layer_ = layer;
   next_job_ = 0;
   job_us_ = 0.0;
@@ -88,42 +90,50 @@ void CpuExecutor::start_round() {
     release_held();
     throw;
   }
-  const int64_t H = host_->hidden_size(), I = host_->inter_size();
-  const DType wd = host_->dtype();
+  const SlotLayout layout = layout_;
+  const int64_t H = layout.hidden_size, I = layout.inter_size;
   const int64_t gate_blocks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
   const int64_t down_blocks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
-  const int64_t down_offset = slot_layout(wd, H, I).down_offset;  // gate_up [2I, H] starts the slot
   const CpuIsa isa = isa_;
   float* out = out_;
-  // bf16 weights on AVX-512-BF16 / AMX read bf16 activations (and AMX VNNI tiles): made once per token
-  // tile here and in phase 1, not once per kernel call.
-  const bool round = wd == DType::BF16 && (isa == CpuIsa::Avx512Bf16 || isa == CpuIsa::AmxBf16);
-  const bool vnni = wd == DType::BF16 && isa == CpuIsa::AmxBf16 && H % 32 == 0 && I % 32 == 0;  // AMX tiles fit
+  // Activations in the forms the kernels read, made once per token tile here and in phase 1, not once per
+  // kernel call: bf16 weights on AVX-512-BF16 / AMX read bf16 activations (and AMX VNNI tiles), 4-bit
+  // formats the fp32 rows in nibble order.
+  const bool round = !layout.format.quantized() && layout.dtype == DType::BF16 &&
+                     (isa == CpuIsa::Avx512Bf16 || isa == CpuIsa::AmxBf16);
+  const bool vnni = round && isa == CpuIsa::AmxBf16 && H % 32 == 0 && I % 32 == 0;  // AMX tiles fit
+  const bool nib = nibble_format(layout.format);
+  static_assert(kGateRowsPerTask % 32 == 0, "phase 1's h columns must cover whole runs of 32 (nibble order)");
   const int64_t rows = static_cast<int64_t>(row_token_.size());
   xb_.resize(round ? static_cast<size_t>(rows * H) : 0);
   hb_.resize(round ? static_cast<size_t>(rows * I) : 0);
   xv_.resize(vnni ? static_cast<size_t>(rows * H) : 0);
   hv_.resize(vnni ? static_cast<size_t>(rows * I) : 0);
+  xn_.resize(nib ? static_cast<size_t>(rows * H) : 0);
+  hn_.resize(nib ? static_cast<size_t>(rows * I) : 0);
   tiles_.clear();  // (job, first token) of every token tile of this round
   for (size_t j = j0; j < j1; ++j)
     for (int64_t t0 = 0; t0 < jobs_[j].num_tokens; t0 += kTokenTile) tiles_.push_back({j, t0});
   auto acts = [=](const std::vector<float>& f, const std::vector<uint16_t>& b, const std::vector<uint16_t>& v,
-                  int64_t row, int64_t ld) {
-    return Acts{f.data() + row * ld, ld, round ? b.data() + row * ld : nullptr, vnni ? v.data() + row * ld : nullptr};
+                  const std::vector<float>& n, int64_t row, int64_t ld) {
+    return Acts{f.data() + row * ld, ld, round ? b.data() + row * ld : nullptr, vnni ? v.data() + row * ld : nullptr,
+                nib ? n.data() + row * ld : nullptr};
   };
   std::vector<ThreadPool::Phase> phases;
-  if (round)  // Phase 0: this round's token rows rounded to bf16 (and packed for AMX), one tile per task.
+  if (round || nib)  // Phase 0: this round's token rows in the kernels' forms, one tile per task.
     phases.push_back({static_cast<int64_t>(tiles_.size()), [=](int64_t task) {
                         const Job& j = jobs_[tiles_[static_cast<size_t>(task)].first];
                         const int64_t t0 = tiles_[static_cast<size_t>(task)].second;
                         const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
                         const int64_t base = (j.first_row + t0) * H;
-                        for (int64_t t = 0; t < tn; ++t)
-                          for (int64_t c = 0; c < H; ++c) {
+                        for (int64_t t = 0; t < tn; ++t) {
+                          if (nib) to_nibble_order(xg_.data() + base + t * H, xn_.data() + base + t * H, H);
+                          for (int64_t c = 0; round && c < H; ++c) {
                             const uint16_t v = f32_to_bf16(xg_[base + t * H + c]);
                             xb_[base + t * H + c] = v;
                             if (vnni) xv_[base + vnni_index(c, t, tn)] = v;
                           }
+                        }
                       }});
   // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
   phases.push_back({static_cast<int64_t>(j1 - j0) * gate_blocks, [=](int64_t task) {
@@ -132,12 +142,12 @@ void CpuExecutor::start_round() {
                       const int64_t i1 = std::min(I, i0 + kGateRowsPerTask);
                       const int64_t n = i1 - i0;
                       float g[kTokenTile * kGateRowsPerTask], u[kTokenTile * kGateRowsPerTask];  // [tile, n]
-                      const char* w = static_cast<const char*>(j.weights);
+                      const SlotMatrix w = slot_gate_up(layout, j.weights);
                       for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                         const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
-                        const Acts xr = acts(xg_, xb_, xv_, j.first_row + t0, H);
-                        matmul_rows(isa, w, wd, H, i0, i1, xr, tn, g, n);
-                        matmul_rows(isa, w, wd, H, I + i0, I + i1, xr, tn, u, n);
+                        const Acts xr = acts(xg_, xb_, xv_, xn_, j.first_row + t0, H);
+                        matmul_rows(isa, w, i0, i1, xr, tn, g, n);
+                        matmul_rows(isa, w, I + i0, I + i1, xr, tn, u, n);
                         const int64_t base = (j.first_row + t0) * I;
                         for (int64_t t = 0; t < tn; ++t)
                           for (int64_t i = 0; i < n; ++i) {
@@ -146,6 +156,7 @@ void CpuExecutor::start_round() {
                             h_[base + t * I + i0 + i] = hv;
                             if (round) hb_[base + t * I + i0 + i] = f32_to_bf16(hv);
                             if (vnni) hv_[base + vnni_index(i0 + i, t, tn)] = f32_to_bf16(hv);
+                            if (nib) hn_[base + t * I + nibble_index(i0 + i)] = hv;
                           }
                       }
                     }});
@@ -157,10 +168,10 @@ void CpuExecutor::start_round() {
                       float y[kTokenTile * kDownRowsPerTask];
                       for (size_t jj = j0; jj < j1; ++jj) {
                         const Job& j = jobs_[jj];
-                        const char* down = static_cast<const char*>(j.weights) + down_offset;
+                        const SlotMatrix down = slot_down(layout, j.weights);
                         for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                           const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
-                          matmul_rows(isa, down, wd, I, c0, c1, acts(h_, hb_, hv_, j.first_row + t0, I), tn, y, n);
+                          matmul_rows(isa, down, c0, c1, acts(h_, hb_, hv_, hn_, j.first_row + t0, I), tn, y, n);
                           for (int64_t t = 0; t < tn; ++t) {
                             const int64_t row = j.first_row + t0 + t;
                             float* o = out + row_token_[row] * H + c0;

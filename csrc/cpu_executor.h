@@ -3,6 +3,8 @@
 // topk_weights[t, k] * down(silu(gate(x[t])) * up(x[t])), fp32 accumulation, fp32 output.
 // Work is split over a persistent thread pool in two phases: gate/up rows of every expert, then down
 // rows partitioned by output column, so no two threads write the same output element.
+// The experts' slots may be in any expert format (the pool's layout says which): the kernels read quantized
+// weights packed and dequantize them in registers.
 // The job's experts are held in the pool while it reads them. When the pool is a cache holding fewer
 // experts than the job has, the job runs in rounds of at most `capacity` experts: the first starts at
 // submit(), the others run inside wait(), each round's experts released when it ends.
@@ -62,12 +64,14 @@ class CpuExecutor {
   std::vector<float> h_;          // [rows, I]  silu(gate) * up
   std::vector<uint16_t> xb_, hb_;  // the same rounded to bf16 (bf16 weights on AVX-512-BF16 / AMX)
   std::vector<uint16_t> xv_, hv_;  // and in VNNI order per token tile (AMX)
+  std::vector<float> xn_, hn_;     // 4-bit formats: xg_ and h_ in nibble order (cpu_kernels.h)
   std::vector<std::pair<size_t, int64_t>> tiles_;  // (job, first token) of the running round's token tiles
   std::vector<int64_t> row_token_;  // [rows] token index of each gathered row
   std::vector<float> row_weight_;   // [rows] gate weight of each gathered row
   float* out_ = nullptr;
   std::shared_ptr<void> keep_alive_;
-  HostPool* host_ = nullptr;      // pool and layer of the current job
+  HostPool* host_ = nullptr;      // pool, its slot layout and the layer of the current job
+  SlotLayout layout_;
   int64_t layer_ = 0;
   std::vector<int64_t> held_;     // experts of the running round held in host_
 };

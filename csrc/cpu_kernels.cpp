@@ -1,5 +1,6 @@
 #include "cpu_kernels.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -274,10 +275,9 @@ void rows_dispatch(CpuIsa isa, const void* W, DType wd, int64_t cols, int64_t r0
   rows_scalar<T>(W, wd, cols, r0, r1, x.f32, x.ld, Y, ldy);
 }
 
-}  // namespace
-
-void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
-                 int64_t T, float* Y, int64_t ldy) {
+// The float format: W row-major [rows, cols] of w_dtype.
+void float_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t r0, int64_t r1, const Acts& x,
+                int64_t T, float* Y, int64_t ldy) {
   if (isa == CpuIsa::AmxBf16) {
 #ifdef MOERUN_AMX
     const int64_t tiled = (r1 - r0) / 16 * 16;
@@ -297,7 +297,7 @@ void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t
         rows_amx(static_cast<const uint16_t*>(W), cols, r0, r0 + tiled, xv, n, Y + t0 * ldy, ldy);
       }
       if (r0 + tiled < r1)  // rows past the last whole tile
-        matmul_rows(CpuIsa::Avx512Bf16, W, w_dtype, cols, r0 + tiled, r1, x, T, Y + tiled, ldy);
+        float_rows(CpuIsa::Avx512Bf16, W, w_dtype, cols, r0 + tiled, r1, x, T, Y + tiled, ldy);
       return;
     }
 #endif
@@ -312,6 +312,283 @@ void matmul_rows(CpuIsa isa, const void* W, DType w_dtype, int64_t cols, int64_t
       case 2: rows_dispatch<2>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
       case 3: rows_dispatch<3>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
       default: rows_dispatch<4>(isa, W, w_dtype, cols, r0, r1, xt, y, ldy); break;
+    }
+  }
+}
+
+// -- quantized formats ------------------------------------------------------------------------------------------
+// Every kernel below computes the rows of one SlotMatrix for T <= 4 tokens. X: fp32 [T, ldx] in column order;
+// Xn: the same in nibble order (4-bit formats). A vector path decodes 16 (AVX-512) or 8 (AVX2) weights per
+// step into fp32 lanes and runs one FMA per token on them. Per-channel and per-block scales multiply the
+// block's partial sums; 4-bit groups decode through a 16-entry table of the group's dequantized values.
+
+// fp32 scale i of a matrix (fp8, fp8-block128, int8, int4).
+inline float scale_f32(const SlotMatrix& W, int64_t i) {
+  float s;
+  std::memcpy(&s, W.scales + 4 * i, 4);
+  return s;
+}
+
+// Columns that share one fp32 scale in row r of a per-channel or per-block format, and that scale.
+inline int64_t scale_block_cols(const SlotMatrix& W) {
+  return W.format.kind == FormatKind::Fp8Block ? W.format.group : W.cols;
+}
+inline float row_block_scale(const SlotMatrix& W, int64_t r, int64_t c) {
+  return W.format.kind == FormatKind::Fp8Block ? fp8_block_scale(W, r, c) : scale_f32(W, r);
+}
+
+// Portable path: each row decoded to fp32 (decode_rows, the formats' exact decode), then dotted.
+template <int T>
+void quantized_scalar(const SlotMatrix& W, int64_t r0, int64_t r1, const float* X, int64_t ldx, float* Y,
+                      int64_t ldy) {
+  thread_local std::vector<float> row;
+  row.resize(static_cast<size_t>(W.cols));
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_rows(W, r, r + 1, row.data());
+    for (int t = 0; t < T; ++t) {
+      const float* x = X + t * ldx;
+      float acc = 0.f;
+      for (int64_t c = 0; c < W.cols; ++c) acc += row[c] * x[c];
+      Y[t * ldy + (r - r0)] = acc;
+    }
+  }
+}
+
+#ifdef MOERUN_X86
+// fp8 e4m3fn bytes as fp16 bits (sign to bit 15, exponent and mantissa to bits 13..7): the fp16 value is the
+// e4m3fn value times 2^-8, subnormals included, so a hardware fp16 -> fp32 conversion decodes it exactly and
+// the 2^8 goes into the scale. kFp8Unscale undoes it.
+constexpr float kFp8Unscale = 256.f;
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 fp8x8(const uint8_t* p) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(b, 8), _mm_set1_epi16(static_cast<short>(0x8000))),
+                                 _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(0x3f80)));
+  return _mm256_cvtph_ps(h);
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 int8x8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx512f,avx2,fma,f16c"))) inline __m512 fp8x16(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h =
+      _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16(static_cast<short>(0x8000))),
+                      _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3f80)));
+  return _mm512_cvtph_ps(h);
+}
+__attribute__((target("avx512f"))) inline __m512 int8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// fp8, fp8-block128 and int8: byte weights, one fp32 scale per row or per 128 x 128 block. Partial sums of
+// each scale block are scaled once; in-block columns past the last whole vector take the scalar decode.
+template <int T, bool kInt8>
+__attribute__((target("avx512f,avx2,fma,f16c"))) void bytes_avx512(const SlotMatrix& W, int64_t r0, int64_t r1,
+                                                                    const float* X, int64_t ldx, float* Y,
+                                                                    int64_t ldy) {
+  const int64_t cols = W.cols, bw = scale_block_cols(W);
+  const float unscale = kInt8 ? 1.f : kFp8Unscale;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W.weights + r * cols;
+    __m512 acc[T];
+    float tail[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps(), tail[t] = 0.f;
+    for (int64_t c0 = 0; c0 < cols; c0 += bw) {
+      const int64_t c1 = std::min(cols, c0 + bw);
+      __m512 p0[T], p1[T];
+      for (int t = 0; t < T; ++t) p0[t] = p1[t] = _mm512_setzero_ps();
+      int64_t c = c0;
+      for (; c + 32 <= c1; c += 32) {
+        const __m512 w0 = kInt8 ? int8x16(w + c) : fp8x16(w + c);
+        const __m512 w1 = kInt8 ? int8x16(w + c + 16) : fp8x16(w + c + 16);
+        for (int t = 0; t < T; ++t) {
+          p0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + t * ldx + c), p0[t]);
+          p1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(X + t * ldx + c + 16), p1[t]);
+        }
+      }
+      for (; c + 16 <= c1; c += 16) {
+        const __m512 w0 = kInt8 ? int8x16(w + c) : fp8x16(w + c);
+        for (int t = 0; t < T; ++t) p0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + t * ldx + c), p0[t]);
+      }
+      const float s = row_block_scale(W, r, c0);
+      const __m512 sv = _mm512_set1_ps(s * unscale);
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(_mm512_add_ps(p0[t], p1[t]), sv, acc[t]);
+      for (; c < c1; ++c) {
+        const float q = kInt8 ? static_cast<float>(static_cast<int8_t>(w[c])) : e4m3fn_to_f32(w[c]);
+        for (int t = 0; t < T; ++t) tail[t] += q * s * X[t * ldx + c];
+      }
+    }
+    for (int t = 0; t < T; ++t) Y[t * ldy + (r - r0)] = _mm512_reduce_add_ps(acc[t]) + tail[t];
+  }
+}
+
+template <int T, bool kInt8>
+__attribute__((target("avx2,fma,f16c"))) void bytes_avx2(const SlotMatrix& W, int64_t r0, int64_t r1, const float* X,
+                                                          int64_t ldx, float* Y, int64_t ldy) {
+  const int64_t cols = W.cols, bw = scale_block_cols(W);
+  const float unscale = kInt8 ? 1.f : kFp8Unscale;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W.weights + r * cols;
+    __m256 acc[T];
+    float tail[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), tail[t] = 0.f;
+    for (int64_t c0 = 0; c0 < cols; c0 += bw) {
+      const int64_t c1 = std::min(cols, c0 + bw);
+      __m256 p0[T], p1[T];
+      for (int t = 0; t < T; ++t) p0[t] = p1[t] = _mm256_setzero_ps();
+      int64_t c = c0;
+      for (; c + 16 <= c1; c += 16) {
+        const __m256 w0 = kInt8 ? int8x8(w + c) : fp8x8(w + c);
+        const __m256 w1 = kInt8 ? int8x8(w + c + 8) : fp8x8(w + c + 8);
+        for (int t = 0; t < T; ++t) {
+          p0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + t * ldx + c), p0[t]);
+          p1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(X + t * ldx + c + 8), p1[t]);
+        }
+      }
+      for (; c + 8 <= c1; c += 8) {
+        const __m256 w0 = kInt8 ? int8x8(w + c) : fp8x8(w + c);
+        for (int t = 0; t < T; ++t) p0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + t * ldx + c), p0[t]);
+      }
+      const float s = row_block_scale(W, r, c0);
+      const __m256 sv = _mm256_set1_ps(s * unscale);
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(_mm256_add_ps(p0[t], p1[t]), sv, acc[t]);
+      for (; c < c1; ++c) {
+        const float q = kInt8 ? static_cast<float>(static_cast<int8_t>(w[c])) : e4m3fn_to_f32(w[c]);
+        for (int t = 0; t < T; ++t) tail[t] += q * s * X[t * ldx + c];
+      }
+    }
+    for (int t = 0; t < T; ++t) Y[t * ldy + (r - r0)] = hsum8(acc[t]) + tail[t];
+  }
+}
+
+// int4 and mxfp4: per group, the 16 values a nibble can decode to ((q - zero) * scale, or e2m1 * 2^(e - 127):
+// each one fp32 multiply of exact operands, so the table holds the exact decoded weights) sit in one register;
+// vpermps looks 16 nibbles up at once (it reads the low 4 bits of each lane, so a low nibble needs no mask).
+template <int T, bool kMx>
+__attribute__((target("avx512f"))) void nibbles_avx512(const SlotMatrix& W, int64_t r0, int64_t r1, const float* Xn,
+                                                        int64_t ldx, float* Y, int64_t ldy) {
+  const int64_t cols = W.cols, G = W.format.group, groups = cols / G;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 e2m1 = _mm512_loadu_ps(kE2m1Values);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W.weights + r * cols / 2;
+    __m512 acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t gi = r * groups + g;
+      const __m512 lut =
+          kMx ? _mm512_mul_ps(e2m1, _mm512_set1_ps(e8m0_to_f32(W.scales[gi])))
+              : _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(W.zeros[gi]))),
+                              _mm512_set1_ps(scale_f32(W, gi)));
+      for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+        const __m512 lo = _mm512_permutexvar_ps(b, lut);                         // columns c, c + 2, ...
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);  // columns c + 1, c + 3, ...
+        for (int t = 0; t < T; ++t) {
+          acc0[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(Xn + t * ldx + c), acc0[t]);
+          acc1[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(Xn + t * ldx + c + 16), acc1[t]);
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) Y[t * ldy + (r - r0)] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+  }
+}
+
+// Eight nibbles q (one per lane) decoded: int4 (q - z) * s; mxfp4 the e2m1 magnitude of q's low 3 bits times
+// s, bit 3 moved to the sign.
+template <bool kMx>
+__attribute__((target("avx2,fma"))) inline __m256 nibbles8(__m256i q, __m256 mag, __m256 s, __m256 z, __m256i sign) {
+  if (kMx) {
+    const __m256 v = _mm256_mul_ps(_mm256_permutevar8x32_ps(mag, q), s);
+    return _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(q, 28), sign)));
+  }
+  return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z), s);
+}
+
+// AVX2 has an 8-entry vpermps: int4 decodes arithmetically ((q - zero) * scale, the same exact product), and
+// mxfp4 looks up the magnitude of the low 3 bits and moves bit 3 to the sign.
+template <int T, bool kMx>
+__attribute__((target("avx2,fma"))) void nibbles_avx2(const SlotMatrix& W, int64_t r0, int64_t r1, const float* Xn,
+                                                       int64_t ldx, float* Y, int64_t ldy) {
+  const int64_t cols = W.cols, G = W.format.group, groups = cols / G;
+  const __m256 mag = _mm256_loadu_ps(kE2m1Values);
+  const __m256i nib = _mm256_set1_epi32(15), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = W.weights + r * cols / 2;
+    __m256 acc0[T], acc1[T];
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t gi = r * groups + g;
+      const __m256 s = _mm256_set1_ps(kMx ? e8m0_to_f32(W.scales[gi]) : scale_f32(W, gi));
+      const __m256 z = _mm256_set1_ps(kMx ? 0.f : static_cast<float>(W.zeros[gi]));
+      for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+        for (int half = 0; half < 2; ++half) {  // bytes 8 * half .. + 8: columns c + 16 * half + 0, 2, ..., 14 and odd
+          const __m256i b =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c / 2 + 8 * half)));
+          const __m256 lo = nibbles8<kMx>(_mm256_and_si256(b, nib), mag, s, z, sign);
+          const __m256 hi = nibbles8<kMx>(_mm256_srli_epi32(b, 4), mag, s, z, sign);
+          for (int t = 0; t < T; ++t) {
+            acc0[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(Xn + t * ldx + c + 8 * half), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(Xn + t * ldx + c + 16 + 8 * half), acc1[t]);
+          }
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) Y[t * ldy + (r - r0)] = hsum8(_mm256_add_ps(acc0[t], acc1[t]));
+  }
+}
+#endif
+
+template <int T>
+void quantized_dispatch(CpuIsa isa, const SlotMatrix& W, int64_t r0, int64_t r1, const float* X, int64_t ldx,
+                        const float* Xn, int64_t ldn, float* Y, int64_t ldy) {
+#ifdef MOERUN_X86
+  const bool avx512 = isa == CpuIsa::Avx512 || isa == CpuIsa::Avx512Bf16 || isa == CpuIsa::AmxBf16;
+  if (avx512 || isa == CpuIsa::Avx2) {
+    switch (W.format.kind) {
+      case FormatKind::Fp8Channel:
+      case FormatKind::Fp8Block:
+        return avx512 ? bytes_avx512<T, false>(W, r0, r1, X, ldx, Y, ldy) : bytes_avx2<T, false>(W, r0, r1, X, ldx, Y, ldy);
+      case FormatKind::Int8Channel:
+        return avx512 ? bytes_avx512<T, true>(W, r0, r1, X, ldx, Y, ldy) : bytes_avx2<T, true>(W, r0, r1, X, ldx, Y, ldy);
+      case FormatKind::Int4Group:
+        return avx512 ? nibbles_avx512<T, false>(W, r0, r1, Xn, ldn, Y, ldy)
+                      : nibbles_avx2<T, false>(W, r0, r1, Xn, ldn, Y, ldy);
+      case FormatKind::Mxfp4:
+        return avx512 ? nibbles_avx512<T, true>(W, r0, r1, Xn, ldn, Y, ldy)
+                      : nibbles_avx2<T, true>(W, r0, r1, Xn, ldn, Y, ldy);
+      case FormatKind::Float: break;
+    }
+  }
+#endif
+  (void)isa, (void)Xn, (void)ldn;
+  quantized_scalar<T>(W, r0, r1, X, ldx, Y, ldy);
+}
+
+}  // namespace
+
+void matmul_rows(CpuIsa isa, const SlotMatrix& W, int64_t r0, int64_t r1, const Acts& x, int64_t T, float* Y,
+                 int64_t ldy) {
+  if (W.format.kind == FormatKind::Float) return float_rows(isa, W.weights, W.dtype, W.cols, r0, r1, x, T, Y, ldy);
+  const float* nib = x.nib;
+  if (nibble_format(W.format) && nib == nullptr && isa != CpuIsa::Scalar) {
+    // No nibble-ordered copy from the caller: make this call's (the caller's copy saves it per call).
+    thread_local std::vector<float> own;
+    own.resize(static_cast<size_t>(T * W.cols));
+    for (int64_t t = 0; t < T; ++t) to_nibble_order(x.f32 + t * x.ld, own.data() + t * W.cols, W.cols);
+    nib = own.data();
+  }
+  const int64_t ldn = x.nib != nullptr ? x.ld : W.cols;
+  // Tiles of up to 4 tokens share each decoded weight vector (the weights, not the tokens, are the traffic).
+  for (int64_t t0 = 0; t0 < T; t0 += 4) {
+    const float* xt = x.f32 + t0 * x.ld;
+    const float* nt = nib != nullptr ? nib + t0 * ldn : nullptr;
+    float* y = Y + t0 * ldy;
+    switch (static_cast<int>(T - t0 < 4 ? T - t0 : 4)) {
+      case 1: quantized_dispatch<1>(isa, W, r0, r1, xt, x.ld, nt, ldn, y, ldy); break;
+      case 2: quantized_dispatch<2>(isa, W, r0, r1, xt, x.ld, nt, ldn, y, ldy); break;
+      case 3: quantized_dispatch<3>(isa, W, r0, r1, xt, x.ld, nt, ldn, y, ldy); break;
+      default: quantized_dispatch<4>(isa, W, r0, r1, xt, x.ld, nt, ldn, y, ldy); break;
     }
   }
 }

@@ -34,6 +34,11 @@ class SlotLayout:
 def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int) -> SlotLayout: ...
 def slot_elems(hidden_size: int, inter_size: int) -> int: ...  # slot_layout(...).slot_elems
 
+# -- the expert codec (csrc/expert_codec.*): an expert <-> its slot's bytes in any format -------------------
+def encode_expert(layout: SlotLayout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  out: Written[torch.Tensor] | None = None) -> torch.Tensor: ...  # uint8 [slot_bytes] (out's bytes when given)
+def decode_expert(layout: SlotLayout, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # fp32 [2I, H], [H, I]
+
 class ExpertArena:
     def __init__(self, num_slots: int, slot_elems: int, dtype: torch.dtype, device: torch.device | str | int,
                  num_layers: int, num_experts: int) -> None: ...
@@ -112,7 +117,7 @@ class CpuExecutor:
 # -- the policy engine (csrc/policy_engine.h; moerun/policy_engine.py wraps it) -------------------------------
 # -- the CPU device's fused MoE (csrc/fused_moe_host*): kernels/fused_moe.fused_moe's twin over a host arena --
 def fused_moe_host(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_table: torch.Tensor,
-                   arena: torch.Tensor, inter_size: int,
+                   arena: torch.Tensor, layout: SlotLayout,
                    out: Written[torch.Tensor] | None = None) -> torch.Tensor: ...  # [T, H] x.dtype; pairs not resident add 0
 
 

@@ -1,9 +1,16 @@
 """CpuExecutor: SwiGLU experts on host threads against a plain torch reference."""
+import random
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moerun.native import CpuExecutor, HostPool
+from moerun.native import EXPERT_FORMATS, CpuExecutor, HostPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import expert_format_reference as ref  # noqa: E402
 
 H, I, E = 64, 40, 6  # I=40 and H=64: kernels' vector tails and main loops both run
 
@@ -181,6 +188,51 @@ def test_needs_amx_tile_path_matches_float64(monkeypatch, tokens):
         pytest.skip("needs a CPU with AMX-BF16 and a kernel that grants tile data (Linux >= 5.16)")
     # I and H multiples of 32 and of the 16-row tiles: the AMX kernel runs both projections.
     _run_every_isa(monkeypatch, ["avx512_bf16", "amx_bf16"], tokens, 128, 96)
+
+
+def _format_pool(fmt: str, gen: torch.Generator):
+    """A pool of E random experts in `fmt` (bf16 model) and each expert's (gate, up, down) as the reference
+    decodes the pool's slot: the weights the executor reads."""
+    # Group formats need H and I divisible by the group (128 at most); the others get vector tails
+    # (I = 40) and, for fp8-block128, partial 128-blocks (H = 160).
+    hidden, inter = (256, 128) if fmt.startswith("int4") or fmt == "mxfp4" else (160, 40)
+    pool = HostPool(2, E, hidden, inter, torch.bfloat16, pinned=False, format=fmt)
+    params = {}
+    for e in range(E):
+        gate, up, down = (torch.randn(s, generator=gen) / s[1] ** 0.5
+                          for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+        pool.write_expert(1, e, gate, up, down)
+        gate_up, down_fp32 = ref.decode(pool.layout, pool.view(1, e))
+        params[e] = [gate_up[:inter], gate_up[inter:], down_fp32]
+    return pool, params
+
+
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
+@pytest.mark.parametrize("tokens", [1, 6, 17])
+def test_every_format_on_every_isa_this_cpu_offers_matches_float64(monkeypatch, fmt, tokens):
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    pool, params = _format_pool(fmt, g)
+    assert pool.layout.format == fmt
+    hidden = pool.hidden_size
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(tokens)])
+    w = torch.rand(tokens, 3, generator=g)
+    experts = [0, 2, 3, 5]
+    want = reference64(x, ids, w, experts, params).float()
+    # Quantized formats compute on fp32 activations on every ISA (fp32 rounding only); the float format's
+    # bf16 paths round the activations to bf16 first.
+    tol = 2e-2 if fmt == "float" else 1e-4
+    best = CpuExecutor(1).isa
+    for isa in ISAS[: ISAS.index(best) + 1]:
+        monkeypatch.setenv("MOERUN_CPU_ISA", isa)
+        ex = CpuExecutor(2)
+        assert ex.isa == isa
+        out = torch.full((tokens, hidden), float("nan"))
+        ex.submit(pool, 1, x, ids, w, experts, out)
+        ex.wait()
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol * want.abs().max().item(),
+                                   msg=lambda m: f"seed {seed}, {isa}: {m}")
 
 
 def test_defaults_to_physical_cores_but_one_and_reports_isa():
