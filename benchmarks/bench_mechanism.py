@@ -258,7 +258,7 @@ def bench_host_tier(hidden: int, inter: int, dtype: torch.dtype, experts: int, c
     def drop_page_cache():
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    sources = [(0, e, *((path, f"e{e}.{n}") for n in ("gate", "up", "down"))) for e in range(experts)]
+    sources = [(0, e, [(path, f"e{e}.{n}") for n in ("gate", "up", "down")]) for e in range(experts)]
     pool = HostPool(1, experts, hidden, inter, dtype, capacity=capacity)
     pool.fill(sources)
     expert_bytes = 3 * hidden * inter * torch.finfo(dtype).bits // 8

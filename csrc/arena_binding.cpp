@@ -64,22 +64,42 @@ void bind_arena(py::module& m) {
       .def_readonly("down_bytes", &SlotLayout::down_bytes)
       .def_readonly("down_scales_offset", &SlotLayout::down_scales_offset)
       .def_readonly("down_scales_bytes", &SlotLayout::down_scales_bytes, "0: float formats have no scales")
+      .def_readonly("gate_up_zeros_offset", &SlotLayout::gate_up_zeros_offset)
+      .def_readonly("gate_up_zeros_bytes", &SlotLayout::gate_up_zeros_bytes, "int4 zero points (uint8); else 0")
+      .def_readonly("down_zeros_offset", &SlotLayout::down_zeros_offset)
+      .def_readonly("down_zeros_bytes", &SlotLayout::down_zeros_bytes, "int4 zero points (uint8); else 0")
+      .def_property_readonly("format", [](const SlotLayout& s) { return std::string(expert_format_name(s.format)); },
+                             "the expert format's name (moerun.native.expert_formats())")
+      .def_property_readonly("group_size", [](const SlotLayout& s) { return s.format.group; },
+                             "inputs per scale group (fp8-block128: the block edge); 0 for per-channel and float")
+      .def_property_readonly("quantized", [](const SlotLayout& s) { return s.format.quantized(); })
+      .def_property_readonly("weight_bits",
+                             [](const SlotLayout& s) { return weight_bits(s.format, static_cast<int>(dtype_bytes(s.dtype))); },
+                             "bits of one stored weight, scales not counted")
       .def_readonly("slot_elems", &SlotLayout::slot_elems, "elements of dtype in one slot, padding included")
       .def_readonly("slot_bytes", &SlotLayout::slot_bytes)
       .def("__repr__", [](const SlotLayout& s) {
-        return "SlotLayout(" + std::string(dtype_name(s.dtype)) + ", hidden_size=" + std::to_string(s.hidden_size) +
+        return "SlotLayout(" + std::string(dtype_name(s.dtype)) + ", format=" + expert_format_name(s.format) + ", hidden_size=" + std::to_string(s.hidden_size) +
                ", inter_size=" + std::to_string(s.inter_size) + ", down_offset=" + std::to_string(s.down_offset) +
                ", slot_bytes=" + std::to_string(s.slot_bytes) + ")";
       });
   m.def("slot_layout",
-        [](at::ScalarType dtype, int64_t hidden_size, int64_t inter_size) {
+        [](at::ScalarType dtype, int64_t hidden_size, int64_t inter_size, const std::string& format) {
           if (hidden_size <= 0 || inter_size <= 0)
             throw std::invalid_argument("slot_layout needs positive hidden_size and inter_size, got " +
                                         std::to_string(hidden_size) + " and " + std::to_string(inter_size));
-          return slot_layout(to_dtype(dtype, "slot_layout dtype"), hidden_size, inter_size);
+          return slot_layout(to_dtype(dtype, "slot_layout dtype"), hidden_size, inter_size, parse_expert_format(format));
         },
-        py::arg("dtype"), py::arg("hidden_size"), py::arg("inter_size"),
-        "The slot layout of one expert of this dtype and shape (the one definition: csrc/slot_layout.h).");
+        py::arg("dtype"), py::arg("hidden_size"), py::arg("inter_size"), py::arg("format") = "float",
+        "The slot layout of one expert of this model dtype, shape and expert format (the one definition: "
+        "csrc/slot_layout.h).");
+  m.def("expert_formats",
+        [] {
+          py::list out;
+          for (const auto& nf : kExpertFormats) out.append(py::make_tuple(nf.name, nf.what));
+          return out;
+        },
+        "The expert formats as (name, description), in order (the one list: csrc/expert_format.h).");
   m.def("slot_elems", &slot_elems_for, py::arg("hidden_size"), py::arg("inter_size"),
         "Elements of one expert slot, padding included: slot_layout(dtype, hidden_size, inter_size).slot_elems.");
   py::class_<ExpertArena, std::shared_ptr<ExpertArena>>(m, "ExpertArena",

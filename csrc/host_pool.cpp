@@ -1,4 +1,5 @@
 #include "host_pool.h"
+#include "expert_codec.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -62,15 +63,15 @@ policy::EngineConfig host_tier_config(int64_t num_layers, int64_t num_experts, i
 }
 
 HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size, DType dtype,
-                   int64_t chunk_bytes, bool pinned, const HostTierConfig& tier)
+                   int64_t chunk_bytes, bool pinned, const HostTierConfig& tier, ExpertFormat format)
     : num_layers_(num_layers),
       num_experts_(num_experts),
       hidden_(hidden_size),
       inter_(inter_size),
-      slot_elems_(slot_elems_for(hidden_size, inter_size)),
       dtype_(dtype),
+      layout_(slot_layout(dtype, std::max<int64_t>(hidden_size, 1), std::max<int64_t>(inter_size, 1), format)),
       pinned_(pinned),
-      files_(std::max<int64_t>(num_layers, 1), std::max<int64_t>(num_experts, 1), hidden_size, inter_size, dtype),
+      files_(std::max<int64_t>(num_layers, 1), std::max<int64_t>(num_experts, 1), layout_),
       wait_timeout_s_(tier.wait_timeout_s) {
   if (num_layers <= 0 || num_experts <= 0 || hidden_size <= 0 || inter_size <= 0)
     throw std::invalid_argument("HostPool needs positive num_layers, num_experts, hidden_size, inter_size (got " +
@@ -168,8 +169,10 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
                              "free host memory / raise the locked-memory limit (ulimit -l)");
   }
   // Zero the padding tail of every slot so kernels reading whole slots see zeros (slot_layout.h).
-  const SlotLayout layout = slot_layout(dtype_, hidden_, inter_);
-  const int64_t pad_bytes = layout.slot_bytes - (layout.down_scales_offset + layout.down_scales_bytes);
+  const int64_t used = std::max({layout_.down_offset + layout_.down_bytes,
+                                 layout_.down_scales_offset + layout_.down_scales_bytes,
+                                 layout_.down_zeros_offset + layout_.down_zeros_bytes});
+  const int64_t pad_bytes = layout_.slot_bytes - used;
   if (pad_bytes > 0)
     for (int64_t s = 0; s < num_slots_; ++s)
       std::memset(slot_ptr(s) + slot_bytes() - pad_bytes, 0, static_cast<size_t>(pad_bytes));
@@ -257,11 +260,7 @@ void HostPool::write_expert(int64_t layer, int64_t expert, const void* gate, con
     throw std::runtime_error("write_expert fills a pool that holds every expert; this pool caches " +
                              std::to_string(num_slots_) + " experts and reads them from the files given to fill()");
   char* dst = slot_ptr(layer * num_experts_ + expert);
-  const SlotLayout layout = slot_layout(dtype_, hidden_, inter_);
-  const int64_t n = hidden_ * inter_;  // elements of each of gate, up, down
-  convert_elems(gate, src_dtype, dst + layout.gate_up_offset, dtype_, n);
-  convert_elems(up, src_dtype, dst + layout.gate_up_offset + layout.gate_up_bytes / 2, dtype_, n);
-  convert_elems(down, src_dtype, dst + layout.down_offset, dtype_, n);
+  encode_expert(layout_, gate, up, down, src_dtype, dst);
   filled_[static_cast<size_t>(layer * num_experts_ + expert)] = 1;
 }
 

@@ -1,5 +1,5 @@
-// HostPool: routed experts in host memory, each in the slot layout (gate_up [2I, H] then down [H, I],
-// zero padding), so moving an expert to a GPU slot is one copy. Memory is pinned (page-locked, CUDA
+// HostPool: routed experts in host memory, each in the slot layout of the pool's expert format
+// (slot_layout.h), so moving an expert to a GPU slot is one copy. Memory is pinned (page-locked, CUDA
 // builds) and allocated in chunks: pinning many GB in one call fails where several smaller calls
 // succeed. Experts come straight from safetensors files (ExpertFiles: pread, dtype converted on the fly);
 // the pool knows nothing about checkpoint key names (the loader passes file + tensor names) or the arena.
@@ -55,10 +55,11 @@ struct HostStats {
 
 class HostPool {
  public:
-  // Allocates min(capacity, num_layers * num_experts) slots of slot_elems_for(hidden, inter) elements in
+  // Allocates min(capacity, num_layers * num_experts) slots of slot_layout(dtype, hidden, inter, format) in
   // chunks of at most chunk_bytes (rounded to whole experts). pinned: page-lock through CUDA (CUDA builds).
   HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size, DType dtype,
-           int64_t chunk_bytes, bool pinned, const HostTierConfig& tier = HostTierConfig{});
+           int64_t chunk_bytes, bool pinned, const HostTierConfig& tier = HostTierConfig{},
+           ExpertFormat format = ExpertFormat{});
   ~HostPool();
   HostPool(const HostPool&) = delete;
   HostPool& operator=(const HostPool&) = delete;
@@ -66,8 +67,8 @@ class HostPool {
   // Records the sources (all validated before any weight byte is read). A pool holding every expert
   // reads them now with num_threads threads (0 = hardware threads, at most 16); a cache reads on demand.
   void fill(const std::vector<ExpertSource>& sources, int num_threads);
-  // Copies one expert from memory given as three row-major matrices of `src_dtype` (pools holding
-  // every expert only: a cache reads its experts from the files).
+  // Copies one expert from memory given as three row-major matrices of `src_dtype`, encoded into the
+  // pool's format (pools holding every expert only: a cache reads its experts from the files).
   void write_expert(int64_t layer, int64_t expert, const void* gate, const void* up, const void* down,
                     DType src_dtype);
 
@@ -96,8 +97,9 @@ class HostPool {
   int64_t num_experts() const { return num_experts_; }
   int64_t hidden_size() const { return hidden_; }
   int64_t inter_size() const { return inter_; }
-  int64_t slot_elems() const { return slot_elems_; }
-  int64_t slot_bytes() const { return slot_elems_ * dtype_bytes(dtype_); }
+  int64_t slot_elems() const { return layout_.slot_elems; }
+  int64_t slot_bytes() const { return layout_.slot_bytes; }
+  const SlotLayout& layout() const { return layout_; }
   int64_t total_bytes() const { return slot_bytes() * num_slots_; }
   int64_t num_chunks() const { return static_cast<int64_t>(chunks_.size()); }
   DType dtype() const { return dtype_; }
@@ -110,8 +112,9 @@ class HostPool {
   int64_t read_into(int64_t layer, int64_t expert, int64_t slot);  // disk -> slot, counts disk stats
   void io_loop();
 
-  int64_t num_layers_, num_experts_, hidden_, inter_, slot_elems_;
+  int64_t num_layers_, num_experts_, hidden_, inter_;
   DType dtype_;
+  SlotLayout layout_;
   bool pinned_;
   bool cached_;
   int64_t num_slots_;

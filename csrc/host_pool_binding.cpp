@@ -7,7 +7,7 @@ namespace moerun {
 namespace {
 
 using PartSpec = std::pair<std::string, std::string>;  // (file, tensor name)
-using SourceSpec = std::tuple<int64_t, int64_t, PartSpec, PartSpec, PartSpec>;
+using SourceSpec = std::tuple<int64_t, int64_t, std::vector<PartSpec>>;  // (layer, expert, tensors)
 
 at::Tensor expert_view(const std::shared_ptr<HostPool>& pool, int64_t layer, int64_t expert) {
   void* p = pool->expert_ptr(layer, expert);
@@ -29,7 +29,8 @@ void bind_host_pool(py::module& m) {
                                                   "Routed experts in (pinned) host memory, in the slot layout; with a capacity below the model's experts, a cache in front of the safetensors files.")
       .def(py::init([](int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size,
                        at::ScalarType dtype, int64_t chunk_bytes, bool pinned, int64_t capacity, int eviction,
-                       double high_watermark, double low_watermark, double credit_decay, double wait_timeout_s) {
+                       double high_watermark, double low_watermark, double credit_decay, double wait_timeout_s,
+                       const std::string& format) {
              HostTierConfig tier;
              tier.capacity = capacity;
              tier.eviction = eviction;
@@ -38,38 +39,41 @@ void bind_host_pool(py::module& m) {
              tier.credit_decay = credit_decay;
              tier.wait_timeout_s = wait_timeout_s;
              return std::make_shared<HostPool>(num_layers, num_experts, hidden_size, inter_size,
-                                               to_dtype(dtype, "HostPool dtype"), chunk_bytes, pinned, tier);
+                                               to_dtype(dtype, "HostPool dtype"), chunk_bytes, pinned, tier,
+                                               parse_expert_format(format));
            }),
            py::arg("num_layers"), py::arg("num_experts"), py::arg("hidden_size"), py::arg("inter_size"),
            py::arg("dtype"), py::arg("chunk_bytes") = int64_t(1) << 30, py::arg("pinned") = true,
            py::arg("capacity") = 0, py::arg("eviction") = 0, py::arg("high_watermark") = 0.9,
            py::arg("low_watermark") = 0.7, py::arg("credit_decay") = 0.95, py::arg("wait_timeout_s") = 60.0,
+           py::arg("format") = "float",
            "capacity: experts held in host memory (0 = all; fewer makes the pool a cache in front of the files). "
+           "format: the expert format of its slots (moerun.native.EXPERT_FORMATS). "
            "eviction: the host tier's policy code (0 lru, 1 lfu, 2 score, 3 freq_threshold, 4 watermark).")
       .def(
           "fill",
-          [](HostPool& pool, const std::vector<SourceSpec>& specs, int num_threads) {
+          [](HostPool& pool, const std::vector<SourceSpec>& specs, int num_threads, const std::string& encoding) {
+            const SourceEncoding enc = parse_source_encoding(encoding);
             std::vector<ExpertSource> sources;
             sources.reserve(specs.size());
             for (const auto& s : specs) {
               ExpertSource src;
               src.layer = std::get<0>(s);
               src.expert = std::get<1>(s);
-              const PartSpec* parts[3] = {&std::get<2>(s), &std::get<3>(s), &std::get<4>(s)};
-              for (int p = 0; p < 3; ++p) {
-                src.file[p] = parts[p]->first;
-                src.tensor[p] = parts[p]->second;
-              }
+              src.encoding = enc;
+              for (const auto& part : std::get<2>(s)) src.tensors.push_back(TensorRef{part.first, part.second});
               sources.push_back(std::move(src));
             }
             py::gil_scoped_release release;
             pool.fill(sources, num_threads);
           },
-          py::arg("sources"), py::arg("num_threads") = 0,
+          py::arg("sources"), py::arg("num_threads") = 0, py::arg("encoding") = "float",
           "Record and validate the experts' safetensors sources; a pool holding every expert reads them now, a "
-          "cache reads them on demand. sources: [(layer, expert, (gate_file, gate_tensor), "
-          "(up_file, up_tensor), (down_file, down_tensor))]; gate/up [I, H], down [H, I]; F32/BF16/F16 "
-          "converted to the pool dtype. num_threads 0 = all hardware threads (at most 16).")
+          "cache reads them on demand. sources: [(layer, expert, [(file, tensor), ...])], the tensors of gate, "
+          "then up, then down (gate/up [I, H], down [H, I]) as `encoding` names them (csrc/expert_files.h): "
+          "'float' (weight; F32/BF16/F16, converted to the pool dtype or quantized to its format), "
+          "'fp8-block128' (weight, weight_scale_inv), 'gptq' / 'gptq-v2' (qweight, qzeros, scales). "
+          "num_threads 0 = all hardware threads (at most 16).")
       .def(
           "write_expert",
           [](HostPool& pool, int64_t layer, int64_t expert, const at::Tensor& gate, const at::Tensor& up,
@@ -83,7 +87,8 @@ void bind_host_pool(py::module& m) {
                               to_dtype(g.scalar_type(), "write_expert weights"));
           },
           py::arg("layer"), py::arg("expert"), py::arg("gate"), py::arg("up"), py::arg("down"),
-          "Copy one expert from tensors (gate, up [I, H]; down [H, I]), converting to the pool dtype.")
+          "Copy one expert from tensors (gate, up [I, H]; down [H, I]), encoded into the pool's format.")
+      .def_property_readonly("layout", &HostPool::layout, "the SlotLayout of every slot (format, dtype, offsets)")
       .def("view", &expert_view, py::arg("layer"), py::arg("expert"),
            "1-D tensor [slot_elems] aliasing the expert's pool memory (gate_up rows, then down).")
       .def(

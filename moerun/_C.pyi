@@ -28,10 +28,19 @@ class SlotLayout:
     down_bytes: int
     down_scales_offset: int
     down_scales_bytes: int
+    gate_up_zeros_offset: int
+    gate_up_zeros_bytes: int    # int4 zero points (uint8); else 0
+    down_zeros_offset: int
+    down_zeros_bytes: int
     slot_elems: int             # elements of dtype in one slot, padding included
     slot_bytes: int
+    format: str                 # one of expert_formats()' names
+    group_size: int             # inputs per scale group (fp8-block128: the block edge); 0 per-channel / float
+    quantized: bool
+    weight_bits: int            # bits of one stored weight, scales not counted
 
-def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int) -> SlotLayout: ...
+def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int, format: str = "float") -> SlotLayout: ...
+def expert_formats() -> list[tuple[str, str]]: ...  # (name, description), the one list (csrc/expert_format.h)
 def slot_elems(hidden_size: int, inter_size: int) -> int: ...  # slot_layout(...).slot_elems
 
 # -- the expert codec (csrc/expert_codec.*): an expert <-> its slot's bytes in any format -------------------
@@ -64,9 +73,11 @@ class HostPool:
     def __init__(self, num_layers: int, num_experts: int, hidden_size: int, inter_size: int, dtype: torch.dtype,
                  chunk_bytes: int = 1 << 30, pinned: bool = True, capacity: int = 0, eviction: int = 0,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, credit_decay: float = 0.95,
-                 wait_timeout_s: float = 60.0) -> None: ...
-    def fill(self, sources: Sequence[tuple[int, int, tuple[str, str], tuple[str, str], tuple[str, str]]],
-             num_threads: int = 0) -> None: ...
+                 wait_timeout_s: float = 60.0, format: str = "float") -> None: ...
+    # sources: (layer, expert, [(file, tensor), ...]): gate's, then up's, then down's tensors as
+    # `encoding` names them ("float", "fp8-block128", "gptq", "gptq-v2"; csrc/expert_files.h)
+    def fill(self, sources: Sequence[tuple[int, int, Sequence[tuple[str, str]]]],
+             num_threads: int = 0, encoding: str = "float") -> None: ...
     def write_expert(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None: ...
     def view(self, layer: int, expert: int) -> Written[torch.Tensor]: ...  # [slot_elems], aliases pool memory
     def acquire(self, layer: int, expert: int) -> Written[torch.Tensor]: ...  # held view; a cache reads a miss from disk
@@ -79,6 +90,7 @@ class HostPool:
     cached: bool  # capacity below the model's experts: a cache in front of the files
     capacity: int
     filled_count: int
+    layout: SlotLayout          # the format, dtype and offsets of every slot
     num_layers: int
     num_experts: int
     hidden_size: int

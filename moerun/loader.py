@@ -11,6 +11,7 @@ CPU executor and policy engine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import time
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .checkpoint import Checkpoint, CheckpointError, read_json_object, resolve_checkpoint
+from .checkpoint_quantization import (CheckpointQuantization, check_expert_tensors, dense_elements, expert_tensor_keys,
+                                      read_dense, read_quantization, resolve_expert_format)
 from .models import MoeAdapter, adapter_for
 from .policy.engine_setup import HostTier
 from .policy.ir import AUTO, CompiledPolicy
@@ -77,6 +80,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     *,
+    expert_format: str = "auto",
     max_context: int = 4096,
     max_batch: int = 1,
     revision: str = "main",
@@ -98,6 +102,11 @@ def load(
             wins) the pool holds that many experts and reads the others from the files on demand.
         device: where the dense part and the arena live; default CUDA when available, else CPU.
         dtype: compute dtype; default the checkpoint's (``config.dtype``).
+        expert_format: how routed experts are kept in host memory and in the arena: ``"auto"`` (the
+            checkpoint's own: float, or an fp8 / GPTQ checkpoint's format), ``"fp8"``, ``"fp8-block128"``,
+            ``"int8"``, ``"int4"`` (= ``"int4-g128"``), ``"int4-g32"``, ``"int4-g64"``, ``"mxfp4"`` (a float
+            checkpoint quantized at load), or ``"bf16"`` / ``"fp16"`` / ``"fp32"`` / ``"float"`` (the compute
+            dtype). A pre-quantized checkpoint keeps its own format (asking for another is an error).
         max_context, max_batch: the KV cache and activations the budget reserves room for; the fast
             decode path's static KV cache holds max_batch sequences of max_context tokens.
         revision: the hub revision to resolve from the local cache (ignored for a directory).
@@ -120,11 +129,13 @@ def load(
                      revision=revision)
     stages = _Stages()
     device = _pick_device(device)
-    path, config, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
+    path, config, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
+    fmt = resolve_expert_format(expert_format, quant, dtype)
     moe_layers = adapter.moe_layers()
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
-    plan = _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
+    plan = _plan(adapter, ckpt, quant, non_expert, dtype, fmt, vram_budget, device, max_context, max_batch,
+                 check_free=True)
     from .policy_engine import PolicyEngine
 
     # The policy's whole setup (engine config, runtime switches, host tier), checked against the model
@@ -145,13 +156,13 @@ def load(
     hf_model = _build_skeleton(config, dtype)
     _check_dense_dtypes(hf_model, ckpt, adapter, non_expert)
     stages.mark("skeleton")
-    runtime = _build_runtime(engine, adapter, ckpt, plan, moe_layers, device, dtype,
+    runtime = _build_runtime(engine, adapter, ckpt, quant, plan, moe_layers, device, dtype,
                              cpu_threads, copy_streams, host_capacity, bar, predictor, stages)
     runtime.fill_arena()
     stages.mark("arena fill")
     bar.set_postfix_str("dense weights"); bar.update()
     _replace_moe_blocks(hf_model, adapter, runtime, moe_layers)
-    _load_dense_weights(hf_model, ckpt, adapter, non_expert, device, dtype, progress)
+    _load_dense_weights(hf_model, ckpt, quant, adapter, non_expert, device, dtype, progress)
     stages.mark("dense weights")
     bar.update()
     if (path / "generation_config.json").is_file():
@@ -168,7 +179,8 @@ def load(
         policy=compiled,
         model_info={"model_type": config.model_type, "path": str(path), "hidden_size": adapter.hidden_size,
                     "inter_size": adapter.expert_inter_size, "num_experts": adapter.num_experts,
-                    "top_k": adapter.top_k, "dtype": str(dtype).replace("torch.", "")},
+                    "top_k": adapter.top_k, "dtype": str(dtype).replace("torch.", ""), "expert_format": fmt,
+                    "checkpoint_quantization": quant.encoding},
     )
     stages.mark("handle")
     hf_model.moerun.load_seconds = stages.seconds
@@ -182,6 +194,7 @@ def memory_plan(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     *,
+    expert_format: str = "auto",
     max_context: int = 4096,
     max_batch: int = 1,
     revision: str = "main",
@@ -189,13 +202,16 @@ def memory_plan(
     """How :func:`load` would split ``vram_budget`` for ``model``, without loading anything.
 
     ``plan.min_budget_bytes`` is the smallest budget that works; ``plan.num_slots`` the expert
-    slots this budget gives.
+    slots this budget gives. A budget above the device's free memory is planned as given (a plan for
+    another machine, or "how would everything fit"); :func:`load` refuses it.
     """
     _check_arguments(max_context=max_context, max_batch=max_batch, revision=revision)
     device = _pick_device(device)
-    _, _, adapter, ckpt, dtype = _open_checkpoint(model, revision, dtype)
+    _, _, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
+    fmt = resolve_expert_format(expert_format, quant, dtype)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
-    return _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch)
+    return _plan(adapter, ckpt, quant, non_expert, dtype, fmt, vram_budget, device, max_context, max_batch,
+                 check_free=False)
 
 
 def _pick_device(device) -> torch.device:
@@ -234,18 +250,21 @@ def _open_checkpoint(model, revision: str, dtype):
     _check_config_shape(config_file, adapter)
     ckpt = Checkpoint(path)
     _check_layers_and_experts(ckpt, adapter)
-    _check_expert_tensors(ckpt, adapter)
-    return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter)
+    quant = read_quantization(config)
+    _check_expert_tensors(ckpt, adapter, quant)
+    return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter), quant
 
 
-def _plan(adapter, ckpt, non_expert, dtype, vram_budget, device, max_context, max_batch) -> MemoryPlan:
+def _plan(adapter, ckpt, quant, non_expert, dtype, expert_format, vram_budget, device, max_context, max_batch, *,
+          check_free: bool) -> MemoryPlan:
     if max_context < 1 or max_batch < 1:
         raise ValueError(f"max_context and max_batch must be >= 1, got {max_context} and {max_batch}")
     return plan_memory(
         adapter,
-        skeleton_bytes=_skeleton_bytes(ckpt, non_expert, dtype),
+        skeleton_bytes=dense_elements(ckpt, non_expert, quant) * dtype.itemsize,
         dtype=dtype,
-        budget_bytes=_budget_bytes(vram_budget, device),
+        expert_format=expert_format,
+        budget_bytes=_budget_bytes(vram_budget, device, check_free),
         max_context=max_context,
         max_batch=max_batch,
         max_slots=len(adapter.moe_layers()) * adapter.num_experts,
@@ -363,29 +382,20 @@ def _limit_context(model, decoder: FastDecoder, max_context: int) -> None:
     model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _check_expert_tensors(ckpt: Checkpoint, adapter: MoeAdapter) -> None:
-    """Every routed expert's gate/up/down is in the checkpoint with the shape the config implies."""
+def _check_expert_tensors(ckpt: Checkpoint, adapter: MoeAdapter, quant: CheckpointQuantization) -> None:
+    """Every routed expert's gate/up/down is in the checkpoint with the shapes and dtypes the config and
+    the checkpoint's quantization imply."""
     h, i = adapter.hidden_size, adapter.expert_inter_size
     for layer in adapter.moe_layers():
         for expert in range(adapter.num_experts):
-            keys = adapter.expert_keys(layer, expert)
-            for key, shape in ((keys.gate, (i, h)), (keys.up, (i, h)), (keys.down, (h, i))):
-                info = ckpt.tensors.get(key)
-                if info is None:
-                    raise CheckpointError(
-                        f"{ckpt.path}: routed expert tensor {key} is missing; the checkpoint does not "
-                        f"match its config ({adapter.model_type}, {adapter.num_experts} experts)"
-                    )
-                if info.shape != shape:
-                    raise CheckpointError(
-                        f"{info.file}: {key} has shape {list(info.shape)}, expected {list(shape)} "
-                        "from the config (hidden_size, expert intermediate size)"
-                    )
-                if info.dtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(
-                        f"{info.file}: {key} is {info.dtype}; moerun reads fp32/fp16/bf16 experts "
-                        "(quantised checkpoints are not supported)"
-                    )
+            check_expert_tensors(ckpt, _expert_prefixes(adapter, layer, expert), [(i, h), (i, h), (h, i)], quant)
+
+
+def _expert_prefixes(adapter: MoeAdapter, layer: int, expert: int) -> list[str]:
+    """gate, up, down keys without their last part ("weight"), under which a quantized checkpoint keeps
+    its other tensors of the same linear."""
+    keys = adapter.expert_keys(layer, expert)
+    return [key[: -len("weight")] for key in (keys.gate, keys.up, keys.down)]
 
 
 def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter) -> torch.dtype:
@@ -395,6 +405,7 @@ def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter) -> torch.d
             dtype = getattr(torch, dtype, None)
         if dtype is None:
             dtype = ckpt.tensors[adapter.expert_keys(adapter.moe_layers()[0], 0).gate].dtype
+            dtype = dtype if dtype in _FLOAT_DTYPES else torch.bfloat16  # a quantized checkpoint without config.dtype
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, not {dtype}")
     return dtype
@@ -429,10 +440,10 @@ def _host_capacity(host: HostTier, host_budget, slot_bytes: int, num_routed: int
     return capacity
 
 
-def _budget_bytes(vram_budget, device: torch.device) -> int:
+def _budget_bytes(vram_budget, device: torch.device, check_free: bool) -> int:
     if vram_budget != "auto":
         budget = parse_bytes(vram_budget, "vram_budget")
-        if device.type == "cuda":
+        if device.type == "cuda" and check_free:
             free, total = torch.cuda.mem_get_info(device)
             if budget > free:
                 raise BudgetError(
@@ -446,12 +457,6 @@ def _budget_bytes(vram_budget, device: torch.device) -> int:
     # On the host, "auto" leaves half of the available memory to the host pool and the rest.
     pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
     return max(1, pages * os.sysconf("SC_PAGE_SIZE") // 2)
-
-
-def _skeleton_bytes(ckpt: Checkpoint, keys: list[str], dtype: torch.dtype) -> int:
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    return sum(max(1, info.nbytes // info.dtype.itemsize) * itemsize
-               for info in (ckpt.tensors[k] for k in keys))
 
 
 # -- skeleton ---------------------------------------------------------------------------------------
@@ -473,6 +478,10 @@ def _parameters_on_meta():
 
 
 def _build_skeleton(config, dtype: torch.dtype) -> PreTrainedModel:
+    # A quantized checkpoint's dense linears are dequantized at load: the skeleton is a float model.
+    if getattr(config, "quantization_config", None) is not None:
+        config = copy.deepcopy(config)
+        del config.quantization_config
     with _parameters_on_meta(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Eager experts: the fused-experts parameters are meta and removed right after.
@@ -500,14 +509,15 @@ def _replace_moe_blocks(model: nn.Module, adapter: MoeAdapter, runtime: OffloadR
         decoder_layer(block).register_forward_hook(block.after_layer)
 
 
-def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter, keys: list[str],
-                        device: torch.device, dtype: torch.dtype, progress: bool) -> None:
-    """Read every non-expert tensor from the files straight to ``device``; check nothing is left."""
+def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, quant: CheckpointQuantization, adapter: MoeAdapter,
+                        keys: list[str], device: torch.device, dtype: torch.dtype, progress: bool) -> None:
+    """Read every non-expert tensor from the files straight to ``device`` (quantized linears dequantized);
+    check nothing is left."""
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
         getattr(model, "_keep_in_fp32_modules", None) or ())
     targets = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
-    for key, tensor in tqdm(ckpt.read(keys, device), total=len(keys), desc="dense weights",
+    for key, tensor in tqdm(read_dense(ckpt, keys, quant, device), total=len(keys), desc="dense weights",
                             disable=not progress, leave=False):
         name = adapter.module_key(key)
         if name not in targets and name not in buffers:
@@ -552,7 +562,7 @@ class _Stages:
         self._last = now
 
 
-def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPlan,
+def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, quant: CheckpointQuantization, plan: MemoryPlan,
                    moe_layers: list[int], device: torch.device, dtype: torch.dtype,
                    cpu_threads: int, copy_streams: int, host_capacity: int, bar,
                    predictor=None, stages: _Stages | None = None) -> OffloadRuntime:
@@ -565,7 +575,7 @@ def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPl
     host = engine.setup.host
     pool = HostPool(num_layers, num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
                     pinned=device.type == "cuda", capacity=host_capacity, eviction=host.eviction,
-                    high_watermark=host.high_watermark, low_watermark=host.low_watermark)
+                    high_watermark=host.high_watermark, low_watermark=host.low_watermark, format=plan.expert_format)
     if stages:
         stages.mark("host pool: allocate (pin)")
     bar.set_postfix_str("experts -> host pool")
@@ -573,9 +583,9 @@ def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPl
                                        disable=bar.disable, leave=False)):
         entries = []
         for expert in range(num_experts):
-            keys = adapter.expert_keys(layer, expert)
-            entries.append((index, expert, *[(str(ckpt.tensors[k].file), k) for k in (keys.gate, keys.up, keys.down)]))
-        pool.fill(entries, num_threads=cpu_threads)
+            keys = expert_tensor_keys(_expert_prefixes(adapter, layer, expert), quant)
+            entries.append((index, expert, [(str(ckpt.tensors[k].file), k) for k in keys]))
+        pool.fill(entries, num_threads=cpu_threads, encoding=quant.encoding)
     if stages:
         stages.mark("host pool: fill from files")
     arena = ExpertArena(plan.num_slots, elems, dtype, device, num_layers, num_experts)
@@ -585,7 +595,7 @@ def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, plan: MemoryPl
         stages.mark("arena, transfer engine, CPU executor")
     return OffloadRuntime(
         engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=cpu_executor,
-        inter_size=adapter.expert_inter_size, num_layers=num_layers, num_experts=num_experts,
+        layout=pool.layout, num_layers=num_layers, num_experts=num_experts,
         slot_bytes=plan.slot_bytes, device=device,
         lookahead=engine.setup.lookahead, observe_timings=engine.setup.observe_timings, predictor=predictor,
     )

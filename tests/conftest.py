@@ -1,7 +1,11 @@
 """Test-wide setup: Triton runs in interpreter mode when no CUDA device is present."""
 import os
+import sys
 
 import torch
+
+# Shared test helpers at the top of tests/ (expert_format_reference.py) import by name from any test.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     # Must be set before triton is first imported: CI has no GPU, kernels run in the interpreter.

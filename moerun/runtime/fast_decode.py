@@ -112,7 +112,15 @@ class FastDecoder:
         if backend != self._compile_backend:
             self._compile_backend = backend
             self._device_fns.clear()
-            self._shapes.clear()
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Forget every step shape's buffers and segments, and start a new graph memory pool: once the
+        old graphs are gone their pool is released, and torch refuses to capture into a released pool
+        (an internal assert in the caching allocator, seen when a benchmark swapped routing overrides)."""
+        self._shapes.clear()
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
 
     def device_fn(self, kind: str):
         """The device part of one kind of segment (``step_graphs.DEVICE_PARTS``), compiled once for
@@ -136,7 +144,7 @@ class FastDecoder:
         if override is not self._routing_override:
             self.flush_accounting()
             self._routing_override = override
-            self._shapes.clear()
+            self._drop_graphs()
 
     # -- switch ---------------------------------------------------------------------------------
     def install(self, model) -> None:
@@ -175,7 +183,7 @@ class FastDecoder:
         cache, replaced = self.cache.start(batch_size)
         self.mask.reset()
         if replaced:
-            self._shapes.clear()  # their segments were built over the previous cache
+            self._drop_graphs()  # their segments were built over the previous cache
         return cache
 
     def start_rows(self):
@@ -184,7 +192,7 @@ class FastDecoder:
         cache, replaced = self.cache.start_rows(self.device)
         self.mask.reset()
         if replaced:
-            self._shapes.clear()  # their segments were built over the previous cache
+            self._drop_graphs()  # their segments were built over the previous cache
         return cache
 
     # -- the step -------------------------------------------------------------------------------

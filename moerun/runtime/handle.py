@@ -163,9 +163,13 @@ class MoerunHandle:
     def memory(self) -> dict:
         """Bytes: device ``{skeleton, kv_cache_reserve, workspace_reserve, arena, budget}``; host ``{pool}``
         with ``capacity`` (experts the pool holds) and ``experts`` (routed experts of the model): a
-        capacity below ``experts`` means the pool caches experts in front of the files."""
+        capacity below ``experts`` means the pool caches experts in front of the files. ``experts`` tells
+        how the experts are stored: their format, bits per stored weight and bytes per slot."""
         p, pool = self.plan, self.runtime.pool
+        layout = pool.layout
         return {
+            "experts": {"format": layout.format, "weight_bits": layout.weight_bits, "slot_bytes": layout.slot_bytes,
+                        "checkpoint_quantization": self.model_info.get("checkpoint_quantization", "float")},
             "device": {"skeleton": p.skeleton_bytes, "kv_cache_reserve": p.kv_cache_bytes,
                        "workspace_reserve": p.workspace_bytes, "arena": p.arena_bytes,
                        "num_slots": p.num_slots, "slot": p.slot_bytes, "budget": p.budget_bytes},

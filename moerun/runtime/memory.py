@@ -52,12 +52,12 @@ def parse_bytes(value: int | str, what: str = "budget") -> int:
     return size
 
 
-def slot_layout(adapter: MoeAdapter, dtype: torch.dtype):
-    """The layout of one of the model's expert slots in ``dtype``: the native definition
-    (csrc/slot_layout.h), which the arena, the host pool and the kernels use too."""
+def slot_layout(adapter: MoeAdapter, dtype: torch.dtype, expert_format: str = "float"):
+    """The layout of one of the model's expert slots in ``dtype`` and ``expert_format``: the native
+    definition (csrc/slot_layout.h), which the arena, the host pool and the kernels use too."""
     from ..native import slot_layout as native_slot_layout
 
-    return native_slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size)
+    return native_slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size, expert_format)
 
 
 def slot_elems(adapter: MoeAdapter) -> int:
@@ -78,6 +78,7 @@ class MemoryPlan:
     num_slots: int
     min_slots: int           # slots a step of one token needs (top_k)
     slot_elems: int          # elements of the model dtype in one slot (the arena's row length)
+    expert_format: str = "float"  # the experts' format in the host pool and the arena (EXPERT_FORMATS)
 
     @property
     def arena_bytes(self) -> int:
@@ -132,6 +133,7 @@ def plan_memory(
     max_context: int,
     max_batch: int,
     max_slots: int,
+    expert_format: str = "float",
 ) -> MemoryPlan:
     """Split ``budget_bytes``; raise :class:`BudgetError` with the smallest budget if too small.
 
@@ -142,18 +144,19 @@ def plan_memory(
     kv = adapter.num_layers * adapter.kv_elems_per_token() * itemsize * tokens
     # The prefill's activations and the fast decode path's buffers and graph pool are both kept.
     work = workspace_bytes(adapter, itemsize, tokens) + decode_graph_bytes(adapter, itemsize, max_batch, max_context)
-    layout = slot_layout(adapter, dtype)
+    layout = slot_layout(adapter, dtype, expert_format)
     slot = layout.slot_bytes
     min_slots = min(adapter.top_k, max_slots)
     fixed = skeleton_bytes + kv + work
     num_slots = min(max_slots, max(0, (budget_bytes - fixed) // slot))
-    plan = MemoryPlan(budget_bytes, skeleton_bytes, kv, work, slot, num_slots, min_slots, layout.slot_elems)
+    plan = MemoryPlan(budget_bytes, skeleton_bytes, kv, work, slot, num_slots, min_slots, layout.slot_elems,
+                      expert_format)
     if num_slots < min_slots:
         raise BudgetError(
             f"vram_budget {fmt_bytes(budget_bytes)} is too small: the model needs "
             f"{fmt_bytes(skeleton_bytes)} of non-expert weights + {fmt_bytes(kv)} of KV cache "
             f"({max_batch} x {max_context} tokens) + {fmt_bytes(work)} of workspace + "
-            f"{min_slots} expert slots of {fmt_bytes(slot)}; the smallest budget that works is "
+            f"{min_slots} expert slots of {fmt_bytes(slot)} ({expert_format}); the smallest budget that works is "
             f"{fmt_bytes(plan.min_budget_bytes)} ({plan.min_budget_bytes} bytes). Raise vram_budget, "
             "or lower max_context / max_batch."
         )

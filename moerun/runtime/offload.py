@@ -97,7 +97,7 @@ class OffloadRuntime:
         pool,
         transfer,
         cpu_executor,
-        inter_size: int,
+        layout,
         num_layers: int,
         num_experts: int,
         slot_bytes: int,
@@ -111,7 +111,7 @@ class OffloadRuntime:
         self.pool = pool
         self.transfer = transfer
         self.cpu_executor = cpu_executor
-        self.inter_size = inter_size
+        self.layout = layout  # the SlotLayout of every slot (moerun.native.slot_layout): format, shape, offsets
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.slot_bytes = slot_bytes

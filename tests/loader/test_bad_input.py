@@ -195,3 +195,7 @@ def test_an_explicit_vram_budget_above_free_memory_fails_with_the_numbers(tiny):
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(BudgetError, match=rf"free on cuda:\d .*pass at most \d+ bytes"):
         _load(tiny, device="cuda", vram_budget=free + (1 << 30))
+    # Planning is not loading: memory_plan plans any budget (a plan for a larger machine), as the
+    # GPU tests do with 1 TiB to read the fixed bytes off it.
+    plan = moerun.memory_plan(tiny, device="cuda", vram_budget=free + (1 << 30), max_context=64)
+    assert plan.budget_bytes == free + (1 << 30)

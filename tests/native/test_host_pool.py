@@ -35,7 +35,7 @@ def write_checkpoint(tmp_path, layers, experts, dtype):
         save_file(tensors, str(path), metadata={"format": "pt"})
         files[parity] = str(path)
     return [
-        (l, e, *((files[l % 2], key(l, e, p)) for p in ("gate_proj", "up_proj", "down_proj")))
+        (l, e, [(files[l % 2], key(l, e, p)) for p in ("gate_proj", "up_proj", "down_proj")])
         for l in range(layers)
         for e in range(experts)
     ]
@@ -85,8 +85,8 @@ def test_view_keeps_pool_memory_alive():
 
 def test_missing_tensor_names_file_and_tensor(tmp_path):
     sources = write_checkpoint(tmp_path, layers=1, experts=2, dtype=torch.float32)
-    layer, expert, gate, up, down = sources[1]
-    bad = [sources[0], (layer, expert, gate, (up[0], "no.such.tensor"), down)]
+    layer, expert, (gate, up, down) = sources[1]
+    bad = [sources[0], (layer, expert, [gate, (up[0], "no.such.tensor"), down])]
     pool = HostPool(1, 2, H, I, torch.float32)
     with pytest.raises(RuntimeError, match=r"missing tensor 'no.such.tensor' in .*model-0.safetensors.*up_proj"):
         pool.fill(bad)
@@ -99,20 +99,20 @@ def test_wrong_shape_and_dtype_are_named(tmp_path):
     pool = HostPool(1, 1, H, I, torch.float32)
     f = str(path)
     with pytest.raises(RuntimeError, match=r"tensor 'g' in .*bad.safetensors.*shape \[8, 17\], expected \[8, 16\]"):
-        pool.fill([(0, 0, (f, "g"), (f, "d"), (f, "d"))])
+        pool.fill([(0, 0, [(f, "g"), (f, "d"), (f, "d")])])
     with pytest.raises(RuntimeError, match=r"tensor 'u' .* dtype I32"):
-        pool.fill([(0, 0, (f, "g_ok"), (f, "u"), (f, "d"))])
+        pool.fill([(0, 0, [(f, "g_ok"), (f, "u"), (f, "d")])])
 
 
 def test_missing_or_corrupt_file_is_named(tmp_path):
     pool = HostPool(1, 1, H, I, torch.float32)
     missing = str(tmp_path / "nope.safetensors")
     with pytest.raises(RuntimeError, match="cannot open safetensors file .*nope.safetensors"):
-        pool.fill([(0, 0, (missing, "a"), (missing, "b"), (missing, "c"))])
+        pool.fill([(0, 0, [(missing, "a"), (missing, "b"), (missing, "c")])])
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(RuntimeError, match="junk.safetensors"):
-        pool.fill([(0, 0, (str(junk), "a"), (str(junk), "b"), (str(junk), "c"))])
+        pool.fill([(0, 0, [(str(junk), "a"), (str(junk), "b"), (str(junk), "c")])])
 
 
 def test_pool_larger_than_host_memory_fails_before_allocating_with_a_hint():

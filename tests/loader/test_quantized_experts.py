@@ -1,0 +1,267 @@
+"""Quantized experts end to end on the CPU: a float checkpoint quantized at load, and checkpoints published
+quantized (fp8 with 128x128 block scales, 4-bit GPTQ) read in their own format, generate exactly what plain
+transformers generates on a checkpoint whose weights are the dequantized values (fp32 compute).
+
+The dequantized values come from tests/expert_format_reference.py (written from the formats' definitions,
+not from moerun's code) and, for GPTQ, from the GPTQ packing written out here.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import expert_format_reference as ref
+import moerun
+from moerun.checkpoint import CheckpointError
+from moerun.checkpoint_quantization import ExpertFormatError
+from moerun.models import adapter_for
+from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic_config
+from moerun.native import EXPERT_FORMATS, slot_layout
+
+NEW_TOKENS = 6
+QUANTIZED = [f for f in EXPERT_FORMATS if f != "float"]
+POLICIES = {
+    "evicting": "policy p { cache { eviction = lru } schedule { mode = gpu_only } }",
+    "cpu_fallback": "policy p { cache { eviction = lru } schedule { mode = cpu_fallback } }",
+}
+
+
+def _experts(path, config):
+    """{(layer, expert): (prefixes gate, up, down)} of a checkpoint built from ``config``."""
+    adapter = adapter_for(config)
+    keys = {(layer, e): adapter.expert_keys(layer, e) for layer in adapter.moe_layers() for e in range(adapter.num_experts)}
+    return {le: [k[: -len("weight")] for k in (ks.gate, ks.up, ks.down)] for le, ks in keys.items()}
+
+
+def _rewrite(src, dst, tensors, config_update=None):
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config_update:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.update(config_update)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _dequantized_experts(tensors, experts, fmt, dtype=torch.float32):
+    """The float tensors with every routed expert replaced by its reference-dequantized values in ``fmt``."""
+    out = dict(tensors)
+    for (g, u, d) in experts.values():
+        gate, up, down = tensors[g + "weight"], tensors[u + "weight"], tensors[d + "weight"]
+        layout = slot_layout(dtype, gate.shape[1], gate.shape[0], fmt)
+        gate_up, down_q = ref.decode(layout, ref.encode(layout, gate, up, down))
+        i = gate.shape[0]
+        out[g + "weight"], out[u + "weight"], out[d + "weight"] = gate_up[:i].clone(), gate_up[i:].clone(), down_q
+    return out
+
+
+def _greedy(model, prompt):
+    return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def _load(path, **kw):
+    plan = moerun.memory_plan(path, vram_budget=1 << 40, device="cpu", max_context=64,
+                              expert_format=kw.get("expert_format", "auto"))
+    kw.setdefault("vram_budget", plan.fixed_bytes + 3 * plan.slot_bytes)  # 3 slots: every step evicts
+    return moerun.load(path, device="cpu", max_context=64, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def float_checkpoints(tmp_path_factory):
+    built = {arch: build_checkpoint(synthetic_config(arch), tmp_path_factory.mktemp(arch), seed=5)
+             for arch in SUPPORTED_ARCHS}
+    # H = I = 128: every group size divides both (the tiny shapes' I = 32 takes groups of 32 only).
+    built["wide"] = build_checkpoint(synthetic_config("qwen2_moe", hidden_size=128, moe_intermediate_size=128),
+                                     tmp_path_factory.mktemp("wide"), seed=5)
+    return built
+
+
+PROMPT = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+
+
+def _reference_tokens(tmp_path, src, fmt):
+    config = synthetic_config_of(src)
+    tensors = load_file(str(src / "model.safetensors"))
+    deq = _rewrite(src, tmp_path / f"deq-{fmt}", _dequantized_experts(tensors, _experts(src, config), fmt))
+    return _greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT)
+
+
+def synthetic_config_of(path):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_quantized_at_load_generates_what_transformers_does_on_the_dequantized_weights(
+        tmp_path, float_checkpoints, fmt, policy):
+    src = float_checkpoints["wide" if fmt in ("int4-g64", "int4-g128") else "qwen2_moe"]
+    want = _reference_tokens(tmp_path, src, fmt)
+    model = _load(src, expert_format=fmt, policy=POLICIES[policy])
+    mem = model.moerun.memory()["experts"]
+    assert mem["format"] == fmt and mem["checkpoint_quantization"] == "float"
+    config = synthetic_config_of(src)
+    assert mem["slot_bytes"] == slot_layout(torch.float32, config.hidden_size, config.moe_intermediate_size, fmt).slot_bytes
+    assert torch.equal(_greedy(model, PROMPT), want)
+
+
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHS if a != "qwen2_moe"])
+def test_every_architecture_takes_quantized_experts(tmp_path, float_checkpoints, arch):
+    src = float_checkpoints[arch]
+    want = _reference_tokens(tmp_path, src, "int4-g32")
+    model = _load(src, expert_format="int4-g32", policy=POLICIES["evicting"])
+    assert torch.equal(_greedy(model, PROMPT), want)
+
+
+# -- checkpoints published quantized ---------------------------------------------------------------------
+def _fp8_block(w):
+    """[R, C] -> (F8_E4M3 weight, fp32 weight_scale_inv [ceil(R/128), ceil(C/128)]), and the dequantized values."""
+    q, s, _ = ref.encode_matrix("fp8-block128", 128, w, w.shape[0])
+    q = q.view(torch.float8_e4m3fn).view(w.shape)
+    s = s.view(torch.float32).view(-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+    deq = ref.decode_matrix("fp8-block128", 128, w.shape[0], w.shape[1], w.shape[0], q.view(torch.uint8).flatten(),
+                            s.flatten().view(torch.uint8), None)
+    return q, s, deq
+
+
+def _fp8_checkpoint(tmp_path, src, dense_too=True):
+    """(fp8 checkpoint, its dequantized float twin): every expert and (dense_too) every attention projection
+    in fp8 with block scales, as DeepSeek-V3 / Qwen3 FP8 publish them."""
+    tensors = load_file(str(src / "model.safetensors"))
+    fp8, deq = dict(tensors), dict(tensors)
+    quantize = [p + "weight" for ps in _experts(src, synthetic_config_of(src)).values() for p in ps]
+    if dense_too:
+        quantize += [k for k in tensors if k.endswith(("q_proj.weight", "o_proj.weight"))]
+    for key in quantize:
+        q, s, d = _fp8_block(tensors[key])
+        fp8[key], fp8[key + "_scale_inv"], deq[key] = q, s, d
+    cfg = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}}
+    return _rewrite(src, tmp_path / "fp8", fp8, cfg), _rewrite(src, tmp_path / "fp8-deq", deq)
+
+
+def _gptq(w, group, v1=True):
+    """[out, in] -> GPTQ (qweight I32 [in/8, out], qzeros I32 [in/g, out/8], scales F16 [in/g, out]) with
+    asymmetric min/max groups, and the dequantized values (w = (q - z) * s)."""
+    out, cols = w.shape
+    g = w.float().view(out, cols // group, group)
+    lo, hi = g.amin(2).clamp(max=0), g.amax(2).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).half()
+    zero = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.int32)  # [out, groups]
+    q = (torch.round(g / scale.float()[..., None]) + zero[..., None]).clamp(0, 15).to(torch.int32).view(out, cols)
+    deq = ((q.view(out, cols // group, group) - zero[..., None]).float() * scale.float()[..., None]).view(out, cols)
+    qt = q.t().contiguous()                                       # [in, out]
+    qweight = torch.zeros(cols // 8, out, dtype=torch.int32)
+    for k in range(8):
+        qweight |= qt[k::8] << (4 * k)
+    stored = (zero - 1 if v1 else zero).t().contiguous()          # [groups, out]; v1 stores zero - 1
+    qzeros = torch.zeros(cols // group, out // 8, dtype=torch.int32)
+    for k in range(8):
+        qzeros |= (stored[:, k::8] & 0xF) << (4 * k)
+    return qweight, qzeros, scale.t().contiguous(), deq
+
+
+def _gptq_checkpoint(tmp_path, src, group=32, version="gptq"):
+    tensors = load_file(str(src / "model.safetensors"))
+    q4, deq = dict(tensors), dict(tensors)
+    quantize = [p + "weight" for ps in _experts(src, synthetic_config_of(src)).values() for p in ps]
+    quantize += [k for k in tensors if k.endswith(("k_proj.weight", "v_proj.weight"))]
+    for key in quantize:
+        prefix = key[: -len("weight")]
+        qweight, qzeros, scales, d = _gptq(tensors[key], group, v1=version == "gptq")
+        del q4[key]
+        q4[prefix + "qweight"], q4[prefix + "qzeros"], q4[prefix + "scales"] = qweight, qzeros, scales
+        q4[prefix + "g_idx"] = torch.arange(tensors[key].shape[1], dtype=torch.int32) // group
+        deq[key] = d
+    cfg = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                   "sym": False, "checkpoint_format": version}}
+    return _rewrite(src, tmp_path / "gptq", q4, cfg), _rewrite(src, tmp_path / "gptq-deq", deq)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_fp8_block_checkpoint_is_read_as_published(tmp_path, float_checkpoints, policy):
+    fp8, deq = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"])
+    want = _greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT)
+    model = _load(fp8, policy=POLICIES[policy])
+    assert model.moerun.memory()["experts"]["format"] == "fp8-block128"
+    assert model.moerun.memory()["experts"]["checkpoint_quantization"] == "fp8-block128"
+    assert torch.equal(_greedy(model, PROMPT), want)
+
+
+@pytest.mark.parametrize("version", ["gptq", "gptq_v2"])
+def test_gptq_checkpoint_is_read_as_published(tmp_path, float_checkpoints, version):
+    q4, deq = _gptq_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], version=version)
+    want = _greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT)
+    model = _load(q4, policy=POLICIES["cpu_fallback"])
+    assert model.moerun.memory()["experts"]["format"] == "int4-g32"
+    assert torch.equal(_greedy(model, PROMPT), want)
+
+
+def test_a_quantized_checkpoint_asked_for_another_format_is_refused(tmp_path, float_checkpoints):
+    fp8, _ = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], dense_too=False)
+    with pytest.raises(ExpertFormatError, match=r"experts are fp8-block128 .* would not be exact"):
+        _load(fp8, expert_format="int4")
+    with pytest.raises(ExpertFormatError, match="unknown expert_format 'int3'.*int4-g128"):
+        _load(float_checkpoints["qwen2_moe"], expert_format="int3")
+    with pytest.raises(ExpertFormatError, match="compute dtype.*float32.*dtype=torch.bfloat16"):
+        _load(float_checkpoints["qwen2_moe"], expert_format="bf16")
+    with pytest.raises(ValueError, match=r"int4-g128 groups 128 inputs, which must divide both hidden_size \(64\)"):
+        _load(float_checkpoints["qwen2_moe"], expert_format="int4")
+
+
+def _edit(path, fn, config_fn=None):
+    tensors = load_file(str(path / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if config_fn:
+        cfg = json.loads((path / "config.json").read_text())
+        config_fn(cfg["quantization_config"])
+        (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _first_expert_key(path, suffix):
+    return next(k for k in load_file(str(path / "model.safetensors")) if ".experts.0." in k and k.endswith(suffix))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("wrong scale shape", r"weight_scale_inv has shape \[1, 2\], expected \[1, 1\]"),
+    ("mixed formats", r"gate_proj.weight is torch.bfloat16; fp8-block128 experts need torch.float8_e4m3fn"),
+    ("block size", r"weight_block_size is \[64, 64\]"),
+])
+def test_bad_fp8_checkpoints_fail_before_allocating(tmp_path, float_checkpoints, case, match):
+    fp8, _ = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], dense_too=False)
+    key = _first_expert_key(fp8, "gate_proj.weight_scale_inv")
+    if case == "wrong scale shape":
+        _edit(fp8, lambda t: t.__setitem__(key, torch.ones(1, 2)))
+    elif case == "mixed formats":  # one expert left in bf16: a checkpoint mixing formats
+        w = key[: -len("_scale_inv")]
+        _edit(fp8, lambda t: (t.__setitem__(w, t[w].float().bfloat16()), t.pop(key)))
+    else:
+        _edit(fp8, lambda t: None, lambda q: q.__setitem__("weight_block_size", [64, 64]))
+    with pytest.raises((CheckpointError, ExpertFormatError), match=match):
+        moerun.memory_plan(fp8, device="cpu", max_context=64)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("desc_act", "desc_act is true"),
+    ("group 256", "group_size is 256"),
+    ("bits 8", "bits is 8"),
+    ("qzeros shape", r"qzeros has shape \[2, 2\], expected \[2, 4\]"),
+])
+def test_bad_gptq_checkpoints_fail_before_allocating(tmp_path, float_checkpoints, case, match):
+    q4, _ = _gptq_checkpoint(tmp_path, float_checkpoints["qwen2_moe"])
+    if case == "desc_act":
+        _edit(q4, lambda t: None, lambda q: q.__setitem__("desc_act", True))
+    elif case == "group 256":
+        _edit(q4, lambda t: None, lambda q: q.__setitem__("group_size", 256))
+    elif case == "bits 8":
+        _edit(q4, lambda t: None, lambda q: q.__setitem__("bits", 8))
+    else:
+        key = _first_expert_key(q4, "gate_proj.qzeros")
+        _edit(q4, lambda t: t.__setitem__(key, torch.zeros(2, 2, dtype=torch.int32)))
+    with pytest.raises((CheckpointError, ExpertFormatError), match=match):
+        moerun.memory_plan(q4, device="cpu", max_context=64)
