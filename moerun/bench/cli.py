@@ -2,7 +2,8 @@
 
 Builds (or reuses) the checkpoint, loads each system in turn on the same checkpoint, prompts and
 VRAM budget, measures it (``measure``), compares its tokens with the reference, and prints the
-table, writing JSON and, for a budget sweep, a PNG (``report``).
+table, writing JSON and, for a budget sweep, a PNG (``report``). moerun rows come per policy, budget
+and expert format, each with the decode bound its bytes allow (``limits``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 import moerun
 from moerun.bench import report
 from moerun.bench.budget import Budget, format_bytes, parse_budget
-from moerun.bench.measure import measure, token_match
+from moerun.bench.limits import limit_of_moerun
+from moerun.bench.measure import dense_step_ms, measure, token_match
 from moerun.bench.models import BUILTIN_MODELS, DTYPES, inspect_checkpoint, prepare_checkpoint
 from moerun.bench.profiling import profile_generation
 from moerun.bench.systems import (
@@ -61,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "room for a share of the routed experts besides the rest (experts:50%%); repeat or use "
                    "--budgets for a sweep (default: 10GiB with a GPU, experts:50%% without)")
     p.add_argument("--budgets", dest="budget_list", nargs="+", metavar="SIZE", help="several budgets: a sweep")
+    p.add_argument("--checkpoint-format", default="float", metavar="FORMAT",
+                   help="the built-in model's experts as written to disk: float (default, in --dtype) or generated "
+                   "packed in a published layout: fp8-block128 (the FP8 checkpoint layout), int4-g32/64/128 (GPTQ; "
+                   "int4 = int4-g128); a 30 B shape needs this to fit a 64 GB disk (one cached checkpoint per format)")
+    p.add_argument("--expert-format", dest="expert_formats", nargs="+", default=["auto"], metavar="FORMAT",
+                   help="moerun rows' expert format (moerun.load(expert_format=...)), one row per format: auto (the "
+                   "checkpoint's own), float, fp8, fp8-block128, int8, int4 (= int4-g128), int4-g32, int4-g64, mxfp4; "
+                   "a float checkpoint is quantized at load, a packed one runs as auto only (default: auto)")
+    p.add_argument("--routing", choices=["model", "uniform"], default="model",
+                   help="uniform: moerun rows draw every token's experts uniformly at random on the fast decode path "
+                   "(the UniformRouting override: the worst case for a cache; tokens are not the model's, and the "
+                   "baselines are skipped)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
                    help="moerun policies (bundled names or .moe paths; default: every bundled policy)")
@@ -80,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample the full distribution (seeded, the same for every system) instead of greedy "
                    "decoding: a random-weight model decoded greedily repeats itself and reuses the same experts; "
                    "sampled tokens vary, though a random-weight model still routes unevenly (for uniform "
-                   "routing see benchmarks/bench_decode.py --routing uniform)")
+                   "routing see --routing uniform)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="moerun rows without torch.compile of the fast decode path (on CUDA it is on: the "
                    "warm-up generation then compiles for tens of seconds, untimed)")
@@ -130,16 +144,17 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, Budget | None, str | None]]:
-    """(system, budget, policy) runs in table order; reference systems first."""
+def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, Budget | None, str | None, str]]:
+    """(system, budget, policy, expert format) runs in table order; reference systems first."""
     runs = []
     for system in args.systems:
         if system in BUDGET_FREE_SYSTEMS:
-            runs.append((system, None, None))
+            runs.append((system, None, None, "auto"))
         elif system == "moerun":
-            runs += [(system, b, pol) for b in budgets for pol in (policies or [None])]
+            runs += [(system, b, pol, fmt) for b in budgets for pol in (policies or [None])
+                     for fmt in args.expert_formats]
         else:
-            runs += [(system, b, None) for b in budgets]
+            runs += [(system, b, None, "auto") for b in budgets]
     order = {name: i for i, name in enumerate(SYSTEMS)}
     return sorted(runs, key=lambda run: order[run[0]])
 
@@ -147,24 +162,40 @@ def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, B
 def _checkpoint(args, dtype: torch.dtype, log) -> tuple[Path | str, str]:
     """(checkpoint path or hub id, name for tables) of --model or the built-in model."""
     if args.model:
+        if args.checkpoint_format != "float":
+            raise SystemExit("--checkpoint-format applies to built-in models; a --model checkpoint is read as it is")
         return (Path(args.model) if Path(args.model).exists() else args.model), str(args.model)
     name = args.synthetic or ("qwen1.5-moe-a2.7b" if torch.cuda.is_available() and args.device != "cpu" else "tiny")
-    return prepare_checkpoint(name, dtype=dtype, cache_dir=args.cache_dir, seed=args.seed, log=log), name
+    try:
+        path = prepare_checkpoint(name, dtype=dtype, cache_dir=args.cache_dir, seed=args.seed, log=log,
+                                  expert_format=args.checkpoint_format)
+    except ValueError as exc:
+        raise SystemExit(f"--checkpoint-format: {exc}") from exc
+    return path, name if args.checkpoint_format == "float" else f"{name}-{args.checkpoint_format}"
 
 
-def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str | None, row: report.SystemResult,
-                prompts: list[torch.Tensor], warmup: torch.Tensor, args, log) -> None:
-    """Loads and measures one system into ``row`` (status, notes, numbers); profiles it if asked."""
+def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str | None, expert_format: str,
+                row: report.SystemResult, prompts: list[torch.Tensor], warmup: torch.Tensor, args, log,
+                dense_ms: dict) -> None:
+    """Loads and measures one system into ``row`` (status, notes, numbers, and for moerun its format,
+    slots and decode bound); profiles it if asked. ``dense_ms`` keeps the dense part's step time, measured
+    on the first moerun row (the same for every row: the dense part does not depend on the experts)."""
     from tqdm.auto import tqdm
 
     start_s = time.perf_counter()
-    loaded = load_system(system, setup, budget_bytes, policy)
+    loaded = load_system(system, setup, budget_bytes, policy, expert_format)
     row.load_s = time.perf_counter() - start_s
     row.system, row.notes = loaded.label, loaded.notes
+    if loaded.expert_format is not None:
+        row.expert_format, row.slot_bytes, row.num_slots = loaded.expert_format, loaded.slot_bytes, loaded.num_slots
     try:
         with tqdm(total=len(prompts), desc=f"  {loaded.label}", unit="rep", leave=False, file=sys.stderr) as reps:
             row.measurement = measure(loaded, prompts, warmup, args.new_tokens, setup.device, args.time_limit_s, reps,
                                       sample_seed=args.seed if args.sample else None)
+        if system == "moerun":
+            if "ms" not in dense_ms:
+                dense_ms["ms"] = dense_step_ms(loaded.model, warmup.to(setup.device), args.new_tokens, setup.device)
+            row.limit = limit_of_moerun(loaded.model.moerun, setup.info, dense_ms["ms"], setup.device.type == "cuda")
         if args.profile:
             stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
             for path in profile_generation(loaded.model, prompts[0], args.new_tokens, setup.device, stem):
@@ -210,17 +241,18 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
         "model": {"name": model_name, "path": str(checkpoint), "type": info.model_type, "dtype": str(dtype),
                   "total_bytes": info.total_bytes, "dense_bytes": info.dense_bytes,
                   "expert_bytes": info.expert_bytes, "moe_layers": info.num_moe_layers,
-                  "experts": info.num_experts, "top_k": info.top_k},
+                  "experts": info.num_experts, "top_k": info.top_k, "expert_format": info.expert_format},
         "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "time_limit_s": args.time_limit_s,
-                     "decoding": "sampled" if args.sample else "greedy",
+                     "decoding": "sampled" if args.sample else "greedy", "routing": args.routing,
+                     "expert_formats": args.expert_formats,
                      "experts_implementation": _experts_implementation(), "fixed_bytes": probe.fixed_bytes},
     }
     print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
           f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
-          f"top-{info.top_k}, {format_bytes(info.expert_bytes)}/expert); batch {args.batch}, prompt "
-          f"{args.prompt_len}, {args.new_tokens} new tokens ({'sampled' if args.sample else 'greedy'}), "
-          f"{args.repeats} repeats", flush=True)
+          f"top-{info.top_k}, {format_bytes(info.expert_bytes)}/expert in {info.expert_format}); batch {args.batch}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens ({'sampled' if args.sample else 'greedy'}, "
+          f"{args.routing} routing), {args.repeats} repeats", flush=True)
 
     results: list[report.SystemResult] = []
     reference: list | None = None
@@ -230,22 +262,25 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
             experts_implementation=header["settings"]["experts_implementation"], fixed_bytes=probe.fixed_bytes,
             calibration_ids=calibration, calibration_new_tokens=args.new_tokens, scratch_dir=Path(scratch),
             max_context=seq_len, max_batch=args.batch, compile_decode=args.compile and device.type == "cuda",
+            routing=args.routing,
         )
+        dense_ms: dict = {}
         bar = tqdm(_plan(args, budgets, policies), desc="systems", unit="run", file=sys.stderr)
-        for system, budget, policy in bar:
+        for system, budget, policy, expert_format in bar:
             budget_bytes = budget.resolve(model_bytes=info.total_bytes, fixed_bytes=probe.fixed_bytes,
                                           routed_bytes=routed_slot_bytes) if budget else None
             label = f"{system}:{Path(policy).stem}" if policy else system
-            bar.set_postfix_str(f"{label} @ {budget.text if budget else '-'}")
+            bar.set_postfix_str(f"{label} {expert_format} @ {budget.text if budget else '-'}")
             row = report.SystemResult(label, budget.text if budget else "-", budget_bytes,
-                                      expert_bytes=info.expert_bytes)
+                                      expert_bytes=info.expert_bytes, expert_format=info.expert_format)
             results.append(row)
             if system == "moerun" and policy is None:
                 row.status = "skipped: no policy given and none bundled"
                 continue
             _free_device_memory(device)
             try:
-                _run_system(setup, system, budget_bytes or info.total_bytes, policy, row, prompts, warmup, args, log)
+                _run_system(setup, system, budget_bytes or info.total_bytes, policy, expert_format, row, prompts,
+                            warmup, args, log, dense_ms)
             except SystemSkipped as exc:
                 row.status = f"skipped: {exc}"
                 continue
@@ -256,7 +291,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
             if reference is None and system in REFERENCE_SYSTEMS:
                 reference = row.measurement.tokens
                 row.notes += " [reference]"
-            if reference is not None:
+            if reference is not None and args.routing == "model":
                 row.match = token_match(row.measurement.tokens, reference)
 
     print(report.format_table(results))

@@ -199,3 +199,23 @@ def token_match(tokens: list[list[list[int]]], reference: list[list[list[int]]])
             matched += prefix
             compared += min(len(seq), len(ref_seq))
     return matched, compared
+
+
+def dense_step_ms(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """Milliseconds of one decode step of a moerun model with its routed experts skipped (the fast
+    path's ``SkipRoutedExperts`` override): the dense part's floor under any expert placement; 0.0
+    (not measured) where the model decodes without the fast path (a CPU run under the model's routing).
+    The model's routing override is restored."""
+    from moerun.bench.routing_overrides import SkipRoutedExperts
+
+    handle = model.moerun
+    if not handle.fast_decode:
+        return 0.0
+    override = handle.decoder.routing_override
+    handle.decoder.routing_override = SkipRoutedExperts()
+    try:
+        timed_generate(model, prompt, min(new_tokens, 8), device)   # captures the skipping step's graphs
+        timing = timed_generate(model, prompt, new_tokens, device)
+    finally:
+        handle.decoder.routing_override = override
+    return 1e3 * timing.decode_s / timing.decode_steps if timing.decode_steps else 0.0

@@ -2,8 +2,10 @@
 
 A :class:`ModelSpec` names a preset (or tiny architecture) of ``moerun.models.synthetic`` and any
 overrides; :func:`prepare_checkpoint` builds it with ``moerun.models.synthetic`` into the cache directory the
-first time (after checking that the disk has room) and reuses it afterwards. :func:`inspect_checkpoint`
-reads any checkpoint's config and reports the sizes the bench needs (total bytes, bytes per expert).
+first time (after checking that the disk has room) and reuses it afterwards, with its routed experts in
+float or packed in a published layout (fp8-block128, int4-gG: generated packed, one cache entry per
+format). :func:`inspect_checkpoint` reads any checkpoint's config and reports the sizes the bench needs
+(total bytes, bytes per expert, the experts' format).
 This module knows nothing about the systems that run the checkpoints.
 """
 from __future__ import annotations
@@ -43,6 +45,9 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("deepseek-v2-lite", "deepseek-v2-lite",
                   "DeepSeek-V2-Lite shapes: 27 layers (the first dense) x 64 experts, top-6, 2 shared, MLA"),
         ModelSpec("olmoe", "olmoe-1b-7b", "OLMoE-1B-7B shapes: 16 layers x 64 experts, top-8"),
+        ModelSpec("qwen3-30b-a3b", "qwen3-30b-a3b",
+                  "Qwen3-30B-A3B shapes: 48 layers x 128 experts, top-8, no shared expert, 30.5 B parameters "
+                  "(57 GiB in bf16: build it packed, --checkpoint-format int4-g128 is 17 GiB)"),
     )
 }
 
@@ -62,6 +67,11 @@ class CheckpointInfo:
     num_experts: int          # routed experts per MoE layer
     top_k: int
     vocab_size: int
+    expert_format: str = "float"   # the checkpoint's own expert format ("float" or a packed one)
+
+    @property
+    def packed(self) -> bool:
+        return self.expert_format != "float"
 
     @property
     def routed_bytes(self) -> int:
@@ -117,19 +127,37 @@ def _sizes(config, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 def inspect_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> CheckpointInfo:
     """Read ``path``'s config (a directory or a hub id) and size its parameters in ``dtype``.
 
-    ``dtype`` defaults to the checkpoint's own (``config.dtype``), else bfloat16.
+    ``dtype`` defaults to the checkpoint's own (``config.dtype``), else bfloat16. A checkpoint whose
+    experts are published packed (fp8, GPTQ) counts each expert at its slot bytes in that format and the
+    dense part in ``dtype`` (moerun dequantizes quantized dense linears at load).
     """
     from transformers import AutoConfig
+
+    from moerun.checkpoint_quantization import read_quantization
 
     config = AutoConfig.from_pretrained(str(path))
     if dtype is None:
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = DTYPES.get(str(stored).replace("torch.", ""), torch.bfloat16)
     total, expert_bytes, layers, experts, top_k = _sizes(config, dtype)
+    fmt = read_quantization(config).expert_format
+    if fmt != "float":
+        dense_bytes = total - expert_bytes * layers * experts
+        expert_bytes = _slot_bytes(config, dtype, fmt)
+        total = dense_bytes + expert_bytes * layers * experts
     return CheckpointInfo(
         str(path), config.model_type, dtype, total, expert_bytes, layers, experts, top_k,
-        vocab_size=config.vocab_size,
+        vocab_size=config.vocab_size, expert_format=fmt,
     )
+
+
+def _slot_bytes(config, dtype: torch.dtype, expert_format: str) -> int:
+    """Bytes of one expert slot of ``config`` in ``expert_format`` (moerun's native slot layout)."""
+    from moerun.models import adapter_for
+    from moerun.native import slot_layout
+
+    adapter = adapter_for(config)
+    return slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size, expert_format).slot_bytes
 
 
 def _build_device(total_bytes: int) -> str:
@@ -139,13 +167,16 @@ def _build_device(total_bytes: int) -> str:
     return "cpu"
 
 
-def _cache_key(spec: ModelSpec, config, dtype: torch.dtype, seed: int, device: str) -> str:
-    """Directory name: changes whenever the config, seed, dtype or sampling device would give
-    different weights (CPU and GPU random streams differ)."""
+def _cache_key(spec: ModelSpec, config, dtype: torch.dtype, seed: int, device: str, expert_format: str) -> str:
+    """Directory name: changes whenever the config, seed, dtype, experts' format or sampling device would
+    give different weights (CPU and GPU random streams differ)."""
     fields = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
-    payload = json.dumps({"config": fields, "seed": seed, "dtype": str(dtype), "device": device},
-                         sort_keys=True, default=str)
-    return f"{spec.name}-{str(dtype).replace('torch.', '')}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
+    key = {"config": fields, "seed": seed, "dtype": str(dtype), "device": device}
+    if expert_format != "float":  # float keys stay those of earlier caches
+        key["expert_format"] = expert_format
+    payload = json.dumps(key, sort_keys=True, default=str)
+    fmt = "" if expert_format == "float" else f"-{expert_format}"
+    return f"{spec.name}-{str(dtype).replace('torch.', '')}{fmt}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
 
 
 def check_disk_space(directory: Path, needed_bytes: int, what: str) -> None:
@@ -156,38 +187,77 @@ def check_disk_space(directory: Path, needed_bytes: int, what: str) -> None:
         raise RuntimeError(
             f"{what} needs {format_bytes(needed_bytes)} of disk in {directory}, but only "
             f"{format_bytes(free_bytes)} is free. Free some space, point --cache-dir at a larger disk, "
-            "or pick a smaller --synthetic model."
+            "or pick a smaller --synthetic model (or a packed one: --checkpoint-format int4-g128)."
         )
 
 
+def packed_checkpoint_bytes(config, dtype: torch.dtype, expert_format: str) -> tuple[int, int]:
+    """(total, dense) bytes on disk of ``config`` with dense weights in ``dtype`` and routed experts
+    ``"float"`` (in ``dtype`` too) or packed in ``expert_format``."""
+    from moerun.models.synthetic import packed_expert_bytes
+
+    total, expert_bytes, layers, experts, _ = _sizes(config, dtype)
+    dense = total - expert_bytes * layers * experts
+    if expert_format == "float":
+        return total, dense
+    return dense + packed_expert_bytes(config, expert_format) * layers * experts, dense
+
+
+def _build_packed(config, path: Path, **kwargs) -> None:
+    """build_packed_checkpoint with a progress bar over its shards (a 30 B model takes minutes)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from moerun.models.synthetic import build_packed_checkpoint
+
+    with tqdm(desc="  writing shards", unit="shard", leave=False, file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        build_packed_checkpoint(config, path, progress=progress, **kwargs)
+
+
 def prepare_checkpoint(
-    name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, seed: int = 0, log=print
+    name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, seed: int = 0, log=print,
+    expert_format: str = "float",
 ) -> Path:
     """The directory of built-in model ``name`` in ``dtype``: built on first use, then reused.
 
-    The checkpoint is written to a temporary directory beside its final place and renamed when
-    complete, so an interrupted build is never mistaken for a finished one.
+    ``expert_format``: ``"float"`` (experts in ``dtype``) or a packed layout of
+    ``moerun.models.synthetic.PACKED_FORMATS`` (``"fp8-block128"``, ``"int4-g128"``, ...; ``"int4"`` =
+    int4-g128): the experts are generated packed, dense weights stay in ``dtype``; each format is its own
+    cache entry. The checkpoint is written to a temporary directory beside its final place and renamed
+    when complete, so an interrupted build is never mistaken for a finished one.
     """
+    from moerun.models.synthetic import build_checkpoint, packed_format
+
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
+    fmt = "float" if expert_format in ("float", None) else packed_format(expert_format)
     spec = BUILTIN_MODELS[name]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     config = spec_config(spec)
-    total_bytes = _sizes(config, dtype)[0]
-    device = _build_device(total_bytes)
-    path = cache_dir / _cache_key(spec, config, dtype, seed, device)
+    total_bytes, dense_bytes = packed_checkpoint_bytes(config, dtype, fmt)
+    # A packed build holds the dense model and one linear at a time on the device.
+    device = _build_device(total_bytes if fmt == "float" else dense_bytes)
+    path = cache_dir / _cache_key(spec, config, dtype, seed, device, fmt)
     if (path / "config.json").is_file():
         return path
     # The safetensors files plus headroom for metadata and the partial directory of a crashed build.
-    check_disk_space(cache_dir, int(total_bytes * 1.05) + 2**30, f"building the {name} checkpoint")
-    log(f"building the {name} checkpoint ({spec.description}; {format_bytes(total_bytes)} in "
-        f"{str(dtype).replace('torch.', '')}) in {path} — done once, then cached")
-    from moerun.models.synthetic import build_checkpoint
+    check_disk_space(cache_dir, int(total_bytes * 1.05) + 2**30, f"building the {name} checkpoint ({fmt} experts)")
+    experts = "" if fmt == "float" else f", experts packed in {fmt}"
+    log(f"building the {name} checkpoint ({spec.description}; {format_bytes(total_bytes)}, dense weights in "
+        f"{str(dtype).replace('torch.', '')}{experts}) in {path} — done once, then cached")
 
     partial = cache_dir / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        build_checkpoint(config, partial, seed=seed, dtype=dtype, device=device)
+        if fmt == "float":
+            build_checkpoint(config, partial, seed=seed, dtype=dtype, device=device)
+        else:
+            _build_packed(config, partial, seed=seed, dtype=dtype, device=device, expert_format=fmt)
         if device == "cuda":
             torch.cuda.empty_cache()
         os.replace(partial, path)

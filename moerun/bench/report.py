@@ -6,11 +6,13 @@ reason it did not run. This module does no measuring.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moerun.bench.budget import format_bytes
 from moerun.bench.counters import ExpertCounters
+from moerun.bench.limits import DecodeLimit
 from moerun.bench.measure import Measurement, Spread
 
 
@@ -27,6 +29,10 @@ class SystemResult:
     measurement: Measurement | None = None
     match: tuple[int, int] | None = None   # (matching tokens, compared) against the reference
     expert_bytes: int = 0
+    expert_format: str | None = None  # moerun: the arena's format; baselines: the checkpoint's
+    slot_bytes: int | None = None     # moerun: bytes of one expert slot
+    num_slots: int | None = None      # moerun: expert slots at the budget
+    limit: DecodeLimit | None = None  # moerun: the uniform-routing decode bound (moerun.bench.limits)
 
     @property
     def over_budget(self) -> bool:
@@ -39,6 +45,8 @@ class SystemResult:
         out = {
             "system": self.system, "budget": self.budget, "budget_bytes": self.budget_bytes,
             "status": self.status, "notes": self.notes, "load_s": self.load_s,
+            "expert_format": self.expert_format, "slot_bytes": self.slot_bytes, "num_slots": self.num_slots,
+            "limit": self.limit.summary() if self.limit else None,
         }
         if m is None:
             return out
@@ -69,12 +77,24 @@ def _fmt_spread(spread: Spread | None, digits: int = 1) -> str:
     return f"{spread.median:.{digits}f} [{spread.low:.{digits}f}-{spread.high:.{digits}f}]"
 
 
+def _fmt_limit(limit: DecodeLimit | None) -> str:
+    if limit is None:
+        return "-"
+
+    def rate(tok_s: float) -> str:
+        return "unbounded" if math.isinf(tok_s) else f"{tok_s:.1f}"
+
+    if limit.pcie_dram_tok_s is None:
+        return rate(limit.pcie_tok_s)
+    return f"{rate(limit.pcie_tok_s)} / {rate(limit.pcie_dram_tok_s)}"
+
+
 def _fmt_share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-COLUMNS = ("system", "budget", "decode tok/s", "prefill tok/s", "TTFT ms", "hit rate", "copied",
-           "CPU share", "dedup saved", "GPU peak", "tokens = ref", "notes")
+COLUMNS = ("system", "budget", "format", "slot", "slots", "decode tok/s", "limit tok/s", "prefill tok/s",
+           "TTFT ms", "hit rate", "copied", "CPU share", "dedup saved", "GPU peak", "tokens = ref", "notes")
 # Columns after TTFT describe the decode steps; the JSON has the prefill's as well.
 
 
@@ -82,16 +102,18 @@ def table_rows(results: list[SystemResult]) -> list[list[str]]:
     rows = []
     for r in results:
         m = r.measurement
+        slot = format_bytes(r.slot_bytes) if r.slot_bytes else "-"
+        head = [r.system, r.budget, r.expert_format or "-", slot, "-" if r.num_slots is None else str(r.num_slots)]
         if m is None:
-            rows.append([r.system, r.budget] + ["-"] * (len(COLUMNS) - 3) + [r.status])
+            rows.append(head + ["-"] * (len(COLUMNS) - len(head) - 1) + [r.status])
             continue
         c = m.decode_counters
         peak = format_bytes(m.gpu_peak_bytes) if m.gpu_peak_bytes is not None else "n/a (cpu)"
         if r.over_budget:
             peak += " OVER"
         match = "-" if r.match is None else f"{r.match[0]}/{r.match[1]}"
-        rows.append([
-            r.system, r.budget, _fmt_spread(m.decode_tok_s), _fmt_spread(m.prefill_tok_s, 0),
+        rows.append(head + [
+            _fmt_spread(m.decode_tok_s), _fmt_limit(r.limit), _fmt_spread(m.prefill_tok_s, 0),
             _fmt_spread(m.ttft_ms, 0), _fmt_share(c.hit_rate), format_bytes(c.copied_bytes),
             _fmt_share(c.cpu_share), format_bytes((c.pairs - c.loads) * r.expert_bytes), peak, match, r.notes,
         ])
@@ -114,7 +136,13 @@ def legend(on_gpu: bool) -> str:
     and both moerun's expert kernels and the baselines run on the CPU)."""
     where = "in a GPU slot" if on_gpu else "in an arena slot (host memory on a CPU run)"
     text = (
+        "format: the experts' format (moerun: in its host pool and arena; baselines: the checkpoint's); slot: "
+        "bytes of one expert slot; slots: expert slots at the budget. "
         "decode tok/s: generated tokens/s after the first (whole batch), median [min-max] over repeats; "
+        "limit tok/s: what the bytes allow at batch 1 under uniform routing, every miss copied over PCIe / "
+        "misses split between copies and the CPU executor reading host DRAM (moerun.bench.limits: rates from "
+        "the policy's cost model, the dense part's step time measured with routed experts skipped; JSON "
+        "'limit'); "
         "prefill tok/s and TTFT: prompt tokens/s and time to the first token. Over the decode steps of "
         "the timed repeats (prefill in the JSON): hit rate: experts needed by a layer step (unique per "
         f"step) already {where}; copied: weight bytes copied from the host pool into slots; "
@@ -127,7 +155,8 @@ def legend(on_gpu: bool) -> str:
     else:
         text += ("On a CPU run every system computes on the same cores, so the numbers show what moerun's "
                  "mechanism costs on a CPU, not offloading; GPU peak is not measured. ")
-    return text + "tokens = ref: generated tokens equal to the reference (greedy prefix per sequence)."
+    return text + ("tokens = ref: generated tokens equal to the reference (greedy prefix per sequence; experts "
+                   "quantized at load round differently from the float reference, so their tokens drift from it).")
 
 
 def write_json(path: Path, header: dict, results: list[SystemResult]) -> None:

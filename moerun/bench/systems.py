@@ -2,8 +2,11 @@
 
 ``load_system(name, setup, budget_bytes, policy)`` returns a :class:`LoadedSystem`: a model with
 ``generate`` plus a callable reporting its :class:`ExpertCounters`. The four transformers baselines
-are built here; the ``moerun`` row calls ``moerun.load`` with one policy. This module does not time
-anything (that is ``measure``) and does not print (that is ``report``).
+are built here; the ``moerun`` row calls ``moerun.load`` with one policy and one expert format. The
+baselines run float checkpoints with the model's own routing only; for a checkpoint whose experts are
+published packed, or under ``--routing uniform`` (an override of moerun's fast decode path), they are
+skipped with the reason. This module does not time anything (that is ``measure``) and does not print
+(that is ``report``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from moerun.bench.counters import ExpertCounters
 from moerun.bench.models import CheckpointInfo
 from moerun.bench.moe_layers import find_experts
 from moerun.bench.offloaded_experts import FiddlerExperts, GpuExpertLRU, OnDemandExperts
+from moerun.bench.routing_overrides import UniformRouting
 
 # The system names, defined once (CLI choices, table order, JSON keys).
 SYSTEMS = ("hf-resident", "hf-auto", "hf-ondemand", "fiddler", "moerun")
@@ -47,6 +51,7 @@ class BenchSetup:
     max_context: int               # prompt + generated tokens of one sequence
     max_batch: int
     compile_decode: bool = False   # moerun rows: fuse the fast path's kernels (moerun.load(compile_decode=))
+    routing: str = "model"         # "model", or "uniform": moerun rows draw experts uniformly (UniformRouting)
 
 
 @dataclass
@@ -58,6 +63,9 @@ class LoadedSystem:
     notes: str                     # how it runs, in a few words
     counters: Callable[[], ExpertCounters]
     _cleanup: list[Callable[[], None]] = field(default_factory=list)
+    expert_format: str | None = None   # moerun rows: the experts' format in the pool and the arena
+    slot_bytes: int | None = None      # moerun rows: bytes of one expert slot
+    num_slots: int | None = None       # moerun rows: expert slots at the budget
 
     def close(self) -> None:
         for fn in self._cleanup:
@@ -243,25 +251,36 @@ def load_fiddler(setup: BenchSetup, budget_bytes: int) -> LoadedSystem:
                         lambda: counters.copy())
 
 
-def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str) -> LoadedSystem:
-    """``moerun.load`` with one policy; its counters come from ``model.moerun.stats()``."""
+def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str, expert_format: str = "auto") -> LoadedSystem:
+    """``moerun.load`` with one policy and expert format; its counters come from ``model.moerun.stats()``.
+    Under uniform routing the fast decode path is on (on a CPU too) with the ``UniformRouting`` override."""
     import moerun
+    from moerun.checkpoint_quantization import ExpertFormatError
     from moerun.runtime.memory import BudgetError
 
     try:
         model = moerun.load(
             str(setup.checkpoint), policy=policy, vram_budget=budget_bytes, device=setup.device,
             dtype=setup.dtype, max_context=setup.max_context, max_batch=setup.max_batch,
-            compile_decode=setup.compile_decode, progress=False,
+            compile_decode=setup.compile_decode, progress=False, expert_format=expert_format,
         )
-    except BudgetError as exc:
+    except (BudgetError, ExpertFormatError) as exc:
         raise SystemSkipped(str(exc)) from exc
     handle = model.moerun
-    memory = handle.memory()["device"]
+    notes = f"policy {Path(policy).name}"
+    if setup.routing == "uniform":
+        handle.fast_decode = True
+        if not handle.fast_decode:
+            raise SystemSkipped("uniform routing needs the fast decode path, which is off: "
+                                f"{handle.decoder.off_reason}")
+        handle.decoder.routing_override = UniformRouting(setup.info.num_experts)
+        notes += "; uniform routing"
+    memory = handle.memory()
     total = setup.info.num_moe_layers * setup.info.num_experts
-    return LoadedSystem(f"moerun:{Path(policy).stem}", model,
-                        f"policy {Path(policy).name}; arena of {memory['num_slots']}/{total} slots",
-                        lambda: counters_from_moerun_stats(handle.stats()))
+    slots, fmt = memory["device"]["num_slots"], memory["experts"]["format"]
+    return LoadedSystem(f"moerun:{Path(policy).stem}", model, f"{notes}; arena of {slots}/{total} slots",
+                        lambda: counters_from_moerun_stats(handle.stats()), expert_format=fmt,
+                        slot_bytes=int(memory["experts"]["slot_bytes"]), num_slots=int(slots))
 
 
 def counters_from_moerun_stats(stats: dict) -> ExpertCounters:
@@ -276,8 +295,17 @@ def counters_from_moerun_stats(stats: dict) -> ExpertCounters:
     )
 
 
-def load_system(name: str, setup: BenchSetup, budget_bytes: int, policy: str | None = None) -> LoadedSystem:
-    """Loads system ``name`` (one of SYSTEMS); ``policy`` is required for ``moerun``."""
+def load_system(name: str, setup: BenchSetup, budget_bytes: int, policy: str | None = None,
+                expert_format: str = "auto") -> LoadedSystem:
+    """Loads system ``name`` (one of SYSTEMS); ``policy`` is required for ``moerun``, ``expert_format``
+    applies to it alone."""
+    if name != "moerun":
+        if setup.info.packed:
+            raise SystemSkipped(f"the checkpoint's experts are published packed ({setup.info.expert_format}); "
+                                "the transformers baselines here run float checkpoints only")
+        if setup.routing != "model":
+            raise SystemSkipped(f"{setup.routing} routing is an override of moerun's fast decode path; the "
+                                "baselines route as the model does")
     if name == "hf-resident":
         return load_hf_resident(setup)
     if name == "hf-auto":
@@ -287,5 +315,5 @@ def load_system(name: str, setup: BenchSetup, budget_bytes: int, policy: str | N
     if name == "fiddler":
         return load_fiddler(setup, budget_bytes)
     if name == "moerun":
-        return load_moerun(setup, budget_bytes, policy)
+        return load_moerun(setup, budget_bytes, policy, expert_format)
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")

@@ -5,15 +5,27 @@ their models here: a ``transformers`` config (tiny by default, real shapes throu
 overrides), random weights, ``save_pretrained`` into a directory. ``save_pretrained`` writes the
 per-expert hub key names, so the directory looks like a hub checkpoint without a tokenizer.
 
+A checkpoint can also be generated with its routed experts already packed in a published layout
+(``build_checkpoint(..., expert_format="int4-g128")``): random codes and plausible scales written
+expert by expert into safetensors shards, never a float copy of the experts, so a 30 B-parameter
+shape fits a small disk and a small host. The dense part is the float builder's, with the experts
+left out.
+
 This module knows nothing about offloading; it only makes checkpoints to load.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 # Tiny defaults: 2-3 layers, H = 64, E = 8, top-2, so a CPU forward takes milliseconds.
@@ -142,8 +154,13 @@ def build_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | int | None = None,
     device: str | torch.device = "cpu",
+    expert_format: str = "float",
 ) -> Path:
     """Save a random-weight model of ``config`` to ``path`` (safetensors, per-expert hub keys).
+
+    ``expert_format`` other than ``"float"`` (one of :data:`PACKED_FORMATS`) writes the routed experts
+    packed in that format's published layout instead (see :func:`build_packed_checkpoint`); ``dtype``
+    is then the dense weights' dtype.
 
     The directory holds ``config.json``, ``generation_config.json`` and the safetensors file(s)
     (sharded with an index when ``max_shard_size`` is given, e.g. ``"200KB"``); no tokenizer.
@@ -152,6 +169,9 @@ def build_checkpoint(
     of the many minutes single-threaded CPU sampling takes; the model must fit that device.
     Returns the directory.
     """
+    if expert_format != "float":
+        return build_packed_checkpoint(config, path, expert_format=expert_format, seed=seed, dtype=dtype,
+                                       device=device)
     path = Path(path)
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -161,4 +181,214 @@ def build_checkpoint(
     model.generation_config.pad_token_id = config.pad_token_id
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
+    return path
+
+
+# -- routed experts packed in a published layout --------------------------------------------------------
+# Expert formats (moerun.native.EXPERT_FORMATS) that checkpoints are published in: fp8-block128 as
+# DeepSeek-V3 / Qwen3 *-FP8 (F8_E4M3 ``weight`` + F32 ``weight_scale_inv`` per 128x128 block), int4-gG as
+# GPTQ v1 (``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, desc_act false, asymmetric).
+PACKED_FORMATS: tuple[str, ...] = ("fp8-block128", "int4-g32", "int4-g64", "int4-g128")
+_PACKED_ALIASES = {"int4": "int4-g128"}
+_FP8_BLOCK = 128
+# Root mean square of the random codes as values (fp8: |v| in [1, 240] over 8 octaves, see
+# _random_fp8_codes; int4: q - zero with q uniform in 0..15 and zero near 8): each scale is
+# 1 / (rms * sqrt(fan_in)), jittered, so the weights have the float builder's std of 1/sqrt(fan_in).
+_FP8_CODE_RMS = 76.6
+_INT4_CODE_RMS = 4.64
+
+
+def packed_format(name: str) -> str:
+    """The canonical name of a packed checkpoint format (``"int4"`` = ``"int4-g128"``)."""
+    canonical = _PACKED_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if canonical not in PACKED_FORMATS:
+        raise ValueError(f"no published checkpoint layout for expert format {name!r}; packed checkpoints are "
+                         f"{', '.join(PACKED_FORMATS)} (or 'int4' = int4-g128)")
+    return canonical
+
+
+def quantization_config(expert_format: str) -> dict[str, Any]:
+    """The ``config.json`` ``quantization_config`` of a checkpoint whose experts are ``expert_format``."""
+    fmt = packed_format(expert_format)
+    if fmt == "fp8-block128":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [_FP8_BLOCK, _FP8_BLOCK]}
+    return {"quant_method": "gptq", "bits": 4, "group_size": _group(fmt), "desc_act": False, "sym": False,
+            "checkpoint_format": "gptq"}
+
+
+def _group(fmt: str) -> int:
+    return int(fmt.rsplit("-g", 1)[1])
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """One tensor of a packed linear: its key suffix (after the linear's prefix), shape and dtype."""
+
+    suffix: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def packed_linear_tensors(expert_format: str, rows: int, cols: int) -> list[PackedTensor]:
+    """The tensors a ``[rows, cols]`` (out x in) linear is published as in ``expert_format``."""
+    fmt = packed_format(expert_format)
+    if fmt == "fp8-block128":
+        blocks = (-(-rows // _FP8_BLOCK), -(-cols // _FP8_BLOCK))
+        return [PackedTensor("weight", (rows, cols), torch.float8_e4m3fn),
+                PackedTensor("weight_scale_inv", blocks, torch.float32)]
+    g = _group(fmt)
+    if cols % g or rows % 8:
+        raise ValueError(f"a [{rows}, {cols}] linear cannot be {fmt} (GPTQ): its inputs ({cols}) must be a "
+                         f"multiple of the group ({g}) and its outputs ({rows}) of 8")
+    return [PackedTensor("qweight", (cols // 8, rows), torch.int32),
+            PackedTensor("qzeros", (cols // g, rows // 8), torch.int32),
+            PackedTensor("scales", (cols // g, rows), torch.float16),
+            PackedTensor("g_idx", (cols,), torch.int32)]
+
+
+def _expert_linears(adapter) -> list[tuple[int, int]]:
+    """(rows, cols) of gate, up and down of one routed expert."""
+    H, I = adapter.hidden_size, adapter.expert_inter_size
+    return [(I, H), (I, H), (H, I)]
+
+
+def packed_expert_bytes(config: PretrainedConfig, expert_format: str) -> int:
+    """Bytes one routed expert of ``config`` takes on disk packed in ``expert_format``."""
+    from moerun.models import adapter_for
+
+    return sum(t.nbytes for rows, cols in _expert_linears(adapter_for(config))
+               for t in packed_linear_tensors(expert_format, rows, cols))
+
+
+def _random_fp8_codes(numel: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Random float8 e4m3 bytes: random sign and mantissa, exponent field 7..14 (|v| in [1, 240]); no NaN
+    code (exponent 15), no subnormal. Four integer ops on random bytes: fast on a CPU too."""
+    r = torch.empty(-(-numel // 4), dtype=torch.int32, device=device).random_(-2**31, 2**31, generator=generator)
+    r = r.view(torch.uint8)[:numel]
+    return ((r & 0x3F) + 0x38) | (r & 0x80)
+
+
+def _jitter(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return 0.75 + 0.5 * torch.rand(shape, generator=generator, device=device)
+
+
+def _random_packed_linear(fmt: str, rows: int, cols: int, generator: torch.Generator,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """The published tensors of one random ``[rows, cols]`` linear (on the host), by key suffix."""
+    specs = {t.suffix: t for t in packed_linear_tensors(fmt, rows, cols)}
+    base = 1.0 / math.sqrt(cols)
+    if fmt == "fp8-block128":
+        codes = _random_fp8_codes(rows * cols, generator, device).view(torch.float8_e4m3fn).view(rows, cols)
+        scale = base / _FP8_CODE_RMS * _jitter(specs["weight_scale_inv"].shape, generator, device)
+        return {"weight": codes.cpu(), "weight_scale_inv": scale.float().cpu()}
+    g = _group(fmt)
+    qweight = torch.empty(specs["qweight"].shape, dtype=torch.int32, device=device)
+    qweight.random_(-2**31, 2**31, generator=generator)           # 8 uniform 4-bit codes per int32
+    zeros = torch.randint(6, 11, (cols // g, rows), generator=generator, device=device, dtype=torch.int32)
+    stored = zeros - 1                                             # GPTQ v1 stores zero - 1
+    qzeros = torch.zeros(specs["qzeros"].shape, dtype=torch.int32, device=device)
+    for k in range(8):                                             # output 8j + k in bits 4k..4k+3 of word j
+        qzeros |= stored[:, k::8] << (4 * k)
+    scales = (base / _INT4_CODE_RMS * _jitter(specs["scales"].shape, generator, device)).half()
+    g_idx = torch.arange(cols, dtype=torch.int32) // g
+    return {"qweight": qweight.cpu(), "qzeros": qzeros.cpu(), "scales": scales.cpu(), "g_idx": g_idx}
+
+
+def _save_dense_part(config: PretrainedConfig, path: Path, *, seed: int, dtype: torch.dtype,
+                     device: torch.device) -> None:
+    """``save_pretrained`` of a random model of ``config`` without its routed experts (one file; transformers
+    names the keys as the hub does), with ``config.json`` and ``generation_config.json``."""
+    from moerun.models import adapter_for
+
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer in adapter.moe_layers():
+        model.get_submodule(adapter.block_path(layer)).experts = torch.nn.Module()
+    model.to_empty(device=device)
+    _randomize_(model, torch.Generator(device=device).manual_seed(seed))
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(path, max_shard_size=2**62)
+
+
+def _expert_shards(adapter, per_expert_bytes: int, max_shard_bytes: int) -> list[list[tuple[int, int]]]:
+    """(moe layer, expert) lists, one per shard, in layer order, each under ``max_shard_bytes`` (at least
+    one expert)."""
+    per_shard = max(1, max_shard_bytes // per_expert_bytes)
+    experts = [(layer, e) for layer in adapter.moe_layers() for e in range(adapter.num_experts)]
+    return [experts[i:i + per_shard] for i in range(0, len(experts), per_shard)]
+
+
+def build_packed_checkpoint(
+    config: PretrainedConfig,
+    path: str | os.PathLike,
+    *,
+    expert_format: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    max_shard_bytes: int = 2**30,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Save a random-weight model of ``config`` whose routed experts are published packed in ``expert_format``.
+
+    ``expert_format`` is one of :data:`PACKED_FORMATS`: ``"fp8-block128"`` writes each expert linear as an
+    fp8 checkpoint does (``weight`` float8 e4m3 [out, in], ``weight_scale_inv`` fp32 per 128x128 block),
+    ``"int4-gG"`` as GPTQ v1 does (``qweight`` int32 [in/8, out], ``qzeros`` int32 [in/G, out/8] holding
+    zero - 1, ``scales`` fp16 [in/G, out], ``g_idx``). Codes are random, scales plausible: the weights'
+    std is about 1/sqrt(fan_in), as in :func:`build_checkpoint`. Dense weights are :func:`build_checkpoint`'s
+    in ``dtype``; ``config.json`` carries the format's ``quantization_config``.
+
+    Written shard by shard (the dense part first, then experts in layer order, each shard at most
+    ``max_shard_bytes``, with ``model.safetensors.index.json``), so host memory holds one shard. The same
+    arguments give the same files on the same device kind. ``progress(done, total)`` is called per shard.
+    Returns the directory.
+    """
+    from moerun.models import adapter_for
+
+    fmt = packed_format(expert_format)
+    adapter = adapter_for(config)
+    linears = _expert_linears(adapter)
+    per_expert = sum(t.nbytes for rows, cols in linears for t in packed_linear_tensors(fmt, rows, cols))
+    path, device = Path(path), torch.device(device)
+    path.mkdir(parents=True, exist_ok=True)
+    dense_dir = path / ".dense"
+    _save_dense_part(config, dense_dir, seed=seed, dtype=dtype, device=device)
+    shards = _expert_shards(adapter, per_expert, max_shard_bytes)
+    total = 1 + len(shards)
+    name = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    os.replace(dense_dir / "model.safetensors", path / name[0])
+    with safe_open(str(path / name[0]), framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), name[0])
+    with open(path / name[0], "rb") as f:  # tensor bytes: the file less its 8-byte length and JSON header
+        total_size = (path / name[0]).stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+    if progress:
+        progress(1, total)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    for index, shard in enumerate(shards, start=1):
+        tensors = {}
+        for layer, expert in shard:
+            keys = adapter.expert_keys(layer, expert)
+            for key, (rows, cols) in zip((keys.gate, keys.up, keys.down), linears):
+                prefix = key[: -len("weight")]
+                for suffix, tensor in _random_packed_linear(fmt, rows, cols, generator, device).items():
+                    tensors[prefix + suffix] = tensor
+        save_file(tensors, str(path / name[index]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name[index]))
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+        if progress:
+            progress(index + 1, total)
+    index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+    config_json = json.loads((dense_dir / "config.json").read_text())
+    config_json["quantization_config"] = quantization_config(fmt)
+    (path / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    shutil.copy(dense_dir / "generation_config.json", path / "generation_config.json")
+    shutil.rmtree(dense_dir)
     return path

@@ -10,11 +10,13 @@ import torch
 from moerun.bench.budget import parse_budget
 from moerun.bench.cli import run_bench
 from moerun.bench.counters import ExpertCounters
+from moerun.bench.limits import uniform_decode_limit
 from moerun.bench.measure import token_match
-from moerun.bench.models import check_disk_space, inspect_checkpoint
+from moerun.bench.models import check_disk_space, inspect_checkpoint, prepare_checkpoint
 from moerun.bench.moe_layers import find_experts
 from moerun.bench.offloaded_experts import FiddlerExperts, GpuExpertLRU, OnDemandExperts
 from moerun.models.synthetic import build_checkpoint, synthetic_config
+from moerun.native import slot_layout
 
 BASELINES = ["hf-resident", "hf-auto", "hf-ondemand", "fiddler"]
 
@@ -201,3 +203,67 @@ def test_checkpoint_sizes_count_experts_and_dense_part(checkpoints):
 def test_disk_check_says_how_to_fix(tmp_path):
     with pytest.raises(RuntimeError, match="--cache-dir"):
         check_disk_space(tmp_path, 2**60, "building a huge checkpoint")
+
+
+@pytest.mark.skipif(not _moerun_parts_merged(), reason="moerun.load's policy engine or mechanism is not merged yet")
+def test_one_moerun_row_per_expert_format_with_its_slots_and_decode_limit(tmp_path):
+    results = run_bench([
+        "--synthetic", "tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+        "--budget", "experts:50%", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1",
+        "--systems", "hf-resident", "moerun", "--policies", "balanced", "--expert-format", "int8", "int4-g32",
+    ])
+    reference, *rows = results
+    assert reference.status == "ok" and reference.expert_format == "float"
+    assert [(r.system, r.expert_format) for r in rows] == [("moerun:balanced", "int8"), ("moerun:balanced", "int4-g32")]
+    for r in rows:
+        assert r.status == "ok", r.status
+        assert r.slot_bytes == slot_layout(torch.float32, 64, 32, r.expert_format).slot_bytes
+        # The float plan's budget for half the experts holds every expert at 8 bits or less.
+        assert r.num_slots == 16 and r.limit.misses_per_token == 0
+    [json_path] = (tmp_path / "out").glob("*.json")
+    saved = json.loads(json_path.read_text())["results"]
+    assert [(r["expert_format"], r["num_slots"]) for r in saved[1:]] == [("int8", 16), ("int4-g32", 16)]
+    assert saved[1]["slot_bytes"] == rows[0].slot_bytes and "pcie_tok_s" in saved[1]["limit"]
+
+
+@pytest.mark.skipif(not _moerun_parts_merged(), reason="moerun.load's policy engine or mechanism is not merged yet")
+def test_packed_builtin_model_runs_moerun_and_skips_the_baselines(tmp_path):
+    results = run_bench([
+        "--synthetic", "tiny", "--checkpoint-format", "int4-g32", "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(tmp_path / "out"), "--budget", "experts:50%", "--prompt-len", "4", "--new-tokens", "4",
+        "--repeats", "1", "--systems", "hf-resident", "fiddler", "moerun", "--policies", "balanced",
+        "--routing", "uniform",
+    ])
+    rows = {r.system: r for r in results}
+    for name in ("hf-resident", "fiddler"):
+        assert rows[name].status.startswith("skipped: the checkpoint's experts are published packed (int4-g32)")
+    moerun_row = rows["moerun:balanced"]
+    assert moerun_row.status == "ok" and moerun_row.expert_format == "int4-g32"
+    assert "uniform routing" in moerun_row.notes and moerun_row.match is None
+    # Half of the 16 experts resident: per token, 2 layers x top-2 x 1/2 misses; the dense part was timed.
+    assert moerun_row.num_slots == 8 and moerun_row.limit.misses_per_token == 2.0
+    assert moerun_row.limit.dense_ms > 0 and moerun_row.limit.pcie_tok_s < 1e3 / moerun_row.limit.dense_ms
+    [cached] = (tmp_path / "cache").iterdir()
+    assert "int4-g32" in cached.name
+
+
+def test_decode_limit_counts_the_misses_of_uniform_routing():
+    # 48 layers x 128 experts, top-8, a third resident: 256 misses of 2 MB per token.
+    limit = uniform_decode_limit(moe_layers=48, experts=128, top_k=8, num_slots=2048, slot_bytes=2_000_000,
+                                 h2d_gbps=50.0, cpu_gbps=25.0, dense_ms=2.0)
+    assert limit.misses_per_token == 256.0 and limit.miss_bytes_per_token == 512e6
+    assert limit.pcie_tok_s == pytest.approx(1 / (512e6 / 50e9 + 2e-3))
+    assert limit.pcie_dram_tok_s == pytest.approx(1 / (512e6 / 75e9 + 2e-3))
+    resident = uniform_decode_limit(moe_layers=2, experts=8, top_k=2, num_slots=64, slot_bytes=1, h2d_gbps=1.0)
+    assert resident.misses_per_token == 0 and resident.summary()["pcie_tok_s"] is None  # nothing bounds it
+
+
+def test_packed_builds_are_cached_per_format_and_sized_packed(tmp_path, monkeypatch):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path)._replace(free=2**30)
+    monkeypatch.setattr("moerun.bench.models.shutil.disk_usage", lambda path: free)
+    with pytest.raises(RuntimeError, match=r"int4-g128 experts\) needs 18\.\d\d GiB"):
+        prepare_checkpoint("qwen3-30b-a3b", dtype=torch.bfloat16, cache_dir=tmp_path, expert_format="int4")
+    with pytest.raises(RuntimeError, match=r"float experts\) needs 60\.\d\d GiB"):
+        prepare_checkpoint("qwen3-30b-a3b", dtype=torch.bfloat16, cache_dir=tmp_path)
