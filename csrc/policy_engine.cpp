@@ -399,6 +399,7 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
 
   ++total_.steps;
   if (layer == 0) total_.tokens += tokens;
+  out.cpu_pairs = cpu_tokens;
   advance_time(layer, cpu_tokens);
   if (cfg_.per_layer && cfg_.allocation == Allocation::Entropy && cfg_.rebalance_interval > 0 &&
       clock_ - last_rebalance_ >= cfg_.rebalance_interval) {

@@ -123,9 +123,11 @@ struct Plan {
   std::vector<int32_t> cpu;         // expert
   std::vector<int32_t> prefetches;  // (layer, expert, slot, victim_layer, victim_expert)
   std::vector<int32_t> releases;    // (slot, layer, expert): leave the arena after this step's kernel
+  int64_t cpu_pairs = 0;            // routed (token, expert) pairs of the CPU experts
   double predicted_us = 0.0;        // cost model's estimate of this layer step
   void clear() {
     hits.clear(); fetches.clear(); cpu.clear(); prefetches.clear(); releases.clear();
+    cpu_pairs = 0;
     predicted_us = 0.0;
   }
 };

@@ -222,6 +222,15 @@ py::list tuples(const std::vector<int32_t>& flat, size_t width) {
   return out;
 }
 
+// Plan.counts: what the runtime's counters take from a carried-out plan.
+py::tuple counts(const Plan& p) {
+  int64_t fetch_evictions = 0, prefetch_evictions = 0;
+  for (size_t i = 2; i < p.fetches.size(); i += 4) fetch_evictions += p.fetches[i] >= 0;
+  for (size_t i = 3; i < p.prefetches.size(); i += 5) prefetch_evictions += p.prefetches[i] >= 0;
+  return py::make_tuple(p.hits.size() / 2, p.fetches.size() / 4, fetch_evictions, p.cpu.size(), p.cpu_pairs,
+                        p.prefetches.size() / 5, prefetch_evictions);
+}
+
 struct PyEngine {
   Engine engine;
   std::shared_ptr<Plan> plan = std::make_shared<Plan>();
@@ -325,6 +334,13 @@ void bind_policy_engine(py::module& m) {
       .def_property_readonly("num_cpu", [](const Plan& p) { return p.cpu.size(); })
       .def_property_readonly("num_prefetches", [](const Plan& p) { return p.prefetches.size() / 5; })
       .def_property_readonly("num_releases", [](const Plan& p) { return p.releases.size() / 3; })
+      .def_property_readonly("cpu_experts",
+                             [](const Plan& p) { return std::vector<int64_t>(p.cpu.begin(), p.cpu.end()); },
+                             "[expert] run on the CPU (cpu's experts, as the CPU executor takes them)")
+      .def_readonly("cpu_pairs", &Plan::cpu_pairs, "routed (token, expert) pairs of the CPU experts")
+      .def_property_readonly("counts", &counts,
+                             "(hits, fetches, fetch_evictions, cpu, cpu_pairs, prefetches, prefetch_evictions): "
+                             "the plan's sizes in one call (evictions: copies into a slot that held an expert)")
       .def_readonly("predicted_us", &Plan::predicted_us);
 
   py::class_<PyEngine>(m, "PolicyEngine", "Native policy engine; see moerun.policy_engine.")

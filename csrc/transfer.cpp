@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -13,21 +14,7 @@ namespace {
 constexpr size_t kTimingRing = 256;  // copies whose duration can be pending read-back at once
 
 #ifdef MOERUN_WITH_CUDA
-// Switches to the arena's device for the scope of one call, and back.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    MOERUN_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) MOERUN_CUDA_CHECK(cudaSetDevice(device));
-    device_ = device;
-  }
-  ~DeviceScope() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = 0, device_ = 0;
-};
+using DeviceScope = CudaDeviceScope;
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
@@ -162,59 +149,147 @@ void TransferEngine::issue(const Pending& p, bool demand, const void* src) {
   pool_->release(p.layer, p.expert);
 }
 
-void TransferEngine::fetch(int64_t layer, int64_t expert, int64_t slot, bool demand, void* compute_stream) {
-  arena_->check_slot(slot);
-  arena_->check_expert(layer, expert);
-#ifdef MOERUN_WITH_CUDA
-  std::unique_ptr<DeviceScope> scope;
-  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
-#endif
+void TransferEngine::hand_over(const SlotCopy& c, bool demand) {
+  arena_->check_slot(c.slot);
+  arena_->check_expert(c.layer, c.expert);
+  const size_t slot = static_cast<size_t>(c.slot);
   // A newer request for a slot supersedes queued prefetches into it.
-  if (queued_in_slot_[static_cast<size_t>(slot)] > 0) {
-    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const Pending& q) { return q.slot == slot; }),
+  if (queued_in_slot_[slot] > 0) {
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const Pending& q) { return q.slot == c.slot; }),
                  queue_.end());
-    queued_in_slot_[static_cast<size_t>(slot)] = 0;
+    queued_in_slot_[slot] = 0;
   }
-  arena_->assign(slot, layer, expert, compute_stream);
+  arena_->stage_assign(c.slot, c.layer, c.expert);
+  settled_ = false;
   if (demand) {
     // A host-cache miss is read from disk here, before the copy (the step needs it now).
-    issue({layer, expert, slot}, true, pool_->acquire(layer, expert));
+    issue(c, true, pool_->acquire(c.layer, c.expert));
   } else {
-    queue_.push_back({layer, expert, slot});
-    ++queued_in_slot_[static_cast<size_t>(slot)];
-    pool_->prefetch(layer, expert);  // a host-cache miss is read on the pool's I/O threads meanwhile
+    queue_.push_back(c);
+    ++queued_in_slot_[slot];
+    pool_->prefetch(c.layer, c.expert);  // a host-cache miss is read on the pool's I/O threads meanwhile
   }
-  poll();
+}
+
+void TransferEngine::drain() {
+  while (!unissued_.empty()) {
+    const auto [copy, demand] = unissued_.front();
+    hand_over(copy, demand);
+    unissued_.pop_front();
+  }
+}
+
+void TransferEngine::flush_after_error(void* compute_stream) noexcept {
+  try {
+    arena_->flush(compute_stream);  // what was staged before the error reaches the device table
+  } catch (...) {                   // the error being thrown says more than this one
+  }
+}
+
+void TransferEngine::fetch(int64_t layer, int64_t expert, int64_t slot, bool demand, void* compute_stream) {
+  fetch_all({SlotCopy{layer, expert, slot}}, demand, compute_stream);
+}
+
+void TransferEngine::fetch_all(const std::vector<SlotCopy>& copies, bool demand, void* compute_stream) {
+#ifdef MOERUN_WITH_CUDA
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
+#endif
+  // Queued first, so that copies an exception stops are carried out by the next call.
+  for (const SlotCopy& c : copies) unissued_.emplace_back(c, demand);
+  try {
+    drain();
+  } catch (...) {
+    flush_after_error(compute_stream);
+    throw;
+  }
+  arena_->flush(compute_stream);
+  poll_unscoped();
+}
+
+void TransferEngine::begin_step(const StepCopies& step, void* compute_stream) {
+  if (step_open_)
+    throw std::logic_error("moerun internal error: TransferEngine.begin_step while the previous step is open "
+                           "(end_step closes it)");
+#ifdef MOERUN_WITH_CUDA
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
+#endif
+  step_ = step;  // reuses the vectors' room: no allocation once warm
+  step_open_ = true;
+  step_released_ = step_prefetches_handed_ = false;
+  poll_unscoped();  // prefetches queued behind the in-flight limit go out first
+  try {
+    for (const SlotCopy& c : step_.demand) unissued_.emplace_back(c, true);
+    drain();
+    for (int64_t slot : step_.read_slots) wait_slot(slot, compute_stream);
+  } catch (...) {
+    flush_after_error(compute_stream);
+    throw;
+  }
+  arena_->flush(compute_stream);
+}
+
+void TransferEngine::end_step(void* compute_stream) {
+  if (!step_open_) return;
+#ifdef MOERUN_WITH_CUDA
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
+#endif
+  try {
+    drain();  // demand copies an exception in begin_step left behind
+    if (!step_released_) {
+      release_unscoped(step_.read_slots, compute_stream);
+      step_released_ = true;
+    }
+    // Prefetches go out after the kernel launch: one may bring in an expert that the step ran on the
+    // CPU, and the kernel must not also see it in the table.
+    if (!step_prefetches_handed_) {
+      for (const SlotCopy& c : step_.prefetches) unissued_.emplace_back(c, false);
+      step_prefetches_handed_ = true;
+    }
+    drain();
+    // Released experts leave after the kernel, unless this plan already gave their slot to another.
+    for (const SlotCopy& r : step_.releases)
+      if (arena_->occupant(r.slot) == std::make_pair(r.layer, r.expert)) arena_->stage_evict(r.slot);
+  } catch (...) {
+    flush_after_error(compute_stream);
+    throw;
+  }
+  arena_->flush(compute_stream);
+  poll_unscoped();
+  step_open_ = false;
+}
+
+void TransferEngine::wait_slot(int64_t slot, void* compute_stream) {
+  arena_->check_slot(slot);
+  if (queued_in_slot_[static_cast<size_t>(slot)] > 0) {
+    // Needed now: the queued prefetch becomes a demand copy (issued at once on the demand stream).
+    auto it = std::find_if(queue_.begin(), queue_.end(), [&](const Pending& q) { return q.slot == slot; });
+    Pending p = *it;
+    queue_.erase(it);
+    queued_in_slot_[static_cast<size_t>(slot)] = 0;
+    issue(p, true, pool_->acquire(p.layer, p.expert));
+  }
+#ifdef MOERUN_WITH_CUDA
+  if (cuda_)
+    MOERUN_CUDA_CHECK(cudaStreamWaitEvent(as_stream(compute_stream), as_event(ready_[static_cast<size_t>(slot)]), 0));
+#endif
+  (void)compute_stream;
 }
 
 void TransferEngine::wait_slots(const std::vector<int64_t>& slots, void* compute_stream) {
 #ifdef MOERUN_WITH_CUDA
-  std::unique_ptr<DeviceScope> scope;
-  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
 #endif
-  for (int64_t slot : slots) {
-    arena_->check_slot(slot);
-    if (queued_in_slot_[static_cast<size_t>(slot)] > 0) {
-      // Needed now: the queued prefetch becomes a demand copy (issued at once on the demand stream).
-      auto it = std::find_if(queue_.begin(), queue_.end(), [&](const Pending& q) { return q.slot == slot; });
-      Pending p = *it;
-      queue_.erase(it);
-      queued_in_slot_[static_cast<size_t>(slot)] = 0;
-      issue(p, true, pool_->acquire(p.layer, p.expert));
-    }
-#ifdef MOERUN_WITH_CUDA
-    if (cuda_)
-      MOERUN_CUDA_CHECK(cudaStreamWaitEvent(as_stream(compute_stream), as_event(ready_[static_cast<size_t>(slot)]), 0));
-#endif
-  }
-  (void)compute_stream;
+  for (int64_t slot : slots) wait_slot(slot, compute_stream);
 }
 
-void TransferEngine::release_slots(const std::vector<int64_t>& slots, void* compute_stream) {
+void TransferEngine::release_unscoped(const std::vector<int64_t>& slots, void* compute_stream) {
   for (int64_t slot : slots) arena_->check_slot(slot);
 #ifdef MOERUN_WITH_CUDA
   if (!cuda_) return;
-  DeviceScope scope(arena_->device_index());
   for (int64_t slot : slots)
     MOERUN_CUDA_CHECK(cudaEventRecord(as_event(release_[static_cast<size_t>(slot)]), as_stream(compute_stream)));
 #else
@@ -222,15 +297,29 @@ void TransferEngine::release_slots(const std::vector<int64_t>& slots, void* comp
 #endif
 }
 
+void TransferEngine::release_slots(const std::vector<int64_t>& slots, void* compute_stream) {
+#ifdef MOERUN_WITH_CUDA
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
+#endif
+  release_unscoped(slots, compute_stream);
+}
+
 std::vector<std::tuple<int64_t, int64_t, int64_t>> TransferEngine::cancel_prefetches(void* compute_stream) {
+#ifdef MOERUN_WITH_CUDA
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
+#endif
+  drain();  // copies handed over before an error are queued (or issued) like the others
   std::vector<std::tuple<int64_t, int64_t, int64_t>> cancelled;
   for (const Pending& p : queue_) {
-    if (arena_->occupant(p.slot) == std::make_pair(p.layer, p.expert)) arena_->evict(p.slot, compute_stream);
+    if (arena_->occupant(p.slot) == std::make_pair(p.layer, p.expert)) arena_->stage_evict(p.slot);
     cancelled.emplace_back(p.layer, p.expert, p.slot);
     queued_in_slot_[static_cast<size_t>(p.slot)] = 0;
   }
   stats_.cancelled_prefetches += static_cast<int64_t>(queue_.size());
   queue_.clear();
+  arena_->flush(compute_stream);
   return cancelled;
 }
 
@@ -247,9 +336,13 @@ int64_t TransferEngine::inflight_prefetches() {
 
 void TransferEngine::poll() {
 #ifdef MOERUN_WITH_CUDA
-  std::unique_ptr<DeviceScope> scope;
-  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
 #endif
+  poll_unscoped();
+}
+
+void TransferEngine::poll_unscoped() {
   // In queue order, those whose bytes are in host memory (a host-cache miss waits for its read).
   for (auto it = queue_.begin(); it != queue_.end() && inflight_prefetches() < max_inflight_;) {
     const void* src = pool_->try_acquire(it->layer, it->expert);
@@ -279,10 +372,11 @@ void TransferEngine::poll() {
 
 void TransferEngine::synchronize() {
 #ifdef MOERUN_WITH_CUDA
-  std::unique_ptr<DeviceScope> scope;
-  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
 #endif
   // Everything still queued goes out now, waiting for host-cache reads where needed.
+  drain();
   while (!queue_.empty()) {
     const Pending p = queue_.front();
     queue_.pop_front();
@@ -293,18 +387,35 @@ void TransferEngine::synchronize() {
   if (cuda_)
     for (void* s : streams_) MOERUN_CUDA_CHECK(cudaStreamSynchronize(as_stream(s)));
 #endif
-  poll();
+  poll_unscoped();
+  settled_ = true;
 }
 
 TransferStats TransferEngine::stats() {
 #ifdef MOERUN_WITH_CUDA
-  std::unique_ptr<DeviceScope> scope;
-  if (cuda_) scope.reset(new DeviceScope(arena_->device_index()));
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
 #endif
-  poll();
+  poll_unscoped();
   return stats_;
 }
 
-void TransferEngine::reset_stats() { stats_ = TransferStats{}; }
+std::pair<double, int64_t> TransferEngine::take_copy_timing() {
+#ifdef MOERUN_WITH_CUDA
+  std::optional<DeviceScope> scope;
+  if (cuda_) scope.emplace(arena_->device_index());
+#endif
+  poll_unscoped();
+  const std::pair<double, int64_t> since(stats_.copy_time_us - taken_copy_us_, stats_.timed_bytes - taken_bytes_);
+  taken_copy_us_ = stats_.copy_time_us;
+  taken_bytes_ = stats_.timed_bytes;
+  return since;
+}
+
+void TransferEngine::reset_stats() {
+  stats_ = TransferStats{};
+  taken_copy_us_ = 0;
+  taken_bytes_ = 0;
+}
 
 }  // namespace moerun

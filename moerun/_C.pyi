@@ -108,6 +108,14 @@ class TransferEngine:
     def fetch(self, layer: int, expert: int, slot: int, demand: bool = True) -> None: ...  # writes arena.weights[slot] and the slot table
     def wait_slots(self, slots: Sequence[int]) -> None: ...
     def release_slots(self, slots: Sequence[int]) -> None: ...
+    # One layer step as its plan lists it: demand copies + waits on the slots read, then (after the kernel
+    # launch) releases, prefetches, released experts; each call writes the slot table once.
+    def begin_step(self, layer: int, plan: Plan) -> None: ...  # writes arena.weights and the slot table
+    def end_step(self) -> None: ...
+    def prefetch(self, plan: Plan) -> None: ...  # queues plan.prefetches (PolicyEngine.prefetch_ahead's plan)
+    step_open: bool
+    settled: bool  # nothing handed over since synchronize(): every expert in the table has landed
+    def take_copy_timing(self) -> tuple[float, int]: ...  # (copy_time_us, timed_bytes) since the last call
     def cancel_prefetches(self) -> list[tuple[int, int, int]]: ...
     def poll(self) -> None: ...
     def synchronize(self) -> None: ...
@@ -149,6 +157,11 @@ class Plan:
     def releases(self) -> list[tuple[int, int, int]]: ...             # (slot, layer, expert)
     num_hits: int
     num_fetches: int
+    @property
+    def cpu_experts(self) -> list[int]: ...                           # cpu's experts, as CpuExecutor.submit takes them
+    @property
+    def counts(self) -> tuple[int, int, int, int, int, int, int]: ...  # (hits, fetches, fetch_evictions, cpu, cpu_pairs, prefetches, prefetch_evictions)
+    cpu_pairs: int  # routed (token, expert) pairs of the CPU experts
     num_cpu: int
     num_prefetches: int
     num_releases: int

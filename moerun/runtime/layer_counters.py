@@ -25,23 +25,25 @@ class LayerCounters:
     fetch_bytes: int = 0
     prefetch_bytes: int = 0
 
-    def add_step(self, *, num_pairs: int, hits: list, fetches: list, prefetches: list,
-                 num_cpu: int, slot_bytes: int) -> None:
-        """Count one carried-out plan (its hits, fetches and prefetches as the engine lists them)."""
+    def add_step(self, num_pairs: int, counts: tuple[int, ...], slot_bytes: int) -> None:
+        """Count one carried-out plan of ``num_pairs`` routed pairs; ``counts`` is its ``Plan.counts``:
+        (hits, fetches, fetch evictions, CPU experts, CPU pairs, prefetches, prefetch evictions)."""
+        hits, fetches, fetch_evictions, cpu_experts, _, prefetches, prefetch_evictions = counts
         self.steps += 1
         self.pairs += num_pairs
-        self.hits += len(hits)
-        self.fetches += len(fetches)
-        self.evictions += sum(1 for f in fetches if f[2] >= 0)
-        self.cpu_experts += num_cpu
-        self.fetch_bytes += len(fetches) * slot_bytes
-        self.add_prefetches(prefetches, slot_bytes)
+        self.hits += hits
+        self.fetches += fetches
+        self.evictions += fetch_evictions + prefetch_evictions
+        self.cpu_experts += cpu_experts
+        self.fetch_bytes += fetches * slot_bytes
+        self.prefetches += prefetches
+        self.prefetch_bytes += prefetches * slot_bytes
 
-    def add_prefetches(self, prefetches: list, slot_bytes: int) -> None:
-        """Count prefetches as the engine lists them: (layer, expert, slot, victim layer, victim expert)."""
-        self.prefetches += len(prefetches)
-        self.evictions += sum(1 for p in prefetches if p[3] >= 0)
-        self.prefetch_bytes += len(prefetches) * slot_bytes
+    def add_prefetches(self, prefetches: int, evictions: int, slot_bytes: int) -> None:
+        """Count ``prefetches`` copies issued between steps, ``evictions`` of them into an occupied slot."""
+        self.prefetches += prefetches
+        self.evictions += evictions
+        self.prefetch_bytes += prefetches * slot_bytes
 
     def as_dict(self) -> dict:
         return asdict(self)

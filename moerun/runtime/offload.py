@@ -9,7 +9,8 @@ engine's, the arena's and the pool's layer id, so dense layers cost no slots):
    only host sync;
 2. the native policy engine plans: hits, fetches (slot + victim), CPU experts, prefetches;
 3. the transfer engine copies fetched and prefetched experts pool -> slot on its copy streams
-   (a copy into a slot waits until the last kernel reading the slot is done);
+   (a copy into a slot waits until the last kernel reading the slot is done); it takes the plan
+   whole, in one call before the kernel and one after, and writes the device slot table once each;
 4. the CPU executor starts the CPU experts' tokens on host threads;
 5. the compute stream waits on exactly the slots it reads, the fused kernel runs over the slots
    (pairs not resident contribute zero), and the slots' release events are recorded;
@@ -20,13 +21,14 @@ engine's, the arena's and the pool's layer id, so dense layers cost no slots):
 the same phases, with the device-side ones inside its CUDA graphs.
 
 This module decides nothing: the engine decides, the mechanism moves bytes. It knows nothing
-about transformers modules (see moe_layer.py).
+about transformers modules (see moe_layer.py). A decode step runs these phases once per MoE layer
+with the GPU waiting on the host between router and experts, so the host side of a phase is a few
+native calls, and the plan's lists stay native (the runtime reads its counts).
 """
 from __future__ import annotations
 
 import importlib
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,24 +65,31 @@ class HostStep:
     weights: torch.Tensor         # [T, K] fp32 gate weights
     cpu_out: torch.Tensor         # [T, H] fp32 the CPU executor's partial sum
     started_at: float = 0.0       # perf_counter() when the step began (for the cost model)
+    _routing: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    def routing(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids [T*K], weights [T*K])``: numpy views of the pinned buffers, which the engine reads
+        in place. Made on first use: the fast path's buffers are static, so a step makes none."""
+        if self._routing is None:
+            self._routing = (self.ids.view(-1).numpy(), self.weights.view(-1).numpy())
+        return self._routing
 
 
-@dataclass
+@dataclass(slots=True)
 class StepPlan:
-    """One layer step's plan as the runtime carries it out (engine lists read once)."""
+    """One layer step's plan as the runtime carries it out, and how far it got, so that a step an
+    exception or Ctrl-C cut short can be completed (settle())."""
 
     moe_layer: int
     start: float
-    expert_ids: np.ndarray        # [T*K]
-    slots: list
-    hits: list
-    fetches: list
-    prefetches: list
-    releases: list
-    cpu_experts: list = field(default_factory=list)
-    cpu_us: float = 0.0
-    # How far it got, so that a step an exception or Ctrl-C cut short can be completed (settle()).
+    plan: object                  # the engine's Plan; it is rewritten by the next plan the engine makes
+    num_pairs: int                # T*K routed pairs
+    counts: tuple[int, ...]       # Plan.counts: (hits, fetches, fetch evictions, cpu, cpu pairs, prefetches, ...)
+    cpu_experts: list[int]        # run on the CPU executor
+    cpu_pairs: int                # routed pairs of those
     inputs: HostStep | None = None  # what the CPU job reads: kept alive until it is waited for
+    cpu_us: float = 0.0
+    handed: bool = False          # the transfer engine has the plan (begin_step ran)
     cpu_submitted: bool = False
     cpu_waited: bool = False
     kernel_done: bool = False     # after_kernel ran: slots released, prefetches issued, releases applied
@@ -136,12 +145,8 @@ class OffloadRuntime:
         self._x_host: dict[torch.dtype, _PinnedBuffer] = {}
         self._cpu_out_buf = _PinnedBuffer(torch.float32, on_cuda)
         self.observe_timings = observe_timings
-        self._last_copy = (0.0, 0)
         self._total_experts = num_layers * num_experts
-        self._fetches_issued = 0  # demand fetches and prefetches handed to the transfer engine
-        self._settled_at = -1  # _fetches_issued when every copy was last known landed
         self._open: StepPlan | None = None  # the step between begin() and finish()
-        self._unissued: deque = deque()  # (moe_layer, expert, slot, demand) planned, not yet handed over
 
     # -- the step -------------------------------------------------------------------------------
     def run(
@@ -168,57 +173,41 @@ class OffloadRuntime:
         return y
 
     def begin(self, moe_layer: int, host: HostStep) -> StepPlan:
-        """Plan MoE layer ``moe_layer``'s step from its host copies, issue the demand copies, start the CPU
-        experts, and make the compute stream wait for the slots the kernel reads.
+        """Plan MoE layer ``moe_layer``'s step from its host copies, issue the demand copies, make the
+        compute stream wait for the slots the kernel reads, and start the CPU experts.
 
         Called once the host copies in ``host`` are complete (after the step's one sync).
         """
         self.settle()  # a step cut short before this one is completed first
-        start = host.started_at
-        self.transfer.poll()  # issue prefetches queued behind the in-flight limit
-        # The engine reads ids/weights through the buffer protocol: numpy views, no list building.
-        expert_ids = host.ids.view(-1).numpy()  # [T*K] the layer's routed ids
+        expert_ids, gate_weights = host.routing()  # [T*K] each
         if self.predictor is not None:
             self._predict(moe_layer, host.ids)
-        plan = self.engine.step(moe_layer, expert_ids, host.weights.view(-1).numpy())
+        plan = self.engine.step(moe_layer, expert_ids, gate_weights)
         if self.recorder is not None:
             self.recorder.record(moe_layer, host.ids, host.weights)
-
-        # Each plan property builds a fresh list: read each once. From here the engine's state runs
-        # ahead of the arena's until finish(); settle() catches up if the step is cut short.
-        hits, fetches, prefetches = plan.hits, plan.fetches, plan.prefetches
-        step = self._open = StepPlan(
-            moe_layer=moe_layer, start=start, expert_ids=expert_ids,
-            slots=[slot for _, slot in hits] + [slot for _, slot, _, _ in fetches], hits=hits, fetches=fetches,
-            prefetches=prefetches, releases=plan.releases, cpu_experts=[expert for (expert,) in plan.cpu],
-            inputs=host)
-        # fetch() also records the new occupant in the arena's slot table (stream-ordered).
-        self._issue([(moe_layer, expert, slot, True) for expert, slot, _, _ in fetches])
-
+        # From here the engine's state runs ahead of the arena's until the transfer engine has the
+        # plan; settle() catches up if the step is cut short.
+        counts = plan.counts
+        step = self._open = StepPlan(moe_layer, host.started_at, plan, len(expert_ids), counts,
+                                     plan.cpu_experts if counts[3] else [], counts[4], inputs=host)
+        # Demand copies (the slot table written once, stream-ordered), then the waits on the slots read.
+        self.transfer.begin_step(moe_layer, plan)
+        step.handed = True
         if step.cpu_experts:
             self.cpu_executor.submit(self.pool, moe_layer, host.x, host.ids, host.weights, step.cpu_experts,
                                      host.cpu_out)
             step.cpu_submitted = True
-        self.transfer.wait_slots(step.slots)
         return step
 
-    def _issue(self, fetches: list) -> None:
-        """Hand copies ``(moe_layer, expert, slot, demand)`` the engine planned to the transfer engine.
-        Ones an interrupt leaves behind stay queued for settle(): the engine already counts them resident."""
-        self._unissued.extend(fetches)
-        while self._unissued:
-            moe_layer, expert, slot, demand = self._unissued[0]
-            self.transfer.fetch(moe_layer, expert, slot, demand)
-            self._unissued.popleft()
-            self._fetches_issued += 1
-
     def settle(self) -> None:
-        """Complete what an exception or Ctrl-C left half done (a step begun but not finished, copies
-        planned but not issued): the copies issued, the CPU job waited for (its result dropped), the
-        slots released, prefetches and releases applied, the step counted. Afterwards slots, events
-        and statistics agree with the engine again. begin() calls it, and the handle before reading
-        statistics or swapping the policy; without such a leftover it does nothing."""
-        self._issue([])
+        """Complete what an exception or Ctrl-C left half done (a step begun but not finished, its plan
+        not yet handed to the transfer engine): the copies issued, the CPU job waited for (its result
+        dropped), the slots released, prefetches and releases applied, the step counted. Afterwards
+        slots, events and statistics agree with the engine again. begin() and prefetch_ahead() call it
+        (so the engine's plan is not rewritten before the transfer engine has it), and the handle before
+        reading statistics or swapping the policy; without such a leftover it does nothing.
+        (Copies a native error stopped half-way stay with the transfer engine, which issues them first
+        in its next call.)"""
         step = self._open
         if step is None:
             return
@@ -244,27 +233,30 @@ class OffloadRuntime:
         as that layer's work). The engine issues copies of the ones not resident, which run while
         this layer's attention does; its step then finds them in their slots (the kernel waits for
         their copies). Counted with the layer before (the step whose output predicted them)."""
+        self.settle()
         if predicted.device.type == "cuda":  # the transformers path: wait for the prediction once
             host = self._pred_host.take(predicted.numel()).view(predicted.shape)
             host.copy_(predicted, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             predicted = host
         plan = self.engine.prefetch_ahead(moe_layer, predicted.view(-1).numpy())
-        prefetches = plan.prefetches
-        self._issue([(p_layer, p_expert, slot, False) for p_layer, p_expert, slot, _, _ in prefetches])
-        self.counters[moe_layer - 1].add_prefetches(prefetches, self.slot_bytes)
+        counts = plan.counts
+        if counts[5]:
+            self.transfer.prefetch(plan)  # the slot table written once
+        self.counters[moe_layer - 1].add_prefetches(counts[5], counts[6], self.slot_bytes)
 
     def after_kernel(self, step: StepPlan) -> None:
-        """Release the slots the kernel read, issue prefetches, drop released experts."""
-        self.transfer.release_slots(step.slots)
-        # Prefetches go out after the kernel launch: one may bring in an expert that this step
-        # runs on the CPU, and the kernel must not also see it in the slot table.
-        self._issue([(p_layer, p_expert, slot, False) for p_layer, p_expert, slot, _, _ in step.prefetches])
-        # Released experts (staged for this step only, TTL/watermark evictions, shrinks) leave the
-        # table after the kernel, unless this plan already gave their slot to another expert.
-        for slot, r_layer, r_expert in step.releases:
-            if self.arena.occupant(slot) == (r_layer, r_expert):
-                self.arena.evict(slot)
+        """Release the slots the kernel read, issue prefetches, drop released experts (the transfer
+        engine's end_step: prefetches go out after the kernel launch, since one may bring in an expert
+        this step runs on the CPU and the kernel must not also see it in the slot table; released experts
+        (staged for this step only, TTL/watermark evictions, shrinks) leave the table after the kernel,
+        unless this plan already gave their slot to another expert)."""
+        if not step.handed and not self.transfer.step_open:
+            # Cut short between the plan and handing it over (settle()): the engine's plan is still this
+            # step's, since everything that makes a new one settles first.
+            self.transfer.begin_step(step.moe_layer, step.plan)
+            step.handed = True
+        self.transfer.end_step()
         step.kernel_done = True
 
     def wait_cpu(self, step: StepPlan) -> None:
@@ -281,12 +273,10 @@ class OffloadRuntime:
         (``timed=False``: the step's times were not measured layer by layer)."""
         if self._open is step:
             self._open = None
-        self.counters[step.moe_layer].add_step(num_pairs=len(step.expert_ids), hits=step.hits,
-                                           fetches=step.fetches, prefetches=step.prefetches,
-                                           num_cpu=len(step.cpu_experts), slot_bytes=self.slot_bytes)
+        self.counters[step.moe_layer].add_step(step.num_pairs, step.counts, self.slot_bytes)
         if self.observe_timings and timed:
-            cpu_pairs = int(np.isin(step.expert_ids, step.cpu_experts).sum()) if step.cpu_experts else 0
-            self._observe_timing(step.moe_layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us, cpu_pairs)
+            self._observe_timing(step.moe_layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us,
+                                 step.cpu_pairs)
 
     def fill_arena(self) -> int:
         """When the arena and the policy's capacity hold every expert, copy them all in now
@@ -305,8 +295,6 @@ class OffloadRuntime:
                     self.transfer.fetch(moe_layer, expert, slot, True)
                     placed += 1
         self.transfer.synchronize()
-        self._fetches_issued += placed
-        self._settled_at = self._fetches_issued
         return placed
 
     def all_resident(self) -> bool:
@@ -317,9 +305,8 @@ class OffloadRuntime:
         """
         if self.arena.resident_count < self._total_experts or self.transfer.queued_prefetches:
             return False
-        if self._settled_at != self._fetches_issued:
+        if not self.transfer.settled:
             self.transfer.synchronize()
-            self._settled_at = self._fetches_issued
         return True
 
     def account(self, moe_layer: int, host: HostStep) -> None:
@@ -327,8 +314,8 @@ class OffloadRuntime:
         slots (:meth:`all_resident`): the engine sees the same accesses as in a planned step, so
         statistics, adapt rules and eviction state stay the same; releases are applied now."""
         step = self.begin(moe_layer, host)
-        if step.fetches or step.cpu_experts:
-            raise RuntimeError(f"moerun internal error: MoE layer {moe_layer} planned {len(step.fetches)} fetches and "
+        if step.counts[1] or step.cpu_experts:
+            raise RuntimeError(f"moerun internal error: MoE layer {moe_layer} planned {step.counts[1]} fetches and "
                                f"{len(step.cpu_experts)} CPU experts with every expert resident")
         self.after_kernel(step)
         self.finish(step, timed=False)
@@ -358,10 +345,7 @@ class OffloadRuntime:
         send every miss to the GPU); layer time is the host's view of the step (it includes the wait
         for the previous layer's GPU work).
         """
-        t = self.transfer.stats()
-        copy_us = t["copy_time_us"] - self._last_copy[0]
-        copy_bytes = t["timed_bytes"] - self._last_copy[1]
-        self._last_copy = (t["copy_time_us"], t["timed_bytes"])
+        copy_us, copy_bytes = self.transfer.take_copy_timing()
         self.engine.observe_timing(moe_layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
                                    cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
 

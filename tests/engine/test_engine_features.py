@@ -49,6 +49,16 @@ def test_plan_reports_hits_fetches_victims_and_is_reused():
     assert p.num_hits == 1 and p.num_fetches == 1
 
 
+def test_plan_counts_agree_with_its_lists():
+    engine = make(CacheConfig(capacity=2), K=3, slots=2, schedule=ScheduleConfig(mode="hybrid"))
+    for ids in ([1, 2, 3], [1, 4, 5], [3, 3, 6], [7, 1, 2]):
+        p = engine.step(0, ids, None)
+        cpu = [e for (e,) in p.cpu]
+        assert p.cpu_experts == cpu and p.cpu_pairs == sum(i in cpu for i in ids)
+        assert p.counts == (len(p.hits), len(p.fetches), sum(f[2] >= 0 for f in p.fetches), len(p.cpu),
+                            p.cpu_pairs, len(p.prefetches), sum(x[3] >= 0 for x in p.prefetches))
+
+
 def test_step_never_evicts_its_own_experts_and_overflows_to_cpu():
     engine = make(CacheConfig(capacity=2), K=3, slots=2)
     p = engine.step(0, [1, 2, 3], None)

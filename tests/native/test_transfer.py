@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from moerun.native import ExpertArena, HostPool, TransferEngine, slot_elems
+from moerun.policy.ir import CacheConfig, CompiledPolicy, PrefetchConfig
+from moerun.policy_engine import PolicyEngine
 
 L, E, H, I = 2, 5, 32, 16
 
@@ -56,6 +58,95 @@ def test_cancel_with_nothing_queued_returns_nothing():
     xfer.fetch(0, 0, 0, demand=False)
     xfer.synchronize()
     assert xfer.cancel_prefetches() == [] and arena.lookup(0, 0) == 0
+
+
+def engine_for(arena, top_k=2, **policy):
+    return PolicyEngine(CompiledPolicy(name="t", cache=CacheConfig(eviction="lru"), **policy), num_layers=L,
+                        num_experts=E, top_k=top_k, num_slots=arena.num_slots, expert_bytes=arena.slot_bytes)
+
+
+def table(arena):
+    return [[arena.lookup(l, e) for e in range(E)] for l in range(L)]
+
+
+def test_a_step_copies_its_misses_before_the_kernel_and_releases_after_it():
+    arena, pool, xfer = make(num_slots=3)
+    engine = engine_for(arena, top_k=3)
+    plan = engine.step(0, [1, 2, 3], None)
+    assert plan.num_fetches == 3
+    xfer.begin_step(0, plan)
+    assert xfer.step_open and not xfer.settled
+    for expert, slot, _, _ in plan.fetches:
+        assert torch.equal(arena.weights[slot], pool.view(0, expert)) and arena.slot_table[0, expert].item() == slot
+    xfer.end_step()
+    assert not xfer.step_open
+    xfer.end_step()  # nothing open: nothing to do
+    plan = engine.step(1, [4, 1, 1], None)  # the victims leave the table with the step's copies
+    evicted = [(vl, ve) for _, _, vl, ve in plan.fetches]
+    xfer.begin_step(1, plan)
+    xfer.end_step()
+    assert table(arena) == [[engine.lookup(l, e) for e in range(E)] for l in range(L)]
+    assert all(arena.slot_table[vl, ve].item() == -1 for vl, ve in evicted)
+    assert xfer.stats()["demand_fetches"] == 5
+    xfer.synchronize()
+    assert xfer.settled
+
+
+def test_a_step_frees_the_slot_it_staged_an_expert_in_after_the_kernel():
+    arena, pool, xfer = make(num_slots=3)
+    engine = PolicyEngine(CompiledPolicy(name="t", cache=CacheConfig(capacity=2, eviction="lru")), num_layers=L,
+                          num_experts=E, top_k=3, num_slots=3, expert_bytes=arena.slot_bytes)
+    plan = engine.step(0, [1, 2, 3], None)
+    (slot, layer, expert), = plan.releases  # capacity 2: the third expert is staged in the spare slot
+    xfer.begin_step(0, plan)
+    assert arena.lookup(layer, expert) == slot  # the kernel reads it
+    xfer.end_step()
+    assert arena.lookup(layer, expert) == -1
+    assert table(arena) == [[engine.lookup(l, e) for e in range(E)] for l in range(L)]
+
+
+def test_lookahead_prefetches_of_a_plan_land_in_their_slots():
+    arena, pool, xfer = make(num_slots=4)
+    engine = engine_for(arena, top_k=1, prefetch=PrefetchConfig(strategy="lookahead", budget=2))
+    engine.step(0, [0], None)
+    plan = engine.prefetch_ahead(1, [3, 4])
+    assert plan.num_prefetches == 2
+    xfer.prefetch(plan)
+    xfer.synchronize()
+    for layer, expert, slot, _, _ in plan.prefetches:
+        assert arena.lookup(layer, expert) == slot and torch.equal(arena.weights[slot], pool.view(layer, expert))
+
+
+def test_one_step_is_open_at_a_time():
+    arena, pool, xfer = make()
+    engine = engine_for(arena)
+    xfer.begin_step(0, engine.step(0, [0, 1], None))
+    with pytest.raises(RuntimeError, match="end_step closes it"):
+        xfer.begin_step(0, engine.step(0, [2, 3], None))
+
+
+def test_copy_timing_is_taken_once():
+    arena, pool, xfer = make()
+    xfer.fetch(0, 1, 0)
+    assert xfer.take_copy_timing() == (0.0, 0)  # host memory: copies are memcpy, not timed
+
+
+@pytest.mark.gpu
+def test_gpu_each_kernel_reads_the_slot_table_as_it_was_when_queued():
+    """Table writes are batched through pinned snapshots: a kernel queued before a write sees the old table,
+    one after it the new one, however far the host runs ahead (more writes than the snapshot ring holds)."""
+    arena, pool, xfer = make("cuda", num_slots=3)
+    expected, seen = [], []
+    torch.cuda._sleep(200_000_000)  # the host queues every write and read below before any runs
+    for i in range(150):
+        if i % 7 == 3:
+            arena.evict(i % 3)
+        else:
+            xfer.fetch(i % L, (i * 3) % E, i % 3, demand=i % 2 == 0)
+        expected.append(table(arena))
+        seen.append(arena.slot_table.clone())  # a kernel reading the table, queued after this write
+    xfer.synchronize()
+    assert [t.tolist() for t in seen] == expected
 
 
 @pytest.mark.gpu

@@ -88,24 +88,30 @@ def test_an_error_while_a_cpu_job_runs_leaves_the_model_usable(checkpoint, promp
     _assert_consistent(model)
 
 
-def test_ctrl_c_between_copies_of_one_step_leaves_the_model_usable(checkpoint, prompts, references):
+@pytest.mark.parametrize("handed", [False, True])
+def test_ctrl_c_between_the_plan_and_its_copies_leaves_the_model_usable(checkpoint, prompts, references, handed):
     model = _load(checkpoint, "gpu_only")
     runtime = model.moerun.runtime
     real, calls = runtime.transfer, []
 
-    class Transfer:  # the real transfer engine, but Ctrl-C lands after the 3rd copy of the run
+    class Transfer:  # the real transfer engine, but Ctrl-C lands at the 3rd step that copies
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def fetch(self, *args):
-            real.fetch(*args)
-            calls.append(args)
-            if len(calls) == 3:
+        def begin_step(self, layer, plan):
+            copies = plan.num_fetches > 0
+            calls.append(copies)
+            if handed:  # the copies are issued, the step's kernel not yet run
+                real.begin_step(layer, plan)
+            if copies and calls.count(True) == 3:
                 raise KeyboardInterrupt
+            if not handed:
+                real.begin_step(layer, plan)
     runtime.transfer = Transfer()
     with pytest.raises(KeyboardInterrupt):
         _generate(model, prompts[0])
-    assert runtime._unissued or runtime._open is not None  # planned copies were left behind
+    assert runtime._open is not None and real.step_open == handed  # the step was left half done
+    runtime.transfer = real
     for prompt, expected in zip(prompts, references["gpu_only"]):
         assert torch.equal(_generate(model, prompt), expected)
     _assert_consistent(model)
