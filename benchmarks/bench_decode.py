@@ -85,6 +85,10 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
         same = sum(a == b for a, b in zip(fast_tokens[:n], slow_tokens[:n]))
     restore()
     summary = profile.summary()
+    # The host's part of one MoE layer step, µs (issue 27's target: sync + plan <= 40 at batch 1).
+    moe_layers = len(summary["per_layer_ms"])
+    host_us = ({p: 1e3 * summary["layer_sum_ms"][p] / moe_layers for p in ("sync", "plan", "after")}
+               if moe_layers else None)
     row = {"row": name, "sample": args.sample, "routing": "uniform" if uniform else "model",
            "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
            "speedup": fast_tok_s / slow_tok_s if slow_tok_s else None,
@@ -92,13 +96,18 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
            "memory": handle.memory()["device"], "decode_stats": stats["decode"],
            "hit_rate": stats["hit_rate"], "cpu_share": stats["cpu_share"], "bytes_copied": stats["bytes_copied"],
            "cost_model": stats["engine"]["cost_model"],  # what the hybrid schedule believed at the end
-           "warmup_s": warmup_s, "profile": summary}
+           "warmup_s": warmup_s, "profile": summary, "host_us_per_moe_layer": host_us}
     phases = " ".join(f"{p}={v:.3f}" for p, v in summary["layer_sum_ms"].items())
     versus = (f"transformers path {slow_tok_s:.2f} tok/s | x{row['speedup']:.1f} | tokens equal {same}/{n}"
               if slow_tok_s else "uniform routing (fast path only)")
     print(f"[{name}] fast {fast_tok_s:.1f} tok/s | {versus} | hit rate {stats['hit_rate']:.3f} | CPU share "
           f"{stats['cpu_share']:.3f} | warm-up {warmup_s:.1f} s | step {summary['step_ms']:.2f} ms; "
           f"sum over MoE layers (ms/step): {phases} | cost model {stats['engine']['cost_model']}", flush=True)
+    if host_us:
+        print(f"[{name}] host per MoE layer (µs, mean of {moe_layers} layers): sync {host_us['sync']:.1f} + plan "
+              f"{host_us['plan']:.1f} = {host_us['sync'] + host_us['plan']:.1f}; after the kernel launch "
+              f"{host_us['after']:.1f}; the host's own work (plan + after) {host_us['plan'] + host_us['after']:.1f}",
+              flush=True)
     return row
 
 

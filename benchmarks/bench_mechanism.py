@@ -1,7 +1,9 @@
 """Microbenchmarks of the native mechanism (moerun._C): fetch throughput, CPU executor (per ISA),
-host tier (the pool as a cache in front of the files), overlap, memory.
+host tier (the pool as a cache in front of the files), overlap, memory, and the host work of one MoE
+layer step.
 
     python benchmarks/bench_mechanism.py [--json out.json] [--small]
+    python benchmarks/bench_mechanism.py --sections host_step   # the host part of a decode layer step
     python benchmarks/bench_mechanism.py --sections cpu --formats float fp8 int8 int4-g128 mxfp4  # per format
 
 Shapes default to one Qwen1.5-MoE-A2.7B expert (H=2048, I=1408, bf16: 17.3 MB). --small runs tiny shapes
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import json
 import os
 import statistics
@@ -22,6 +25,9 @@ import torch.nn.functional as F
 
 from moerun.native import (SLOT_PARTS, CpuExecutor, ExpertArena, HostPool, TransferEngine, build_info, encode_expert,
                            slot_elems, slot_layout)
+from moerun.policy import compile_policy
+from moerun.policy_engine import CostModel, PolicyEngine
+from moerun.runtime.offload import HostStep, OffloadRuntime
 
 
 def median_us(fn, repeat: int) -> float:
@@ -392,11 +398,85 @@ def bench_memory(pool: HostPool, executor: CpuExecutor, steps: int) -> dict:
     }
 
 
+def bench_host_step(steps: int, warmup_steps: int, policy: str = "per_layer") -> dict:
+    """The host work of one MoE layer's decode step (what the profile's ``plan`` phase and the
+    bookkeeping after the kernel cost), at Qwen1.5-MoE-A2.7B's routing shape: 24 MoE layers x 60
+    experts, top-4, batch 1, 399 slots (its 10 GiB budget), routing uniform at random.
+
+    The runtime's phases run as the fast decode path calls them (``begin``; the kernel is left
+    out; ``after_kernel``; ``wait_cpu`` when the plan has CPU experts; ``finish``) over an arena
+    and a pool in host memory with tiny experts (H=64, I=32): copies are memcpy of 12 KiB and CPU
+    experts take microseconds, so what is timed is the host's own work, not the copies'. On a
+    GPU the native calls also issue CUDA work (copies, events, the slot table's copy), which only
+    the decode profile shows (benchmarks/bench_decode.py). The cost model's starting numbers are
+    kept (``ema`` 0: it learns nothing from the tiny experts' times), so the hybrid schedule splits
+    misses between copies and the CPU as it would on the GPU (per_layer: two thirds on the CPU, the
+    H100 run of benchmarks/RESULTS.md: about 60 %). ``plan_us`` = ``begin`` (the decode profile's
+    ``plan``); ``post_us`` = ``after_kernel`` + ``finish`` (its ``after``); medians per layer step.
+    The section runs ``per_layer`` (hybrid), ``fiddler`` (misses on the CPU) and ``balanced`` (hybrid, with
+    history prefetches every layer step).
+    """
+    num_layers, num_experts, top_k, num_slots = 24, 60, 4, 399
+    hidden, inter, dtype = 64, 32, torch.bfloat16
+    expert_bytes = 3 * 2048 * 1408 * 2  # a Qwen1.5-MoE expert in bf16: what the cost model prices
+    pool = HostPool(num_layers, num_experts, hidden, inter, dtype, pinned=False)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(num_layers):
+        for e in range(num_experts):
+            pool.write_expert(layer, e, *((torch.randn(s, generator=g) * 0.02).to(dtype)
+                                          for s in ((inter, hidden), (inter, hidden), (hidden, inter))))
+    arena = ExpertArena(num_slots, pool.slot_elems, dtype, "cpu", num_layers, num_experts)
+    transfer = TransferEngine(arena, pool, 2)
+    engine = PolicyEngine(compile_policy(policy), num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                          num_slots=num_slots, expert_bytes=expert_bytes, cost=CostModel(ema=0.0))
+    runtime = OffloadRuntime(engine=engine, arena=arena, pool=pool, transfer=transfer, cpu_executor=CpuExecutor(1),
+                             layout=pool.layout, num_layers=num_layers, num_experts=num_experts,
+                             slot_bytes=expert_bytes, device=torch.device("cpu"), lookahead=engine.setup.lookahead,
+                             observe_timings=engine.setup.observe_timings)
+    # The fast path's static host buffers: one set, refilled per layer (here from routing drawn up front).
+    host = HostStep(x=torch.randn(1, hidden, generator=g).to(dtype), ids=torch.zeros(1, top_k, dtype=torch.int64),
+                    weights=torch.full((1, top_k), 1.0 / top_k), cpu_out=torch.zeros(1, hidden))
+    total = warmup_steps + steps
+    routing = torch.stack([torch.randperm(num_experts, generator=g)[:top_k]
+                           for _ in range(total * num_layers)]).view(total, num_layers, 1, top_k)
+    plan_us, post_us, cpu_layers = [], [], 0
+    clock = time.perf_counter
+    for step in range(total):
+        for layer in range(num_layers):
+            host.ids.copy_(routing[step, layer])
+            t0 = clock()
+            host.started_at = t0
+            plan = runtime.begin(layer, host)
+            t1 = clock()
+            runtime.after_kernel(plan)
+            t2 = clock()
+            if plan.cpu_experts:
+                runtime.wait_cpu(plan)
+            t3 = clock()
+            runtime.finish(plan)
+            t4 = clock()
+            if step >= warmup_steps:
+                plan_us.append((t1 - t0) * 1e6)
+                post_us.append(((t2 - t1) + (t4 - t3)) * 1e6)
+                cpu_layers += bool(plan.cpu_experts)
+    totals = [a + b for a, b in zip(plan_us, post_us)]
+    s = engine.stats()
+    return {
+        "policy": policy, "layer_steps": len(plan_us), "layers": num_layers, "experts": num_experts, "top_k": top_k,
+        "slots": num_slots, "hit_rate": round(s["hit_rate"], 3), "cpu_share": round(s["cpu_share"], 3),
+        "layer_steps_with_cpu_experts": round(cpu_layers / max(len(plan_us), 1), 3),
+        "plan_us": round(statistics.median(plan_us), 1), "post_us": round(statistics.median(post_us), 1),
+        "host_us": round(statistics.median(totals), 1),
+        "host_us_p90": round(sorted(totals)[int(0.9 * len(totals))], 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run on any machine)")
-    ap.add_argument("--sections", help="comma-separated subset of cpu,cpu_gapped,host_tier,fetch,overlap,memory (default: all)")
+    ap.add_argument("--sections", help="comma-separated subset of cpu,cpu_gapped,host_tier,host_step,fetch,overlap,"
+                                       "memory (default: all)")
     ap.add_argument("--tmp", help="directory for the host-tier benchmark's safetensors file (default: system tmp)")
     ap.add_argument("--formats", nargs="+", metavar="FORMAT",
                     help="the cpu section runs the executor on cold experts in these expert formats (e.g. float fp8 "
@@ -408,19 +488,26 @@ def main() -> None:
     results: dict = {"build": build_info(), "hidden": hidden, "inter": inter, "dtype": str(dtype)}
     if torch.cuda.is_available():
         results["device"] = torch.cuda.get_device_name()
-    t0 = time.perf_counter()
-    pool = make_pool(experts, hidden, inter, dtype)
-    results["pool_build_s"] = round(time.perf_counter() - t0, 2)
+
+    @functools.cache
+    def pool() -> HostPool:  # built on first use: host_step alone needs none
+        t0 = time.perf_counter()
+        built = make_pool(experts, hidden, inter, dtype)
+        results["pool_build_s"] = round(time.perf_counter() - t0, 2)
+        return built
+
     sections = {"cpu": lambda: (bench_cpu_formats(args.formats, hidden, inter, dtype, (64 if args.small else 2048) << 20,
-                                                  repeat) if args.formats else bench_cpu_isas(pool, repeat)),
-                "cpu_gapped": lambda: bench_cpu_gapped(pool, 4 * repeat),
+                                                  repeat) if args.formats else bench_cpu_isas(pool(), repeat)),
+                "cpu_gapped": lambda: bench_cpu_gapped(pool(), 4 * repeat),
                 "host_tier": lambda: bench_host_tier(hidden, inter, dtype, experts, experts // 4, repeat,
-                                                     args.tmp or tempfile.gettempdir())}
+                                                     args.tmp or tempfile.gettempdir()),
+                "host_step": lambda: [bench_host_step(20 if args.small else 200, 5 if args.small else 20, p)
+                                      for p in ("per_layer", "fiddler", "balanced")]}
     if torch.cuda.is_available() and build_info()["cuda"]:
         # One executor at a time: idle workers of another would compete for the same cores.
-        sections["fetch"] = lambda: [bench_fetch(pool, n, repeat) for n in (1, 4, 8)]
-        sections["overlap"] = lambda: bench_overlap(pool, CpuExecutor(), repeat)
-        sections["memory"] = lambda: bench_memory(pool, CpuExecutor(), 100 if args.small else 1000)
+        sections["fetch"] = lambda: [bench_fetch(pool(), n, repeat) for n in (1, 4, 8)]
+        sections["overlap"] = lambda: bench_overlap(pool(), CpuExecutor(), repeat)
+        sections["memory"] = lambda: bench_memory(pool(), CpuExecutor(), 100 if args.small else 1000)
     if args.sections:
         sections = {k: v for k, v in sections.items() if k in args.sections.split(",")}
     for name, run in sections.items():

@@ -4,13 +4,19 @@ Phases of one MoE layer step (docs/design.md, "One MoE layer step"):
 
 - ``graph_a``: device time of the attention segment (norm, attention, norm, router, top-k, copies to host);
 - ``sync``: host time blocked waiting for those copies (it overlaps ``graph_a``);
-- ``plan``: host time of the policy engine's plan and issuing copies / CPU work;
+- ``plan``: host time of the policy engine's plan and issuing copies / CPU work (``OffloadRuntime.begin``);
 - ``copies_wait``: device time the compute stream waited on slot copies beyond ``plan``
   (device gap from the end of attention to the end of planning's waits, minus ``plan``, floored at zero;
   the shared experts run in that gap, so it is approximate while they take longer than ``plan``);
 - ``cpu_wait``: host time blocked on the CPU executor;
 - ``graph_b``: device time of the shared experts, the fused MoE (experts segment) and the residual
-  segment (CPU partial, shared output, residual).
+  segment (CPU partial, shared output, residual);
+- ``after``: host time after the experts' launch: slots released, prefetches queued, released
+  experts dropped (``OffloadRuntime.after_kernel``) and the step counted (``finish``). The GPU has
+  the layer's experts queued meanwhile, so it is on the step's path only where it outlasts them.
+
+The host's own work per MoE layer is ``plan`` + ``after``; ``sync`` is mostly the wait for the GPU
+(the attention segment, and whatever the previous layer left queued).
 
 Steps that run as one whole-step graph (every expert resident, or routed experts skipped) have no
 layer phases: they count in ``steps``, ``step_ms`` and ``whole_steps`` only.
@@ -28,7 +34,7 @@ from collections import defaultdict
 
 import torch
 
-PHASES = ("graph_a", "sync", "plan", "copies_wait", "cpu_wait", "graph_b")
+PHASES = ("graph_a", "sync", "plan", "copies_wait", "cpu_wait", "graph_b", "after")
 
 
 class DecodeProfile:

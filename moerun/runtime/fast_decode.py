@@ -294,7 +294,8 @@ class FastDecoder:
         timer.mark("planned")
         seg.experts()
         timer.mark("experts_end")
-        runtime.after_kernel(step)
+        with timer.host("after"):
+            runtime.after_kernel(step)
         if step.cpu_experts:
             with timer.host("cpu_wait"):
                 runtime.wait_cpu(step)
@@ -307,7 +308,8 @@ class FastDecoder:
             predicted = block.next_moe_index
         timer.mark("residual_end")
         timer.close()
-        runtime.finish(step)
+        with timer.host("after"):
+            runtime.finish(step)
         return predicted
 
     def _record(self, event) -> None:
