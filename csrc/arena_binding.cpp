@@ -73,6 +73,8 @@ void bind_arena(py::module& m) {
       .def_property_readonly("group_size", [](const SlotLayout& s) { return s.format.group; },
                              "inputs per scale group (fp8-block128: the block edge); 0 for per-channel and float")
       .def_property_readonly("quantized", [](const SlotLayout& s) { return s.format.quantized(); })
+      .def_property_readonly("kind", [](const SlotLayout& s) { return static_cast<int>(s.format.kind); },
+                             "the decode kernels run (an index of format_kinds(); int4 groups share one)")
       .def_property_readonly("weight_bits",
                              [](const SlotLayout& s) { return weight_bits(s.format, static_cast<int>(dtype_bytes(s.dtype))); },
                              "bits of one stored weight, scales not counted")
@@ -100,6 +102,13 @@ void bind_arena(py::module& m) {
           return out;
         },
         "The expert formats as (name, description), in order (the one list: csrc/expert_format.h).");
+  m.def("format_kinds",
+        [] {
+          py::list out;
+          for (int k = 0; k < kNumFormatKinds; ++k) out.append(kFormatKindNames[k]);
+          return out;
+        },
+        "The formats' kinds in code order: SlotLayout.kind indexes this list (csrc/expert_format.h).");
   m.def("slot_elems", &slot_elems_for, py::arg("hidden_size"), py::arg("inter_size"),
         "Elements of one expert slot, padding included: slot_layout(dtype, hidden_size, inter_size).slot_elems.");
   py::class_<ExpertArena, std::shared_ptr<ExpertArena>>(m, "ExpertArena",

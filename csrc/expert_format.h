@@ -24,7 +24,11 @@
 
 namespace moerun {
 
+// The decode a format's kernels run; formats that differ only in their group size share a kind. Kernels
+// branch on these codes (Python: SlotLayout.kind, moerun.native.FORMAT_KINDS).
 enum class FormatKind : int32_t { Float = 0, Fp8Channel = 1, Fp8Block = 2, Int8Channel = 3, Int4Group = 4, Mxfp4 = 5 };
+inline constexpr const char* kFormatKindNames[] = {"float", "fp8", "fp8-block", "int8", "int4", "mxfp4"};
+inline constexpr int kNumFormatKinds = static_cast<int>(sizeof(kFormatKindNames) / sizeof(kFormatKindNames[0]));
 
 struct ExpertFormat {
   FormatKind kind = FormatKind::Float;

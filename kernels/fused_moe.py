@@ -770,9 +770,9 @@ def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, layout, out) -> 
             raise ValueError("out must be contiguous along its last dimension")
 
 
-# the kernels' code (FLOAT, FP8, ...) of each expert format's kind; a format not listed has no kernel
-FORMAT_KINDS = {"float": 0, "fp8": 1, "fp8-block128": 2, "int8": 3, "int4-g32": 4, "int4-g64": 4, "int4-g128": 4,
-                "mxfp4": 5}
+# The kernels' codes of the formats' kinds, in the native order (SlotLayout.kind, moerun.native.FORMAT_KINDS;
+# tests/kernels/test_fused_moe.py ties them): a kind not here has no kernel.
+KERNEL_KINDS = {"float": FLOAT, "fp8": FP8, "fp8-block": FP8_BLOCK, "int8": INT8, "int4": INT4, "mxfp4": MXFP4}
 
 
 class _Slots(NamedTuple):
@@ -789,10 +789,10 @@ class _Slots(NamedTuple):
 
 
 def _slots(arena: torch.Tensor, layout) -> _Slots:
-    fmt = FORMAT_KINDS.get(layout.format)
-    if fmt is None:
-        raise NotImplementedError(f"fused_moe has no kernel for expert format {layout.format!r} "
-                                  f"(kernels/fused_moe.py FORMAT_KINDS: {', '.join(FORMAT_KINDS)})")
+    fmt = layout.kind
+    if fmt not in {code.value for code in KERNEL_KINDS.values()}:
+        raise NotImplementedError(f"fused_moe has no kernel for expert format {layout.format!r} (kind {fmt}; "
+                                  f"kernels/fused_moe.py KERNEL_KINDS: {', '.join(KERNEL_KINDS)})")
     if not layout.quantized:
         return _Slots(arena, arena, arena.stride(0), 0, fmt, 0, 0)
     raw = arena.view(torch.uint8)  # [N, slot_bytes]

@@ -37,10 +37,12 @@ class SlotLayout:
     format: str                 # one of expert_formats()' names
     group_size: int             # inputs per scale group (fp8-block128: the block edge); 0 per-channel / float
     quantized: bool
+    kind: int                   # the decode kernels run: an index of format_kinds()
     weight_bits: int            # bits of one stored weight, scales not counted
 
 def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int, format: str = "float") -> SlotLayout: ...
 def expert_formats() -> list[tuple[str, str]]: ...  # (name, description), the one list (csrc/expert_format.h)
+def format_kinds() -> list[str]: ...  # the formats' kinds in code order (SlotLayout.kind indexes it)
 def slot_elems(hidden_size: int, inter_size: int) -> int: ...  # slot_layout(...).slot_elems
 
 # -- the expert codec (csrc/expert_codec.*): an expert <-> its slot's bytes in any format -------------------
@@ -106,8 +108,6 @@ class TransferEngine:
     def __init__(self, arena: ExpertArena, pool: HostPool, num_streams: int = 2,
                  max_inflight_prefetches: int = 2) -> None: ...
     def fetch(self, layer: int, expert: int, slot: int, demand: bool = True) -> None: ...  # writes arena.weights[slot] and the slot table
-    def wait_slots(self, slots: Sequence[int]) -> None: ...
-    def release_slots(self, slots: Sequence[int]) -> None: ...
     # One layer step as its plan lists it: demand copies + waits on the slots read, then (after the kernel
     # launch) releases, prefetches, released experts; each call writes the slot table once.
     def begin_step(self, layer: int, plan: Plan) -> None: ...  # writes arena.weights and the slot table
@@ -116,6 +116,8 @@ class TransferEngine:
     step_open: bool
     settled: bool  # nothing handed over since synchronize(): every expert in the table has landed
     def take_copy_timing(self) -> tuple[float, int]: ...  # (copy_time_us, timed_bytes) since the last call
+    def wait_slots(self, slots: Sequence[int]) -> None: ...
+    def release_slots(self, slots: Sequence[int]) -> None: ...
     def cancel_prefetches(self) -> list[tuple[int, int, int]]: ...
     def poll(self) -> None: ...
     def synchronize(self) -> None: ...
@@ -155,13 +157,13 @@ class Plan:
     def prefetches(self) -> list[tuple[int, int, int, int, int]]: ... # (layer, expert, slot, victim_layer, victim_expert)
     @property
     def releases(self) -> list[tuple[int, int, int]]: ...             # (slot, layer, expert)
-    num_hits: int
-    num_fetches: int
     @property
     def cpu_experts(self) -> list[int]: ...                           # cpu's experts, as CpuExecutor.submit takes them
     @property
     def counts(self) -> tuple[int, int, int, int, int, int, int]: ...  # (hits, fetches, fetch_evictions, cpu, cpu_pairs, prefetches, prefetch_evictions)
     cpu_pairs: int  # routed (token, expert) pairs of the CPU experts
+    num_hits: int
+    num_fetches: int
     num_cpu: int
     num_prefetches: int
     num_releases: int

@@ -27,6 +27,7 @@ encode_expert = _C.encode_expert  # gate, up, down -> one slot's bytes in layout
 decode_expert = _C.decode_expert  # one slot -> (gate_up, down) in fp32, the format's exact decode
 slot_layout = _C.slot_layout  # the one slot layout (csrc/slot_layout.h): SlotLayout of (dtype, hidden, inter, format)
 EXPERT_FORMATS: tuple[str, ...] = tuple(name for name, _ in _C.expert_formats())  # the one list (csrc/expert_format.h)
+FORMAT_KINDS: tuple[str, ...] = tuple(_C.format_kinds())  # SlotLayout.kind indexes it; kernels branch on kinds
 slot_elems = _C.slot_elems
 physical_cores = _C.physical_cores
 

@@ -363,3 +363,14 @@ def test_every_expert_format_bf16_real_shapes_gpu(fmt, shape, tokens):
     fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], p["layout"], out)  # default config
     torch.cuda.synchronize()
     assert rel_err(out, reference(p)) < FORMAT_TOL[torch.bfloat16]
+
+
+def test_the_kernels_codes_are_the_native_format_kinds():
+    # The kernels branch on SlotLayout.kind: their codes must be the native enum's, name for name, and
+    # every format of the one list must have a kind the kernels compute.
+    from moerun.kernels.fused_moe import KERNEL_KINDS
+    from moerun.native import EXPERT_FORMATS, FORMAT_KINDS
+
+    assert {name: code.value for name, code in KERNEL_KINDS.items()} == {n: i for i, n in enumerate(FORMAT_KINDS)}
+    for fmt in EXPERT_FORMATS:
+        assert FORMAT_KINDS[slot_layout(torch.float32, 128, 128, fmt).kind] in KERNEL_KINDS
