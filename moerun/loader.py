@@ -33,7 +33,8 @@ from .runtime.decode_cache import ContextOverflowError
 from .transformers_contract import CACHE_ARGUMENT_NAMES
 from .runtime.fast_decode import FastDecoder
 from .runtime.handle import MoerunHandle
-from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, fmt_bytes, parse_bytes, plan_memory,
+from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, check_prefill_chunk, fmt_bytes, parse_bytes,
+                             plan_memory,
                              slot_elems)
 from .runtime.moe_layer import OffloadedMoE
 from .runtime.offload import OffloadRuntime, learned_predictor
@@ -58,10 +59,14 @@ def _whole(name: str, value, lo: int, hi: int) -> int:
 
 
 def _check_arguments(*, max_context, max_batch, cpu_threads=0, copy_streams=1, fast_decode=None,
-                     compile_decode=False, revision="main") -> None:
+                     compile_decode=False, revision="main", prefill_chunk=None) -> None:
     """Types and ranges of load()'s plain arguments, before any file is opened."""
     _whole("max_context", max_context, 1, 2**31 - 1)
     _whole("max_batch", max_batch, 1, 2**31 - 1)
+    try:
+        check_prefill_chunk(prefill_chunk, max_context=max_context, max_batch=max_batch)
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
     _whole("cpu_threads", cpu_threads, 0, 4096)  # 0 = the default: one per physical core but one
     _whole("copy_streams", copy_streams, 1, 64)
     if fast_decode is not None and not isinstance(fast_decode, bool):
@@ -83,6 +88,7 @@ def load(
     expert_format: str = "auto",
     max_context: int = 4096,
     max_batch: int = 1,
+    prefill_chunk: int | None = None,
     revision: str = "main",
     cpu_threads: int = 0,
     copy_streams: int = 2,
@@ -109,6 +115,10 @@ def load(
             dtype). A pre-quantized checkpoint keeps its own format (asking for another is an error).
         max_context, max_batch: the KV cache and activations the budget reserves room for; the fast
             decode path's static KV cache holds max_batch sequences of max_context tokens.
+        prefill_chunk: tokens (all sequences together) of the largest forward the budget reserves
+            activations for; a longer prompt is prefilled in chunks over the same KV cache (the same
+            cache and logits as one forward). None (auto): max_batch x max_context, no prompt is
+            chunked; an int in max_batch..max_batch x max_context reserves less and gives the arena the rest.
         revision: the hub revision to resolve from the local cache (ignored for a directory).
         cpu_threads: threads that compute CPU experts, the calling thread included (it works while it
             waits for them), and read experts into the host pool; 0 = defaults (for CPU experts one per
@@ -126,7 +136,7 @@ def load(
     """
     _check_arguments(max_context=max_context, max_batch=max_batch, cpu_threads=cpu_threads,
                      copy_streams=copy_streams, fast_decode=fast_decode, compile_decode=compile_decode,
-                     revision=revision)
+                     revision=revision, prefill_chunk=prefill_chunk)
     stages = _Stages()
     device = _pick_device(device)
     path, config, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
@@ -135,7 +145,7 @@ def load(
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     plan = _plan(adapter, ckpt, quant, non_expert, dtype, fmt, vram_budget, device, max_context, max_batch,
-                 check_free=True)
+                 check_free=True, prefill_chunk=prefill_chunk)
     from .policy_engine import PolicyEngine
 
     # The policy's whole setup (engine config, runtime switches, host tier), checked against the model
@@ -197,6 +207,7 @@ def memory_plan(
     expert_format: str = "auto",
     max_context: int = 4096,
     max_batch: int = 1,
+    prefill_chunk: int | None = None,
     revision: str = "main",
 ) -> MemoryPlan:
     """How :func:`load` would split ``vram_budget`` for ``model``, without loading anything.
@@ -205,13 +216,13 @@ def memory_plan(
     slots this budget gives. A budget above the device's free memory is planned as given (a plan for
     another machine, or "how would everything fit"); :func:`load` refuses it.
     """
-    _check_arguments(max_context=max_context, max_batch=max_batch, revision=revision)
+    _check_arguments(max_context=max_context, max_batch=max_batch, revision=revision, prefill_chunk=prefill_chunk)
     device = _pick_device(device)
     _, _, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
     fmt = resolve_expert_format(expert_format, quant, dtype)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     return _plan(adapter, ckpt, quant, non_expert, dtype, fmt, vram_budget, device, max_context, max_batch,
-                 check_free=False)
+                 check_free=False, prefill_chunk=prefill_chunk)
 
 
 def _pick_device(device) -> torch.device:
@@ -256,7 +267,7 @@ def _open_checkpoint(model, revision: str, dtype):
 
 
 def _plan(adapter, ckpt, quant, non_expert, dtype, expert_format, vram_budget, device, max_context, max_batch, *,
-          check_free: bool) -> MemoryPlan:
+          check_free: bool, prefill_chunk: int | None = None) -> MemoryPlan:
     if max_context < 1 or max_batch < 1:
         raise ValueError(f"max_context and max_batch must be >= 1, got {max_context} and {max_batch}")
     return plan_memory(
@@ -268,6 +279,7 @@ def _plan(adapter, ckpt, quant, non_expert, dtype, expert_format, vram_budget, d
         max_context=max_context,
         max_batch=max_batch,
         max_slots=len(adapter.moe_layers()) * adapter.num_experts,
+        prefill_chunk=prefill_chunk,
     )
 
 

@@ -207,15 +207,16 @@ def dense_step_ms(model, prompt: torch.Tensor, new_tokens: int, device: torch.de
     (not measured) where the model decodes without the fast path (a CPU run under the model's routing).
     The model's routing override is restored."""
     from moerun.bench.routing_overrides import SkipRoutedExperts
+    from moerun.runtime.moe_layer import install_routing_override
 
     handle = model.moerun
     if not handle.fast_decode:
         return 0.0
     override = handle.decoder.routing_override
-    handle.decoder.routing_override = SkipRoutedExperts()
+    install_routing_override(model, SkipRoutedExperts())
     try:
         timed_generate(model, prompt, min(new_tokens, 8), device)   # captures the skipping step's graphs
         timing = timed_generate(model, prompt, new_tokens, device)
     finally:
-        handle.decoder.routing_override = override
+        install_routing_override(model, override)
     return 1e3 * timing.decode_s / timing.decode_steps if timing.decode_steps else 0.0

@@ -256,6 +256,7 @@ def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str, expert_format
     Under uniform routing the fast decode path is on (on a CPU too) with the ``UniformRouting`` override."""
     import moerun
     from moerun.checkpoint_quantization import ExpertFormatError
+    from moerun.runtime.moe_layer import install_routing_override
     from moerun.runtime.memory import BudgetError
 
     try:
@@ -273,7 +274,7 @@ def load_moerun(setup: BenchSetup, budget_bytes: int, policy: str, expert_format
         if not handle.fast_decode:
             raise SystemSkipped("uniform routing needs the fast decode path, which is off: "
                                 f"{handle.decoder.off_reason}")
-        handle.decoder.routing_override = UniformRouting(setup.info.num_experts)
+        install_routing_override(model, UniformRouting(setup.info.num_experts))  # prefill and decode
         notes += "; uniform routing"
     memory = handle.memory()
     total = setup.info.num_moe_layers * setup.info.num_experts

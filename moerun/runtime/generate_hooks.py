@@ -5,7 +5,8 @@
 - ``forward``: a call over moerun's static KV cache is counted against ``max_context`` first (a step
   past it raises before anything is written); a decode step the fast path can run
   (:func:`takes_step`) goes to ``decoder.step``; everything else (prefill, unsupported arguments)
-  to transformers' own forward;
+  to transformers' own forward, a prefill of more tokens than the memory plan's ``prefill_chunk`` as
+  several forwards over the same KV cache (:func:`forward_in_chunks`, the one place prompts are chunked);
 - ``generate``: hands generate() moerun's static cache when the caller passes none
   (:func:`cache_for_generate`) and, afterwards, checks that forward() actually received it (a
   transformers whose plumbing moved would otherwise decode through its own layers unnoticed);
@@ -18,11 +19,13 @@ experts or the policy.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
 from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
@@ -100,6 +103,75 @@ def takes_step(decoder: "FastDecoder", args, kwargs) -> bool:
     return False
 
 
+# forward() arguments a chunked prefill knows how to split (see forward_in_chunks); with any other (or a
+# true output_* flag, labels) the prefill runs as one forward.
+_CHUNK_ARGS = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache", "logits_to_keep",
+               "return_dict", "output_attentions", "output_hidden_states", "output_router_logits"}
+
+
+def chunk_length(model, cache_arg: str, args, kwargs) -> int | None:
+    """Tokens per sequence of each chunk this forward's prefill runs in, or None for one forward: the
+    plan's ``prefill_chunk`` (tokens of all sequences together) divided among the batch, when the call
+    has more tokens than that and carries a KV cache the chunks can fill in turn."""
+    handle = getattr(model, "moerun", None)
+    limit = getattr(getattr(handle, "plan", None), "prefill_chunk", 0)
+    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if not limit or args or tokens is None or tokens.shape[0] * tokens.shape[1] <= limit:
+        return None
+    mask = kwargs.get("attention_mask")
+    masks = mask.values() if isinstance(mask, dict) else [mask]
+    if (not isinstance(kwargs.get(cache_arg), Cache) or kwargs.get("use_cache") is False
+            or kwargs.get("return_dict") is False or set(kwargs) - _CHUNK_ARGS - {cache_arg}
+            or any(kwargs.get(f) for f in ("output_attentions", "output_hidden_states", "output_router_logits"))
+            or not isinstance(kwargs.get("logits_to_keep", 0), int)
+            or any(m is not None and not (torch.is_tensor(m) and m.dim() in (2, 4)) for m in masks)):
+        return None
+    return max(1, limit // tokens.shape[0])
+
+
+def forward_in_chunks(forward, cache_arg: str, chunk: int, kwargs):
+    """``forward(**kwargs)`` of a prefill over ``S`` tokens per sequence as forwards over ``chunk``
+    tokens each, in order, over the same KV cache: each chunk's tokens attend to the cache the chunks
+    before it wrote and to themselves, as the rows of one forward would, so the cache and the logits are
+    those of one forward. Split along the sequence axis: the tokens, their positions (given, or the
+    cache's length onwards, as the model computes them), a 4-D mask's query rows ``[B, 1, S, L]``, a 2-D
+    mask's columns up to the chunk's end; ``logits_to_keep`` keeps the same last positions. The output is
+    the last chunk's with every chunk's kept logits concatenated."""
+    name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+    tokens = kwargs[name]                                   # [B, S] or [B, S, H]
+    seq = tokens.shape[1]
+    cache = kwargs[cache_arg]
+    past = int(cache.get_seq_length())
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(past, past + seq, device=tokens.device).unsqueeze(0)  # [1, S]
+    mask = kwargs.get("attention_mask")
+    keep = kwargs.get("logits_to_keep", 0)
+    first_kept = seq - keep if keep else 0                  # the whole forward's logits cover [first_kept, S)
+
+    def rows(m, start, end):
+        if m is None:
+            return None
+        return m[:, :, start:end] if m.dim() == 4 else m[:, : past + end]
+
+    logits, out = [], None
+    for start in range(0, seq, chunk):
+        end = min(seq, start + chunk)
+        part = dict(kwargs)
+        part[name] = tokens[:, start:end]
+        part["position_ids"] = positions[..., start:end]
+        if mask is not None:
+            part["attention_mask"] = ({k: rows(m, start, end) for k, m in mask.items()} if isinstance(mask, dict)
+                                      else rows(mask, start, end))
+        kept = end - max(start, first_kept)                 # this chunk's positions among the kept ones
+        part["logits_to_keep"] = kept if 0 < kept < end - start else (0 if kept > 0 else 1)
+        out = forward(**part)
+        if kept > 0:
+            logits.append(out.logits)
+    out.logits = torch.cat(logits, dim=1)
+    return out
+
+
 def cache_for_generate(decoder: "FastDecoder", model, args, kwargs):
     """moerun's static cache, emptied, for a generate() call that can use it; None otherwise."""
     if not decoder.enabled or kwargs.get(decoder.cache_arg) is not None or kwargs.get("use_cache") is False:
@@ -140,7 +212,11 @@ def install(decoder: "FastDecoder", model) -> None:
             if takes_step(decoder, args, kwargs):
                 return decoder.step(**kwargs)
         decoder.flush_accounting()  # the engine sees the steps in order
-        return original_forward(model_ref(), *args, **kwargs)
+        model = model_ref()
+        chunk = chunk_length(model, decoder.cache_arg, args, kwargs)
+        if chunk is not None:
+            return forward_in_chunks(functools.partial(original_forward, model), decoder.cache_arg, chunk, kwargs)
+        return original_forward(model, *args, **kwargs)
 
     def generate(*args, **kwargs):
         if not decoder.enabled:

@@ -72,13 +72,15 @@ class MemoryPlan:
     budget_bytes: int
     skeleton_bytes: int      # non-expert weights (embeddings, attention, norms, routers, shared experts)
     kv_cache_bytes: int      # KV cache of max_batch sequences of max_context tokens
-    workspace_bytes: int     # activations of a max_batch x max_context prefill + fixed scratch
+    workspace_bytes: int     # activations of a prefill_chunk-token forward + fixed scratch
                              # + the fast decode path's step buffers and graph pool
     slot_bytes: int          # one expert slot
     num_slots: int
     min_slots: int           # slots a step of one token needs (top_k)
     slot_elems: int          # elements of the model dtype in one slot (the arena's row length)
     expert_format: str = "float"  # the experts' format in the host pool and the arena (EXPERT_FORMATS)
+    prefill_chunk: int = 0   # tokens (all sequences together) of the largest forward whose activations the
+                             # workspace holds; a longer prefill runs in chunks of this many (generate_hooks)
 
     @property
     def arena_bytes(self) -> int:
@@ -124,6 +126,27 @@ def decode_graph_bytes(adapter: MoeAdapter, itemsize: int, max_batch: int, max_c
     return 2 * activations + attention
 
 
+def check_prefill_chunk(prefill_chunk: int | None, *, max_context: int, max_batch: int) -> int:
+    """``prefill_chunk`` as load() takes it -> tokens of the largest prefill forward.
+
+    None (auto): ``max_batch * max_context``, a whole prompt of every sequence the KV cache holds, so
+    no prompt is chunked. An int reserves activations for that many tokens instead (the workspace
+    shrinks, the arena gets the difference) and prompts of more tokens are prefilled in chunks. It
+    must cover one token of each of ``max_batch`` sequences (a chunk splits the sequence axis) and
+    no more than the KV cache holds.
+    """
+    most = max_batch * max_context
+    if prefill_chunk is None:
+        return most
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int):
+        raise ValueError(f"prefill_chunk must be None (auto) or an int of tokens, not {prefill_chunk!r}")
+    if not max_batch <= prefill_chunk <= most:
+        raise ValueError(
+            f"prefill_chunk must be in {max_batch}..{most} tokens (max_batch .. max_batch x max_context: at least "
+            f"one token of each sequence, at most the whole KV cache), got {prefill_chunk}")
+    return prefill_chunk
+
+
 def plan_memory(
     adapter: MoeAdapter,
     *,
@@ -134,23 +157,27 @@ def plan_memory(
     max_batch: int,
     max_slots: int,
     expert_format: str = "float",
+    prefill_chunk: int | None = None,
 ) -> MemoryPlan:
     """Split ``budget_bytes``; raise :class:`BudgetError` with the smallest budget if too small.
 
-    ``max_slots`` caps the arena (no point in more slots than routed experts).
+    ``max_slots`` caps the arena (no point in more slots than routed experts). The workspace holds
+    the activations of a forward over ``prefill_chunk`` tokens (:func:`check_prefill_chunk`; auto:
+    ``max_batch x max_context``); the plan's ``prefill_chunk`` is that token count.
     """
     itemsize = torch.tensor([], dtype=dtype).element_size()
     tokens = max_batch * max_context
+    chunk = check_prefill_chunk(prefill_chunk, max_context=max_context, max_batch=max_batch)
     kv = adapter.num_layers * adapter.kv_elems_per_token() * itemsize * tokens
     # The prefill's activations and the fast decode path's buffers and graph pool are both kept.
-    work = workspace_bytes(adapter, itemsize, tokens) + decode_graph_bytes(adapter, itemsize, max_batch, max_context)
+    work = workspace_bytes(adapter, itemsize, chunk) + decode_graph_bytes(adapter, itemsize, max_batch, max_context)
     layout = slot_layout(adapter, dtype, expert_format)
     slot = layout.slot_bytes
     min_slots = min(adapter.top_k, max_slots)
     fixed = skeleton_bytes + kv + work
     num_slots = min(max_slots, max(0, (budget_bytes - fixed) // slot))
     plan = MemoryPlan(budget_bytes, skeleton_bytes, kv, work, slot, num_slots, min_slots, layout.slot_elems,
-                      expert_format)
+                      expert_format, chunk)
     if num_slots < min_slots:
         raise BudgetError(
             f"vram_budget {fmt_bytes(budget_bytes)} is too small: the model needs "

@@ -8,6 +8,10 @@ the block also predicts the next MoE layer's experts once its decoder layer is d
 router on that layer's post-attention norm of the residual stream this layer produced (the next
 router's true input lacks only the next attention's output), handed to the runtime, which prefetches
 them while the next attention runs.
+
+A routing override (``routing_override``, fast_decode.RoutingOverride: the benchmarks' uniform routing)
+rewrites the router's choice here as the fast path's segments do inside their graphs;
+:func:`install_routing_override` puts one object on both paths. The product installs none.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class OffloadedMoE(nn.Module):
         self.__dict__["runtime"] = runtime
         self.__dict__["next_gate"] = None  # the next MoE layer's router, set by link_lookahead
         self.__dict__["next_norm"] = None  # and its post-attention norm
+        self.__dict__["routing_override"] = None  # a RoutingOverride, or None: the router's own choice
         self.next_moe_index: int | None = None
 
     def link_lookahead(self, next_moe_index: int, next_gate: nn.Module, next_norm: nn.Module) -> None:
@@ -57,7 +62,14 @@ class OffloadedMoE(nn.Module):
         shape = hidden_states.shape  # [B, S, H]
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         ids, weights = self.adapter.route(self.gate, x)  # [T, K] int64, [T, K] fp32
-        y = self.runtime.run(self.moe_index, x, ids, weights)  # [T, H]
+        override = self.routing_override
+        if override is not None and not override.runs_experts:
+            y = torch.zeros_like(x)  # the routed experts skipped (their output is zero)
+        else:
+            if override is not None:
+                ids, weights = ids.contiguous(), weights.contiguous()
+                override.rewrite(ids, weights)
+            y = self.runtime.run(self.moe_index, x, ids, weights)  # [T, H]
         shared = self.adapter.shared_output(self, x)
         if shared is not None:
             y = y + shared
@@ -65,3 +77,13 @@ class OffloadedMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, moe_index={self.moe_index}"
+
+
+def install_routing_override(model: nn.Module, override) -> None:
+    """Route every MoE layer of a loaded model through ``override`` (a fast_decode.RoutingOverride, or
+    None for the model's own routing) on both paths: transformers' layers (prefill, and decode with the
+    fast path off) and the fast decode path's segments."""
+    for module in model.modules():
+        if isinstance(module, OffloadedMoE):
+            module.__dict__["routing_override"] = override
+    model.moerun.decoder.routing_override = override
