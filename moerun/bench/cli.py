@@ -25,8 +25,8 @@ import torch
 import moerun
 from moerun.bench import report
 from moerun.bench.budget import Budget, format_bytes, parse_budget
-from moerun.bench.limits import limit_of_moerun
-from moerun.bench.measure import dense_step_ms, measure, token_match
+from moerun.bench.limits import limit_of_moerun, prefill_bound_of_moerun
+from moerun.bench.measure import PrefillPoint, dense_step_ms, measure, measure_prefill, token_match
 from moerun.bench.models import BUILTIN_MODELS, DTYPES, inspect_checkpoint, prepare_checkpoint
 from moerun.bench.profiling import profile_generation
 from moerun.bench.systems import (
@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
                    help="moerun policies (bundled names or .moe paths; default: every bundled policy)")
-    p.add_argument("--prompt-len", type=int, help="prompt tokens per sequence (default 32; 16 on CPU)")
+    p.add_argument("--prompt-len", dest="prompt_lens", type=int, nargs="+", metavar="N",
+                   help="prompt tokens per sequence (default 32; 16 on CPU); several (32 512 2048): the first is the "
+                   "table's, and every system also reports TTFT and prefill tok/s at each length, moerun rows beside "
+                   "the streaming bound of a uniformly routed prompt (moerun.bench.limits) and hf-resident's TTFT")
     p.add_argument("--new-tokens", type=int, help="generated tokens per sequence (default 32; 8 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
     p.add_argument("--repeats", type=int, help="timed generations per system (default 3; 2 on CPU)")
@@ -106,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Defaults of (prompt_len, new_tokens, repeats): smaller on CPU, where the run is a tiny model that
 # demonstrates the comparison (and the README's command stays short).
-_GPU_DEFAULTS = {"prompt_len": 32, "new_tokens": 32, "repeats": 3}
-_CPU_DEFAULTS = {"prompt_len": 16, "new_tokens": 8, "repeats": 2}
+_GPU_DEFAULTS = {"prompt_lens": [32], "new_tokens": 32, "repeats": 3}
+_CPU_DEFAULTS = {"prompt_lens": [16], "new_tokens": 8, "repeats": 2}
 
 
 def _check_args(args) -> None:
@@ -115,7 +118,11 @@ def _check_args(args) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("prompt_len", "new_tokens", "batch", "repeats"):
+    if min(args.prompt_lens) < 1:
+        raise SystemExit(f"--prompt-len must be at least 1, got {min(args.prompt_lens)}")
+    args.prompt_lens = list(dict.fromkeys(args.prompt_lens))  # each length once, in the order given
+    args.prompt_len = args.prompt_lens[0]                     # the main table's
+    for name in ("new_tokens", "batch", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -176,7 +183,7 @@ def _checkpoint(args, dtype: torch.dtype, log) -> tuple[Path | str, str]:
 
 def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str | None, expert_format: str,
                 row: report.SystemResult, prompts: list[torch.Tensor], warmup: torch.Tensor, args, log,
-                dense_ms: dict) -> None:
+                dense_ms: dict, prefill_prompts: dict[int, list[torch.Tensor]]) -> None:
     """Loads and measures one system into ``row`` (status, notes, numbers, and for moerun its format,
     slots and decode bound); profiles it if asked. ``dense_ms`` keeps the dense part's step time, measured
     on the first moerun row (the same for every row: the dense part does not depend on the experts)."""
@@ -196,12 +203,41 @@ def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str |
             if "ms" not in dense_ms:
                 dense_ms["ms"] = dense_step_ms(loaded.model, warmup.to(setup.device), args.new_tokens, setup.device)
             row.limit = limit_of_moerun(loaded.model.moerun, setup.info, dense_ms["ms"], setup.device.type == "cuda")
+        row.prefill = _prefill_points(loaded, system, row.measurement, prefill_prompts, setup, args)
         if args.profile:
             stem = args.out / re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{loaded.label}-{row.budget}")
             for path in profile_generation(loaded.model, prompts[0], args.new_tokens, setup.device, stem):
                 log(f"wrote {path}")
     finally:
         loaded.close()
+
+
+def _prefill_points(loaded, system: str, main, prefill_prompts: dict[int, list[torch.Tensor]], setup: BenchSetup,
+                    args) -> list[PrefillPoint]:
+    """TTFT at each prompt length (the first from the main measurement), moerun's with its streaming
+    bound at that many tokens (the cost model's rates after the run)."""
+    points = []
+    for length, prompts in prefill_prompts.items():
+        if length == args.prompt_len:
+            point = PrefillPoint(length, main.ttft_ms, main.prefill_tok_s, main.prefill_counters)
+        else:
+            point = measure_prefill(loaded, prompts, setup.device, args.time_limit_s)
+        if system == "moerun":
+            point.bound = prefill_bound_of_moerun(loaded.model.moerun, setup.info, args.batch * length,
+                                                  setup.device.type == "cuda")
+        points.append(point)
+    return points
+
+
+def _add_reference_ttft(results: list[report.SystemResult]) -> None:
+    """hf-resident's median TTFT at each length, beside every row's point at that length."""
+    resident = next((r for r in results if r.system == "hf-resident" and r.prefill), None)
+    if resident is None:
+        return
+    ttft = {p.prompt_len: p.ttft_ms.median for p in resident.prefill if p.ttft_ms}
+    for r in results:
+        for p in r.prefill:
+            p.reference_ttft_ms = ttft.get(p.prompt_len)
 
 
 def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
@@ -225,7 +261,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
 
     checkpoint, model_name = _checkpoint(args, dtype, log)
     info = inspect_checkpoint(checkpoint, dtype)
-    seq_len = args.prompt_len + args.new_tokens
+    seq_len = max(args.prompt_lens) + args.new_tokens
     # moerun's plan at an unlimited budget: what everything but the expert slots needs.
     probe = moerun.memory_plan(str(checkpoint), vram_budget=1 << 50, device=device, dtype=dtype,
                                max_context=seq_len, max_batch=args.batch)
@@ -233,6 +269,8 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     prompts = _prompts(args.seed + 1, args.repeats, args.batch, args.prompt_len, info.vocab_size)
     warmup = _prompts(args.seed + 1000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
     calibration = _prompts(args.seed + 2000, 1, args.batch, args.prompt_len, info.vocab_size)[0]
+    prefill_prompts = {length: _prompts(args.seed + 1, args.repeats, args.batch, length, info.vocab_size)
+                       for length in args.prompt_lens}
     device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     header = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -242,7 +280,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
                   "total_bytes": info.total_bytes, "dense_bytes": info.dense_bytes,
                   "expert_bytes": info.expert_bytes, "moe_layers": info.num_moe_layers,
                   "experts": info.num_experts, "top_k": info.top_k, "expert_format": info.expert_format},
-        "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "prompt_lens": args.prompt_lens, "new_tokens": args.new_tokens,
                      "repeats": args.repeats, "time_limit_s": args.time_limit_s,
                      "decoding": "sampled" if args.sample else "greedy", "routing": args.routing,
                      "expert_formats": args.expert_formats,
@@ -251,7 +289,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
     print(f"moerun bench on {device_name}: {model_name} ({info.model_type}, {format_bytes(info.total_bytes)}, "
           f"dense {format_bytes(info.dense_bytes)}, {info.num_moe_layers} MoE layers x {info.num_experts} experts "
           f"top-{info.top_k}, {format_bytes(info.expert_bytes)}/expert in {info.expert_format}); batch {args.batch}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens ({'sampled' if args.sample else 'greedy'}, "
+          f"prompt {' / '.join(map(str, args.prompt_lens))}, {args.new_tokens} new tokens ({'sampled' if args.sample else 'greedy'}, "
           f"{args.routing} routing), {args.repeats} repeats", flush=True)
 
     results: list[report.SystemResult] = []
@@ -280,7 +318,7 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
             _free_device_memory(device)
             try:
                 _run_system(setup, system, budget_bytes or info.total_bytes, policy, expert_format, row, prompts,
-                            warmup, args, log, dense_ms)
+                            warmup, args, log, dense_ms, prefill_prompts)
             except SystemSkipped as exc:
                 row.status = f"skipped: {exc}"
                 continue
@@ -294,8 +332,14 @@ def run_bench(argv: list[str] | None = None) -> list[report.SystemResult]:
             if reference is not None and args.routing == "model":
                 row.match = token_match(row.measurement.tokens, reference)
 
+    _add_reference_ttft(results)
     print(report.format_table(results))
     print(report.legend(on_gpu))
+    prefill_table = report.format_prefill_table(results) if len(args.prompt_lens) > 1 else None
+    if prefill_table:
+        print()
+        print(prefill_table)
+        print(report.PREFILL_LEGEND)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     json_path = args.out / f"bench-{model_name.replace('/', '_')}-{stamp}.json"
     report.write_json(json_path, header, results)

@@ -220,3 +220,34 @@ def dense_step_ms(model, prompt: torch.Tensor, new_tokens: int, device: torch.de
     finally:
         install_routing_override(model, override)
     return 1e3 * timing.decode_s / timing.decode_steps if timing.decode_steps else 0.0
+
+
+@dataclass
+class PrefillPoint:
+    """Time to first token at one prompt length (one generated token per repeat: the prefill forward)."""
+
+    prompt_len: int
+    ttft_ms: Spread | None
+    prefill_tok_s: Spread | None    # prompt tokens per second, batch included
+    counters: ExpertCounters        # the prompts' forward passes
+    bound: object = None            # moerun rows: limits.PrefillBound at this length
+    reference_ttft_ms: float | None = None   # hf-resident's median TTFT at this length, where it ran
+
+
+def measure_prefill(system: LoadedSystem, prompts: list[torch.Tensor], device: torch.device,
+                    time_limit_s: float) -> PrefillPoint:
+    """Warm up on the first of ``prompts`` [B, S], then time one single-token generation per prompt."""
+    model = system.model
+    timed_generate(model, prompts[0].to(device), 1, device)
+    counters, timings, spent_s = ExpertCounters(), [], 0.0
+    for prompt in prompts:
+        start = system.counters()
+        timing = timed_generate(model, prompt.to(device), 1, device)
+        counters = counters + (system.counters() - start)
+        timings.append(timing)
+        spent_s += timing.ttft_s
+        if spent_s >= time_limit_s:
+            break
+    batch, prompt_len = prompts[0].shape
+    return PrefillPoint(prompt_len, Spread.of([1e3 * t.ttft_s for t in timings]),
+                        Spread.of([batch * prompt_len / t.ttft_s for t in timings if t.ttft_s > 0]), counters)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moerun.bench.budget import format_bytes
 from moerun.bench.counters import ExpertCounters
 from moerun.bench.limits import DecodeLimit
-from moerun.bench.measure import Measurement, Spread
+from moerun.bench.measure import Measurement, PrefillPoint, Spread
 
 
 @dataclass
@@ -33,6 +33,7 @@ class SystemResult:
     slot_bytes: int | None = None     # moerun: bytes of one expert slot
     num_slots: int | None = None      # moerun: expert slots at the budget
     limit: DecodeLimit | None = None  # moerun: the uniform-routing decode bound (moerun.bench.limits)
+    prefill: list[PrefillPoint] = field(default_factory=list)  # TTFT per prompt length (--prompt-len L1 L2 ...)
 
     @property
     def over_budget(self) -> bool:
@@ -47,6 +48,7 @@ class SystemResult:
             "status": self.status, "notes": self.notes, "load_s": self.load_s,
             "expert_format": self.expert_format, "slot_bytes": self.slot_bytes, "num_slots": self.num_slots,
             "limit": self.limit.summary() if self.limit else None,
+            "prefill_lengths": [self._prefill_point(p) for p in self.prefill],
         }
         if m is None:
             return out
@@ -58,6 +60,11 @@ class SystemResult:
         )
         return out
 
+
+    def _prefill_point(self, p: PrefillPoint) -> dict:
+        return dict(prompt_len=p.prompt_len, ttft_ms=_spread(p.ttft_ms), prefill_tok_s=_spread(p.prefill_tok_s),
+                    counters=self._phase(p.counters), streaming_bound=p.bound.summary() if p.bound else None,
+                    hf_resident_ttft_ms=p.reference_ttft_ms)
 
     def _phase(self, c: ExpertCounters) -> dict:
         return dict(hit_rate=c.hit_rate, cpu_share=c.cpu_share, copied_bytes=c.copied_bytes,
@@ -120,9 +127,54 @@ def table_rows(results: list[SystemResult]) -> list[list[str]]:
     return rows
 
 
+PREFILL_COLUMNS = ("system", "budget", "format", "prompt", "TTFT ms", "prefill tok/s", "bound ms", "bound tok/s",
+                   "of bound", "hf-resident TTFT ms", "copied", "CPU share")
+
+
+def prefill_rows(results: list[SystemResult]) -> list[list[str]]:
+    """One row per system and prompt length (the systems measured at several lengths)."""
+    rows = []
+    for r in results:
+        for p in r.prefill:
+            b = p.bound
+            bound_ms = "-" if b is None else (f"{b.pcie_ms:.3g}" if b.pcie_cpu_ms is None
+                                              else f"{b.pcie_ms:.3g} / {b.pcie_cpu_ms:.3g}")
+            bound_tok_s = "-" if b is None or math.isinf(b.pcie_tok_s) else f"{b.pcie_tok_s:.0f}"
+            share = "-" if b is None or p.ttft_ms is None or not p.ttft_ms.median else \
+                f"{100 * b.pcie_ms / p.ttft_ms.median:.0f}%"
+            ref = "-" if p.reference_ttft_ms is None else f"{p.reference_ttft_ms:.1f}"
+            rows.append([r.system, r.budget, r.expert_format or "-", str(p.prompt_len), _fmt_spread(p.ttft_ms),
+                         _fmt_spread(p.prefill_tok_s, 0), bound_ms, bound_tok_s, share, ref,
+                         format_bytes(p.counters.copied_bytes), _fmt_share(p.counters.cpu_share)])
+    return rows
+
+
+PREFILL_LEGEND = (
+    "prompt: tokens per sequence; TTFT ms and prefill tok/s: median [min-max] over repeats of a one-token "
+    "generation (the first length's from the main run); bound ms: what a uniformly routed prompt's non-resident "
+    "experts take to move once per MoE layer, E*(1-(1-k/E)^T) experts per layer of which the arena's share is "
+    "resident, over the cost model's host-to-device rate / with the CPU executor beside it "
+    "(moerun.bench.limits.uniform_prefill_bound; no dense time: a floor); bound tok/s: prompt tokens over the PCIe "
+    "bound; of bound: the PCIe bound as a share of the TTFT; copied, CPU share: the prompts' forwards.")
+
+
+def format_prefill_table(results: list[SystemResult]) -> str | None:
+    """The prefill table (TTFT per prompt length beside the streaming bound), or None with no points.
+    bound ms: non-resident expert bytes of a uniformly routed prompt over the link / with the CPU share
+    (moerun.bench.limits.uniform_prefill_bound); of bound: the PCIe bound's time as a share of the TTFT."""
+    rows = prefill_rows(results)
+    if not rows:
+        return None
+    return _format(list(PREFILL_COLUMNS), rows)
+
+
 def format_table(results: list[SystemResult]) -> str:
-    rows = [list(COLUMNS)] + table_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    return _format(list(COLUMNS), table_rows(results))
+
+
+def _format(columns: list[str], body: list[list[str]]) -> str:
+    rows = [columns] + body
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) - 1)]
     lines = []
     for n, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])

@@ -267,3 +267,38 @@ def test_packed_builds_are_cached_per_format_and_sized_packed(tmp_path, monkeypa
         prepare_checkpoint("qwen3-30b-a3b", dtype=torch.bfloat16, cache_dir=tmp_path, expert_format="int4")
     with pytest.raises(RuntimeError, match=r"float experts\) needs 60\.\d\d GiB"):
         prepare_checkpoint("qwen3-30b-a3b", dtype=torch.bfloat16, cache_dir=tmp_path)
+
+
+def test_prefill_bound_streams_every_expert_a_long_prompt_needs():
+    from moerun.bench.limits import distinct_experts, uniform_prefill_bound
+
+    assert distinct_experts(60, 4, 1) == pytest.approx(4)
+    assert distinct_experts(60, 4, 2048) == pytest.approx(60)
+    bound = uniform_prefill_bound(moe_layers=24, experts=60, top_k=4, num_slots=24 * 30, slot_bytes=10**6,
+                                  tokens=2048, h2d_gbps=20.0, cpu_us_per_expert_token=10.0)
+    assert bound.stream_bytes == pytest.approx(24 * 30 * 10**6)           # half the experts are resident
+    assert bound.pcie_ms == pytest.approx(24 * 30 * 10**6 / 20e9 * 1e3)
+    cpu_gbps = 10**6 / (2048 * 4 / 60 * 10.0 * 1e3)                         # one expert's bytes over its tokens' time
+    assert bound.cpu_gbps == pytest.approx(cpu_gbps)
+    assert bound.pcie_cpu_ms == pytest.approx(24 * 30 * 10**6 / ((20.0 + cpu_gbps) * 1e9) * 1e3)
+
+
+@pytest.mark.skipif(not _moerun_parts_merged(), reason="moerun.load's policy engine or mechanism is not merged yet")
+def test_several_prompt_lengths_report_ttft_beside_the_bound(checkpoints, tmp_path):
+    results = run_bench([
+        "--model", str(checkpoints["mixtral"]), "--out", str(tmp_path), "--budget", "experts:50%",
+        "--prompt-len", "4", "12", "--new-tokens", "3", "--repeats", "1", "--routing", "uniform",
+        "--systems", "moerun", "--policies", "balanced",
+    ])
+    [row] = results
+    assert row.status == "ok", row.status
+    assert [p.prompt_len for p in row.prefill] == [4, 12]
+    for point in row.prefill:
+        assert point.ttft_ms.median > 0 and point.bound is not None and point.bound.tokens == point.prompt_len
+    assert row.prefill[1].bound.experts_per_layer > row.prefill[0].bound.experts_per_layer
+    # Uniform routing reaches the prefill: the prompts' forwards counted experts on transformers' layers.
+    assert row.prefill[1].counters.pairs == 12 * 2 * 2     # 12 tokens x 2 MoE layers x top-2
+    [json_path] = tmp_path.glob("*.json")
+    [summary] = json.loads(json_path.read_text())["results"]
+    assert [p["prompt_len"] for p in summary["prefill_lengths"]] == [4, 12]
+    assert summary["prefill_lengths"][1]["streaming_bound"]["pcie_ms"] >= 0
