@@ -196,6 +196,18 @@ def load_tokenizer(path: Path):
     return tokenizer, None
 
 
+def checkpoint_with_tokenizer(model: str | os.PathLike, needed_for: str) -> tuple[Path, object]:
+    """The checkpoint directory of ``model`` and its tokenizer, checked before a (long) load; a
+    :class:`CheckpointError` saying what ``needed_for`` (e.g. "`moerun serve` needs one to read prompts")
+    when the checkpoint is missing or has no usable tokenizer."""
+    path = resolve_checkpoint(model)
+    tokenizer, reason = load_tokenizer(path)
+    if reason:
+        raise CheckpointError(f"{path} has no usable tokenizer ({reason}); {needed_for}: add the model's tokenizer "
+                              "files to the checkpoint directory")
+    return path, tokenizer
+
+
 class Checkpoint:
     """The safetensors tensors of a checkpoint directory (single file or sharded with an index)."""
 

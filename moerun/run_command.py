@@ -140,17 +140,13 @@ def _fit(options: dict, prompt_tokens: int, max_context: int) -> dict:
 
 
 def _checkpoint_and_tokenizer(model: str, *, chat: bool):
-    """The checkpoint's directory and tokenizer, checked before the (long) load."""
-    from .checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
+    """The checkpoint's directory and tokenizer (and, to chat, its template), checked before the (long) load."""
+    from .checkpoint import CheckpointError, checkpoint_with_tokenizer
 
     try:
-        path = resolve_checkpoint(model)
+        path, tokenizer = checkpoint_with_tokenizer(model, "`moerun run` needs one to turn text into tokens")
     except CheckpointError as exc:
         raise RunError(str(exc)) from None
-    tokenizer, reason = load_tokenizer(path)
-    if reason:
-        raise RunError(f"{path} has no usable tokenizer ({reason}); `moerun run` needs one to turn text into "
-                       "tokens: add the model's tokenizer files to the checkpoint directory")
     if chat and not getattr(tokenizer, "chat_template", None):
         raise RunError(f"{path} has a tokenizer but no chat template, so it cannot chat; give a PROMPT to "
                        "complete text instead, or add a chat template (chat_template.jinja) to the checkpoint")

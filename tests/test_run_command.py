@@ -6,7 +6,6 @@ tokenizer written here: "w0".."w122" plus role markers, and a chat template.
 """
 import io
 import re
-import shutil
 import subprocess
 import sys
 
@@ -16,41 +15,18 @@ import torch
 import moerun
 from moerun import run_command
 from moerun.cli import build_parser, main
-from moerun.models.synthetic import build_checkpoint, synthetic_config
+from tiny_chat_checkpoint import TEMPLATE, build_chat_checkpoints
+from tiny_chat_checkpoint import make_tokenizer as _tokenizer
 
 POLICY = "policy p { cache { eviction = lru } schedule { mode = cpu_fallback } }"
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 NEW_TOKENS = 8
 MAX_CONTEXT = 96
-
-
-def _tokenizer(chat_template: str | None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # ids 0, 1, 2 are the synthetic config's pad, bos and eos
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(122)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()  # words joined by spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{"chat": with tokenizer and template, "plain": tokenizer without template, "bare": no tokenizer}."""
-    root = tmp_path_factory.mktemp("run")
-    bare = build_checkpoint(synthetic_config("qwen2_moe"), root / "bare", seed=3)
-    paths = {"bare": bare}
-    for name, template in (("chat", TEMPLATE), ("plain", None)):
-        paths[name] = root / name
-        shutil.copytree(bare, paths[name])
-        _tokenizer(template).save_pretrained(paths[name])
-    return paths
+    return build_chat_checkpoints(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,10 @@ class _PinnedBuffer:
 
     def take(self, numel: int) -> torch.Tensor:
         if self.buf.numel() < numel:
-            self.buf = torch.empty(max(numel, 2 * self.buf.numel()), dtype=self.dtype, pin_memory=self.pin)
+            # Never an inference tensor, even when a step under torch.inference_mode() grows it: the next
+            # step may run outside that mode and write into it.
+            with torch.inference_mode(False):
+                self.buf = torch.empty(max(numel, 2 * self.buf.numel()), dtype=self.dtype, pin_memory=self.pin)
         return self.buf[:numel]
 
 

@@ -94,17 +94,12 @@ def run(args: argparse.Namespace) -> int:
 
 def checkpoint_and_tokenizer(model: str):
     """The checkpoint's directory and tokenizer, checked before the (long) load."""
-    from ..checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
+    from ..checkpoint import CheckpointError, checkpoint_with_tokenizer
 
     try:
-        path = resolve_checkpoint(model)
+        return checkpoint_with_tokenizer(model, "`moerun serve` needs one to read prompts and write replies")
     except CheckpointError as exc:
         raise ServeError(str(exc)) from None
-    tokenizer, reason = load_tokenizer(path)
-    if reason:
-        raise ServeError(f"{path} has no usable tokenizer ({reason}); `moerun serve` needs one to read prompts and "
-                         "write replies: add the model's tokenizer files to the checkpoint directory")
-    return path, tokenizer
 
 
 def _check_address(host: str, port: int) -> None:

@@ -600,3 +600,14 @@ def test_skipping_the_routed_experts_runs_whole_dense_steps_the_engine_never_see
     model.moerun.decoder.routing_override = None  # the model's own routing again, same tokens as transformers
     tokens, _ = _generate(model, prompt)
     assert torch.equal(tokens, references["olmoe"][1])
+
+
+def test_a_generation_under_inference_mode_leaves_buffers_later_steps_can_write(checkpoints):
+    # The runtime's reusable host buffers grow inside whatever mode the step runs in; grown under
+    # torch.inference_mode() they must still take the next step's writes outside it.
+    model = moerun.load(checkpoints["qwen2_moe"], device="cpu", max_context=64, progress=False, fast_decode=False)
+    prompt = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        first = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    model.moerun.fast_decode = True
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), first)

@@ -1,48 +1,22 @@
 """Shared fixtures of the serving tests: a tiny fp32 qwen2_moe checkpoint on the CPU with a word-level
 tokenizer ("w0".."w121" plus role markers) and a chat template, 4 expert slots (misses happen), and
 greedy references from single-request ``model.generate()``."""
-import shutil
-
 import pytest
 import torch
 
 import moerun
-from moerun.models.synthetic import build_checkpoint, synthetic_config
+from tiny_chat_checkpoint import build_chat_checkpoints, make_tokenizer
 
 POLICY = "policy p { cache { eviction = lru } schedule { mode = cpu_fallback } }"
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 MAX_CONTEXT = 96
 MAX_BATCH = 4
 EOS = 2  # the synthetic config's eos_token_id
 
 
-def make_tokenizer(chat_template: str | None = TEMPLATE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # ids 0, 1, 2 are the synthetic config's pad, bos and eos
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(122)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece()  # words joined by spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
-
-
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """{"chat": tokenizer and chat template, "plain": tokenizer without template, "bare": no tokenizer}."""
-    root = tmp_path_factory.mktemp("serve")
-    bare = build_checkpoint(synthetic_config("qwen2_moe"), root / "bare", seed=3)
-    paths = {"bare": bare}
-    for name, template in (("chat", TEMPLATE), ("plain", None)):
-        paths[name] = root / name
-        shutil.copytree(bare, paths[name])
-        make_tokenizer(template).save_pretrained(paths[name])
-    return paths
+    return build_chat_checkpoints(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="session")
