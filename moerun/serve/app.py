@@ -14,7 +14,11 @@ with events; the callbacks hand them to the request's asyncio queue on the serve
 A client that disconnects (streaming or not) cancels its engine requests, which frees their rows
 at the engine's next iteration. Errors are OpenAI error bodies (protocol.ApiError) with their status:
 400 for a request that cannot be served (validation, a prompt beyond the context), 404 for another
-model name or route, 500 when the engine fails, 503 for requests cancelled by a shutdown.
+model name or route, 500 when the engine fails, 503 with ``Retry-After`` when the engine's waiting
+queue is full (checked before the prompt is tokenized), 503 for requests cancelled by a shutdown. A
+request the server cuts (the shutdown's grace period ran out, the engine failed it) never just stops:
+a stream ends with an error event (``data: {"error": {...}}``) and ``data: [DONE]``, a whole reply is
+a 503 error body (:class:`_CutRequests`).
 
 Text: prompts are encoded and chat messages rendered with the checkpoint's tokenizer and chat
 template; generated text is decoded incrementally (text_stream.py). The app knows nothing about
@@ -36,10 +40,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .batching import BatchingEngine, ConsumerGone, Event, Request, RequestError
+from .batching import BatchingEngine, ConsumerGone, Event, QueueFull, Request, RequestError
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .sampling import TokenLogprob
 from .text_stream import TextStream
+
+RETRY_AFTER_S = 1  # the Retry-After of a request refused because the waiting queue is full
 
 
 def create_app(engine: BatchingEngine, tokenizer, *, model_name: str,
@@ -62,11 +68,12 @@ def create_app(engine: BatchingEngine, tokenizer, *, model_name: str,
                 await anyio.to_thread.run_sync(engine.stop)
 
     app = FastAPI(title="moerun", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_CutRequests)
     api = _Api(engine, tokenizer, model_name)
 
     @app.exception_handler(ApiError)
     async def api_error(request: HttpRequest, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: HttpRequest, exc: RequestValidationError):
@@ -183,11 +190,17 @@ class _Api:
     # -- endpoints ---------------------------------------------------------------------------------
     async def complete(self, body: CompletionRequest, http: HttpRequest):
         self._check_model(body)
+        prompt = body.prompt
+        count = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        with _as_api_error():  # before any tokenization: a full queue costs nothing
+            self.engine.check_queue(count * body.n)
         prompts = self._encode(body.prompt)
         return await self._respond(body, http, prompts, body.max_tokens, body.logprobs, chat=False)
 
     async def chat(self, body: ChatCompletionRequest, http: HttpRequest):
         self._check_model(body)
+        with _as_api_error():
+            self.engine.check_queue(body.n)
         prompt = self._render_chat(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await self._respond(body, http, [prompt], body.token_limit(), logprobs, chat=True)
@@ -348,6 +361,54 @@ class _EventStream(StreamingResponse):
                     await aclose()
 
 
+class _CutRequests:
+    """ASGI middleware: a request whose task the server cancels (uvicorn does when the shutdown's grace
+    period runs out) still gets an ending the client can tell from a finished reply: before the
+    response started, a 503 error body; during a stream of server-sent events, an error event and
+    ``data: [DONE]``. Then the cancellation goes on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "stream": False, "ended": False}
+
+        async def watched(message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["stream"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                      for k, v in message.get("headers", ()))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not state["ended"]:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1), contextlib.suppress(Exception):
+                    await self._cut(state, send)
+            raise
+
+    @staticmethod
+    async def _cut(state: dict, send) -> None:
+        error = ApiError(503, "the server is shutting down and cut this request before it finished",
+                         type="server_error", code="server_shutdown")
+        if not state["started"]:
+            body = json.dumps(error.body()).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        elif state["stream"]:
+            await send({"type": "http.response.body", "body": (_sse(error.body()) + "data: [DONE]\n\n").encode(),
+                        "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+
 async def _until_disconnect(http: HttpRequest, work) -> bool:
     """Run ``work`` unless the client disconnects first; True when it completed."""
     async def disconnected() -> None:
@@ -375,6 +436,9 @@ def _as_api_error():
     except RequestError as exc:
         raise ApiError(400, str(exc), param=exc.param,
                        code="context_length_exceeded" if "context length" in str(exc) else None) from None
+    except QueueFull as exc:
+        raise ApiError(503, str(exc), type="server_error", code="server_overloaded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except RuntimeError as exc:  # the engine is shutting down
         raise ApiError(503, str(exc), type="server_error") from None
 

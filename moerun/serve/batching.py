@@ -20,6 +20,9 @@ as ``N`` rows (runtime/row_cache.py), each row one sequence at its own position.
 A greedy request gets the tokens ``model.generate(do_sample=False)`` gives it alone: its row sees
 only its own positions, and every operation of a step is row-wise.
 
+The waiting queue is bounded: a request that finds ``max_queue`` requests waiting beyond the free
+rows is refused at once (:class:`QueueFull`, counted as "rejected") rather than queued.
+
 Threads: the model runs on the engine's one thread (:meth:`start`), each iteration under the
 model's lock (so ``model.moerun.stats()`` from another thread sees whole steps); :meth:`submit` and
 :meth:`cancel` may be called from any thread; ``on_event`` runs on the engine's thread and must not
@@ -45,6 +48,7 @@ from .sampling import SamplingParams, TokenLogprob, sample
 from .text_stream import TextStream
 
 DEFAULT_MAX_PREFILL_TOKENS = 512
+DEFAULT_MAX_QUEUE = 256
 FINISH_REASONS = ("stop", "length", "cancelled", "error")  # Event.finish_reason, when set
 
 
@@ -55,6 +59,11 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests beyond the free rows: the request was not taken
+    (nothing of it was queued); the client may try again later."""
 
 
 class ConsumerGone(Exception):
@@ -111,7 +120,8 @@ class _Sequence:
 class BatchingEngine:
     """Continuous batching over one model's KV-cache rows (module docstring)."""
 
-    def __init__(self, model, *, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+    def __init__(self, model, *, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+                 max_queue: int = DEFAULT_MAX_QUEUE):
         handle = model.moerun
         self._model = model
         self._handle = handle
@@ -122,6 +132,9 @@ class BatchingEngine:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.max_queue = max_queue  # requests that may wait beyond the free rows
         if self._decoder.cache_arg is None:
             raise RuntimeError(f"the serving engine cannot pass a KV cache to this model: "
                                f"{self._decoder.off_reason}")
@@ -140,6 +153,7 @@ class BatchingEngine:
         self.eos_token_ids = _eos_ids(model)
         self._cache: RowCache | None = None
         self._rows: list[_Sequence] = []  # row r holds self._rows[r]
+        self._prefilling: _Sequence | None = None  # out of the queue, not yet in self._rows
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._cancelled: set[int] = set()
@@ -147,7 +161,7 @@ class BatchingEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._counts = {"submitted": 0, "prefills": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                        "decode_steps": 0, "finished": dict.fromkeys(FINISH_REASONS, 0)}
+                        "decode_steps": 0, "rejected": 0, "finished": dict.fromkeys(FINISH_REASONS, 0)}
 
     # -- any thread --------------------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -172,8 +186,22 @@ class BatchingEngine:
                 "the rest of the context)", "max_tokens")
         return max_tokens
 
+    def check_queue(self, count: int = 1) -> None:
+        """Raise :class:`QueueFull` (and count the refusal) unless ``count`` more requests fit the
+        waiting queue now; a caller checks before any work on the requests (tokenization)."""
+        with self._lock:
+            self._check_queue_locked(count)
+
+    def _check_queue_locked(self, count: int) -> None:
+        free_rows = self.max_batch - len(self._rows) - (self._prefilling is not None)
+        if len(self._waiting) + count > free_rows + self.max_queue:
+            self._counts["rejected"] += 1
+            raise QueueFull(f"the server is overloaded: {len(self._waiting)} requests are waiting for one of "
+                            f"{self.max_batch} rows (--max-queue {self.max_queue}); try again later")
+
     def submit(self, request: Request) -> int:
-        """Queue ``request``; returns its id (for :meth:`cancel`). RequestError when it cannot be served."""
+        """Queue ``request``; returns its id (for :meth:`cancel`). RequestError when it cannot be served,
+        :class:`QueueFull` when the waiting queue is full."""
         max_tokens = self.check(len(request.prompt), request.max_tokens)
         bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
         if bad:
@@ -183,6 +211,7 @@ class BatchingEngine:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the serving engine is shutting down and takes no new requests")
+            self._check_queue_locked(1)
             seq = _Sequence(next(self._ids), request, max_tokens, frozenset(stop_ids), request.sampling.generator())
             self._waiting.append(seq)
             self._counts["submitted"] += 1
@@ -197,11 +226,12 @@ class BatchingEngine:
             self._lock.notify()
 
     def stats(self) -> dict:
-        """Rows, running and waiting sequences, and counters since the engine was made."""
+        """Rows, running and waiting sequences (the queue), and counters since the engine was made
+        ("rejected": requests refused because the queue was full)."""
         with self._lock:
             counts = {**self._counts, "finished": dict(self._counts["finished"])}
             return {"max_batch": self.max_batch, "max_context": self.max_context, "running": len(self._rows),
-                    "waiting": len(self._waiting), "max_prefill_tokens": self.max_prefill_tokens,
+                    "waiting": len(self._waiting), "max_queue": self.max_queue, "max_prefill_tokens": self.max_prefill_tokens,
                     "decode_path": "fast" if self._decoder.enabled else "transformers", **counts}
 
     def idle(self) -> bool:
@@ -300,14 +330,17 @@ class BatchingEngine:
                 if decoding and prefilled and prefilled + len(seq.request.prompt) > self.max_prefill_tokens:
                     return
                 self._waiting.popleft()
+                self._prefilling = seq
             prefilled += len(seq.request.prompt)
             try:
                 logits = self._prefill(seq, row=len(self._rows))  # [1, V]
                 tokens, logprobs = sample(logits, [seq.request.sampling], [seq.generator])
             except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
+                self._prefilling = None
                 self._finish(seq, _error_event(exc))
                 continue
             self._rows.append(seq)
+            self._prefilling = None
             self._counts["prefills"] += 1
             self._counts["prompt_tokens"] += len(seq.request.prompt)
             if self._emit(seq, tokens[0], logprobs[0]):

@@ -5,7 +5,9 @@ are the optional ``serve`` extra), the checkpoint found with a usable tokenizer,
 Then the model loads with ``max_batch`` KV-cache rows (the most requests decoded at once) of
 ``max_context`` tokens each, and uvicorn serves until SIGINT or SIGTERM: it stops accepting
 connections, lets requests in flight finish for up to ``--shutdown-timeout`` seconds, then cancels
-the rest (their rows are freed, their clients get an error event or a 503) and stops the engine.
+the rest (their rows are freed; a stream ends with an error event and ``data: [DONE]``, a whole reply
+is a 503 error body) and stops the engine. Requests beyond the free rows and ``--max-queue`` waiting
+ones are refused with a 503 and ``Retry-After``.
 Then the signal ends the process as it would have (uvicorn re-raises it: SIGINT exits with status
 130, SIGTERM as terminated by it). A second signal exits at once.
 """
@@ -32,7 +34,7 @@ ERRORS = (ServeError, PolicyError)  # what this command raises for bad input (mo
 
 def add_parser(subparsers) -> None:
     """Register ``moerun serve``."""
-    from .batching import DEFAULT_MAX_PREFILL_TOKENS
+    from .batching import DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_QUEUE
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id in the local HF cache")
@@ -46,6 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-prefill-tokens", type=whole_number(1, 2**31 - 1), default=DEFAULT_MAX_PREFILL_TOKENS,
                    help="prompt tokens prefilled between two decode steps while requests are decoding "
                         f"(default {DEFAULT_MAX_PREFILL_TOKENS}; at least one prompt)")
+    p.add_argument("--max-queue", type=whole_number(0, 2**31 - 1), default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for a row (default {DEFAULT_MAX_QUEUE}); one more gets a 503 with "
+                        "Retry-After (0: none wait)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--port", type=whole_number(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--served-model-name", default=None,
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
     from .batching import BatchingEngine
 
-    engine = BatchingEngine(model, max_prefill_tokens=args.max_prefill_tokens)
+    engine = BatchingEngine(model, max_prefill_tokens=args.max_prefill_tokens,
+                            max_queue=args.max_queue)
     name = args.served_model_name or args.model
     app = create_app(engine, tokenizer, model_name=name, runtime_stats=model.moerun.stats)
     print(f"moerun: serving {name!r} on http://{args.host}:{args.port}/v1 ({engine.max_batch} rows of "

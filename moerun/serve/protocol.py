@@ -27,9 +27,10 @@ class ApiError(Exception):
     """An error answered with the OpenAI error body and ``status`` (module docstring)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002 - the API's name
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}  # HTTP headers of the reply (Retry-After)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from moerun.serve.batching import BatchingEngine, Request, RequestError
+from moerun.serve.batching import BatchingEngine, QueueFull, Request, RequestError
 from moerun.serve.sampling import SamplingParams
 from moerun.serve.text_stream import TextStream
 
@@ -182,6 +182,28 @@ def test_requests_that_cannot_be_served_are_refused_before_they_queue(model):
     with pytest.raises(RequestError, match="the prompt is empty"):
         engine.submit(Request([], 1, Recorder()))
     assert engine.stats()["submitted"] == 0 and engine.check(90, None) == 6
+
+
+def test_a_full_queue_refuses_a_request_and_the_queued_ones_complete(model, reference, prompts):
+    engine = BatchingEngine(model, max_queue=2)
+    batch = prompts(MAX_BATCH + 3, seed=5)
+    recorders = [Recorder() for _ in batch]
+    for prompt, rec in zip(batch[:-1], recorders):  # free rows, then the queue's two places
+        engine.submit(Request(prompt, 5, rec))
+    with pytest.raises(QueueFull, match="--max-queue 2"):
+        engine.submit(Request(batch[-1], 5, recorders[-1]))
+    with pytest.raises(QueueFull):
+        engine.check_queue()
+    stats = engine.stats()
+    assert (stats["rejected"], stats["submitted"], stats["waiting"], stats["max_queue"]) == (2, MAX_BATCH + 2,
+                                                                                             MAX_BATCH + 2, 2)
+    _until_idle(engine)
+    for prompt, rec in zip(batch[:-1], recorders):
+        assert rec.tokens == _expected(reference, prompt, 5)
+    assert recorders[-1].events == []
+    engine.check_queue(MAX_BATCH + 2)  # room again
+    with pytest.raises(ValueError, match="max_queue must be >= 0"):
+        BatchingEngine(model, max_queue=-1)
 
 
 def test_a_failed_step_ends_the_running_requests_and_the_engine_goes_on(model, reference, prompts, monkeypatch):

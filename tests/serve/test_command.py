@@ -53,7 +53,8 @@ def test_a_model_that_cannot_load_is_an_error_line(checkpoints, capsys, extra, e
 
 
 @pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--max-batch", "0"), ("--max-context", "0"),
-                                         ("--shutdown-timeout", "-1"), ("--max-prefill-tokens", "0")])
+                                         ("--shutdown-timeout", "-1"), ("--max-prefill-tokens", "0"),
+                                         ("--max-queue", "-1")])
 def test_out_of_range_options_are_usage_errors(checkpoints, capsys, flag, value):
     with pytest.raises(SystemExit) as done:
         main(_argv(checkpoints["chat"], flag, value))
@@ -114,5 +115,5 @@ def test_serve_is_listed_with_its_options(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     for option in ("--max-batch", "--max-context", "--host", "--port", "--policy", "--vram-budget",
-                   "--shutdown-timeout"):
+                   "--shutdown-timeout", "--max-queue"):
         assert option in out

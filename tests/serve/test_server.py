@@ -260,22 +260,74 @@ def test_a_chat_stream_stops_at_a_stop_string_with_logprobs(served, oai, referen
     assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
 
 
-def test_a_shutdown_cancels_what_outlasts_its_grace_period_and_frees_the_rows(served, slow_steps):
+def test_a_full_queue_gets_503_with_retry_after_and_the_queued_request_completes(served, slow_steps, monkeypatch,
+                                                                                   reference):
+    server, engine, tokenizer = served
+    monkeypatch.setattr(engine, "max_queue", 1)
+    before = engine.stats()
+    hold = {"model": MODEL, "prompt": "w1 w2", "max_tokens": 40, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    queued_prompt = [9, 10, 11]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT_S) as c:
+            async def holder():  # holds a row for 40 slow steps
+                async with c.stream("POST", "/v1/completions", json=hold) as response:
+                    return [line async for line in response.aiter_lines() if line]
+            holders = [asyncio.create_task(holder()) for _ in range(4)]
+            while engine.stats()["submitted"] - before["submitted"] < 4:
+                await asyncio.sleep(0.01)
+            queued = asyncio.create_task(c.post("/v1/completions", json={
+                "model": MODEL, "prompt": queued_prompt, "max_tokens": 4, "temperature": 0}))
+            while engine.stats()["submitted"] - before["submitted"] < 5:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+                {"role": "user", "content": "w3"}]})
+            metrics = (await c.get("/metrics")).json()["engine"]
+            return refused, metrics, await queued, await asyncio.gather(*holders)
+
+    refused, metrics, queued, held = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "server_overloaded" and "--max-queue 1" in error["message"], error
+    assert metrics["rejected"] - before["rejected"] == 1 and metrics["max_queue"] == 1
+    assert metrics["waiting"] <= 1
+    assert queued.status_code == 200
+    assert queued.json()["choices"][0]["text"] == _reply(tokenizer, reference, queued_prompt, 4)[0]
+    assert all(lines[-1] == "data: [DONE]" for lines in held)
+
+
+def test_a_shutdown_cuts_what_outlasts_its_grace_period_with_an_error_and_frees_the_rows(served, slow_steps):
     _, engine, tokenizer = served
     app = create_app(engine, tokenizer, model_name=MODEL, manage_engine=False)  # the engine is the module's
     server = _Server(app, timeout_graceful_shutdown=0.2)
     before = engine.stats()
-    body = {"model": MODEL, "prompt": "w1 w2", "max_tokens": 90, "ignore_eos": True, "temperature": 0,
-            "stream": True}
-    received = []
+    body = {"model": MODEL, "prompt": "w1 w2", "max_tokens": 90, "ignore_eos": True, "temperature": 0}
+    whole = {}
+
+    def ask_whole():  # a request waiting for its whole reply
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as c:
+            whole["response"] = c.post("/v1/completions", json=body)
+
+    asker = threading.Thread(target=ask_whole)
     with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as c, c.stream("POST", "/v1/completions",
-                                                                             json=body) as response:
+                                                                             json={**body, "stream": True}) as response:
         lines = response.iter_lines()
-        received.append(next(lines))  # the request holds a row
+        received = [next(lines)]  # the request holds a row
+        asker.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine.stats()["running"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         server.server.should_exit = True  # what SIGINT/SIGTERM set
-        with pytest.raises(httpx.HTTPError):  # the stream is cut when the grace period ends
-            received.extend(lines)
+        received.extend(line for line in lines if line)  # the stream ends, not cut off
+    asker.join(TIMEOUT_S)
     server.thread.join(TIMEOUT_S)
     assert not server.thread.is_alive()
-    _wait_idle(engine, before["finished"]["cancelled"])
-    assert "data: [DONE]" not in received
+    _wait_idle(engine, before["finished"]["cancelled"] + 1)
+    assert received[-1] == "data: [DONE]"
+    error = json.loads(received[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "server_shutdown" and "shutting down" in error["message"], received[-3:]
+    assert all("error" not in line for line in received[:-2])
+    assert whole["response"].status_code == 503
+    assert whole["response"].json()["error"]["code"] == "server_shutdown"
