@@ -291,7 +291,9 @@ def test_a_full_queue_gets_503_with_retry_after_and_the_queued_request_completes
     error = refused.json()["error"]
     assert error["code"] == "server_overloaded" and "--max-queue 1" in error["message"], error
     assert metrics["rejected"] - before["rejected"] == 1 and metrics["max_queue"] == 1
-    assert metrics["waiting"] <= 1
+    # What waits beyond the free rows is bounded by max_queue (some holders may still wait for a row: their
+    # prefills join between steps, one at a time).
+    assert metrics["waiting"] <= metrics["max_batch"] - metrics["running"] + metrics["max_queue"], metrics
     assert queued.status_code == 200
     assert queued.json()["choices"][0]["text"] == _reply(tokenizer, reference, queued_prompt, 4)[0]
     assert all(lines[-1] == "data: [DONE]" for lines in held)
