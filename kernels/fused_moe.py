@@ -773,6 +773,7 @@ def _check_inputs(x, topk_ids, topk_weights, slot_table, arena, layout, out) -> 
 # The kernels' codes of the formats' kinds, in the native order (SlotLayout.kind, moerun.native.FORMAT_KINDS;
 # tests/kernels/test_fused_moe.py ties them): a kind not here has no kernel.
 KERNEL_KINDS = {"float": FLOAT, "fp8": FP8, "fp8-block": FP8_BLOCK, "int8": INT8, "int4": INT4, "mxfp4": MXFP4}
+_KERNEL_CODES = frozenset(code.value for code in KERNEL_KINDS.values())
 
 
 class _Slots(NamedTuple):
@@ -790,7 +791,7 @@ class _Slots(NamedTuple):
 
 def _slots(arena: torch.Tensor, layout) -> _Slots:
     fmt = layout.kind
-    if fmt not in {code.value for code in KERNEL_KINDS.values()}:
+    if fmt not in _KERNEL_CODES:
         raise NotImplementedError(f"fused_moe has no kernel for expert format {layout.format!r} (kind {fmt}; "
                                   f"kernels/fused_moe.py KERNEL_KINDS: {', '.join(KERNEL_KINDS)})")
     if not layout.quantized:
