@@ -31,6 +31,7 @@ import argparse
 import gc
 import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
@@ -38,6 +39,7 @@ from transformers import AutoConfig
 import moerun
 from moerun.bench.measure import timed_generate
 from moerun.bench.models import prepare_checkpoint
+from moerun.bench.profiling import profile_generation
 from moerun.bench.routing_overrides import SkipRoutedExperts, UniformRouting
 
 
@@ -73,6 +75,9 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
     with handle.profile_decode() as profile:
         model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
+    if args.kernel_profile:  # the device's kernels of a fast-path generation (graph replays included)
+        stem = Path(args.kernel_profile) / name.replace(" ", "_").replace("/", "_")
+        profile_generation(model, prompt, args.new_tokens, device, stem, row_limit=60)
     stats = handle.stats()  # before the override goes: removing it drops its graphs
     handle.decoder.routing_override = None
 
@@ -131,6 +136,9 @@ def main() -> None:
                         "(the UniformRouting override on the fast path: the worst case for a cache)")
     p.add_argument("--compile", action="store_true",
                    help="moerun.load(compile_decode=True): fuse the fast path's small kernels (torch.compile)")
+    p.add_argument("--kernel-profile", default=None, metavar="DIR",
+                   help="also run each row's fast-path generation under torch.profiler and write its operator "
+                        "and kernel tables (<row>.txt) and trace (<row>.json) here: where a step's device time goes")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
 
