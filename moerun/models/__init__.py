@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from .base import ExpertKeys, MoeAdapter
 from .deepseek_v2 import DeepseekV2Adapter
 from .deepseek_v3 import DeepseekV3Adapter
+from .gpt_oss import GptOssAdapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
@@ -19,7 +20,7 @@ ADAPTERS: dict[str, type[MoeAdapter]] = {
     cls.model_type: cls
     for cls in (
         Qwen2MoeAdapter, Qwen3MoeAdapter, MixtralAdapter, OlmoeAdapter,
-        DeepseekV2Adapter, DeepseekV3Adapter,
+        DeepseekV2Adapter, DeepseekV3Adapter, GptOssAdapter,
     )
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(ADAPTERS)

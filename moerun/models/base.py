@@ -46,11 +46,18 @@ class MoeAdapter(ABC):
     # Module attribute of the MoE block in memory vs the name used in checkpoint keys.
     block_attr: ClassVar[str] = "mlp"
     checkpoint_block_attr: ClassVar[str] = "mlp"
+    # The MoE block's router child (kept on the device under this name, so its state-dict keys stay).
+    router_attr: ClassVar[str] = "gate"
+    # Whether the checkpoint holds each layer's experts stacked in one tensor per projection
+    # (``experts.gate_up_proj`` [E, ...]) rather than per-expert keys ``experts.{e}.gate_proj.weight``.
+    stacked_experts: ClassVar[bool] = False
 
     def __init__(self, config: PretrainedConfig):
         self.config = config
+        # Group 1: the layer; group 2: the expert (None for stacked experts: one key holds them all).
+        expert = r"(?:(\d+)\.)?" if self.stacked_experts else r"(\d+)\."
         self._expert_key_re = re.compile(
-            r"^model\.layers\.(\d+)\." + re.escape(self.checkpoint_block_attr) + r"\.experts\.(\d+)\."
+            r"^model\.layers\.(\d+)\." + re.escape(self.checkpoint_block_attr) + r"\.experts\." + expert
         )
 
     # -- shapes -------------------------------------------------------------------------------
@@ -95,6 +102,10 @@ class MoeAdapter(ABC):
         gate, up, down = self.expert_weight_names
         return ExpertKeys(f"{prefix}{gate}.weight", f"{prefix}{up}.weight", f"{prefix}{down}.weight")
 
+    def stacked_expert_prefix(self, layer: int) -> str:
+        """Checkpoint key prefix of layer ``layer``'s stacked expert tensors (``stacked_experts``)."""
+        return f"model.layers.{layer}.{self.checkpoint_block_attr}.experts."
+
     def is_routed_expert_key(self, key: str) -> bool:
         """Whether checkpoint ``key`` is a routed-expert weight (streamed to the host pool)."""
         return self._expert_key_re.match(key) is not None
@@ -117,6 +128,11 @@ class MoeAdapter(ABC):
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Shared-expert contribution ``[T, H]`` for tokens ``x`` ``[T, H]``, or None."""
         return None
+
+    def block_output(self, hidden: torch.Tensor, weights: torch.Tensor):
+        """What the MoE block returns to its decoder layer, given its output ``hidden`` ``[B, S, H]`` and
+        the routing weights ``[T, K]``: the tensor itself for most architectures."""
+        return hidden
 
 
 def softmax_topk(

@@ -68,6 +68,14 @@ _TINY: dict[str, dict[str, Any]] = {
         num_key_value_heads=4, n_group=2, topk_group=1, norm_topk_prob=True,
         routed_scaling_factor=2.5,
     ),
+    # gpt-oss: 4 layers alternating sliding-window (8 tokens, so prompts exceed it) and full attention,
+    # widths multiples of 32 (MXFP4 blocks), YaRN rope scaled as the published config is.
+    "gpt_oss": dict(
+        num_hidden_layers=4, intermediate_size=64, num_local_experts=8, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=64, rope_theta=150000.0),
+    ),
 }
 
 SUPPORTED_ARCHS: tuple[str, ...] = tuple(_TINY)

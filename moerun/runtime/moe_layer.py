@@ -30,7 +30,10 @@ class OffloadedMoE(nn.Module):
         super().__init__()
         self.layer = layer            # decoder layer index in the model
         self.moe_index = moe_index    # index among MoE layers: the runtime's, engine's and arena's layer id
-        self.gate = block.gate
+        router = getattr(block, adapter.router_attr)
+        setattr(self, adapter.router_attr, router)  # transformers' name: the state-dict keys stay
+        if adapter.router_attr != "gate":
+            self.__dict__["gate"] = router  # the name moerun's code reads it by
         for name in adapter.shared_modules:
             setattr(self, name, getattr(block, name))
         # Plain attributes (not submodules): shared objects, not part of this module's state.
@@ -73,7 +76,7 @@ class OffloadedMoE(nn.Module):
         shared = self.adapter.shared_output(self, x)
         if shared is not None:
             y = y + shared
-        return y.reshape(shape)
+        return self.adapter.block_output(y.reshape(shape), weights)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, moe_index={self.moe_index}"

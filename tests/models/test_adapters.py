@@ -21,9 +21,9 @@ def test_routing_matches_transformers(checkpoint):
     adapter = adapter_for(model.config)
     x = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in adapter.moe_layers():
-        block = model.get_submodule(adapter.block_path(layer))
-        _, hf_weights, hf_ids = block.gate(x)
-        ids, weights = adapter.route(block.gate, x)
+        router = getattr(model.get_submodule(adapter.block_path(layer)), adapter.router_attr)
+        _, hf_weights, hf_ids = router(x)
+        ids, weights = adapter.route(router, x)
         # transformers' top-k may be unsorted (sorted=False): compare as (expert -> weight) sets.
         order, hf_order = ids.argsort(dim=-1), hf_ids.argsort(dim=-1)
         assert torch.equal(ids.gather(1, order), hf_ids.gather(1, hf_order))
@@ -39,11 +39,16 @@ def test_shared_output_matches_block(checkpoint):
     x = torch.randn(5, model.config.hidden_size)
     layer = adapter.moe_layers()[0]
     block = model.get_submodule(adapter.block_path(layer))
-    ids, weights = adapter.route(block.gate, x)
+    ids, weights = adapter.route(getattr(block, adapter.router_attr), x)
     routed = block.experts(x, ids, weights.to(x.dtype))
     shared = adapter.shared_output(block, x)
-    expected = block(x.unsqueeze(0)).squeeze(0)
-    torch.testing.assert_close(routed + (0 if shared is None else shared), expected)
+    expected = block(x.unsqueeze(0))
+    if isinstance(expected, tuple):  # gpt-oss: (hidden, router scores)
+        expected, scores = expected
+        torch.testing.assert_close(scores.float(), weights, rtol=0, atol=0)
+        hidden, scores_out = adapter.block_output(expected, weights)
+        assert hidden is expected and scores_out is weights
+    torch.testing.assert_close(routed + (0 if shared is None else shared), expected.squeeze(0))
 
 
 def test_checkpoint_keys_partition(checkpoint):
@@ -54,6 +59,13 @@ def test_checkpoint_keys_partition(checkpoint):
         expert_keys = {k for k in keys if adapter.is_routed_expert_key(k)}
         named = set()
         for layer in adapter.moe_layers():
+            if adapter.stacked_experts:  # one tensor per projection holds the layer's experts
+                prefix = adapter.stacked_expert_prefix(layer)
+                named |= {k for k in keys if k.startswith(prefix)}
+                E, H, I = adapter.num_experts, adapter.hidden_size, adapter.expert_inter_size
+                assert f.get_slice(prefix + "gate_up_proj").get_shape() == [E, H, 2 * I]
+                assert f.get_slice(prefix + "down_proj").get_shape() == [E, I, H]
+                continue
             for expert in range(adapter.num_experts):
                 k = adapter.expert_keys(layer, expert)
                 assert f.get_slice(k.gate).get_shape() == [adapter.expert_inter_size, adapter.hidden_size]
