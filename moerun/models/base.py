@@ -23,6 +23,19 @@ from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert turns its gate and up projections into the input of down, and whether its
+    projections carry biases (csrc/expert_activation.h defines the activations; the names are
+    ``moerun.native.EXPERT_ACTIVATIONS``). Every compute path takes it: the Triton kernels, the host
+    kernel and the CPU executor; with ``bias`` the slot layout holds the biases."""
+
+    name: str = "silu"    # "silu": silu(g) * u; "swiglu_clamped": gpt-oss's clamped SwiGLU
+    alpha: float = 1.0    # swiglu_clamped: h = (u' + 1) * g' * sigmoid(alpha * g')
+    limit: float = 0.0    # swiglu_clamped: g' = min(g, limit), u' = clamp(u, -limit, limit)
+    bias: bool = False    # gate_up [2I] and down [H] biases, added to each projection
+
+
+@dataclass(frozen=True)
 class ExpertKeys:
     """Checkpoint tensor names of one routed expert (``F.linear`` layout, as stored)."""
 
@@ -128,6 +141,12 @@ class MoeAdapter(ABC):
     def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Shared-expert contribution ``[T, H]`` for tokens ``x`` ``[T, H]``, or None."""
         return None
+
+    @property
+    def expert_activation(self) -> ExpertActivation:
+        """The routed experts' activation and biases: ``silu(gate) * up``, no biases, unless an
+        architecture says otherwise."""
+        return ExpertActivation()
 
     def block_output(self, hidden: torch.Tensor, weights: torch.Tensor):
         """What the MoE block returns to its decoder layer, given its output ``hidden`` ``[B, S, H]`` and
