@@ -7,7 +7,12 @@ Checkpoints read as they are published (``config.json``'s ``quantization_config`
 - ``quant_method: "fp8"`` with ``weight_block_size: [128, 128]`` (DeepSeek-V3, Qwen3 ``*-FP8``): every
   linear's ``weight`` in float8 e4m3 and ``weight_scale_inv`` per 128x128 block; experts stay fp8-block128;
 - ``quant_method: "gptq"``, 4 bits, ``desc_act: false``, group 32 / 64 / 128 (Qwen's ``*-GPTQ-Int4``):
-  ``qweight`` / ``qzeros`` / ``scales`` per linear; experts stay int4-g{group}.
+  ``qweight`` / ``qzeros`` / ``scales`` per linear; experts stay int4-g{group};
+- stacked experts (gpt-oss: one tensor per projection holds a layer's experts, with biases): float
+  (``gate_up_proj`` [E, H, 2I], gate and up interleaved, ``x @ W``; encoding "gpt-oss-float", any expert
+  format at load), or ``quant_method: "mxfp4"`` as published on the hub (``*_blocks`` e2m1 pairs and
+  ``*_scales`` e8m0 per 32 inputs; encoding "gpt-oss-mxfp4", experts stay mxfp4); only the experts are
+  quantized there, the dense weights are float.
 A pre-quantized checkpoint asked for another expert format is refused (the conversion would not be
 exact). Its dense linears (attention, shared experts, dense MLPs) are dequantized to the compute dtype
 at load: moerun offloads experts, it does not run quantized dense kernels.
@@ -23,6 +28,13 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError
 
+# The tensors under a layer's ``mlp.experts.`` prefix of the stacked (gpt-oss) encodings, in the order the host
+# pool reads them (csrc/expert_files.h).
+GPT_OSS_FLOAT_TENSORS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+GPT_OSS_MXFP4_TENSORS = ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
+                         "down_proj_blocks", "down_proj_scales", "down_proj_bias")
+MXFP4_BLOCK = 32  # inputs per e8m0 scale (16 bytes of e2m1 pairs)
+
 # User-facing names beside the canonical ones (moerun.native.EXPERT_FORMATS).
 FLOAT_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_ALIASES = {"int4": "int4-g128"}
@@ -37,8 +49,9 @@ class ExpertFormatError(ValueError):
 class CheckpointQuantization:
     """How a checkpoint's linears are stored.
 
-    ``encoding``: the host pool's source encoding (csrc/expert_files.h): "float", "fp8-block128", "gptq" or
-    "gptq-v2". ``suffixes``: the tensor names of one linear under its prefix, in the order the pool reads
+    ``encoding``: the host pool's source encoding (csrc/expert_files.h): "float", "fp8-block128", "gptq",
+    "gptq-v2", "gpt-oss-float" or "gpt-oss-mxfp4". ``suffixes``: the tensor names of one linear under its
+    prefix (``stacked``: of one layer's experts under its ``experts.`` prefix), in the order the pool reads
     them. ``expert_format``: the expert format those experts are in, unconverted.
     """
 
@@ -46,19 +59,37 @@ class CheckpointQuantization:
     suffixes: tuple[str, ...] = ("weight",)
     expert_format: str = "float"
     group_size: int = 0
+    stacked: bool = False
 
     @property
     def quantized(self) -> bool:
-        return self.encoding != "float"
+        """Whether the experts are stored quantized (any other expert format would be a lossy conversion)."""
+        return self.expert_format != "float"
+
+    @property
+    def dense_quantized(self) -> bool:
+        """Whether dense linears are quantized too (dequantized at load); gpt-oss quantizes its experts only."""
+        return self.quantized and not self.stacked
 
 
-def read_quantization(config) -> CheckpointQuantization:
-    """The checkpoint's quantization from its config, or a clear error for one moerun does not read."""
+def read_quantization(config, *, stacked_experts: bool = False) -> CheckpointQuantization:
+    """The checkpoint's quantization from its config, or a clear error for one moerun does not read.
+    ``stacked_experts``: the architecture stores a layer's experts stacked (gpt-oss)."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
+        if stacked_experts:
+            return CheckpointQuantization("gpt-oss-float", GPT_OSS_FLOAT_TENSORS, stacked=True)
         return CheckpointQuantization()
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else vars(qc))
     method = str(qc.get("quant_method", "")).lower()
+    if stacked_experts:
+        if method != "mxfp4":
+            raise ExpertFormatError(f"quantization_config.quant_method {method!r}: moerun reads this architecture's "
+                                    "stacked experts in float or as published in MXFP4 (quant_method 'mxfp4')")
+        return CheckpointQuantization("gpt-oss-mxfp4", GPT_OSS_MXFP4_TENSORS, "mxfp4", MXFP4_BLOCK, stacked=True)
+    if method == "mxfp4":
+        raise ExpertFormatError("quantization_config.quant_method 'mxfp4' is the gpt-oss layout (stacked experts); "
+                                f"moerun reads it for gpt_oss, not {getattr(config, 'model_type', '?')!r}")
     if method == "fp8":
         block = qc.get("weight_block_size")
         if list(block or []) != [128, 128]:
@@ -142,6 +173,40 @@ def check_expert_tensors(ckpt: Checkpoint, prefixes: list[str], shapes: list[tup
                                       f"{' or '.join(str(d) for d in dtypes)}")
 
 
+def check_stacked_expert_tensors(ckpt: Checkpoint, prefix: str, num_experts: int, hidden: int, inter: int,
+                                 quant: CheckpointQuantization) -> None:
+    """One layer's stacked expert tensors (under ``prefix``) are present with the dtypes and shapes the encoding
+    implies for ``num_experts`` experts of ``hidden`` x ``inter``, checked from the headers before anything
+    large is allocated."""
+    E, H, I = num_experts, hidden, inter
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if quant.encoding == "gpt-oss-float":
+        expected = {"gate_up_proj": (floats, (E, H, 2 * I)), "gate_up_proj_bias": (floats, (E, 2 * I)),
+                    "down_proj": (floats, (E, I, H)), "down_proj_bias": (floats, (E, H))}
+    else:
+        if H % MXFP4_BLOCK or I % MXFP4_BLOCK:
+            raise CheckpointError(f"{ckpt.path}: hidden {H} and expert width {I} must be multiples of {MXFP4_BLOCK} "
+                                  "for MXFP4 experts")
+        u8, g = (torch.uint8,), MXFP4_BLOCK
+        expected = {"gate_up_proj_blocks": (u8, (E, 2 * I, H // g, g // 2)), "gate_up_proj_scales": (u8, (E, 2 * I, H // g)),
+                    "gate_up_proj_bias": (floats, (E, 2 * I)),
+                    "down_proj_blocks": (u8, (E, H, I // g, g // 2)), "down_proj_scales": (u8, (E, H, I // g)),
+                    "down_proj_bias": (floats, (E, H))}
+    for suffix in quant.suffixes:
+        dtypes, shape = expected[suffix]
+        key = prefix + suffix
+        info = ckpt.tensors.get(key)
+        if info is None:
+            raise CheckpointError(f"{ckpt.path}: routed expert tensor {key} is missing; the checkpoint does not match "
+                                  f"its config ({quant.encoding} experts)")
+        if info.shape != shape:
+            raise CheckpointError(f"{info.file}: {key} has shape {list(info.shape)}, expected {list(shape)} "
+                                  f"({quant.encoding}: {E} experts of hidden {H}, width {I})")
+        if info.dtype not in dtypes:
+            raise CheckpointError(f"{info.file}: {key} is {info.dtype}; {quant.encoding} experts need "
+                                  f"{' or '.join(str(d) for d in dtypes)}")
+
+
 def _expected(quant: CheckpointQuantization, rows: int, cols: int) -> list[tuple[tuple[torch.dtype, ...], tuple]]:
     if quant.encoding == "float":
         return [((torch.float32, torch.float16, torch.bfloat16), (rows, cols))]
@@ -179,7 +244,7 @@ def read_dense(ckpt: Checkpoint, keys: list[str], quant: CheckpointQuantization,
                device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(key, tensor)`` of the dense weights, quantized linears dequantized to fp32 under their ``.weight``
     key (the compute dtype is the caller's to apply). A float checkpoint's tensors pass through."""
-    if not quant.quantized:
+    if not quant.dense_quantized:
         yield from ckpt.read(keys, device)
         return
     companions = (".weight_scale_inv",) if quant.encoding == "fp8-block128" else (".qzeros", ".scales", ".g_idx")

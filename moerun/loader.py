@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .checkpoint import Checkpoint, CheckpointError, read_json_object, resolve_checkpoint
-from .checkpoint_quantization import (CheckpointQuantization, check_expert_tensors, dense_elements, expert_tensor_keys,
-                                      read_dense, read_quantization, resolve_expert_format)
+from .checkpoint_quantization import (CheckpointQuantization, check_expert_tensors, check_stacked_expert_tensors,
+                                      dense_elements, expert_tensor_keys, read_dense, read_quantization,
+                                      resolve_expert_format)
 from .models import MoeAdapter, adapter_for
 from .policy.engine_setup import HostTier
 from .policy.ir import AUTO, CompiledPolicy
@@ -261,9 +262,9 @@ def _open_checkpoint(model, revision: str, dtype):
     _check_config_shape(config_file, adapter)
     ckpt = Checkpoint(path)
     _check_layers_and_experts(ckpt, adapter)
-    quant = read_quantization(config)
+    quant = read_quantization(config, stacked_experts=adapter.stacked_experts)
     _check_expert_tensors(ckpt, adapter, quant)
-    return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter), quant
+    return path, config, adapter, ckpt, _pick_dtype(dtype, config, ckpt, adapter, quant), quant
 
 
 def _plan(adapter, ckpt, quant, non_expert, dtype, expert_format, vram_budget, device, max_context, max_batch, *,
@@ -312,8 +313,8 @@ def _check_layers_and_experts(ckpt: Checkpoint, adapter: MoeAdapter) -> None:
         if match and int(match.group(1)) >= layers:
             raise CheckpointError(f"{ckpt.path}: {key} is in layer {match.group(1)}, but config.json gives "
                                   f"{adapter.num_layers} layers; the config does not match the weights")
-        expert = adapter._expert_key_re.match(key)
-        if expert and int(expert.group(2)) >= adapter.num_experts:
+        expert = adapter._expert_key_re.match(key)  # group 2 is None for stacked experts (shapes are checked)
+        if expert and expert.group(2) is not None and int(expert.group(2)) >= adapter.num_experts:
             raise CheckpointError(f"{ckpt.path}: {key} is expert {expert.group(2)}, but config.json gives "
                                   f"{adapter.num_experts} experts per layer; the config does not match the weights")
 
@@ -399,24 +400,31 @@ def _check_expert_tensors(ckpt: Checkpoint, adapter: MoeAdapter, quant: Checkpoi
     the checkpoint's quantization imply."""
     h, i = adapter.hidden_size, adapter.expert_inter_size
     for layer in adapter.moe_layers():
+        if quant.stacked:
+            check_stacked_expert_tensors(ckpt, adapter.stacked_expert_prefix(layer), adapter.num_experts, h, i, quant)
+            continue
         for expert in range(adapter.num_experts):
             check_expert_tensors(ckpt, _expert_prefixes(adapter, layer, expert), [(i, h), (i, h), (h, i)], quant)
 
 
 def _expert_prefixes(adapter: MoeAdapter, layer: int, expert: int) -> list[str]:
     """gate, up, down keys without their last part ("weight"), under which a quantized checkpoint keeps
-    its other tensors of the same linear."""
+    its other tensors of the same linear; for stacked experts the layer's one ``experts.`` prefix (the
+    pool's reader takes expert ``expert``'s slice of each tensor)."""
+    if adapter.stacked_experts:
+        return [adapter.stacked_expert_prefix(layer)]
     keys = adapter.expert_keys(layer, expert)
     return [key[: -len("weight")] for key in (keys.gate, keys.up, keys.down)]
 
 
-def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter) -> torch.dtype:
+def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter, quant: CheckpointQuantization) -> torch.dtype:
     if dtype is None:
         dtype = getattr(config, "dtype", None)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)
         if dtype is None:
-            dtype = ckpt.tensors[adapter.expert_keys(adapter.moe_layers()[0], 0).gate].dtype
+            first = expert_tensor_keys(_expert_prefixes(adapter, adapter.moe_layers()[0], 0), quant)[0]
+            dtype = ckpt.tensors[first].dtype
             dtype = dtype if dtype in _FLOAT_DTYPES else torch.bfloat16  # a quantized checkpoint without config.dtype
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, not {dtype}")

@@ -47,6 +47,7 @@ from ..transformers_contract import TransformersMismatch, fast_path_contract
 from . import generate_hooks
 from .decode_cache import DecodeCache, DecodeMask
 from .decode_profile import NO_TIMER, DecodeProfile
+from .row_cache import RowCache
 from .generate_hooks import unsupported_reason
 from .offload import OffloadRuntime
 from .segments import Segment, compiled
@@ -206,14 +207,22 @@ class FastDecoder:
         start = self.cache.length - tokens  # positions written before this step
         if position_ids is None:
             position_ids = torch.arange(start, start + tokens, device=input_ids.device).expand(batch, tokens)
-        mask = generate_hooks.step_mask(self, input_ids, attention_mask, cache, position_ids)
+        def query_positions():  # [B, Q] the cache positions this step writes (rows: each its own)
+            offsets = torch.arange(tokens, device=input_ids.device)
+            if isinstance(cache, RowCache):
+                return cache.write_positions[:batch, None] + offsets
+            return (start + offsets).expand(batch, tokens)
+
+        masks = generate_hooks.step_masks(self, input_ids, attention_mask, cache, position_ids, query_positions)
         keep = min(logits_to_keep, tokens) if logits_to_keep > 0 else tokens  # 0 keeps every position
         buf = self._shapes.get((batch, tokens, keep))
-        if buf is None or buf.mask.shape != mask.shape or buf.mask.dtype != mask.dtype:
-            buf = self._shapes[(batch, tokens, keep)] = StepBuffers(self, batch, tokens, keep, mask)
+        if buf is None or any(buf.masks[k].shape != m.shape or buf.masks[k].dtype != m.dtype
+                              for k, m in masks.items()):
+            buf = self._shapes[(batch, tokens, keep)] = StepBuffers(self, batch, tokens, keep, masks)
         buf.input_ids.copy_(input_ids)
         buf.position_ids.copy_(position_ids)
-        buf.mask.copy_(mask)
+        for kind, mask in masks.items():
+            buf.masks[kind].copy_(mask)
         self._run(buf)
         self.fast_steps += 1
         return CausalLMOutputWithPast(logits=buf.logits.clone(), **{self.cache_arg: cache})

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
 from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
+from .decode_cache import sliding_window_mask
 
 if TYPE_CHECKING:
     from .fast_decode import FastDecoder
@@ -39,6 +40,8 @@ MAX_STEP_TOKENS = 16
 # The decoder-layer structure the segments reproduce (pre-norm: attention then MLP, each with a residual).
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# Attention layer kinds (config.layer_types) the fast path runs: each gets its mask from step_masks.
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # forward() arguments a decode step may carry besides the KV cache (whose name depends on the transformers
 # version: transformers_contract); any other argument (or a true output_* flag) goes to transformers.
 _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", "use_cache", "logits_to_keep",
@@ -55,10 +58,15 @@ def unsupported_reason(model) -> str | None:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in _ATTENTION_IMPLEMENTATIONS:
         return f"attention implementation {impl!r} (the fast path runs {' or '.join(_ATTENTION_IMPLEMENTATIONS)})"
-    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-        return "sliding-window attention layers (the fast path covers full attention only)"
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention (the fast path covers full attention only)"
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        other = sorted(set(layer_types) - set(LAYER_TYPES))
+        if other:
+            return f"attention layer types {other} (the fast path covers {' and '.join(LAYER_TYPES)})"
+        if "sliding_attention" in layer_types and not isinstance(getattr(cfg, "sliding_window", None), int):
+            return "sliding-window layers without an int config.sliding_window"
+    elif getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention without config.layer_types (the fast path reads each layer's kind there)"
     decoder = model.get_decoder()
     for name in ("embed_tokens", "rotary_emb", "norm", "layers"):
         if not hasattr(decoder, name):
@@ -261,20 +269,30 @@ def install(decoder: "FastDecoder", model) -> None:
     model.forward, model.generate = forward, generate
 
 
-def step_mask(decoder: "FastDecoder", input_ids, attention_mask, cache, position_ids) -> torch.Tensor:
-    """The 4-D mask ``[B, 1, Q, L]`` transformers' attention expects (generate builds it for static
-    caches; otherwise built here with the same function)."""
-    if isinstance(attention_mask, dict):
-        attention_mask = attention_mask["full_attention"]
-    if attention_mask is None or attention_mask.dim() == 2:
+def layer_types(config) -> list[str]:
+    """Each decoder layer's attention kind (``config.layer_types``; full attention where the config has none)."""
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+
+def step_masks(decoder: "FastDecoder", input_ids, attention_mask, cache, position_ids,
+               query_positions) -> dict[str, torch.Tensor]:
+    """The 4-D masks ``[B, 1, Q, L]`` transformers' attention expects, by layer kind (generate builds them
+    for static caches; otherwise built here with the same function). A sliding-window mask not given is
+    made from the full one (decode_cache.sliding_window_mask) with ``query_positions()`` ``[B, Q]``, the
+    step's cache positions: the serving engine hands one per-row mask."""
+    config = decoder.model().config
+    if attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 2):
         batch, tokens = input_ids.shape
         attention_mask = create_masks_for_generate(
-            config=decoder.model().config,
+            config=config,
             inputs_embeds=torch.empty((batch, tokens, 0), dtype=decoder.dtype, device=input_ids.device),
             attention_mask=attention_mask, position_ids=position_ids, **{decoder.cache_arg: cache})
-        if isinstance(attention_mask, dict):
-            attention_mask = attention_mask["full_attention"]
-    if attention_mask is None or attention_mask.dim() != 4:
+    masks = dict(attention_mask) if isinstance(attention_mask, dict) else {"full_attention": attention_mask}
+    kinds = set(layer_types(config))
+    full = masks.get("full_attention")
+    if "sliding_attention" in kinds and masks.get("sliding_attention") is None and full is not None:
+        masks["sliding_attention"] = sliding_window_mask(full, query_positions(), config.sliding_window)
+    if any(not torch.is_tensor(masks.get(kind)) or masks[kind].dim() != 4 for kind in kinds):
         raise RuntimeError("the fast decode path needs transformers' 4-D attention mask for a static cache; "
                            "turn it off with model.moerun.fast_decode = False")
-    return attention_mask
+    return {kind: masks[kind] for kind in sorted(kinds)}

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from . import generate_hooks
 from .offload import HostStep, merge_cpu_partial
 from .segments import Segment
 
@@ -84,17 +85,18 @@ def _tail(buf: "StepBuffers", model, keep: int) -> None:
     buf.logits.copy_(model.lm_head(hs))
 
 
-def _dense(buf: "StepBuffers", layer, cache, cache_arg: str) -> None:
-    buf.h.copy_(layer(buf.h, attention_mask=buf.mask, position_embeddings=buf.pe, position_ids=buf.position_ids,
+def _dense(buf: "StepBuffers", layer, cache, cache_arg: str, mask: torch.Tensor) -> None:
+    buf.h.copy_(layer(buf.h, attention_mask=mask, position_embeddings=buf.pe, position_ids=buf.position_ids,
                       use_cache=True, **{cache_arg: cache}))
 
 
-def _attention_router(buf: "StepBuffers", layer, block, cache, cache_arg: str) -> None:
-    """The decoder layer's forward up to its MLP (transformers' order and ops), then the router."""
+def _attention_router(buf: "StepBuffers", layer, block, cache, cache_arg: str, mask: torch.Tensor) -> None:
+    """The decoder layer's forward up to its MLP (transformers' order and ops), then the router; ``mask``
+    is the buffer of the layer's attention kind (full or sliding window)."""
     t, hidden = buf.x.shape
     residual = buf.h
     hs = layer.input_layernorm(buf.h)
-    hs, _ = layer.self_attn(hidden_states=hs, attention_mask=buf.mask, position_embeddings=buf.pe,
+    hs, _ = layer.self_attn(hidden_states=hs, attention_mask=mask, position_embeddings=buf.pe,
                             position_ids=buf.position_ids, use_cache=True, **{cache_arg: cache})
     buf.resid.copy_(residual + hs)
     buf.x.copy_(layer.post_attention_layernorm(buf.resid).reshape(t, hidden))
@@ -124,7 +126,7 @@ DEVICE_PARTS: dict[str, Callable[..., None]] = {
 class StepBuffers:
     """Static buffers and segments of one (B, Q, logits kept) step shape."""
 
-    def __init__(self, decoder: "FastDecoder", batch: int, tokens: int, keep: int, mask: torch.Tensor):
+    def __init__(self, decoder: "FastDecoder", batch: int, tokens: int, keep: int, masks: dict[str, torch.Tensor]):
         model = decoder.model()
         dev, dtype = decoder.device, decoder.dtype
         cfg, base = model.config, model.get_decoder()
@@ -133,7 +135,9 @@ class StepBuffers:
         self.batch, self.tokens, self.keep = batch, tokens, keep
         self.input_ids = torch.zeros(batch, tokens, dtype=torch.long, device=dev)  # [B, Q]
         self.position_ids = torch.zeros(batch, tokens, dtype=torch.long, device=dev)  # [B, Q]
-        self.mask = torch.zeros_like(mask)  # [B, 1, Q, L] as transformers builds it (bool or additive)
+        # [B, 1, Q, L] per attention kind (full, sliding window), as transformers builds them (bool or additive)
+        self.masks = {kind: torch.zeros_like(m) for kind, m in masks.items()}
+        kinds = generate_hooks.layer_types(cfg)
         self.h = torch.zeros(batch, tokens, hidden, dtype=dtype, device=dev)  # [B, Q, H] residual stream
         self.resid = torch.zeros_like(self.h)  # [B, Q, H] after attention + residual
         self.x = torch.zeros(t, hidden, dtype=dtype, device=dev)  # [T, H] MoE input
@@ -174,7 +178,8 @@ class StepBuffers:
         for index, layer in enumerate(base.layers[: cfg.num_hidden_layers]):
             block = layer.mlp
             if not hasattr(block, "moe_index"):
-                self.layers.append(seg(f"dense{index}", device_part("dense", layer, cache, cache_arg)))
+                self.layers.append(seg(f"dense{index}", device_part("dense", layer, cache, cache_arg,
+                                                                    self.masks[kinds[index]])))
                 continue
             hosts = tuple(HostStep(x=x_host, ids=pinned(self.ids), weights=pinned(self.weights), cpu_out=cpu_out)
                           for _ in range(2))
@@ -207,7 +212,8 @@ class StepBuffers:
             if block.next_gate is not None:
                 ahead = seg(f"predict_next{index}", functools.partial(predict_next, device_part("predict_next", block)))
             has_shared = bool(block.adapter.shared_modules)
-            run_attention = functools.partial(attention, device_part("attention_router", layer, block, cache, cache_arg))
+            run_attention = functools.partial(attention, device_part("attention_router", layer, block, cache, cache_arg,
+                                                                     self.masks[kinds[index]]))
             self.layers.append(MoeSegments(
                 block, hosts, run_attention, seg(f"attention{index}", run_attention),
                 seg(f"shared{index}", device_part("shared", block)) if has_shared else None,
