@@ -63,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "room for a share of the routed experts besides the rest (experts:50%%); repeat or use "
                    "--budgets for a sweep (default: 10GiB with a GPU, experts:50%% without)")
     p.add_argument("--budgets", dest="budget_list", nargs="+", metavar="SIZE", help="several budgets: a sweep")
-    p.add_argument("--checkpoint-format", default="float", metavar="FORMAT",
-                   help="the built-in model's experts as written to disk: float (default, in --dtype) or generated "
-                   "packed in a published layout: fp8-block128 (the FP8 checkpoint layout), int4-g32/64/128 (GPTQ; "
-                   "int4 = int4-g128); a 30 B shape needs this to fit a 64 GB disk (one cached checkpoint per format)")
+    p.add_argument("--checkpoint-format", default=None, metavar="FORMAT",
+                   help="the built-in model's experts as written to disk: float (in --dtype; the default, but for "
+                   "gpt-oss, written in mxfp4 as published) or generated packed in a published layout: fp8-block128 "
+                   "(the FP8 checkpoint layout), int4-g32/64/128 (GPTQ; int4 = int4-g128), mxfp4 (gpt-oss's); a 30 B "
+                   "shape needs this to fit a 64 GB disk (one cached checkpoint per format)")
     p.add_argument("--expert-format", dest="expert_formats", nargs="+", default=["auto"], metavar="FORMAT",
                    help="moerun rows' expert format (moerun.load(expert_format=...)), one row per format: auto (the "
                    "checkpoint's own), float, fp8, fp8-block128, int8, int4 (= int4-g128), int4-g32, int4-g64, mxfp4; "
@@ -169,7 +170,7 @@ def _plan(args, budgets: list[Budget], policies: list[str]) -> list[tuple[str, B
 def _checkpoint(args, dtype: torch.dtype, log) -> tuple[Path | str, str]:
     """(checkpoint path or hub id, name for tables) of --model or the built-in model."""
     if args.model:
-        if args.checkpoint_format != "float":
+        if args.checkpoint_format is not None:
             raise SystemExit("--checkpoint-format applies to built-in models; a --model checkpoint is read as it is")
         return (Path(args.model) if Path(args.model).exists() else args.model), str(args.model)
     name = args.synthetic or ("qwen1.5-moe-a2.7b" if torch.cuda.is_available() and args.device != "cpu" else "tiny")
@@ -178,7 +179,8 @@ def _checkpoint(args, dtype: torch.dtype, log) -> tuple[Path | str, str]:
                                   expert_format=args.checkpoint_format)
     except ValueError as exc:
         raise SystemExit(f"--checkpoint-format: {exc}") from exc
-    return path, name if args.checkpoint_format == "float" else f"{name}-{args.checkpoint_format}"
+    fmt = args.checkpoint_format or BUILTIN_MODELS[name].checkpoint_format
+    return path, name if fmt == "float" else f"{name}-{fmt}"
 
 
 def _run_system(setup: BenchSetup, system: str, budget_bytes: int, policy: str | None, expert_format: str,

@@ -31,6 +31,7 @@ class ModelSpec:
     base: str                 # an architecture (tiny shapes) or a preset of moerun.models.synthetic
     description: str
     overrides: dict = field(default_factory=dict)
+    checkpoint_format: str = "float"  # how its experts are written when --checkpoint-format is not given
 
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
@@ -48,6 +49,14 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("qwen3-30b-a3b", "qwen3-30b-a3b",
                   "Qwen3-30B-A3B shapes: 48 layers x 128 experts, top-8, no shared expert, 30.5 B parameters "
                   "(57 GiB in bf16: build it packed, --checkpoint-format int4-g128 is 17 GiB)"),
+        ModelSpec("gpt-oss-20b", "gpt-oss-20b",
+                  "gpt-oss-20b shapes: 24 layers x 32 experts, top-4, H = I = 2880, sliding window 128 on every other "
+                  "layer, experts in MXFP4 as published (13.2 MB an expert; 13 GiB of files)",
+                  checkpoint_format="mxfp4"),
+        ModelSpec("gpt-oss-120b", "gpt-oss-120b",
+                  "gpt-oss-120b shapes: 36 layers x 128 experts, top-4, H = I = 2880, experts in MXFP4 as published "
+                  "(61 GiB of files: more than a 64 GB disk holds beside anything else)",
+                  checkpoint_format="mxfp4"),
     )
 }
 
@@ -107,19 +116,26 @@ def _meta_model(config):
 
 
 def _sizes(config, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(total_bytes, expert_bytes, num_moe_layers, num_experts, top_k) of ``config`` stored in ``dtype``."""
+    """(total_bytes, expert_bytes, num_moe_layers, num_experts, top_k) of ``config`` stored in ``dtype``; an
+    expert's bytes are its share of every stacked experts parameter (weights, and biases where it has them)."""
+    from moerun.models import UnsupportedArchitectureError, adapter_for
+
     model = _meta_model(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters()) * itemsize
-    experts = find_experts(model)
+    try:  # moerun's adapter knows where the experts are, whatever their layout
+        adapter = adapter_for(config)
+        experts = [model.get_submodule(adapter.block_path(layer)).experts for layer in adapter.moe_layers()]
+    except UnsupportedArchitectureError:  # a --model moerun does not run: the baselines' fused layout
+        experts = [site.module for site in find_experts(model)]
     if not experts:
         raise ValueError(
             f"{config.model_type}: found no fused routed-experts module (gate_up_proj [E, 2I, H] and "
             "down_proj [E, H, I]); the bench supports MoE models whose experts transformers stores fused"
         )
-    first = experts[0].module
+    first = experts[0]
     num_experts = first.gate_up_proj.shape[0]
-    expert_bytes = (first.gate_up_proj[0].numel() + first.down_proj[0].numel()) * itemsize
+    expert_bytes = sum(p.numel() for p in first.parameters()) // num_experts * itemsize
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     return total, expert_bytes, len(experts), num_experts, top_k
 
@@ -179,15 +195,17 @@ def _cache_key(spec: ModelSpec, config, dtype: torch.dtype, seed: int, device: s
     return f"{spec.name}-{str(dtype).replace('torch.', '')}{fmt}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
 
 
-def check_disk_space(directory: Path, needed_bytes: int, what: str) -> None:
-    """Raise a clear error if ``directory``'s file system has less than ``needed_bytes`` free."""
+def check_disk_space(directory: Path, needed_bytes: int, what: str, *, packed: bool = False) -> None:
+    """Raise a clear error if ``directory``'s file system has less than ``needed_bytes`` free (``packed``: the
+    experts are packed already, so a packed format is no way out)."""
     directory.mkdir(parents=True, exist_ok=True)
     free_bytes = shutil.disk_usage(directory).free
     if free_bytes < needed_bytes:
+        way_out = "" if packed else " (or a packed one: --checkpoint-format int4-g128)"
         raise RuntimeError(
             f"{what} needs {format_bytes(needed_bytes)} of disk in {directory}, but only "
             f"{format_bytes(free_bytes)} is free. Free some space, point --cache-dir at a larger disk, "
-            "or pick a smaller --synthetic model (or a packed one: --checkpoint-format int4-g128)."
+            f"or pick a smaller --synthetic model{way_out}."
         )
 
 
@@ -200,7 +218,7 @@ def packed_checkpoint_bytes(config, dtype: torch.dtype, expert_format: str) -> t
     dense = total - expert_bytes * layers * experts
     if expert_format == "float":
         return total, dense
-    return dense + packed_expert_bytes(config, expert_format) * layers * experts, dense
+    return dense + packed_expert_bytes(config, expert_format, dtype) * layers * experts, dense
 
 
 def _build_packed(config, path: Path, **kwargs) -> None:
@@ -221,11 +239,12 @@ def _build_packed(config, path: Path, **kwargs) -> None:
 
 def prepare_checkpoint(
     name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, seed: int = 0, log=print,
-    expert_format: str = "float",
+    expert_format: str | None = None,
 ) -> Path:
     """The directory of built-in model ``name`` in ``dtype``: built on first use, then reused.
 
-    ``expert_format``: ``"float"`` (experts in ``dtype``) or a packed layout of
+    ``expert_format``: None (the model's own: float, or mxfp4 for gpt-oss as it is published), ``"float"``
+    (experts in ``dtype``) or a packed layout of
     ``moerun.models.synthetic.PACKED_FORMATS`` (``"fp8-block128"``, ``"int4-g128"``, ...; ``"int4"`` =
     int4-g128): the experts are generated packed, dense weights stay in ``dtype``; each format is its own
     cache entry. The checkpoint is written to a temporary directory beside its final place and renamed
@@ -235,8 +254,9 @@ def prepare_checkpoint(
 
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of: {', '.join(BUILTIN_MODELS)}")
-    fmt = "float" if expert_format in ("float", None) else packed_format(expert_format)
     spec = BUILTIN_MODELS[name]
+    expert_format = spec.checkpoint_format if expert_format is None else expert_format
+    fmt = "float" if expert_format == "float" else packed_format(expert_format)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     config = spec_config(spec)
     total_bytes, dense_bytes = packed_checkpoint_bytes(config, dtype, fmt)
@@ -246,7 +266,8 @@ def prepare_checkpoint(
     if (path / "config.json").is_file():
         return path
     # The safetensors files plus headroom for metadata and the partial directory of a crashed build.
-    check_disk_space(cache_dir, int(total_bytes * 1.05) + 2**30, f"building the {name} checkpoint ({fmt} experts)")
+    check_disk_space(cache_dir, int(total_bytes * 1.05) + 2**30, f"building the {name} checkpoint ({fmt} experts)",
+                     packed=fmt != "float")
     experts = "" if fmt == "float" else f", experts packed in {fmt}"
     log(f"building the {name} checkpoint ({spec.description}; {format_bytes(total_bytes)}, dense weights in "
         f"{str(dtype).replace('torch.', '')}{experts}) in {path} — done once, then cached")

@@ -80,6 +80,17 @@ _TINY: dict[str, dict[str, Any]] = {
 
 SUPPORTED_ARCHS: tuple[str, ...] = tuple(_TINY)
 
+# openai/gpt-oss-20b and -120b config.json but for the depth and the experts: sliding window 128 on every other
+# layer, YaRN x32 over 4096, attention biases and sinks, clamped SwiGLU (limit 7); the hub publishes the
+# experts in MXFP4.
+_GPT_OSS: dict[str, Any] = dict(
+    vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+    head_dim=64, num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False, pad_token_id=199999, eos_token_id=200002,
+    rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                         original_max_position_embeddings=4096, rope_theta=150000.0),
+)
+
 # Real shapes of published models (architecture, config overrides); weights are random.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
@@ -109,6 +120,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, head_dim=64,
         topk_method="greedy", routed_scaling_factor=1.0,
     )),
+    "gpt-oss-20b": ("gpt_oss", dict(_GPT_OSS, num_hidden_layers=24, num_local_experts=32)),
+    "gpt-oss-120b": ("gpt_oss", dict(_GPT_OSS, num_hidden_layers=36, num_local_experts=128)),
 }
 
 
@@ -195,8 +208,9 @@ def build_checkpoint(
 # -- routed experts packed in a published layout --------------------------------------------------------
 # Expert formats (moerun.native.EXPERT_FORMATS) that checkpoints are published in: fp8-block128 as
 # DeepSeek-V3 / Qwen3 *-FP8 (F8_E4M3 ``weight`` + F32 ``weight_scale_inv`` per 128x128 block), int4-gG as
-# GPTQ v1 (``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, desc_act false, asymmetric).
-PACKED_FORMATS: tuple[str, ...] = ("fp8-block128", "int4-g32", "int4-g64", "int4-g128")
+# GPTQ v1 (``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, desc_act false, asymmetric), mxfp4 as gpt-oss
+# (stacked experts only: ``*_blocks`` e2m1 pairs + ``*_scales`` e8m0 per 32 inputs, biases beside them).
+PACKED_FORMATS: tuple[str, ...] = ("fp8-block128", "int4-g32", "int4-g64", "int4-g128", "mxfp4")
 _PACKED_ALIASES = {"int4": "int4-g128"}
 _FP8_BLOCK = 128
 # Root mean square of the random codes as values (fp8: |v| in [1, 240] over 8 octaves, see
@@ -204,6 +218,8 @@ _FP8_BLOCK = 128
 # 1 / (rms * sqrt(fan_in)), jittered, so the weights have the float builder's std of 1/sqrt(fan_in).
 _FP8_CODE_RMS = 76.6
 _INT4_CODE_RMS = 4.64
+# e2m1 codes uniform over the 16 nibbles: values 0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6 have rms sqrt(68.5 / 8).
+_E2M1_CODE_RMS = 2.93
 
 
 def packed_format(name: str) -> str:
@@ -221,6 +237,9 @@ def quantization_config(expert_format: str) -> dict[str, Any]:
     if fmt == "fp8-block128":
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": [_FP8_BLOCK, _FP8_BLOCK]}
+    if fmt == "mxfp4":  # as openai/gpt-oss-20b's config.json has it
+        return {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     return {"quant_method": "gptq", "bits": 4, "group_size": _group(fmt), "desc_act": False, "sym": False,
             "checkpoint_format": "gptq"}
 
@@ -245,6 +264,8 @@ class PackedTensor:
 def packed_linear_tensors(expert_format: str, rows: int, cols: int) -> list[PackedTensor]:
     """The tensors a ``[rows, cols]`` (out x in) linear is published as in ``expert_format``."""
     fmt = packed_format(expert_format)
+    if fmt == "mxfp4":
+        raise ValueError("mxfp4 is published for stacked experts (gpt-oss) only, not per expert linear")
     if fmt == "fp8-block128":
         blocks = (-(-rows // _FP8_BLOCK), -(-cols // _FP8_BLOCK))
         return [PackedTensor("weight", (rows, cols), torch.float8_e4m3fn),
@@ -265,12 +286,55 @@ def _expert_linears(adapter) -> list[tuple[int, int]]:
     return [(I, H), (I, H), (H, I)]
 
 
-def packed_expert_bytes(config: PretrainedConfig, expert_format: str) -> int:
-    """Bytes one routed expert of ``config`` takes on disk packed in ``expert_format``."""
+def packed_expert_bytes(config: PretrainedConfig, expert_format: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one routed expert of ``config`` takes on disk packed in ``expert_format`` (biases, where the
+    layout has them, in ``dtype``)."""
     from moerun.models import adapter_for
 
-    return sum(t.nbytes for rows, cols in _expert_linears(adapter_for(config))
+    adapter = adapter_for(config)
+    if adapter.stacked_experts:
+        return sum(math.prod(t.shape[1:]) * t.dtype.itemsize
+                   for t in stacked_mxfp4_tensors(adapter, expert_format, dtype).values())
+    return sum(t.nbytes for rows, cols in _expert_linears(adapter)
                for t in packed_linear_tensors(expert_format, rows, cols))
+
+
+def stacked_mxfp4_tensors(adapter, expert_format: str, dtype: torch.dtype) -> dict[str, PackedTensor]:
+    """The tensors one MoE layer of a stacked-experts (gpt-oss) architecture is published as in MXFP4, by name
+    under the layer's ``experts.`` prefix: per projection ``[out, in]`` (gate_up: 2I rows, gate and up
+    interleaved), ``*_blocks`` uint8 ``[E, out, in / 32, 16]`` (two e2m1 codes a byte, low nibble first),
+    ``*_scales`` uint8 ``[E, out, in / 32]`` (e8m0), ``*_bias`` ``[E, out]`` in ``dtype``."""
+    if packed_format(expert_format) != "mxfp4":
+        raise ValueError(f"{adapter.model_type} experts are published stacked in float or mxfp4, not {expert_format}")
+    E, H, I = adapter.num_experts, adapter.hidden_size, adapter.expert_inter_size
+    if H % 32 or I % 32:
+        raise ValueError(f"MXFP4 needs hidden ({H}) and expert width ({I}) in multiples of 32")
+    tensors = {}
+    for name, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+        tensors[f"{name}_blocks"] = PackedTensor(f"{name}_blocks", (E, rows, cols // 32, 16), torch.uint8)
+        tensors[f"{name}_scales"] = PackedTensor(f"{name}_scales", (E, rows, cols // 32), torch.uint8)
+        tensors[f"{name}_bias"] = PackedTensor(f"{name}_bias", (E, rows), dtype)
+    return tensors
+
+
+def _random_stacked_mxfp4(adapter, dtype: torch.dtype, generator: torch.Generator,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """One MoE layer's random MXFP4 tensors (on the host), by name: uniform codes, e8m0 scales of 2^e with e
+    the power of two nearest 1 / (code rms * sqrt(fan_in)) or one below (weights of std about 1/sqrt(fan_in),
+    as the float builder's), biases 0.1 * N(0, 1) as the float builder's."""
+    out = {}
+    for name, spec in stacked_mxfp4_tensors(adapter, "mxfp4", dtype).items():
+        if name.endswith("_blocks"):
+            t = torch.empty(spec.shape, dtype=torch.uint8, device=device).random_(0, 256, generator=generator)
+        elif name.endswith("_scales"):
+            fan_in = spec.shape[-1] * 32
+            e = 127 + round(math.log2(1.0 / (_E2M1_CODE_RMS * math.sqrt(fan_in))))
+            t = torch.randint(e - 1, e + 1, spec.shape, generator=generator, device=device, dtype=torch.int32)
+            t = t.to(torch.uint8)
+        else:
+            t = (0.1 * torch.randn(spec.shape, generator=generator, device=device)).to(dtype)
+        out[name] = t.cpu()
+    return out
 
 
 def _random_fp8_codes(numel: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -348,12 +412,14 @@ def build_packed_checkpoint(
     ``expert_format`` is one of :data:`PACKED_FORMATS`: ``"fp8-block128"`` writes each expert linear as an
     fp8 checkpoint does (``weight`` float8 e4m3 [out, in], ``weight_scale_inv`` fp32 per 128x128 block),
     ``"int4-gG"`` as GPTQ v1 does (``qweight`` int32 [in/8, out], ``qzeros`` int32 [in/G, out/8] holding
-    zero - 1, ``scales`` fp16 [in/G, out], ``g_idx``). Codes are random, scales plausible: the weights'
-    std is about 1/sqrt(fan_in), as in :func:`build_checkpoint`. Dense weights are :func:`build_checkpoint`'s
-    in ``dtype``; ``config.json`` carries the format's ``quantization_config``.
+    zero - 1, ``scales`` fp16 [in/G, out], ``g_idx``); for stacked experts (gpt-oss) ``"mxfp4"`` writes each
+    layer as the hub's gpt-oss checkpoints are (:func:`stacked_mxfp4_tensors`). Codes are random, scales
+    plausible: the weights' std is about 1/sqrt(fan_in), as in :func:`build_checkpoint`. Dense weights are
+    :func:`build_checkpoint`'s in ``dtype``; ``config.json`` carries the format's ``quantization_config``.
 
     Written shard by shard (the dense part first, then experts in layer order, each shard at most
-    ``max_shard_bytes``, with ``model.safetensors.index.json``), so host memory holds one shard. The same
+    ``max_shard_bytes``, or one stacked layer, with ``model.safetensors.index.json``), so host memory holds
+    one shard. The same
     arguments give the same files on the same device kind. ``progress(done, total)`` is called per shard.
     Returns the directory.
     """
@@ -361,13 +427,17 @@ def build_packed_checkpoint(
 
     fmt = packed_format(expert_format)
     adapter = adapter_for(config)
-    linears = _expert_linears(adapter)
-    per_expert = sum(t.nbytes for rows, cols in linears for t in packed_linear_tensors(fmt, rows, cols))
+    if adapter.stacked_experts:
+        stacked_mxfp4_tensors(adapter, fmt, dtype)  # raises for a format this layout is not published in
+        shards = [[(layer, None)] for layer in adapter.moe_layers()]  # one MoE layer a shard
+    else:
+        linears = _expert_linears(adapter)
+        per_expert = sum(t.nbytes for rows, cols in linears for t in packed_linear_tensors(fmt, rows, cols))
+        shards = _expert_shards(adapter, per_expert, max_shard_bytes)
     path, device = Path(path), torch.device(device)
     path.mkdir(parents=True, exist_ok=True)
     dense_dir = path / ".dense"
     _save_dense_part(config, dense_dir, seed=seed, dtype=dtype, device=device)
-    shards = _expert_shards(adapter, per_expert, max_shard_bytes)
     total = 1 + len(shards)
     name = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
     os.replace(dense_dir / "model.safetensors", path / name[0])
@@ -381,6 +451,11 @@ def build_packed_checkpoint(
     for index, shard in enumerate(shards, start=1):
         tensors = {}
         for layer, expert in shard:
+            if expert is None:  # a stacked layer: every expert in one tensor per name
+                prefix = adapter.stacked_expert_prefix(layer)
+                for tensor_name, tensor in _random_stacked_mxfp4(adapter, dtype, generator, device).items():
+                    tensors[prefix + tensor_name] = tensor
+                continue
             keys = adapter.expert_keys(layer, expert)
             for key, (rows, cols) in zip((keys.gate, keys.up, keys.down), linears):
                 prefix = key[: -len("weight")]

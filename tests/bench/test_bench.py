@@ -269,6 +269,25 @@ def test_packed_builds_are_cached_per_format_and_sized_packed(tmp_path, monkeypa
         prepare_checkpoint("qwen3-30b-a3b", dtype=torch.bfloat16, cache_dir=tmp_path)
 
 
+def test_gpt_oss_builtins_are_mxfp4_as_published_and_the_120b_needs_a_larger_disk(tmp_path, monkeypatch):
+    import shutil
+
+    from moerun.bench.models import BUILTIN_MODELS, packed_checkpoint_bytes, spec_config
+
+    spec = BUILTIN_MODELS["gpt-oss-20b"]
+    config = spec_config(spec)
+    assert spec.checkpoint_format == "mxfp4"
+    assert (config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok) == (24, 32, 4)
+    assert config.layer_types[:2] == ["sliding_attention", "full_attention"] and config.sliding_window == 128
+    total, dense = packed_checkpoint_bytes(config, torch.bfloat16, "mxfp4")
+    assert (total - dense) / (24 * 32) == pytest.approx(13.24e6, rel=1e-3)  # one expert: 13.2 MB in MXFP4
+    free = shutil.disk_usage(tmp_path)._replace(free=64 * 10**9)  # the single-GPU machine's disk
+    monkeypatch.setattr("moerun.bench.models.shutil.disk_usage", lambda path: free)
+    with pytest.raises(RuntimeError, match=r"gpt-oss-120b checkpoint \(mxfp4 experts\) needs 64\.\d\d GiB.*"
+                                           r"smaller --synthetic model\.$"):
+        prepare_checkpoint("gpt-oss-120b", dtype=torch.bfloat16, cache_dir=tmp_path)
+
+
 def test_prefill_bound_streams_every_expert_a_long_prompt_needs():
     from moerun.bench.limits import distinct_experts, uniform_prefill_bound
 
