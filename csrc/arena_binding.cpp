@@ -1,6 +1,7 @@
 // Python binding of ExpertArena: allocates the slot memory and the table mirror through torch (so they
 // show in torch's allocator statistics) and hands raw pointers to the core.
 #include "arena.h"
+#include "expert_activation.h"
 #include "slot_layout.h"
 #include "binding_util.h"
 #include "bindings.h"
@@ -68,6 +69,12 @@ void bind_arena(py::module& m) {
       .def_readonly("gate_up_zeros_bytes", &SlotLayout::gate_up_zeros_bytes, "int4 zero points (uint8); else 0")
       .def_readonly("down_zeros_offset", &SlotLayout::down_zeros_offset)
       .def_readonly("down_zeros_bytes", &SlotLayout::down_zeros_bytes, "int4 zero points (uint8); else 0")
+      .def_readonly("has_bias", &SlotLayout::has_bias, "the slot holds the expert's gate_up and down biases")
+      .def_readonly("gate_up_bias_offset", &SlotLayout::gate_up_bias_offset)
+      .def_readonly("gate_up_bias_bytes", &SlotLayout::gate_up_bias_bytes,
+                    "[2I] of dtype (gate biases, then up biases); 0 without biases")
+      .def_readonly("down_bias_offset", &SlotLayout::down_bias_offset)
+      .def_readonly("down_bias_bytes", &SlotLayout::down_bias_bytes, "[H] of dtype; 0 without biases")
       .def_property_readonly("format", [](const SlotLayout& s) { return std::string(expert_format_name(s.format)); },
                              "the expert format's name (moerun.native.expert_formats())")
       .def_property_readonly("group_size", [](const SlotLayout& s) { return s.format.group; },
@@ -82,19 +89,29 @@ void bind_arena(py::module& m) {
       .def_readonly("slot_bytes", &SlotLayout::slot_bytes)
       .def("__repr__", [](const SlotLayout& s) {
         return "SlotLayout(" + std::string(dtype_name(s.dtype)) + ", format=" + expert_format_name(s.format) + ", hidden_size=" + std::to_string(s.hidden_size) +
-               ", inter_size=" + std::to_string(s.inter_size) + ", down_offset=" + std::to_string(s.down_offset) +
+               ", inter_size=" + std::to_string(s.inter_size) + (s.has_bias ? ", bias=True" : "") +
+               ", down_offset=" + std::to_string(s.down_offset) +
                ", slot_bytes=" + std::to_string(s.slot_bytes) + ")";
       });
   m.def("slot_layout",
-        [](at::ScalarType dtype, int64_t hidden_size, int64_t inter_size, const std::string& format) {
+        [](at::ScalarType dtype, int64_t hidden_size, int64_t inter_size, const std::string& format, bool bias) {
           if (hidden_size <= 0 || inter_size <= 0)
             throw std::invalid_argument("slot_layout needs positive hidden_size and inter_size, got " +
                                         std::to_string(hidden_size) + " and " + std::to_string(inter_size));
-          return slot_layout(to_dtype(dtype, "slot_layout dtype"), hidden_size, inter_size, parse_expert_format(format));
+          return slot_layout(to_dtype(dtype, "slot_layout dtype"), hidden_size, inter_size, parse_expert_format(format),
+                             bias);
         },
         py::arg("dtype"), py::arg("hidden_size"), py::arg("inter_size"), py::arg("format") = "float",
-        "The slot layout of one expert of this model dtype, shape and expert format (the one definition: "
-        "csrc/slot_layout.h).");
+        py::arg("bias") = false,
+        "The slot layout of one expert of this model dtype, shape and expert format, with the expert's biases "
+        "when `bias` (the one definition: csrc/slot_layout.h).");
+  m.def("expert_activations",
+        [] {
+          py::list out;
+          for (int k = 0; k < kNumActivations; ++k) out.append(kActivationNames[k]);
+          return out;
+        },
+        "The expert activations in code order (the one list: csrc/expert_activation.h).");
   m.def("expert_formats",
         [] {
           py::list out;

@@ -31,7 +31,8 @@ CpuExecutor::~CpuExecutor() {
 
 void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T,
                          const int64_t* topk_ids, const float* topk_weights, int64_t K,
-                         const std::vector<int64_t>& experts, float* out, std::shared_ptr<void> keep_alive) {
+                         const std::vector<int64_t>& experts, float* out, std::shared_ptr<void> keep_alive,
+                         const ExpertActivation& activation) {
   if (busy() || next_job_ < jobs_.size())
     throw std::runtime_error("CpuExecutor.submit: the previous job is still running; call wait() first");
   release_held();  // a finished job nobody waited for
@@ -70,6 +71,7 @@ void CpuExecutor::submit(HostPool& pool, int64_t layer, const void* x, DType x_d
   keep_alive_ = std::move(keep_alive);
   host_ = &pool;
   layout_ = layout;
+  activation_ = activation;
   layer_ = layer;
   next_job_ = 0;
   job_us_ = 0.0;
@@ -95,6 +97,7 @@ void CpuExecutor::start_round() {
   const int64_t gate_blocks = (I + kGateRowsPerTask - 1) / kGateRowsPerTask;
   const int64_t down_blocks = (H + kDownRowsPerTask - 1) / kDownRowsPerTask;
   const CpuIsa isa = isa_;
+  const ExpertActivation act = activation_;
   float* out = out_;
   // Activations in the forms the kernels read, made once per token tile here and in phase 1, not once per
   // kernel call: bf16 weights on AVX-512-BF16 / AMX read bf16 activations (and AMX VNNI tiles), 4-bit
@@ -135,7 +138,7 @@ void CpuExecutor::start_round() {
                           }
                         }
                       }});
-  // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert.
+  // Phase 1: h = act(x @ gate.T + gate bias, x @ up.T + up bias), by blocks of I rows of each expert.
   phases.push_back({static_cast<int64_t>(j1 - j0) * gate_blocks, [=](int64_t task) {
                       const Job& j = jobs_[j0 + static_cast<size_t>(task / gate_blocks)];
                       const int64_t i0 = (task % gate_blocks) * kGateRowsPerTask;
@@ -143,6 +146,7 @@ void CpuExecutor::start_round() {
                       const int64_t n = i1 - i0;
                       float g[kTokenTile * kGateRowsPerTask], u[kTokenTile * kGateRowsPerTask];  // [tile, n]
                       const SlotMatrix w = slot_gate_up(layout, j.weights);
+                      const SlotBias bias = slot_gate_up_bias(layout, j.weights);
                       for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                         const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
                         const Acts xr = acts(xg_, xb_, xv_, xn_, j.first_row + t0, H);
@@ -151,8 +155,7 @@ void CpuExecutor::start_round() {
                         const int64_t base = (j.first_row + t0) * I;
                         for (int64_t t = 0; t < tn; ++t)
                           for (int64_t i = 0; i < n; ++i) {
-                            const float gv = g[t * n + i];
-                            const float hv = gv / (1.f + std::exp(-gv)) * u[t * n + i];
+                            const float hv = act(g[t * n + i] + bias[i0 + i], u[t * n + i] + bias[I + i0 + i]);
                             h_[base + t * I + i0 + i] = hv;
                             if (round) hb_[base + t * I + i0 + i] = f32_to_bf16(hv);
                             if (vnni) hv_[base + vnni_index(i0 + i, t, tn)] = f32_to_bf16(hv);
@@ -160,7 +163,7 @@ void CpuExecutor::start_round() {
                           }
                       }
                     }});
-  // Phase 2: out[t, c0:c1] += w * (h @ down.T)[c0:c1] for every expert; one task owns its columns.
+  // Phase 2: out[t, c0:c1] += w * (h @ down.T + down bias)[c0:c1] for every expert; one task owns its columns.
   phases.push_back({down_blocks, [=](int64_t task) {
                       const int64_t c0 = task * kDownRowsPerTask;
                       const int64_t c1 = std::min(H, c0 + kDownRowsPerTask);
@@ -169,6 +172,7 @@ void CpuExecutor::start_round() {
                       for (size_t jj = j0; jj < j1; ++jj) {
                         const Job& j = jobs_[jj];
                         const SlotMatrix down = slot_down(layout, j.weights);
+                        const SlotBias bias = slot_down_bias(layout, j.weights);
                         for (int64_t t0 = 0; t0 < j.num_tokens; t0 += kTokenTile) {
                           const int64_t tn = std::min<int64_t>(kTokenTile, j.num_tokens - t0);
                           matmul_rows(isa, down, c0, c1, acts(h_, hb_, hv_, hn_, j.first_row + t0, I), tn, y, n);
@@ -176,7 +180,7 @@ void CpuExecutor::start_round() {
                             const int64_t row = j.first_row + t0 + t;
                             float* o = out + row_token_[row] * H + c0;
                             const float gw = row_weight_[row];
-                            for (int64_t i = 0; i < n; ++i) o[i] += gw * y[t * n + i];
+                            for (int64_t i = 0; i < n; ++i) o[i] += gw * (y[t * n + i] + bias[c0 + i]);
                           }
                         }
                       }

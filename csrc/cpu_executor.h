@@ -1,6 +1,7 @@
 // CpuExecutor: runs routed experts for a few tokens on the host, straight from the HostPool, while the
 // GPU works on the rest: out[t] = sum over (t, k) with topk_ids[t, k] in `experts` of
-// topk_weights[t, k] * down(silu(gate(x[t])) * up(x[t])), fp32 accumulation, fp32 output.
+// topk_weights[t, k] * down(act(gate(x[t]), up(x[t]))), fp32 accumulation, fp32 output; act is the job's
+// expert activation (expert_activation.h), each projection plus its bias when the pool's slots hold biases.
 // Work is split over a persistent thread pool in two phases: gate/up rows of every expert, then down
 // rows partitioned by output column, so no two threads write the same output element.
 // The experts' slots may be in any expert format (the pool's layout says which): the kernels read quantized
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "expert_activation.h"
 #include "host_pool.h"
 #include "thread_pool.h"
 
@@ -35,7 +37,7 @@ class CpuExecutor {
   // The experts are held in the pool (a cache reads missing ones from disk first) until their round ends.
   void submit(HostPool& pool, int64_t layer, const void* x, DType x_dtype, int64_t T, const int64_t* topk_ids,
               const float* topk_weights, int64_t K, const std::vector<int64_t>& experts, float* out,
-              std::shared_ptr<void> keep_alive);
+              std::shared_ptr<void> keep_alive, const ExpertActivation& activation = {});
   void wait();
   bool busy() const { return pool_.busy(); }
   // Worker time of the last job (its rounds summed), valid after wait(): what the experts cost,
@@ -61,7 +63,7 @@ class CpuExecutor {
   size_t round_size_ = 0;         // experts per round (the pool's capacity)
   double job_us_ = 0.0;           // worker time of the current job's finished rounds
   std::vector<float> xg_;         // [rows, H]  gathered token activations, fp32
-  std::vector<float> h_;          // [rows, I]  silu(gate) * up
+  std::vector<float> h_;          // [rows, I]  act(gate, up)
   std::vector<uint16_t> xb_, hb_;  // the same rounded to bf16 (bf16 weights on AVX-512-BF16 / AMX)
   std::vector<uint16_t> xv_, hv_;  // and in VNNI order per token tile (AMX)
   std::vector<float> xn_, hn_;     // 4-bit formats: xg_ and h_ in nibble order (cpu_kernels.h)
@@ -72,6 +74,7 @@ class CpuExecutor {
   std::shared_ptr<void> keep_alive_;
   HostPool* host_ = nullptr;      // pool, its slot layout and the layer of the current job
   SlotLayout layout_;
+  ExpertActivation activation_;
   int64_t layer_ = 0;
   std::vector<int64_t> held_;     // experts of the running round held in host_
 };

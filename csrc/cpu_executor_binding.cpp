@@ -13,7 +13,8 @@ struct SubmitHold {
 
 void submit(CpuExecutor& ex, const std::shared_ptr<HostPool>& pool, int64_t layer, const at::Tensor& x,
             const at::Tensor& topk_ids, const at::Tensor& topk_weights, const std::vector<int64_t>& experts,
-            const at::Tensor& out) {
+            const at::Tensor& out, const py::object& activation) {
+  const ExpertActivation act = activation_arg(activation);
   const int64_t H = pool->hidden_size();
   auto host2d = [](const at::Tensor& t, const char* name) {
     if (!t.device().is_cpu() || t.dim() != 2)
@@ -45,7 +46,7 @@ void submit(CpuExecutor& ex, const std::shared_ptr<HostPool>& pool, int64_t laye
   auto hold = std::make_shared<SubmitHold>(SubmitHold{out, pool});
   py::gil_scoped_release release;  // a host-cache miss reads from disk
   ex.submit(*pool, layer, xc.data_ptr(), to_dtype(xc.scalar_type(), "x"), T, ids.data_ptr<int64_t>(),
-            w.data_ptr<float>(), K, experts, out.data_ptr<float>(), hold);
+            w.data_ptr<float>(), K, experts, out.data_ptr<float>(), hold, act);
 }
 
 }  // namespace
@@ -53,13 +54,14 @@ void submit(CpuExecutor& ex, const std::shared_ptr<HostPool>& pool, int64_t laye
 void bind_cpu_executor(py::module& m) {
   m.def("physical_cores", &physical_core_count, "Physical cores this process may run on.");
   py::class_<CpuExecutor, std::shared_ptr<CpuExecutor>>(
-      m, "CpuExecutor", "Runs SwiGLU experts on host threads straight from a HostPool (fp32 accumulation).")
+      m, "CpuExecutor", "Runs gated experts (expert_activation.h) on host threads straight from a HostPool (fp32 accumulation).")
       .def(py::init<int>(), py::arg("num_threads") = 0, "num_threads: threads that run the experts, the caller included (it works inside wait()); 0 = one per physical core but one.")
       .def("submit", &submit, py::arg("pool"), py::arg("layer"), py::arg("x"), py::arg("topk_ids"),
-           py::arg("topk_weights"), py::arg("experts"), py::arg("out"),
+           py::arg("topk_weights"), py::arg("experts"), py::arg("out"), py::arg("activation") = py::none(),
            "Start the listed experts of `layer` for the tokens routed to them; returns at once. "
            "x [T, H] host (f32/bf16/f16), topk_ids [T, K] int, topk_weights [T, K] f32, out [T, H] f32 host "
-           "(overwritten; valid after wait()).")
+           "(overwritten; valid after wait()). activation: None (silu) or an ExpertActivation (name, alpha, "
+           "limit); the biases come with the pool's slots (layout.has_bias).")
       .def(
           "wait",
           [](CpuExecutor& ex) {

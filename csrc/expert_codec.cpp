@@ -244,6 +244,14 @@ SlotMatrix slot_gate_up(const SlotLayout& l, const void* slot) {
                     2 * l.inter_size, l.hidden_size, l.inter_size};
 }
 
+SlotBias slot_gate_up_bias(const SlotLayout& l, const void* slot) {
+  return SlotBias{l.has_bias ? static_cast<const uint8_t*>(slot) + l.gate_up_bias_offset : nullptr, l.dtype};
+}
+
+SlotBias slot_down_bias(const SlotLayout& l, const void* slot) {
+  return SlotBias{l.has_bias ? static_cast<const uint8_t*>(slot) + l.down_bias_offset : nullptr, l.dtype};
+}
+
 SlotMatrix slot_down(const SlotLayout& l, const void* slot) {
   const uint8_t* s = static_cast<const uint8_t*>(slot);
   return SlotMatrix{l.format, l.dtype, s + l.down_offset,
@@ -253,9 +261,10 @@ SlotMatrix slot_down(const SlotLayout& l, const void* slot) {
 }
 
 void encode_expert(const SlotLayout& layout, const void* gate, const void* up, const void* down, DType src_dtype,
-                   void* slot, const ParallelFor& parallel_for) {
+                   void* slot, const ParallelFor& parallel_for, const ExpertBiases& biases) {
   const int64_t H = layout.hidden_size, I = layout.inter_size;
   check_format_shape(layout.format, H, I);
+  if (biases.given() != layout.has_bias) write_biases(layout, biases, slot);  // throws, before any work
   uint8_t* s = static_cast<uint8_t*>(slot);
   Encoder enc{layout, src_dtype,
               {{gate, up, 2 * I, H, I, s + layout.gate_up_offset, s + layout.gate_up_scales_offset,
@@ -298,13 +307,27 @@ void encode_expert(const SlotLayout& layout, const void* gate, const void* up, c
         break;
     }
   });
-  // Every byte of the slot is defined: zeros between the parts (alignment) and in the padding.
-  std::array<std::pair<int64_t, int64_t>, 6> parts = {{{layout.gate_up_offset, layout.gate_up_bytes},
-                                                       {layout.gate_up_scales_offset, layout.gate_up_scales_bytes},
-                                                       {layout.gate_up_zeros_offset, layout.gate_up_zeros_bytes},
-                                                       {layout.down_offset, layout.down_bytes},
-                                                       {layout.down_scales_offset, layout.down_scales_bytes},
-                                                       {layout.down_zeros_offset, layout.down_zeros_bytes}}};
+  write_biases(layout, biases, s);
+  zero_slot_gaps(layout, s);  // every byte of the slot is defined
+}
+
+void write_biases(const SlotLayout& layout, const ExpertBiases& biases, void* slot) {
+  if (biases.given() != layout.has_bias || (biases.given() && !(biases.gate && biases.up && biases.down)))
+    throw std::invalid_argument(layout.has_bias ? "this slot layout holds biases: pass the expert's gate, up and "
+                                                  "down biases"
+                                                : "this slot layout holds no biases (slot_layout(..., bias=True) "
+                                                  "makes one that does); the expert's biases have nowhere to go");
+  if (!layout.has_bias) return;
+  const int64_t I = layout.inter_size, b = dtype_bytes(layout.dtype);
+  uint8_t* s = static_cast<uint8_t*>(slot);
+  convert_elems(biases.gate, biases.dtype, s + layout.gate_up_bias_offset, layout.dtype, I);
+  convert_elems(biases.up, biases.dtype, s + layout.gate_up_bias_offset + I * b, layout.dtype, I);
+  convert_elems(biases.down, biases.dtype, s + layout.down_bias_offset, layout.dtype, layout.hidden_size);
+}
+
+void zero_slot_gaps(const SlotLayout& layout, void* slot) {
+  uint8_t* s = static_cast<uint8_t*>(slot);
+  auto parts = slot_part_spans(layout);
   std::sort(parts.begin(), parts.end());
   int64_t at = 0;
   for (const auto& [offset, bytes] : parts) {

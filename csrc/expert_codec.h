@@ -30,11 +30,36 @@ struct SlotMatrix {
 SlotMatrix slot_gate_up(const SlotLayout& layout, const void* slot);
 SlotMatrix slot_down(const SlotLayout& layout, const void* slot);
 
+// One bias vector of a slot read as fp32: gate_up's [2I] (gate i at i, up i at I + i) or down's [H]; a layout
+// without biases reads zeros, so the kernels add a bias unconditionally.
+struct SlotBias {
+  const uint8_t* values = nullptr;  // of dtype, or null
+  DType dtype = DType::F32;
+  float operator[](int64_t i) const { return values ? load_as_f32(values, i, dtype) : 0.f; }
+};
+SlotBias slot_gate_up_bias(const SlotLayout& layout, const void* slot);
+SlotBias slot_down_bias(const SlotLayout& layout, const void* slot);
+
+// An expert's biases as its source holds them: gate, up [I] and down [H], each of `dtype` (all null: none).
+struct ExpertBiases {
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  const void* down = nullptr;
+  DType dtype = DType::F32;
+  bool given() const { return gate || up || down; }
+};
+
 // gate, up [I, H] and down [H, I], row-major of src_dtype -> one slot of layout.format, every byte of it
-// written (zeros between parts and in the padding). Throws std::invalid_argument for a shape the format
-// cannot hold. Tasks are blocks of rows (fp8-block128: a 128-row band of one part), run by parallel_for.
+// written (zeros between parts and in the padding); the biases converted to layout.dtype when the layout has
+// them. Throws std::invalid_argument for a shape the format cannot hold, or biases the layout does not have
+// (or lacks). Tasks are blocks of rows (fp8-block128: a 128-row band of one part), run by parallel_for.
 void encode_expert(const SlotLayout& layout, const void* gate, const void* up, const void* down, DType src_dtype,
-                   void* slot, const ParallelFor& parallel_for = {});
+                   void* slot, const ParallelFor& parallel_for = {}, const ExpertBiases& biases = {});
+
+// Writes the slot's biases (layout.has_bias) from `biases`, converted to layout.dtype.
+void write_biases(const SlotLayout& layout, const ExpertBiases& biases, void* slot);
+// Zeros every byte of the slot outside its parts (alignment gaps and the padding).
+void zero_slot_gaps(const SlotLayout& layout, void* slot);
 
 // out[r - r0, c] = the fp32 weight (r, c) of m for r in [r0, r1): the formats' decode, exactly (one fp32
 // multiply of exact operands), so it equals the reference decoder bit for bit.

@@ -36,7 +36,8 @@ const ParallelFor kTorchThreads = [](int64_t n, const std::function<void(int64_t
 };
 
 at::Tensor encode(const SlotLayout& layout, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
-                  std::optional<at::Tensor> out) {
+                  std::optional<at::Tensor> out, std::optional<at::Tensor> gate_up_bias,
+                  std::optional<at::Tensor> down_bias) {
   const char* fn = "encode_expert";
   const int64_t H = layout.hidden_size, I = layout.inter_size;
   for (const auto* t : {&gate, &up, &down}) {
@@ -53,12 +54,16 @@ at::Tensor encode(const SlotLayout& layout, const at::Tensor& gate, const at::Te
             " must be [I, H], [I, H] and [H, I] = [" + std::to_string(I) + ", " + std::to_string(H) + "], [" +
             std::to_string(I) + ", " + std::to_string(H) + "] and [" + std::to_string(H) + ", " + std::to_string(I) +
             "] for " + layout_str(layout));
+  const BiasArgs bias = bias_args(gate_up_bias, down_bias, I, H, fn);
+  check(bias.biases.given() == layout.has_bias, fn,
+        layout.has_bias ? "this layout holds the expert's biases: pass gate_up_bias and down_bias"
+                        : "this layout holds no biases (slot_layout(..., bias=True) makes one that does)");
   at::Tensor slot = out.has_value() ? *out : at::empty({layout.slot_bytes}, at::kByte);
   check_slot(slot, layout, fn, "out");
   const at::Tensor g = gate.contiguous(), u = up.contiguous(), d = down.contiguous();
   {
     py::gil_scoped_release release;
-    encode_expert(layout, g.data_ptr(), u.data_ptr(), d.data_ptr(), src, slot.data_ptr(), kTorchThreads);
+    encode_expert(layout, g.data_ptr(), u.data_ptr(), d.data_ptr(), src, slot.data_ptr(), kTorchThreads, bias.biases);
   }
   return slot.view(at::kByte);
 }
@@ -85,10 +90,11 @@ std::pair<at::Tensor, at::Tensor> decode(const SlotLayout& layout, const at::Ten
 
 void bind_expert_codec(py::module& m) {
   m.def("encode_expert", &encode, py::arg("layout"), py::arg("gate"), py::arg("up"), py::arg("down"),
-        py::arg("out") = py::none(),
+        py::arg("out") = py::none(), py::arg("gate_up_bias") = py::none(), py::arg("down_bias") = py::none(),
         "One expert -> its slot in layout.format: gate, up [I, H] and down [H, I] host tensors (f32/bf16/f16) "
         "quantized (or, for the float format, converted to layout.dtype) into `out` (a 1-D host tensor viewing "
-        "one slot, written in place) or a new one; returns the slot's bytes (uint8 [slot_bytes]).");
+        "one slot, written in place) or a new one; a layout with biases takes gate_up_bias [2I] (gate, then up) "
+        "and down_bias [H], stored in layout.dtype. Returns the slot's bytes (uint8 [slot_bytes]).");
   m.def("decode_expert", &decode, py::arg("layout"), py::arg("slot"),
         "One slot (a 1-D host tensor of layout.slot_bytes bytes) -> (gate_up [2I, H], down [H, I]) in fp32, the "
         "format's exact decode.");

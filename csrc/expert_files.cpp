@@ -45,7 +45,7 @@ void pread_all(int fd, void* dst, int64_t n, int64_t offset, const std::string& 
 
 // What one tensor of a projection must be: its dtypes (safetensors names) and shape.
 struct Expect {
-  const char* role;
+  std::string role;
   std::vector<std::string> dtypes;
   std::vector<int64_t> shape;
 };
@@ -69,15 +69,20 @@ SourceEncoding parse_source_encoding(const std::string& name) {
   if (name == "fp8-block128") return SourceEncoding::Fp8Block;
   if (name == "gptq") return SourceEncoding::Gptq;
   if (name == "gptq-v2") return SourceEncoding::GptqV2;
-  throw std::invalid_argument("unknown source encoding '" + name + "': float, fp8-block128, gptq or gptq-v2");
+  if (name == "gpt-oss-mxfp4") return SourceEncoding::GptOssMxfp4;
+  if (name == "gpt-oss-float") return SourceEncoding::GptOssFloat;
+  throw std::invalid_argument("unknown source encoding '" + name +
+                              "': float, fp8-block128, gptq, gptq-v2, gpt-oss-mxfp4 or gpt-oss-float");
 }
 
-int tensors_per_projection(SourceEncoding e) {
+int tensors_per_source(SourceEncoding e) {
   switch (e) {
-    case SourceEncoding::Float: return 1;
-    case SourceEncoding::Fp8Block: return 2;
+    case SourceEncoding::Float: return 3;
+    case SourceEncoding::Fp8Block: return 6;
     case SourceEncoding::Gptq:
-    case SourceEncoding::GptqV2: return 3;
+    case SourceEncoding::GptqV2: return 9;
+    case SourceEncoding::GptOssMxfp4: return 6;
+    case SourceEncoding::GptOssFloat: return 4;
   }
   return 0;
 }
@@ -90,34 +95,68 @@ const char* encoding_name(SourceEncoding e) {
     case SourceEncoding::Fp8Block: return "fp8-block128";
     case SourceEncoding::Gptq: return "gptq";
     case SourceEncoding::GptqV2: return "gptq-v2";
+    case SourceEncoding::GptOssMxfp4: return "gpt-oss-mxfp4";
+    case SourceEncoding::GptOssFloat: return "gpt-oss-float";
   }
   return "?";
 }
 
-// The tensors one projection of `rows` outputs x `cols` inputs must have in encoding `e` for a slot of `f`.
-std::vector<Expect> expected(SourceEncoding e, const ExpertFormat& f, int64_t rows, int64_t cols) {
+bool stacked(SourceEncoding e) { return e == SourceEncoding::GptOssMxfp4 || e == SourceEncoding::GptOssFloat; }
+
+const std::vector<std::string> kFloatDtypes = {"F32", "BF16", "F16"};
+
+// The tensors one expert's source names in encoding `e` for a slot of `f`, in order. Stacked encodings'
+// shapes lead with the layer's E experts.
+std::vector<Expect> expected(SourceEncoding e, const ExpertFormat& f, int64_t H, int64_t I, int64_t E) {
+  std::vector<Expect> out;
   switch (e) {
-    case SourceEncoding::Float: return {{"weight", {"F32", "BF16", "F16"}, {rows, cols}}};
-    case SourceEncoding::Fp8Block:
-      return {{"weight", {"F8_E4M3"}, {rows, cols}},
-              {"weight_scale_inv", {"F32", "BF16"}, {ceil_div(rows, f.group), ceil_div(cols, f.group)}}};
-    case SourceEncoding::Gptq:
-    case SourceEncoding::GptqV2:
-      return {{"qweight", {"I32"}, {cols / 8, rows}},
-              {"qzeros", {"I32"}, {cols / f.group, rows / 8}},
-              {"scales", {"F16"}, {cols / f.group, rows}}};
+    case SourceEncoding::GptOssMxfp4:
+      return {{"gate_up_proj_blocks", {"U8"}, {E, 2 * I, H / 32, 16}},
+              {"gate_up_proj_scales", {"U8"}, {E, 2 * I, H / 32}},
+              {"gate_up_proj_bias", kFloatDtypes, {E, 2 * I}},
+              {"down_proj_blocks", {"U8"}, {E, H, I / 32, 16}},
+              {"down_proj_scales", {"U8"}, {E, H, I / 32}},
+              {"down_proj_bias", kFloatDtypes, {E, H}}};
+    case SourceEncoding::GptOssFloat:
+      return {{"gate_up_proj", kFloatDtypes, {E, H, 2 * I}},
+              {"gate_up_proj_bias", kFloatDtypes, {E, 2 * I}},
+              {"down_proj", kFloatDtypes, {E, I, H}},
+              {"down_proj_bias", kFloatDtypes, {E, H}}};
+    default: break;
   }
-  return {};
+  for (int proj = 0; proj < 3; ++proj) {
+    const int64_t rows = proj < 2 ? I : H, cols = proj < 2 ? H : I;
+    const std::string p = std::string(kProjNames[proj]) + " ";
+    switch (e) {
+      case SourceEncoding::Float: out.push_back({p + "weight", kFloatDtypes, {rows, cols}}); break;
+      case SourceEncoding::Fp8Block:
+        out.push_back({p + "weight", {"F8_E4M3"}, {rows, cols}});
+        out.push_back({p + "weight_scale_inv", {"F32", "BF16"}, {ceil_div(rows, f.group), ceil_div(cols, f.group)}});
+        break;
+      case SourceEncoding::Gptq:
+      case SourceEncoding::GptqV2:
+        out.push_back({p + "qweight", {"I32"}, {cols / 8, rows}});
+        out.push_back({p + "qzeros", {"I32"}, {cols / f.group, rows / 8}});
+        out.push_back({p + "scales", {"F16"}, {cols / f.group, rows}});
+        break;
+      default: break;
+    }
+  }
+  return out;
 }
 
-// Which slot formats a source encoding can fill exactly.
-void check_encoding_fits(SourceEncoding e, const ExpertFormat& f, int64_t hidden, int64_t inter) {
+// Which slot layouts a source encoding can fill exactly.
+void check_encoding_fits(SourceEncoding e, const SlotLayout& layout) {
+  const ExpertFormat& f = layout.format;
+  const int64_t hidden = layout.hidden_size, inter = layout.inter_size;
   bool ok = false;
   switch (e) {
-    case SourceEncoding::Float: ok = true; break;  // the float format, or quantized at load
+    case SourceEncoding::Float:
+    case SourceEncoding::GptOssFloat: ok = true; break;  // the float format, or quantized at load
     case SourceEncoding::Fp8Block: ok = f.kind == FormatKind::Fp8Block; break;
     case SourceEncoding::Gptq:
     case SourceEncoding::GptqV2: ok = f.kind == FormatKind::Int4Group; break;
+    case SourceEncoding::GptOssMxfp4: ok = f.kind == FormatKind::Mxfp4; break;
   }
   if (!ok)
     throw std::invalid_argument(std::string("experts stored as ") + encoding_name(e) + " cannot fill slots of format " +
@@ -126,6 +165,40 @@ void check_encoding_fits(SourceEncoding e, const ExpertFormat& f, int64_t hidden
     throw std::invalid_argument("GPTQ experts pack 8 values per int32: hidden_size (" + std::to_string(hidden) +
                                 ") and the expert intermediate size (" + std::to_string(inter) +
                                 ") must be multiples of 8");
+  if (e == SourceEncoding::GptOssMxfp4 && (hidden % 32 != 0 || inter % 32 != 0))
+    throw std::invalid_argument("MXFP4 experts hold blocks of 32 inputs: hidden_size (" + std::to_string(hidden) +
+                                ") and the expert intermediate size (" + std::to_string(inter) +
+                                ") must be multiples of 32");
+  if (stacked(e) != layout.has_bias)
+    throw std::invalid_argument(stacked(e) ? std::string(encoding_name(e)) + " experts carry biases, which this "
+                                                 "pool's slots do not hold: make the pool with bias=True"
+                                           : std::string("this pool's slots hold expert biases, which ") +
+                                                 encoding_name(e) + " sources do not carry");
+}
+
+// dst[r * cols + c] = src[c * src_cols + first + stride * r] for r < rows, c < cols: dst's rows are every
+// stride-th column of src from `first` (gpt-oss's [H, 2I] gate_up: gate columns 0, 2, ..., up columns 1, 3,
+// ...), in tiles so both sides stay in cache.
+template <typename T>
+void gather_columns(const T* src, int64_t src_cols, int64_t first, int64_t stride, int64_t rows, int64_t cols,
+                    T* dst) {
+  constexpr int64_t kTile = 32;
+  for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile), r1 = std::min(rows, r0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[r * cols + c] = src[c * src_cols + first + stride * r];
+    }
+}
+
+void gather_columns_bytes(const char* src, int64_t elem_bytes, int64_t src_cols, int64_t first, int64_t stride,
+                          int64_t rows, int64_t cols, char* dst) {
+  if (elem_bytes == 4)
+    gather_columns(reinterpret_cast<const uint32_t*>(src), src_cols, first, stride, rows, cols,
+                   reinterpret_cast<uint32_t*>(dst));
+  else
+    gather_columns(reinterpret_cast<const uint16_t*>(src), src_cols, first, stride, rows, cols,
+                   reinterpret_cast<uint16_t*>(dst));
 }
 
 }  // namespace
@@ -146,41 +219,44 @@ void ExpertFiles::add(const std::vector<ExpertSource>& sources) {
       throw std::out_of_range("(layer " + std::to_string(s.layer) + ", expert " + std::to_string(s.expert) +
                               ") is outside the pool's [0, " + std::to_string(num_layers_) + ") x [0, " +
                               std::to_string(num_experts_) + ")");
-    check_encoding_fits(s.encoding, layout_.format, H, I);
-    const int per = tensors_per_projection(s.encoding);
-    if (static_cast<int>(s.tensors.size()) != 3 * per)
+    check_encoding_fits(s.encoding, layout_);
+    const std::vector<Expect> want = expected(s.encoding, layout_.format, H, I, num_experts_);
+    if (s.tensors.size() != want.size())
       throw std::invalid_argument(std::string("a ") + encoding_name(s.encoding) + " expert source names " +
-                                  std::to_string(3 * per) + " tensors (" + std::to_string(per) +
-                                  " per projection), got " + std::to_string(s.tensors.size()));
+                                  std::to_string(want.size()) + " tensors, got " + std::to_string(s.tensors.size()));
     Expert ex;
     ex.encoding = s.encoding;
-    for (int proj = 0; proj < 3; ++proj) {
-      const int64_t rows = proj < 2 ? I : H, cols = proj < 2 ? H : I;
-      const std::vector<Expect> want = expected(s.encoding, layout_.format, rows, cols);
-      for (int t = 0; t < per; ++t) {
-        const TensorRef& ref = s.tensors[static_cast<size_t>(proj * per + t)];
-        auto it = headers_.find(ref.file);
-        if (it == headers_.end()) it = headers_.emplace(ref.file, SafetensorsHeader::read(ref.file)).first;
-        const SafetensorsEntry* e = it->second.find(ref.tensor);
-        const Expect& w = want[static_cast<size_t>(t)];
-        const std::string where = "tensor '" + ref.tensor + "' in " + ref.file + " (layer " + std::to_string(s.layer) +
-                                  ", expert " + std::to_string(s.expert) + ", " + kProjNames[proj] + " " + w.role + ")";
-        if (!e) throw std::runtime_error("missing " + where + "; check the checkpoint's key names");
-        if (std::find(w.dtypes.begin(), w.dtypes.end(), e->dtype) == w.dtypes.end())
-          throw std::runtime_error(where + " has dtype " + e->dtype + "; " + encoding_name(s.encoding) +
-                                   " experts need " + join(w.dtypes));
-        if (e->shape != w.shape)
-          throw std::runtime_error(where + " has shape " + shape_str(e->shape) + ", expected " + shape_str(w.shape) +
-                                   " (hidden_size " + std::to_string(H) + ", intermediate size " + std::to_string(I) +
-                                   (layout_.format.group ? ", group " + std::to_string(layout_.format.group) : "") + ")");
-        int64_t elems = 1;
-        for (int64_t d : w.shape) elems *= d;
-        if (e->size_bytes != elems * safetensors_bytes(e->dtype))
-          throw std::runtime_error(where + " holds " + std::to_string(e->size_bytes) + " bytes, not " +
-                                   std::to_string(elems * safetensors_bytes(e->dtype)) + " as its shape and dtype say");
-        ex.parts.push_back(Part{ref.file, e->offset_bytes, e->size_bytes, e->dtype});
-      }
+    for (size_t t = 0; t < want.size(); ++t) {
+      const TensorRef& ref = s.tensors[t];
+      const Expect& w = want[t];
+      auto it = headers_.find(ref.file);
+      if (it == headers_.end()) it = headers_.emplace(ref.file, SafetensorsHeader::read(ref.file)).first;
+      const SafetensorsEntry* e = it->second.find(ref.tensor);
+      const std::string where = "tensor '" + ref.tensor + "' in " + ref.file + " (layer " + std::to_string(s.layer) +
+                                ", expert " + std::to_string(s.expert) + ", " + w.role + ")";
+      if (!e) throw std::runtime_error("missing " + where + "; check the checkpoint's key names");
+      if (std::find(w.dtypes.begin(), w.dtypes.end(), e->dtype) == w.dtypes.end())
+        throw std::runtime_error(where + " has dtype " + e->dtype + "; " + encoding_name(s.encoding) +
+                                 " experts need " + join(w.dtypes));
+      if (e->shape != w.shape)
+        throw std::runtime_error(where + " has shape " + shape_str(e->shape) + ", expected " + shape_str(w.shape) +
+                                 " (" + (stacked(s.encoding) ? std::to_string(num_experts_) + " experts, " : "") +
+                                 "hidden_size " + std::to_string(H) + ", intermediate size " + std::to_string(I) +
+                                 (layout_.format.group ? ", group " + std::to_string(layout_.format.group) : "") + ")");
+      int64_t elems = 1;
+      for (int64_t d : w.shape) elems *= d;
+      if (e->size_bytes != elems * safetensors_bytes(e->dtype))
+        throw std::runtime_error(where + " holds " + std::to_string(e->size_bytes) + " bytes, not " +
+                                 std::to_string(elems * safetensors_bytes(e->dtype)) + " as its shape and dtype say");
+      // A stacked tensor's part is this expert's slice of it.
+      const int64_t slice = stacked(s.encoding) ? e->size_bytes / num_experts_ : e->size_bytes;
+      const int64_t at = stacked(s.encoding) ? s.expert * slice : 0;
+      ex.parts.push_back(Part{ref.file, e->offset_bytes + at, slice, e->dtype});
     }
+    if (s.encoding == SourceEncoding::GptOssFloat && ex.parts[0].dtype != ex.parts[2].dtype)
+      throw std::runtime_error("gate_up_proj ('" + s.tensors[0].tensor + "') is " + ex.parts[0].dtype +
+                               " but down_proj ('" + s.tensors[2].tensor + "') is " + ex.parts[2].dtype +
+                               "; gpt-oss experts are read with one weight dtype");
     staged.emplace_back(static_cast<size_t>(s.layer * num_experts_ + s.expert), std::move(ex));
   }
   if (experts_.empty()) experts_.resize(static_cast<size_t>(num_layers_ * num_experts_));  // on first use
@@ -214,6 +290,8 @@ int64_t ExpertFiles::read(int64_t layer, int64_t expert, void* dst) {
     case SourceEncoding::Fp8Block: return read_fp8_block(e, out);
     case SourceEncoding::Gptq:
     case SourceEncoding::GptqV2: return read_gptq(e, out);
+    case SourceEncoding::GptOssMxfp4: return read_gpt_oss_mxfp4(e, out);
+    case SourceEncoding::GptOssFloat: return read_gpt_oss_float(e, out);
   }
   return 0;
 }
@@ -348,6 +426,81 @@ int64_t ExpertFiles::read_gptq(const Expert& e, char* dst) {
     total += pw.bytes + pz.bytes + ps.bytes;
   }
   return total;
+}
+
+}  // namespace moerun
+
+namespace moerun {
+
+int64_t ExpertFiles::read_biases(const Part& gate_up, const Part& down, std::vector<float>& out) {
+  // fp32 (exact from any float dtype): [gate I | up I | down H], gate_up's [2I] de-interleaved (gpt-oss: gate i
+  // at 2i, up i at 2i + 1).
+  const int64_t H = layout_.hidden_size, I = layout_.inter_size;
+  thread_local std::vector<char> raw;
+  out.resize(static_cast<size_t>(2 * I + H));
+  DType src;
+  dtype_from_safetensors(gate_up.dtype, &src);
+  raw.resize(static_cast<size_t>(gate_up.bytes));
+  read_part(gate_up, raw.data());
+  for (int64_t i = 0; i < I; ++i) {
+    out[static_cast<size_t>(i)] = load_as_f32(raw.data(), 2 * i, src);
+    out[static_cast<size_t>(I + i)] = load_as_f32(raw.data(), 2 * i + 1, src);
+  }
+  dtype_from_safetensors(down.dtype, &src);
+  raw.resize(static_cast<size_t>(down.bytes));
+  read_part(down, raw.data());
+  convert_elems(raw.data(), src, out.data() + 2 * I, DType::F32, H);
+  return gate_up.bytes + down.bytes;
+}
+
+int64_t ExpertFiles::read_gpt_oss_mxfp4(const Expert& e, char* dst) {
+  // The checkpoint's MXFP4 codes and e8m0 scales are the slot's (expert_format.h: the same nibble order, value
+  // table and exponent bias), row for row except gate_up's interleaving: its row 2i is gate row i, 2i + 1 up row i.
+  const int64_t H = layout_.hidden_size, I = layout_.inter_size;
+  const Part &gu_blocks = e.parts[0], &gu_scales = e.parts[1], &gu_bias = e.parts[2];
+  const Part &dn_blocks = e.parts[3], &dn_scales = e.parts[4], &dn_bias = e.parts[5];
+  thread_local std::vector<char> raw;
+  auto deinterleave_rows = [&](const Part& part, int64_t row_bytes, char* out) {
+    raw.resize(static_cast<size_t>(part.bytes));
+    read_part(part, raw.data());
+    for (int64_t i = 0; i < I; ++i) {
+      std::memcpy(out + i * row_bytes, raw.data() + 2 * i * row_bytes, static_cast<size_t>(row_bytes));
+      std::memcpy(out + (I + i) * row_bytes, raw.data() + (2 * i + 1) * row_bytes, static_cast<size_t>(row_bytes));
+    }
+  };
+  deinterleave_rows(gu_blocks, H / 2, dst + layout_.gate_up_offset);
+  deinterleave_rows(gu_scales, H / 32, dst + layout_.gate_up_scales_offset);
+  read_part(dn_blocks, dst + layout_.down_offset);
+  read_part(dn_scales, dst + layout_.down_scales_offset);
+  thread_local std::vector<float> bias;
+  const int64_t total = gu_blocks.bytes + gu_scales.bytes + dn_blocks.bytes + dn_scales.bytes +
+                        read_biases(gu_bias, dn_bias, bias);
+  write_biases(layout_, ExpertBiases{bias.data(), bias.data() + I, bias.data() + 2 * I, DType::F32}, dst);
+  zero_slot_gaps(layout_, dst);
+  return total;
+}
+
+int64_t ExpertFiles::read_gpt_oss_float(const Expert& e, char* dst) {
+  // gate_up_proj [H, 2I] and down_proj [I, H] as x @ W: transposed to rows of outputs, gate_up's interleaved
+  // columns split into gate rows and up rows, then converted or encoded as any float source (exact reordering).
+  const int64_t H = layout_.hidden_size, I = layout_.inter_size;
+  const Part &gu = e.parts[0], &gu_bias = e.parts[1], &dn = e.parts[2], &dn_bias = e.parts[3];
+  DType src;
+  dtype_from_safetensors(gu.dtype, &src);
+  const int64_t b = dtype_bytes(src);
+  thread_local std::vector<char> raw, rows;
+  rows.resize(static_cast<size_t>(3 * I * H * b));  // gate [I, H], up [I, H], down [H, I]
+  raw.resize(static_cast<size_t>(std::max(gu.bytes, dn.bytes)));
+  read_part(gu, raw.data());
+  gather_columns_bytes(raw.data(), b, 2 * I, 0, 2, I, H, rows.data());
+  gather_columns_bytes(raw.data(), b, 2 * I, 1, 2, I, H, rows.data() + I * H * b);
+  read_part(dn, raw.data());
+  gather_columns_bytes(raw.data(), b, H, 0, 1, H, I, rows.data() + 2 * I * H * b);
+  thread_local std::vector<float> bias;
+  const int64_t bias_bytes = read_biases(gu_bias, dn_bias, bias);
+  const ExpertBiases biases{bias.data(), bias.data() + I, bias.data() + 2 * I, DType::F32};
+  encode_expert(layout_, rows.data(), rows.data() + I * H * b, rows.data() + 2 * I * H * b, src, dst, {}, biases);
+  return gu.bytes + dn.bytes + bias_bytes;
 }
 
 }  // namespace moerun

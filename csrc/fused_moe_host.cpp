@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "expert_codec.h"
 #include "slot_layout.h"
 
 namespace moerun {
@@ -20,6 +21,7 @@ void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) 
   const SlotLayout& layout = a.layout;
   const int64_t T = a.T, H = layout.hidden_size, I = layout.inter_size, K = a.K;
   const DType dtype = layout.dtype;
+  const ExpertActivation act = a.activation;
   static const CpuIsa isa = detect_cpu_isa();
   // Pairs grouped by resident expert: rows of (token, gate weight), each expert's rows contiguous.
   struct Group {
@@ -59,11 +61,11 @@ void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) 
   const bool nib = nibble_format(layout.format);
   std::vector<float> xn(nib ? static_cast<size_t>(rows * H) : 0), hn(nib ? static_cast<size_t>(rows * I) : 0);
   for (int64_t r = 0; nib && r < rows; ++r) to_nibble_order(xg.data() + r * H, xn.data() + r * H, H);
-  std::vector<float> h(static_cast<size_t>(rows * I));  // [rows, I] silu(gate) * up
+  std::vector<float> h(static_cast<size_t>(rows * I));  // [rows, I] act(gate, up)
   std::vector<float> y(static_cast<size_t>(T * H), 0.f);  // [T, H] fp32 sum
   const int64_t gate_blocks = (I + kGateRows - 1) / kGateRows;
   const int64_t down_blocks = (H + kDownRows - 1) / kDownRows;
-  // Phase 1: h = silu(x @ gate.T) * (x @ up.T), by blocks of I rows of each expert. A block of kGateRows = 32
+  // Phase 1: h = act(x @ gate.T + gate bias, x @ up.T + up bias), by blocks of I rows of each expert. A block of kGateRows = 32
   // columns of h is one run of the nibble order, so a task writes its hn columns whole.
   static_assert(kGateRows % 32 == 0, "phase 1's h columns must cover whole runs of 32 (nibble order)");
   run_tasks(parallel_for, static_cast<int64_t>(groups.size()) * gate_blocks, [&](int64_t task) {
@@ -71,6 +73,7 @@ void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) 
     const int64_t i0 = (task % gate_blocks) * kGateRows, i1 = std::min(I, i0 + kGateRows), n = i1 - i0;
     float gv[kTokenTile * kGateRows], uv[kTokenTile * kGateRows];
     const SlotMatrix w = slot_gate_up(layout, g.weights);
+    const SlotBias bias = slot_gate_up_bias(layout, g.weights);
     for (int64_t t0 = 0; t0 < g.num_rows; t0 += kTokenTile) {
       const int64_t tn = std::min(kTokenTile, g.num_rows - t0);
       const int64_t row0 = g.first_row + t0;
@@ -79,19 +82,19 @@ void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) 
       matmul_rows(isa, w, I + i0, I + i1, xr, tn, uv, n);
       for (int64_t t = 0; t < tn; ++t)
         for (int64_t i = 0; i < n; ++i) {
-          const float gi = gv[t * n + i];
-          const float hv = gi / (1.f + std::exp(-gi)) * uv[t * n + i];
+          const float hv = act(gv[t * n + i] + bias[i0 + i], uv[t * n + i] + bias[I + i0 + i]);
           h[(row0 + t) * I + i0 + i] = hv;
           if (nib) hn[(row0 + t) * I + nibble_index(i0 + i)] = hv;
         }
     }
   });
-  // Phase 2: y[t, c0:c1] += w * (h @ down.T)[c0:c1] over every group; a task owns its columns.
+  // Phase 2: y[t, c0:c1] += w * (h @ down.T + down bias)[c0:c1] over every group; a task owns its columns.
   run_tasks(parallel_for, down_blocks, [&](int64_t task) {
     const int64_t c0 = task * kDownRows, c1 = std::min(H, c0 + kDownRows), n = c1 - c0;
     float part[kTokenTile * kDownRows];
     for (const Group& g : groups) {
       const SlotMatrix down = slot_down(layout, g.weights);
+      const SlotBias bias = slot_down_bias(layout, g.weights);
       for (int64_t t0 = 0; t0 < g.num_rows; t0 += kTokenTile) {
         const int64_t tn = std::min(kTokenTile, g.num_rows - t0);
         const int64_t row0 = g.first_row + t0;
@@ -100,7 +103,7 @@ void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) 
         for (int64_t t = 0; t < tn; ++t) {
           const int64_t row = g.first_row + t0 + t;
           float* o = y.data() + row_token[row] * H + c0;
-          for (int64_t i = 0; i < n; ++i) o[i] += row_weight[row] * part[t * n + i];
+          for (int64_t i = 0; i < n; ++i) o[i] += row_weight[row] * (part[t * n + i] + bias[c0 + i]);
         }
       }
     }

@@ -16,7 +16,8 @@ void check(bool ok, const std::string& what) {
 
 at::Tensor run(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                const at::Tensor& slot_table, const at::Tensor& arena, const SlotLayout& layout,
-               std::optional<at::Tensor> out) {
+               std::optional<at::Tensor> out, const py::object& activation) {
+  const ExpertActivation act = activation_arg(activation);
   for (const auto* t : {&x, &topk_ids, &topk_weights, &slot_table, &arena})
     check(t->device().is_cpu(), "every tensor must be in host memory (this is the CPU device's kernel)");
   check(x.dim() == 2, "x must be [T, H], got " + shape_str(x.sizes()));
@@ -44,7 +45,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor
   const at::Tensor table = slot_table.contiguous();
   FusedMoeHostArgs a{xc.data_ptr(), layout, T, ids.size(1), table.size(0), arena.size(0),
                      ids.data_ptr<int64_t>(), w.data_ptr<float>(), table.data_ptr<int32_t>(), arena.data_ptr(),
-                     y.data_ptr()};
+                     y.data_ptr(), act};
   py::gil_scoped_release release;
   fused_moe_host(a, [](int64_t n, const std::function<void(int64_t)>& task) {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
@@ -58,11 +59,12 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor
 
 void bind_fused_moe_host(py::module& m) {
   m.def("fused_moe_host", &run, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("slot_table"),
-        py::arg("arena"), py::arg("layout"), py::arg("out") = py::none(),
+        py::arg("arena"), py::arg("layout"), py::arg("out") = py::none(), py::arg("activation") = py::none(),
         "Fused MoE over a host-memory arena (the CPU device's kernel; kernels/fused_moe.py's twin): [T, H] in "
-        "x's dtype, the sum over each token's resident experts of w * down(silu(gate(x)) * up(x)); pairs not "
-        "resident contribute zero. The arena's slots are in `layout` (any expert format: quantized weights are "
-        "read packed). Writes every element of `out` when given.");
+        "x's dtype, the sum over each token's resident experts of w * down(act(gate(x), up(x))), each projection "
+        "plus its bias when the layout holds biases; pairs not resident contribute zero. The arena's slots are in "
+        "`layout` (any expert format: quantized weights are read packed). activation: None (silu) or an "
+        "ExpertActivation (name, alpha, limit). Writes every element of `out` when given.");
 }
 
 }  // namespace moerun

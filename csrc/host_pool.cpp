@@ -63,13 +63,13 @@ policy::EngineConfig host_tier_config(int64_t num_layers, int64_t num_experts, i
 }
 
 HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size, DType dtype,
-                   int64_t chunk_bytes, bool pinned, const HostTierConfig& tier, ExpertFormat format)
+                   int64_t chunk_bytes, bool pinned, const HostTierConfig& tier, ExpertFormat format, bool bias)
     : num_layers_(num_layers),
       num_experts_(num_experts),
       hidden_(hidden_size),
       inter_(inter_size),
       dtype_(dtype),
-      layout_(slot_layout(dtype, std::max<int64_t>(hidden_size, 1), std::max<int64_t>(inter_size, 1), format)),
+      layout_(slot_layout(dtype, std::max<int64_t>(hidden_size, 1), std::max<int64_t>(inter_size, 1), format, bias)),
       pinned_(pinned),
       files_(std::max<int64_t>(num_layers, 1), std::max<int64_t>(num_experts, 1), layout_),
       wait_timeout_s_(tier.wait_timeout_s) {
@@ -169,10 +169,7 @@ HostPool::HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size,
                              "free host memory / raise the locked-memory limit (ulimit -l)");
   }
   // Zero the padding tail of every slot so kernels reading whole slots see zeros (slot_layout.h).
-  const int64_t used = std::max({layout_.down_offset + layout_.down_bytes,
-                                 layout_.down_scales_offset + layout_.down_scales_bytes,
-                                 layout_.down_zeros_offset + layout_.down_zeros_bytes});
-  const int64_t pad_bytes = layout_.slot_bytes - used;
+  const int64_t pad_bytes = layout_.slot_bytes - slot_used_bytes(layout_);
   if (pad_bytes > 0)
     for (int64_t s = 0; s < num_slots_; ++s)
       std::memset(slot_ptr(s) + slot_bytes() - pad_bytes, 0, static_cast<size_t>(pad_bytes));
@@ -254,13 +251,13 @@ int64_t HostPool::filled_count() const {
 }
 
 void HostPool::write_expert(int64_t layer, int64_t expert, const void* gate, const void* up, const void* down,
-                            DType src_dtype) {
+                            DType src_dtype, const ExpertBiases& biases) {
   check_expert(layer, expert);
   if (cached_)
     throw std::runtime_error("write_expert fills a pool that holds every expert; this pool caches " +
                              std::to_string(num_slots_) + " experts and reads them from the files given to fill()");
   char* dst = slot_ptr(layer * num_experts_ + expert);
-  encode_expert(layout_, gate, up, down, src_dtype, dst);
+  encode_expert(layout_, gate, up, down, src_dtype, dst, {}, biases);
   filled_[static_cast<size_t>(layer * num_experts_ + expert)] = 1;
 }
 

@@ -23,6 +23,7 @@
 
 #include "dtype.h"
 #include "slot_layout.h"
+#include "expert_codec.h"
 #include "expert_files.h"
 
 namespace moerun {
@@ -55,11 +56,11 @@ struct HostStats {
 
 class HostPool {
  public:
-  // Allocates min(capacity, num_layers * num_experts) slots of slot_layout(dtype, hidden, inter, format) in
-  // chunks of at most chunk_bytes (rounded to whole experts). pinned: page-lock through CUDA (CUDA builds).
+  // Allocates min(capacity, num_layers * num_experts) slots of slot_layout(dtype, hidden, inter, format, bias)
+  // in chunks of at most chunk_bytes (rounded to whole experts). pinned: page-lock through CUDA (CUDA builds).
   HostPool(int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size, DType dtype,
            int64_t chunk_bytes, bool pinned, const HostTierConfig& tier = HostTierConfig{},
-           ExpertFormat format = ExpertFormat{});
+           ExpertFormat format = ExpertFormat{}, bool bias = false);
   ~HostPool();
   HostPool(const HostPool&) = delete;
   HostPool& operator=(const HostPool&) = delete;
@@ -67,10 +68,11 @@ class HostPool {
   // Records the sources (all validated before any weight byte is read). A pool holding every expert
   // reads them now with num_threads threads (0 = hardware threads, at most 16); a cache reads on demand.
   void fill(const std::vector<ExpertSource>& sources, int num_threads);
-  // Copies one expert from memory given as three row-major matrices of `src_dtype`, encoded into the
-  // pool's format (pools holding every expert only: a cache reads its experts from the files).
+  // Copies one expert from memory given as three row-major matrices of `src_dtype` (and its biases when the
+  // layout has them), encoded into the pool's format (pools holding every expert only: a cache reads its
+  // experts from the files).
   void write_expert(int64_t layer, int64_t expert, const void* gate, const void* up, const void* down,
-                    DType src_dtype);
+                    DType src_dtype, const ExpertBiases& biases = {});
 
   // The expert's bytes, held in host memory until release(); a cache reads a missing expert from its
   // files first (waiting, at most wait_timeout_s, when every slot is held by other users).

@@ -30,7 +30,7 @@ void bind_host_pool(py::module& m) {
       .def(py::init([](int64_t num_layers, int64_t num_experts, int64_t hidden_size, int64_t inter_size,
                        at::ScalarType dtype, int64_t chunk_bytes, bool pinned, int64_t capacity, int eviction,
                        double high_watermark, double low_watermark, double credit_decay, double wait_timeout_s,
-                       const std::string& format) {
+                       const std::string& format, bool bias) {
              HostTierConfig tier;
              tier.capacity = capacity;
              tier.eviction = eviction;
@@ -40,15 +40,16 @@ void bind_host_pool(py::module& m) {
              tier.wait_timeout_s = wait_timeout_s;
              return std::make_shared<HostPool>(num_layers, num_experts, hidden_size, inter_size,
                                                to_dtype(dtype, "HostPool dtype"), chunk_bytes, pinned, tier,
-                                               parse_expert_format(format));
+                                               parse_expert_format(format), bias);
            }),
            py::arg("num_layers"), py::arg("num_experts"), py::arg("hidden_size"), py::arg("inter_size"),
            py::arg("dtype"), py::arg("chunk_bytes") = int64_t(1) << 30, py::arg("pinned") = true,
            py::arg("capacity") = 0, py::arg("eviction") = 0, py::arg("high_watermark") = 0.9,
            py::arg("low_watermark") = 0.7, py::arg("credit_decay") = 0.95, py::arg("wait_timeout_s") = 60.0,
-           py::arg("format") = "float",
+           py::arg("format") = "float", py::arg("bias") = false,
            "capacity: experts held in host memory (0 = all; fewer makes the pool a cache in front of the files). "
-           "format: the expert format of its slots (moerun.native.EXPERT_FORMATS). "
+           "format: the expert format of its slots (moerun.native.EXPERT_FORMATS); bias: the slots hold the "
+           "experts' gate_up and down biases (slot_layout(..., bias=True)). "
            "eviction: the host tier's policy code (0 lru, 1 lfu, 2 score, 3 freq_threshold, 4 watermark).")
       .def(
           "fill",
@@ -72,22 +73,28 @@ void bind_host_pool(py::module& m) {
           "cache reads them on demand. sources: [(layer, expert, [(file, tensor), ...])], the tensors of gate, "
           "then up, then down (gate/up [I, H], down [H, I]) as `encoding` names them (csrc/expert_files.h): "
           "'float' (weight; F32/BF16/F16, converted to the pool dtype or quantized to its format), "
-          "'fp8-block128' (weight, weight_scale_inv), 'gptq' / 'gptq-v2' (qweight, qzeros, scales). "
+          "'fp8-block128' (weight, weight_scale_inv), 'gptq' / 'gptq-v2' (qweight, qzeros, scales); stacked over "
+          "the layer's experts (the source's expert picks the slice): 'gpt-oss-mxfp4' (gate_up_proj_blocks, "
+          "gate_up_proj_scales, gate_up_proj_bias, down_proj_blocks, down_proj_scales, down_proj_bias), "
+          "'gpt-oss-float' (gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias). "
           "num_threads 0 = all hardware threads (at most 16).")
       .def(
           "write_expert",
           [](HostPool& pool, int64_t layer, int64_t expert, const at::Tensor& gate, const at::Tensor& up,
-             const at::Tensor& down) {
+             const at::Tensor& down, std::optional<at::Tensor> gate_up_bias, std::optional<at::Tensor> down_bias) {
             const int64_t H = pool.hidden_size(), I = pool.inter_size();
             const at::Tensor g = checked_matrix(gate, I, H, "gate"), u = checked_matrix(up, I, H, "up");
             const at::Tensor d = checked_matrix(down, H, I, "down");
             if (g.scalar_type() != u.scalar_type() || g.scalar_type() != d.scalar_type())
               throw std::invalid_argument("write_expert: gate, up and down must share one dtype");
+            const BiasArgs bias = bias_args(gate_up_bias, down_bias, I, H, "write_expert");
             pool.write_expert(layer, expert, g.data_ptr(), u.data_ptr(), d.data_ptr(),
-                              to_dtype(g.scalar_type(), "write_expert weights"));
+                              to_dtype(g.scalar_type(), "write_expert weights"), bias.biases);
           },
           py::arg("layer"), py::arg("expert"), py::arg("gate"), py::arg("up"), py::arg("down"),
-          "Copy one expert from tensors (gate, up [I, H]; down [H, I]), encoded into the pool's format.")
+          py::arg("gate_up_bias") = py::none(), py::arg("down_bias") = py::none(),
+          "Copy one expert from tensors (gate, up [I, H]; down [H, I]; with a bias layout also gate_up_bias [2I], "
+          "gate then up, and down_bias [H]), encoded into the pool's format.")
       .def_property_readonly("layout", &HostPool::layout, "the SlotLayout of every slot (format, dtype, offsets)")
       .def("view", &expert_view, py::arg("layer"), py::arg("expert"),
            "1-D tensor [slot_elems] aliasing the expert's pool memory (gate_up rows, then down).")

@@ -5,10 +5,15 @@
 // A slot holds one expert contiguously, so moving an expert is one copy. The float format:
 //   gate_up [2I, H] (rows: gate then up) | down [H, I] | padding to a multiple of kSlotAlignElems
 // A quantized format (expert_format.h): gate_up weights | scales | zero points | down weights | scales |
-// zero points, each part 16-byte aligned, then the same padding. Offsets and sizes are in bytes, the one
-// unit every format shares; a part a format does not have has size 0.
+// zero points, each part 16-byte aligned, then the same padding. An expert with biases (gpt-oss) adds, in
+// every format, two parts after all of these, each 16-byte aligned and in the model dtype (transformers adds
+// them in the model dtype): gate_up bias [2I] (the I gate biases, then the I up biases) and down bias [H].
+// Offsets and sizes are in bytes, the one unit every format shares; a part a format does not have has size 0.
 #pragma once
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 #include "dtype.h"
 #include "expert_format.h"
@@ -32,6 +37,9 @@ struct SlotLayout {
   int64_t down_offset = 0, down_bytes = 0;                      // [H, I] weights
   int64_t down_scales_offset = 0, down_scales_bytes = 0;
   int64_t down_zeros_offset = 0, down_zeros_bytes = 0;
+  bool has_bias = false;
+  int64_t gate_up_bias_offset = 0, gate_up_bias_bytes = 0;  // [2I] of dtype: gate biases, then up biases
+  int64_t down_bias_offset = 0, down_bias_bytes = 0;        // [H] of dtype
   int64_t slot_elems = 0;  // elements of `dtype` in one slot, padding included (the arena's row length)
   int64_t slot_bytes = 0;
 };
@@ -84,35 +92,58 @@ inline void check_format_shape(const ExpertFormat& f, int64_t hidden_size, int64
 }
 
 inline SlotLayout slot_layout(DType dtype, int64_t hidden_size, int64_t inter_size,
-                              ExpertFormat format = ExpertFormat{}) {
+                              ExpertFormat format = ExpertFormat{}, bool bias = false) {
   check_format_shape(format, hidden_size, inter_size);
   SlotLayout s;
   s.dtype = dtype;
   s.format = format;
   s.hidden_size = hidden_size;
   s.inter_size = inter_size;
+  s.has_bias = bias;
   const MatrixBytes gu = matrix_bytes(format, dtype, 2 * inter_size, hidden_size, inter_size);
   const MatrixBytes dn = matrix_bytes(format, dtype, hidden_size, inter_size, hidden_size);
   // The float format packs its two matrices back to back (the layout every float kernel reads); the
   // quantized ones align each part.
   const int64_t a = format.quantized() ? kPartAlignBytes : 1;
   int64_t at = 0;
-  auto place = [&](int64_t bytes, int64_t* offset, int64_t* size) {
-    at = bytes ? align_up(at, a) : at;
+  auto place = [&](int64_t bytes, int64_t* offset, int64_t* size, int64_t align) {
+    at = bytes ? align_up(at, align) : at;
     *offset = at;
     *size = bytes;
     at += bytes;
   };
-  place(gu.weights, &s.gate_up_offset, &s.gate_up_bytes);
-  place(gu.scales, &s.gate_up_scales_offset, &s.gate_up_scales_bytes);
-  place(gu.zeros, &s.gate_up_zeros_offset, &s.gate_up_zeros_bytes);
-  place(dn.weights, &s.down_offset, &s.down_bytes);
-  place(dn.scales, &s.down_scales_offset, &s.down_scales_bytes);
-  place(dn.zeros, &s.down_zeros_offset, &s.down_zeros_bytes);
+  place(gu.weights, &s.gate_up_offset, &s.gate_up_bytes, a);
+  place(gu.scales, &s.gate_up_scales_offset, &s.gate_up_scales_bytes, a);
+  place(gu.zeros, &s.gate_up_zeros_offset, &s.gate_up_zeros_bytes, a);
+  place(dn.weights, &s.down_offset, &s.down_bytes, a);
+  place(dn.scales, &s.down_scales_offset, &s.down_scales_bytes, a);
+  place(dn.zeros, &s.down_zeros_offset, &s.down_zeros_bytes, a);
+  // Biases after everything else, so the other parts sit where they do without them.
   const int64_t b = dtype_bytes(dtype);
+  place(bias ? 2 * inter_size * b : 0, &s.gate_up_bias_offset, &s.gate_up_bias_bytes, kPartAlignBytes);
+  place(bias ? hidden_size * b : 0, &s.down_bias_offset, &s.down_bias_bytes, kPartAlignBytes);
   s.slot_elems = align_up(ceil_div(at, b), kSlotAlignElems);
   s.slot_bytes = s.slot_elems * b;
   return s;
+}
+
+// The parts of a slot as (offset, bytes), in placement order; parts the layout lacks have 0 bytes.
+inline std::array<std::pair<int64_t, int64_t>, 8> slot_part_spans(const SlotLayout& l) {
+  return {{{l.gate_up_offset, l.gate_up_bytes},
+           {l.gate_up_scales_offset, l.gate_up_scales_bytes},
+           {l.gate_up_zeros_offset, l.gate_up_zeros_bytes},
+           {l.down_offset, l.down_bytes},
+           {l.down_scales_offset, l.down_scales_bytes},
+           {l.down_zeros_offset, l.down_zeros_bytes},
+           {l.gate_up_bias_offset, l.gate_up_bias_bytes},
+           {l.down_bias_offset, l.down_bias_bytes}}};
+}
+
+// Bytes of a slot its parts use: where the padding starts.
+inline int64_t slot_used_bytes(const SlotLayout& l) {
+  int64_t end = 0;
+  for (const auto& [offset, bytes] : slot_part_spans(l)) end = std::max(end, offset + bytes);
+  return end;
 }
 
 // Elements of one float-format slot: the layout's size in elements (the same for every float dtype).

@@ -1,4 +1,9 @@
-"""Fused MoE over experts held in arena slots: y[t] = sum_k w[t,k] * down(silu(gate(x[t])) * up(x[t])).
+"""Fused MoE over experts held in arena slots: y[t] = sum_k w[t,k] * down(act(gate(x[t]), up(x[t]))).
+
+act is the expert activation (csrc/expert_activation.h): silu(g) * u, or gpt-oss's clamped SwiGLU
+(u' + 1) * g' * sigmoid(alpha * g') with g' = min(g, limit), u' = clamp(u, -limit, limit). A slot
+layout with biases (gpt-oss) adds each projection's bias: g = gate(x) + b_gate, u = up(x) + b_up, and
+down(h) + b_down; the biases sit in the slot in the model dtype and are added in fp32.
 
 Notation: T tokens, K experts per token, P = T*K (token, expert) pairs, E experts in the layer,
 H hidden size, I expert intermediate size, N arena slots, S slot elements.
@@ -14,7 +19,7 @@ here (the CPU path adds them).
 
 Two paths, chosen by T (``DECODE_MAX_TOKENS``):
 - decode: weight-streaming GEMV. Kernel 1, one program per (pair, block of I rows), streams gate
-  and up rows once and writes h = silu(g) * u in fp32. Kernel 2, one program per (token, block of
+  and up rows once and writes h = act(g, u) in fp32. Kernel 2, one program per (token, block of
   H rows), streams down rows for each of the token's resident experts and reduces the
   gate-weighted sum in registers, writing the output once. Quantized formats stream the codes in
   16-byte vectors (16 or 32 columns), each reduced in registers and multiplied by its group's scale
@@ -23,7 +28,7 @@ Two paths, chosen by T (``DECODE_MAX_TOKENS``):
   expert's remaining pairs rounded up to TAIL_M rows in blocks of BLOCK_M/2 and BLOCK_M/4 (less
   padding: with 128/32, an expert with 136 pairs computes 160 rows, not 256; one with 200, 224).
   Padding is marked with the sentinel P. Two small kernels group them: per-expert counts and the
-  block table, then an atomic scatter. Then a grouped GEMM with tl.dot for gate_up (+ SiLU*mul)
+  block table, then an atomic scatter. Then a grouped GEMM with tl.dot for gate_up (+ the activation)
   and for down (+ gate weight, one row per pair, in the model dtype), weight tiles by pointer loads
   or TMA, each GEMM with its own tile and launch order; and a last kernel that sums each token's K
   rows in fp32. Quantized weight tiles (pointer loads) are dequantized to x's dtype before the dot:
@@ -76,6 +81,22 @@ FP8_BLOCK = tl.constexpr(2)  # e4m3 codes, fp32 scale per GROUP x GROUP block (g
 INT8 = tl.constexpr(3)  # int8 codes, fp32 scale per row
 INT4 = tl.constexpr(4)  # uint4 codes, fp32 scale and uint8 zero point per GROUP columns of a row
 MXFP4 = tl.constexpr(5)  # e2m1 codes, e8m0 scale per GROUP (32) columns of a row
+
+# The kernels' name of each expert activation (csrc/expert_activation.h, ActivationKind; KERNEL_ACTIVATIONS
+# below ties them to moerun.native.EXPERT_ACTIVATIONS).
+SILU = tl.constexpr(0)  # silu(g) * u
+SWIGLU_CLAMPED = tl.constexpr(1)  # gpt-oss: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit)
+
+
+@triton.jit
+def _activate(g, u, alpha, limit, ACT: tl.constexpr):
+    """h of fp32 gate and up values (biases already added): the expert activation ACT."""
+    if ACT == SILU:
+        return g * tl.sigmoid(g) * u
+    else:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        return (u + 1.0) * (g * tl.sigmoid(alpha * g))
 
 
 @triton.jit
@@ -253,12 +274,14 @@ def _decode_gate_up_kernel(
     table_ptr,  # [E] int32 slot of each expert, -1 = not resident
     arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
     scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
-    h_ptr,  # [P, I] fp32 out: silu(gate) * up
+    h_ptr,  # [P, I] fp32 out: act(gate, up)
+    bias_ptr,  # the arena in the model dtype [N, S]: gate_up's biases [2I] at element b_off of a slot
     H, I, K,
-    stride_x, stride_slot, stride_slot_f32,
+    stride_x, stride_slot, stride_slot_f32, stride_bias,
     w_off, s_off, z_off,  # quantized formats: bytes into a slot of gate_up's weights, scales, zero points
+    b_off, alpha, limit,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
-    PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_wait(PDL)
     pair = tl.program_id(0)
@@ -280,7 +303,11 @@ def _decode_gate_up_kernel(
                                  FMT, GROUP, VC, BLOCK_N, BLOCK_H)
             u = _decode_rows_dot(x_ptr + token * stride_x, w_ptr + I.to(tl.int64) * (H * 16 // VC), sc_ptr, z_ptr,
                                  rows, rows < I, up_srow, H, FMT, GROUP, VC, BLOCK_N, BLOCK_H)
-            h = g * tl.sigmoid(g) * u
+            if HAS_BIAS:
+                b_ptr = bias_ptr + slot.to(tl.int64) * stride_bias + b_off
+                g += tl.load(b_ptr + rows, mask=rows < I, other=0.0).to(tl.float32)
+                u += tl.load(b_ptr + I + rows, mask=rows < I, other=0.0).to(tl.float32)
+            h = _activate(g, u, alpha, limit, ACT)
             tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=rows < I)
     elif slot >= 0:
         token = pair // K
@@ -303,7 +330,11 @@ def _decode_gate_up_kernel(
             acc_u += wu.to(tl.float32) * xv[None, :]
         g = tl.sum(acc_g, axis=1)  # [BN]
         u = tl.sum(acc_u, axis=1)
-        h = g * tl.sigmoid(g) * u
+        if HAS_BIAS:
+            b_ptr = bias_ptr + slot.to(tl.int64) * stride_bias + b_off
+            g += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            u += tl.load(b_ptr + I + rows, mask=row_ok, other=0.0).to(tl.float32)
+        h = _activate(g, u, alpha, limit, ACT)
         tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=row_ok)
 
 
@@ -316,11 +347,13 @@ def _decode_down_kernel(
     arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
     scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     out_ptr,  # [T, H]
+    bias_ptr,  # the arena in the model dtype [N, S]: down's biases [H] at element b_off of a slot
     H, I,
-    stride_out, stride_slot, stride_slot_f32,
+    stride_out, stride_slot, stride_slot_f32, stride_bias,
     w_off, s_off, z_off,  # quantized formats: bytes into a slot of down's weights, scales, zero points
+    b_off,
     K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-    VC: tl.constexpr, PDL: tl.constexpr,
+    VC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
     _pdl_wait(PDL)
     token = tl.program_id(0)
@@ -351,6 +384,14 @@ def _decode_down_kernel(
                 wd = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & cols_k_ok[None, :], other=0.0)
                 acc += wd.to(tl.float32) * hv[None, :]
         y = tl.sum(acc, axis=1)  # [BO]
+    if HAS_BIAS:  # sum over the resident experts of w * b_down
+        for k in tl.static_range(K):
+            pair = token * K + k
+            slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
+            w = tl.load(weights_ptr + pair).to(tl.float32)
+            b = tl.load(bias_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bias + b_off + rows,
+                        mask=rows < tl.where(slot >= 0, H, 0), other=0.0)  # none for a non-resident expert
+            y += w * b.to(tl.float32)
     tl.store(out_ptr + token * stride_out + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -475,13 +516,15 @@ def _block_and_tile(num_blocks, n_tiles, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n,
-    H, I, K, P, stride_x,
+    x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, h_ptr, first_row, pid_n,
+    H, I, K, P, stride_x, alpha, limit,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
 ):
     # The expert's gate_up [2I, H] is at w_ptr, or (WEIGHT_DESC) rows w_row.. of w_desc, the arena
-    # seen as rows of H elements; quantized formats: its codes at w_ptr, scales at sc_ptr, zero points at z_ptr.
+    # seen as rows of H elements; quantized formats: its codes at w_ptr, scales at sc_ptr, zero points at z_ptr;
+    # its biases (HAS_BIAS) [2I] at b_ptr.
     pairs = tl.load(sorted_pairs_ptr + first_row + tl.arange(0, BM))  # [BM]
     pair_ok = pairs < P
     tokens = tl.where(pair_ok, pairs // K, 0)
@@ -533,7 +576,10 @@ def _gate_up_tile(
             b = tl.load(w_cols + ks[:, None], mask=(ks < H)[:, None] & col_ok[None, :], other=0.0)  # [BK, 2BN]
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BLOCK_N, 2)))  # [BM, BN] each
-    h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN]
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + I + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    h = _activate(acc_g, acc_u, alpha, limit, ACT)  # [BM, BN]
     out = h_ptr + pairs[:, None].to(tl.int64) * I + rows[None, :]
     tl.store(out, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & row_ok[None, :])
 
@@ -549,13 +595,15 @@ def _prefill_gate_up_kernel(
     arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
     scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     w_desc,  # TMA descriptor of the arena (WEIGHT_DESC), else unused
-    h_ptr,  # [P, I] x.dtype out: silu(gate) * up
+    h_ptr,  # [P, I] x.dtype out: act(gate, up)
+    bias_ptr,  # the arena in the model dtype [N, S]: gate_up's biases [2I] at element b_off of a slot
     H, I, K, P, E, num_blocks,
-    stride_x, stride_slot, stride_slot_f32, slot_rows,
+    stride_x, stride_slot, stride_slot_f32, slot_rows, stride_bias,
     w_off, s_off, z_off,  # quantized formats: bytes into a slot of gate_up's weights, scales, zero points
+    b_off, alpha, limit,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr,
-    GROUP: tl.constexpr, VC: tl.constexpr, PDL: tl.constexpr,
+    GROUP: tl.constexpr, VC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
 ):
     # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, H], slot_rows = S / H
     _pdl_wait(PDL)
@@ -572,33 +620,40 @@ def _prefill_gate_up_kernel(
             w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
                                                w_off, s_off, z_off, FMT)
         w_row = slot * slot_rows
+        b_ptr = bias_ptr + slot.to(tl.int64) * stride_bias + b_off
         # one code path per block size (the constexpr tests drop the sizes this config never uses)
         if TAIL_M == BLOCK_M:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
-                          K, P, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, h_ptr, first_row,
+                          pid_n, H, I, K, P, stride_x, alpha, limit, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                          WEIGHT_DESC, FMT, GROUP, VC, HAS_BIAS, ACT)
         elif n_rows == BLOCK_M:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
-                          K, P, stride_x, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, h_ptr, first_row,
+                          pid_n, H, I, K, P, stride_x, alpha, limit, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                          WEIGHT_DESC, FMT, GROUP, VC, HAS_BIAS, ACT)
         elif TAIL_M == BLOCK_M // 2:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
-                          K, P, stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, h_ptr, first_row,
+                          pid_n, H, I, K, P, stride_x, alpha, limit, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION,
+                          WEIGHT_DESC, FMT, GROUP, VC, HAS_BIAS, ACT)
         elif n_rows == BLOCK_M // 2:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
-                          K, P, stride_x, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, h_ptr, first_row,
+                          pid_n, H, I, K, P, stride_x, alpha, limit, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION,
+                          WEIGHT_DESC, FMT, GROUP, VC, HAS_BIAS, ACT)
         else:
-            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, h_ptr, first_row, pid_n, H, I,
-                          K, P, stride_x, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _gate_up_tile(x_ptr, sorted_pairs_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, h_ptr, first_row,
+                          pid_n, H, I, K, P, stride_x, alpha, limit, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION,
+                          WEIGHT_DESC, FMT, GROUP, VC, HAS_BIAS, ACT)
 
 
 @triton.jit
 def _down_tile(
-    h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row, pid_n,
+    h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, y_ptr, first_row, pid_n,
     H, I, P,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
+    WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     # The expert's down [H, I] is at w_ptr, or (WEIGHT_DESC) rows w_row.. of w_desc, the arena seen
-    # as rows of I elements; quantized formats: its codes at w_ptr, scales at sc_ptr, zero points at z_ptr.
+    # as rows of I elements; quantized formats: its codes at w_ptr, scales at sc_ptr, zero points at z_ptr;
+    # its biases (HAS_BIAS) [H] at b_ptr.
     pairs = tl.load(sorted_pairs_ptr + first_row + tl.arange(0, BM))  # [BM]
     pair_ok = pairs < P
     safe_pairs = tl.where(pair_ok, pairs, 0).to(tl.int64)
@@ -626,6 +681,8 @@ def _down_tile(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if FMT == FP8 or FMT == INT8:
         acc *= tl.load(sc_ptr + srow, mask=row_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     w = tl.load(weights_ptr + safe_pairs, mask=pair_ok, other=0.0).to(tl.float32)  # [BM]
     acc = acc * w[:, None]
     tl.store(y_ptr + safe_pairs[:, None] * H + rows[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -644,13 +701,15 @@ def _prefill_down_kernel(
     arena_ptr,  # [N, S] (float format), else the arena's bytes [N, slot_bytes]
     scale_ptr,  # quantized formats: the arena's bytes as fp32 [N, slot_bytes / 4]; float: unused
     w_desc,  # TMA descriptor of the arena (WEIGHT_DESC), else unused
-    y_ptr,  # [P, H] x.dtype out: w * down(h) per pair
+    y_ptr,  # [P, H] x.dtype out: w * (down(h) + b_down) per pair
+    bias_ptr,  # the arena in the model dtype [N, S]: down's biases [H] at element b_off of a slot
     H, I, P, E, num_blocks,
-    stride_slot, stride_slot_f32, slot_rows,
+    stride_slot, stride_slot_f32, slot_rows, stride_bias,
     w_off, s_off, z_off,  # quantized formats: bytes into a slot of down's weights, scales, zero points
+    b_off,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr,
-    GROUP: tl.constexpr, VC: tl.constexpr, PDL: tl.constexpr,
+    GROUP: tl.constexpr, VC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
     # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, I], slot_rows = S / I
     _pdl_wait(PDL)
@@ -667,22 +726,28 @@ def _prefill_down_kernel(
             w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
                                                w_off, s_off, z_off, FMT)
         w_row = slot * slot_rows + 2 * H  # down starts 2*I*H elements = 2*H rows of I into the slot
+        b_ptr = bias_ptr + slot.to(tl.int64) * stride_bias + b_off
         # one code path per block size (the constexpr tests drop the sizes this config never uses)
         if TAIL_M == BLOCK_M:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
-                       pid_n, H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, y_ptr,
+                       first_row, pid_n, H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT,
+                       GROUP, VC, HAS_BIAS)
         elif n_rows == BLOCK_M:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
-                       pid_n, H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, y_ptr,
+                       first_row, pid_n, H, I, P, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT,
+                       GROUP, VC, HAS_BIAS)
         elif TAIL_M == BLOCK_M // 2:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
-                       pid_n, H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, y_ptr,
+                       first_row, pid_n, H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT,
+                       GROUP, VC, HAS_BIAS)
         elif n_rows == BLOCK_M // 2:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
-                       pid_n, H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, y_ptr,
+                       first_row, pid_n, H, I, P, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT,
+                       GROUP, VC, HAS_BIAS)
         else:
-            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, y_ptr, first_row,
-                       pid_n, H, I, P, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT, GROUP, VC)
+            _down_tile(h_ptr, sorted_pairs_ptr, weights_ptr, w_ptr, w_desc, w_row, sc_ptr, z_ptr, b_ptr, y_ptr,
+                       first_row, pid_n, H, I, P, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION, WEIGHT_DESC, FMT,
+                       GROUP, VC, HAS_BIAS)
 
 
 @triton.jit
@@ -801,6 +866,40 @@ def _slots(arena: torch.Tensor, layout) -> _Slots:
     return _Slots(raw, f32, raw.stride(0), f32.stride(0), fmt, layout.group_size, 128 // layout.weight_bits)
 
 
+# The kernels' codes of the expert activations, in the native order (moerun.native.EXPERT_ACTIVATIONS;
+# tests/kernels/test_fused_moe.py ties them).
+KERNEL_ACTIVATIONS = {"silu": SILU, "swiglu_clamped": SWIGLU_CLAMPED}
+
+
+class _Activation(NamedTuple):
+    """What the kernels take of an expert activation: its code (a constexpr) and its two scalars."""
+
+    code: int
+    alpha: float
+    limit: float
+
+
+def _activation(activation) -> _Activation:
+    """None (silu) or an ExpertActivation (moerun.models.base: name, alpha, limit) as the kernels take it."""
+    if activation is None:
+        return _Activation(SILU.value, 1.0, 0.0)
+    name = activation.name
+    if name not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"fused_moe has no kernel for expert activation {name!r}; the activations are "
+                         f"{', '.join(KERNEL_ACTIVATIONS)}")
+    alpha, limit = float(activation.alpha), float(activation.limit)
+    if name == "swiglu_clamped" and not (alpha > 0 and 0 < limit < float("inf")):
+        raise ValueError(f"swiglu_clamped needs a positive alpha and a positive finite limit (gpt-oss: alpha 1.702, "
+                         f"limit config.swiglu_limit), got alpha {alpha} and limit {limit}")
+    return _Activation(KERNEL_ACTIVATIONS[name].value, alpha, limit)
+
+
+def _bias_args(arena: torch.Tensor, layout, matrix: str) -> tuple:
+    """(the arena in the model dtype, its slot stride and the bias's element offset in a slot) of one
+    matrix's biases; the offsets are 16-byte aligned, so whole elements of any model dtype."""
+    return arena, arena.stride(0), getattr(layout, f"{matrix}_bias_offset") // arena.element_size()
+
+
 def _part_offsets(layout, matrix: str) -> tuple[int, int, int]:
     """Byte offsets in a slot of one matrix's weights, scales and zero points (0 where the format has none)."""
     return (getattr(layout, f"{matrix}_offset"), getattr(layout, f"{matrix}_scales_offset"),
@@ -824,7 +923,7 @@ def _check_config(layout, slots: _Slots, cfg) -> None:
                                  f"{slots.group} (one scale per column a step)")
 
 
-def _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg) -> None:
+def _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg, act: _Activation) -> None:
     tokens, hidden = x.shape
     inter_size = layout.inter_size
     top_k = ids.shape[1]
@@ -834,15 +933,20 @@ def _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg) -> N
     h = torch.empty((pairs, inter_size), dtype=torch.float32, device=x.device)  # [P, I]
     pdl = _pdl(x.device)
     fmt = dict(FMT=slots.fmt, GROUP=slots.group, VC=slots.vc)
+    bias = dict(HAS_BIAS=layout.has_bias)
+    gu_bias, stride_bias, gu_b_off = _bias_args(arena, layout, "gate_up")
     _decode_gate_up_kernel[(pairs, triton.cdiv(inter_size, cfg.block_n))](
-        x, ids, slot_table, slots.arena, slots.scales, h,
-        hidden, inter_size, top_k, x.stride(0), slots.stride, slots.stride_f32, *_part_offsets(layout, "gate_up"),
-        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, **fmt, **pdl,
+        x, ids, slot_table, slots.arena, slots.scales, h, gu_bias,
+        hidden, inter_size, top_k, x.stride(0), slots.stride, slots.stride_f32, stride_bias,
+        *_part_offsets(layout, "gate_up"), gu_b_off, act.alpha, act.limit,
+        BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, ACT=act.code, **bias, **fmt, **pdl,
     )
+    dn_bias, stride_bias, dn_b_off = _bias_args(arena, layout, "down")
     _decode_down_kernel[(tokens, triton.cdiv(hidden, cfg.block_out))](
-        h, ids, weights, slot_table, slots.arena, slots.scales, out,
-        hidden, inter_size, out.stride(0), slots.stride, slots.stride_f32, *_part_offsets(layout, "down"),
-        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps, **fmt, **pdl,
+        h, ids, weights, slot_table, slots.arena, slots.scales, out, dn_bias,
+        hidden, inter_size, out.stride(0), slots.stride, slots.stride_f32, stride_bias,
+        *_part_offsets(layout, "down"), dn_b_off,
+        K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps, **bias, **fmt, **pdl,
     )
 
 
@@ -924,7 +1028,7 @@ def _pdl(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True}
 
 
-def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg) -> None:
+def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg, act: _Activation) -> None:
     tokens, hidden = x.shape
     inter_size = layout.inter_size
     slots = _slots(arena, layout)
@@ -947,25 +1051,28 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg) -> 
     slot_elems = arena.shape[1]
     pdl = _pdl(x.device)
     fmt = dict(FMT=slots.fmt, GROUP=slots.group, VC=slots.vc)
+    bias = dict(HAS_BIAS=layout.has_bias)
     gu = cfg.gate_up
+    gu_bias, stride_bias, gu_b_off = _bias_args(arena, layout, "gate_up")
     _prefill_gate_up_kernel[(num_blocks * triton.cdiv(inter_size, gu.block_n),)](
         x, sorted_pairs, blocks, slot_table, slots.arena, slots.scales,
-        gu_desc if gu_desc is not None else slots.arena, h,
+        gu_desc if gu_desc is not None else slots.arena, h, gu_bias,
         hidden, inter_size, top_k, pairs, num_experts, num_blocks, x.stride(0), slots.stride, slots.stride_f32,
-        slot_elems // hidden, *_part_offsets(layout, "gate_up"),
+        slot_elems // hidden, stride_bias, *_part_offsets(layout, "gate_up"), gu_b_off, act.alpha, act.limit,
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, GROUP_M=gu.group_m,
         PRECISION=precision, WEIGHT_DESC=gu_desc is not None, num_warps=gu.num_warps, num_stages=gu.num_stages,
-        **fmt, **pdl,
+        ACT=act.code, **bias, **fmt, **pdl,
     )
     dn = cfg.down
+    dn_bias, stride_bias, dn_b_off = _bias_args(arena, layout, "down")
     _prefill_down_kernel[(num_blocks * triton.cdiv(hidden, dn.block_n),)](
         h, sorted_pairs, blocks, weights, slot_table, slots.arena, slots.scales,
-        down_desc if down_desc is not None else slots.arena, y,
+        down_desc if down_desc is not None else slots.arena, y, dn_bias,
         hidden, inter_size, pairs, num_experts, num_blocks, slots.stride, slots.stride_f32,
-        slot_elems // inter_size, *_part_offsets(layout, "down"),
+        slot_elems // inter_size, stride_bias, *_part_offsets(layout, "down"), dn_b_off,
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, GROUP_M=dn.group_m,
         PRECISION=precision, WEIGHT_DESC=down_desc is not None, num_warps=dn.num_warps, num_stages=dn.num_stages,
-        **fmt, **pdl,
+        **bias, **fmt, **pdl,
     )
     _sum_pairs_kernel[(tokens, triton.cdiv(hidden, cfg.sum_block_h))](
         y, ids, slot_table, out, hidden, out.stride(0), K=top_k, BLOCK_H=cfg.sum_block_h,
@@ -981,11 +1088,13 @@ def fused_moe(
     arena: torch.Tensor,
     layout,
     out: torch.Tensor | None = None,
+    activation=None,
     *,
     config: FusedMoeConfig | None = None,
     path: str | None = None,
 ) -> torch.Tensor:
-    """Sum over each token's resident experts of ``w * down(silu(gate(x)) * up(x))``.
+    """Sum over each token's resident experts of ``w * down(act(gate(x), up(x)))``, each projection plus its
+    bias when the layout holds biases.
 
     Args:
         x: [T, H] bf16/fp16/fp32 token activations.
@@ -997,6 +1106,8 @@ def fused_moe(
         layout: the arena's SlotLayout (``moerun.native.slot_layout(dtype, H, I, format)``): H, I, the
             model dtype, the expert format and where each part of a slot sits.
         out: optional [T, H] output in x.dtype (every element is written).
+        activation: the experts' activation, None (silu) or an ExpertActivation (moerun.models.base:
+            name, alpha, limit); the biases come with the layout (``layout.has_bias``).
         config: launch parameters; default: the tuned table for this device, (H, I) and format (fp32:
             the format's defaults).
         path: ``"decode"`` or ``"prefill"`` to force a path; default: by T.
@@ -1004,6 +1115,7 @@ def fused_moe(
         [T, H] in x.dtype; pairs whose expert is not resident contribute zero.
     """
     _check_inputs(x, topk_ids, topk_weights, slot_table, arena, layout, out)
+    act = _activation(activation)
     if out is None:
         out = torch.empty_like(x)
     tokens, hidden = x.shape
@@ -1015,9 +1127,9 @@ def fused_moe(
     if path is None:
         path = "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
     if path == "decode":
-        _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg.decode)
+        _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg.decode, act)
     elif path == "prefill":
-        _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg.prefill)
+        _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg.prefill, act)
     else:
         raise ValueError(f"path must be 'decode', 'prefill' or None, got {path!r}")
     return out

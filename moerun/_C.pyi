@@ -32,6 +32,11 @@ class SlotLayout:
     gate_up_zeros_bytes: int    # int4 zero points (uint8); else 0
     down_zeros_offset: int
     down_zeros_bytes: int
+    has_bias: bool              # the slot holds the expert's biases (slot_layout(..., bias=True))
+    gate_up_bias_offset: int
+    gate_up_bias_bytes: int     # [2I] of dtype: gate biases, then up biases; 0 without biases
+    down_bias_offset: int
+    down_bias_bytes: int        # [H] of dtype; 0 without biases
     slot_elems: int             # elements of dtype in one slot, padding included
     slot_bytes: int
     format: str                 # one of expert_formats()' names
@@ -40,14 +45,17 @@ class SlotLayout:
     kind: int                   # the decode kernels run: an index of format_kinds()
     weight_bits: int            # bits of one stored weight, scales not counted
 
-def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int, format: str = "float") -> SlotLayout: ...
+def slot_layout(dtype: torch.dtype, hidden_size: int, inter_size: int, format: str = "float",
+                bias: bool = False) -> SlotLayout: ...
 def expert_formats() -> list[tuple[str, str]]: ...  # (name, description), the one list (csrc/expert_format.h)
 def format_kinds() -> list[str]: ...  # the formats' kinds in code order (SlotLayout.kind indexes it)
+def expert_activations() -> list[str]: ...  # the expert activations in code order (csrc/expert_activation.h)
 def slot_elems(hidden_size: int, inter_size: int) -> int: ...  # slot_layout(...).slot_elems
 
 # -- the expert codec (csrc/expert_codec.*): an expert <-> its slot's bytes in any format -------------------
 def encode_expert(layout: SlotLayout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                  out: Written[torch.Tensor] | None = None) -> torch.Tensor: ...  # uint8 [slot_bytes] (out's bytes when given)
+                  out: Written[torch.Tensor] | None = None, gate_up_bias: torch.Tensor | None = None,
+                  down_bias: torch.Tensor | None = None) -> torch.Tensor: ...  # uint8 [slot_bytes] (out's bytes when given)
 def decode_expert(layout: SlotLayout, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # fp32 [2I, H], [H, I]
 
 class ExpertArena:
@@ -75,12 +83,14 @@ class HostPool:
     def __init__(self, num_layers: int, num_experts: int, hidden_size: int, inter_size: int, dtype: torch.dtype,
                  chunk_bytes: int = 1 << 30, pinned: bool = True, capacity: int = 0, eviction: int = 0,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, credit_decay: float = 0.95,
-                 wait_timeout_s: float = 60.0, format: str = "float") -> None: ...
-    # sources: (layer, expert, [(file, tensor), ...]): gate's, then up's, then down's tensors as
-    # `encoding` names them ("float", "fp8-block128", "gptq", "gptq-v2"; csrc/expert_files.h)
+                 wait_timeout_s: float = 60.0, format: str = "float", bias: bool = False) -> None: ...
+    # sources: (layer, expert, [(file, tensor), ...]): the tensors `encoding` names, in its order
+    # ("float", "fp8-block128", "gptq", "gptq-v2": gate's, up's, down's; "gpt-oss-mxfp4", "gpt-oss-float": the
+    # layer's stacked tensors, the expert picking its slice; csrc/expert_files.h)
     def fill(self, sources: Sequence[tuple[int, int, Sequence[tuple[str, str]]]],
              num_threads: int = 0, encoding: str = "float") -> None: ...
-    def write_expert(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None: ...
+    def write_expert(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> None: ...
     def view(self, layer: int, expert: int) -> Written[torch.Tensor]: ...  # [slot_elems], aliases pool memory
     def acquire(self, layer: int, expert: int) -> Written[torch.Tensor]: ...  # held view; a cache reads a miss from disk
     def release(self, layer: int, expert: int) -> None: ...
@@ -129,7 +139,8 @@ class TransferEngine:
 class CpuExecutor:
     def __init__(self, num_threads: int = 0) -> None: ...
     def submit(self, pool: HostPool, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               experts: Sequence[int], out: Written[torch.Tensor]) -> None: ...  # out [T, H] fp32, complete after wait()
+               experts: Sequence[int], out: Written[torch.Tensor],
+               activation: object | None = None) -> None: ...  # out [T, H] fp32, complete after wait(); activation: an ExpertActivation
     def wait(self) -> None: ...
     busy: bool
     last_job_us: float  # the executor's own time of the last job
@@ -140,7 +151,8 @@ class CpuExecutor:
 # -- the CPU device's fused MoE (csrc/fused_moe_host*): kernels/fused_moe.fused_moe's twin over a host arena --
 def fused_moe_host(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_table: torch.Tensor,
                    arena: torch.Tensor, layout: SlotLayout,
-                   out: Written[torch.Tensor] | None = None) -> torch.Tensor: ...  # [T, H] x.dtype; pairs not resident add 0
+                   out: Written[torch.Tensor] | None = None,
+                   activation: object | None = None) -> torch.Tensor: ...  # [T, H] x.dtype; pairs not resident add 0
 
 
 def policy_vocabulary() -> dict[str, list[str]]: ...  # each enum's names in order, and the config's keys

@@ -25,9 +25,10 @@ CpuExecutor = _C.CpuExecutor
 fused_moe_host = _C.fused_moe_host  # the CPU device's fused MoE over a host arena (kernels/fused_moe.py's twin)
 encode_expert = _C.encode_expert  # gate, up, down -> one slot's bytes in layout.format (csrc/expert_codec.h)
 decode_expert = _C.decode_expert  # one slot -> (gate_up, down) in fp32, the format's exact decode
-slot_layout = _C.slot_layout  # the one slot layout (csrc/slot_layout.h): SlotLayout of (dtype, hidden, inter, format)
+slot_layout = _C.slot_layout  # the one slot layout (csrc/slot_layout.h): SlotLayout of (dtype, hidden, inter, format, bias)
 EXPERT_FORMATS: tuple[str, ...] = tuple(name for name, _ in _C.expert_formats())  # the one list (csrc/expert_format.h)
 FORMAT_KINDS: tuple[str, ...] = tuple(_C.format_kinds())  # SlotLayout.kind indexes it; kernels branch on kinds
+EXPERT_ACTIVATIONS: tuple[str, ...] = tuple(_C.expert_activations())  # the one list (csrc/expert_activation.h), in code order
 slot_elems = _C.slot_elems
 physical_cores = _C.physical_cores
 
@@ -47,7 +48,8 @@ def slot_views(layout, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up.view(2 * i, h), down.view(h, i)
 
 
-SLOT_PARTS = ("gate_up", "gate_up_scales", "gate_up_zeros", "down", "down_scales", "down_zeros")
+SLOT_PARTS = ("gate_up", "gate_up_scales", "gate_up_zeros", "down", "down_scales", "down_zeros", "gate_up_bias",
+              "down_bias")
 
 
 def slot_parts(layout, slot: torch.Tensor) -> dict[str, torch.Tensor]:

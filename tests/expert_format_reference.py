@@ -2,9 +2,11 @@
 definitions (csrc/expert_format.h) and not from moerun's native code: the tests hold the native
 encoder, the CPU kernels and the Triton kernels to these.
 
-``encode(layout, gate, up, down)`` -> the slot's bytes (uint8 [slot_bytes]); ``decode(layout, slot)`` ->
-``(gate_up [2I, H], down [H, I])`` in fp32. Every decode is one fp32 multiply of exact operands, so a
-correct kernel's dequantized weights equal these bit for bit.
+``encode(layout, gate, up, down[, gate_up_bias, down_bias])`` -> the slot's bytes (uint8 [slot_bytes]);
+``decode(layout, slot)`` -> ``(gate_up [2I, H], down [H, I])`` in fp32, ``decode_biases(layout, slot)`` ->
+``(gate_up_bias [2I], down_bias [H])``. Every decode is one fp32 multiply of exact operands, so a correct
+kernel's dequantized weights equal these bit for bit. ``expert_output`` is one expert's math in float64
+(the activations of csrc/expert_activation.h, written from transformers' modeling code).
 """
 from __future__ import annotations
 
@@ -127,10 +129,19 @@ def decode_matrix(fmt: str, group: int, rows: int, cols: int, split_rows: int, w
 
 
 # -- one slot ----------------------------------------------------------------------------------------------
-def encode(layout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """gate/up [I, H], down [H, I] -> one slot's bytes (uint8 [layout.slot_bytes], zero padding)."""
+def encode(layout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+           down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """gate/up [I, H], down [H, I] (and, for a layout with biases, gate_up_bias [2I]: gate then up, and
+    down_bias [H], stored in layout.dtype after every other part) -> one slot's bytes (uint8
+    [layout.slot_bytes], zero padding)."""
     slot = torch.zeros(layout.slot_bytes, dtype=torch.uint8)
     I = layout.inter_size
+    assert (gate_up_bias is not None) == layout.has_bias == (down_bias is not None)
+    if layout.has_bias:
+        for name, b in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+            off, size = getattr(layout, f"{name}_offset"), getattr(layout, f"{name}_bytes")
+            assert off % 16 == 0 and size == b.numel() * layout.dtype.itemsize
+            slot[off:off + size] = b.to(layout.dtype).contiguous().view(torch.uint8)
     if not layout.quantized:
         gate_up = torch.cat([gate, up]).to(layout.dtype).contiguous().view(torch.uint8).flatten()
         slot[layout.gate_up_offset:layout.gate_up_offset + layout.gate_up_bytes] = gate_up
@@ -165,3 +176,33 @@ def decode(layout, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     down = decode_matrix(layout.format, layout.group_size, H, I, H,
                          part("down"), part("down_scales"), part("down_zeros"))
     return gate_up, down
+
+
+def decode_biases(layout, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slot of a layout with biases -> (gate_up_bias [2I], down_bias [H]) in fp32."""
+    raw = slot.contiguous().view(torch.uint8).flatten()
+    return tuple(raw[getattr(layout, f"{n}_offset"):getattr(layout, f"{n}_offset") + getattr(layout, f"{n}_bytes")]
+                 .clone().view(layout.dtype).float() for n in ("gate_up_bias", "down_bias"))
+
+
+# -- one expert's math -------------------------------------------------------------------------------------
+def activate(g: torch.Tensor, u: torch.Tensor, activation=None) -> torch.Tensor:
+    """h of gate and up values (biases added): silu(g) * u, or gpt-oss's clamped SwiGLU as transformers'
+    GptOssExperts._apply_gate computes it (gate clamped above, up on both sides, (up + 1) * glu)."""
+    if activation is None or activation.name == "silu":
+        return torch.nn.functional.silu(g) * u
+    assert activation.name == "swiglu_clamped", activation
+    g = g.clamp(min=None, max=activation.limit)
+    u = u.clamp(min=-activation.limit, max=activation.limit)
+    return (u + 1) * (g * torch.sigmoid(g * activation.alpha))
+
+
+def expert_output(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, biases=None, activation=None) -> torch.Tensor:
+    """down(act(gate(x), up(x))) in float64 for tokens x [n, H]; biases: (gate_up_bias [2I], down_bias [H]) or None."""
+    inter = down.shape[1]
+    x, gate_up, down = x.double(), gate_up.double(), down.double()
+    g, u = x @ gate_up[:inter].T, x @ gate_up[inter:].T  # [n, I]
+    if biases is not None:
+        g, u = g + biases[0][:inter].double(), u + biases[0][inter:].double()
+    y = activate(g, u, activation) @ down.T  # [n, H]
+    return y + biases[1].double() if biases is not None else y

@@ -173,7 +173,8 @@ def _slot_bytes(config, dtype: torch.dtype, expert_format: str) -> int:
     from moerun.native import slot_layout
 
     adapter = adapter_for(config)
-    return slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size, expert_format).slot_bytes
+    return slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size, expert_format,
+                       bias=adapter.expert_activation.bias).slot_bytes
 
 
 def _build_device(total_bytes: int) -> str:

@@ -53,15 +53,18 @@ def parse_bytes(value: int | str, what: str = "budget") -> int:
 
 
 def slot_layout(adapter: MoeAdapter, dtype: torch.dtype, expert_format: str = "float"):
-    """The layout of one of the model's expert slots in ``dtype`` and ``expert_format``: the native
-    definition (csrc/slot_layout.h), which the arena, the host pool and the kernels use too."""
+    """The layout of one of the model's expert slots in ``dtype`` and ``expert_format`` (with the experts'
+    biases where the architecture has them): the native definition (csrc/slot_layout.h), which the arena,
+    the host pool and the kernels use too."""
     from ..native import slot_layout as native_slot_layout
 
-    return native_slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size, expert_format)
+    return native_slot_layout(dtype, adapter.hidden_size, adapter.expert_inter_size, expert_format,
+                              bias=adapter.expert_activation.bias)
 
 
 def slot_elems(adapter: MoeAdapter) -> int:
-    """Elements of one expert slot, padding included (the same for every float dtype)."""
+    """Elements of one float-format expert slot, padding included (without biases the same for every float
+    dtype; biases are 16-byte aligned, so in elements their padding depends on the dtype: fp32 here)."""
     return slot_layout(adapter, torch.float32).slot_elems
 
 

@@ -117,6 +117,7 @@ class OffloadRuntime:
         lookahead: bool,
         observe_timings: bool,
         predictor=None,
+        activation=None,
     ):
         self.engine = engine
         self.arena = arena
@@ -124,6 +125,7 @@ class OffloadRuntime:
         self.transfer = transfer
         self.cpu_executor = cpu_executor
         self.layout = layout  # the SlotLayout of every slot (moerun.native.slot_layout): format, shape, offsets
+        self.activation = activation  # the adapter's ExpertActivation (None: silu); every kernel and the CPU executor take it
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.slot_bytes = slot_bytes
@@ -198,7 +200,7 @@ class OffloadRuntime:
         step.handed = True
         if step.cpu_experts:
             self.cpu_executor.submit(self.pool, moe_layer, host.x, host.ids, host.weights, step.cpu_experts,
-                                     host.cpu_out)
+                                     host.cpu_out, self.activation)
             step.cpu_submitted = True
         return step
 
@@ -228,7 +230,7 @@ class OffloadRuntime:
         """The fused kernel over MoE layer ``moe_layer``'s slots (reads the slot table on the device, so
         it is graph-capturable): ``[T, H]`` with pairs not resident contributing zero."""
         return self._fused_moe(x, ids, weights, self.arena.slot_table[moe_layer], self.arena.weights,
-                               self.layout, out)
+                               self.layout, out, self.activation)
 
     def prefetch_ahead(self, moe_layer: int, predicted: torch.Tensor) -> None:
         """Lookahead prefetch: ``predicted`` ``[T, K]`` int64 are the experts of MoE layer ``moe_layer``

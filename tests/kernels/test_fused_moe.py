@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert
 from moerun.kernels.fused_moe_config import DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, get_config
+from moerun.models.base import ExpertActivation
 from moerun.native import EXPERT_FORMATS, slot_layout, slot_views
 
 
@@ -66,12 +66,14 @@ def make_problem(tokens, hidden, inter, experts, top_k, slots, dtype, device, re
                 layout=layout)
 
 
-def make_format_problem(fmt, tokens, hidden, inter, experts, top_k, slots, dtype, device, resident_frac=0.7):
+def make_format_problem(fmt, tokens, hidden, inter, experts, top_k, slots, dtype, device, resident_frac=0.7,
+                        bias=False):
     """make_problem for any expert format: random experts encoded into their slots by the reference
-    encoder; gate_up/down are the reference-decoded weights. Unused slots are 0xFF bytes: NaN as a float
-    and as an fp32 scale, so a kernel that reads one poisons the output."""
+    encoder; gate_up/down are the reference-decoded weights (with ``bias``, the slots hold random biases
+    too, gate_up_bias/down_bias as stored). Unused slots are 0xFF bytes: NaN as a float and as an fp32
+    scale, so a kernel that reads one poisons the output."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    layout = slot_layout(dtype, hidden, inter, fmt)
+    layout = slot_layout(dtype, hidden, inter, fmt, bias=bias)
     n_resident = min(slots, max(1, round(resident_frac * experts)))
     resident = torch.randperm(experts, generator=gen)[:n_resident].tolist()
     slot_of = torch.randperm(slots, generator=gen)[:n_resident].tolist()
@@ -81,43 +83,49 @@ def make_format_problem(fmt, tokens, hidden, inter, experts, top_k, slots, dtype
     arena.view(torch.uint8).fill_(0xFF)
     gate_up = torch.zeros(experts, 2 * inter, hidden)  # [E, 2I, H] decoded (zero where not resident)
     down = torch.zeros(experts, hidden, inter)  # [E, H, I]
+    gate_up_bias = torch.zeros(experts, 2 * inter)  # [E, 2I] as stored (bias only)
+    down_bias = torch.zeros(experts, hidden)  # [E, H]
     for e, s in zip(resident, slot_of):
         gate = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
         up = torch.randn(inter, hidden, generator=gen) * hidden ** -0.5
         dn = torch.randn(hidden, inter, generator=gen) * inter ** -0.5
-        slot = formats.encode(layout, gate, up, dn)  # uint8 [slot_bytes]
+        biases = (torch.randn(2 * inter, generator=gen), torch.randn(hidden, generator=gen)) if bias else ()
+        slot = formats.encode(layout, gate, up, dn, *biases)  # uint8 [slot_bytes]
         arena[s].view(torch.uint8).copy_(slot)
         gate_up[e], down[e] = formats.decode(layout, slot)
+        if bias:
+            gate_up_bias[e], down_bias[e] = formats.decode_biases(layout, slot)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)  # [T, H]
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).int()  # [T, K]
     weights = torch.rand(tokens, top_k, generator=gen)  # [T, K]
     p = dict(x=x, ids=ids, weights=weights, table=table, arena=arena, gate_up=gate_up, down=down, inter=inter,
              layout=layout)
+    if bias:
+        p.update(gate_up_bias=gate_up_bias, down_bias=down_bias)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
 
 
-def reference(p) -> torch.Tensor:
-    """float64 loop over (token, expert) pairs of resident experts."""
-    x = p["x"].double()
+def reference(p, activation=None) -> torch.Tensor:
+    """float64 loop over (token, expert) pairs of resident experts (with their biases when p has them)."""
+    x = p["x"].cpu().double()
     out = torch.zeros_like(x)  # [T, H]
-    inter = p["inter"]
+    ids, weights = p["ids"].cpu(), p["weights"].cpu()
     for e in range(p["table"].shape[0]):
         if p["table"][e].item() < 0:
             continue
-        tok, k = (p["ids"] == e).nonzero(as_tuple=True)
+        tok, k = (ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        gu = p["gate_up"][e].double()  # [2I, H]
-        h = F.silu(x[tok] @ gu[:inter].T) * (x[tok] @ gu[inter:].T)  # [n, I]
-        y = h @ p["down"][e].double().T  # [n, H]
-        out.index_add_(0, tok, y * p["weights"][tok, k].double()[:, None])
-    return out
+        biases = (p["gate_up_bias"][e].cpu(), p["down_bias"][e].cpu()) if "gate_up_bias" in p else None
+        y = formats.expert_output(x[tok], p["gate_up"][e].cpu(), p["down"][e].cpu(), biases, activation)  # [n, H]
+        out.index_add_(0, tok, y * weights[tok, k].double()[:, None])
+    return out.to(p["x"].device)
 
 
-def run(p, path=None, config=TINY, ids_dtype=torch.int32):
+def run(p, path=None, config=TINY, ids_dtype=torch.int32, activation=None):
     out = torch.full_like(p["x"], float("nan"))  # poisoned: every element must be written
     got = fused_moe(p["x"], p["ids"].to(ids_dtype), p["weights"], p["table"], p["arena"], p["layout"], out,
-                    config=config, path=path)
+                    activation, config=config, path=path)
     assert got is out
     return out
 
@@ -374,3 +382,65 @@ def test_the_kernels_codes_are_the_native_format_kinds():
     assert {name: code.value for name, code in KERNEL_KINDS.items()} == {n: i for i, n in enumerate(FORMAT_KINDS)}
     for fmt in EXPERT_FORMATS:
         assert FORMAT_KINDS[slot_layout(torch.float32, 128, 128, fmt).kind] in KERNEL_KINDS
+
+
+# ---- expert activations and biases (gpt-oss) ----------------------------------------------------------------
+# the clamp at 0.6: the gate and up values (x ~ N(0, 1), unit-variance rows, biases ~ N(0, 1)) pass it often,
+# on both sides for up
+SWIGLU = ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.6, bias=True)
+
+
+@pytest.mark.parametrize("fmt", ["float", "fp8", "int8", "int4-g32", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path,tokens", [("decode", 3), ("prefill", 11)])
+def test_biases_and_the_clamped_swiglu_match_reference_interpreter(fmt, dtype, path, tokens):
+    p = make_format_problem(fmt, tokens, hidden=128, inter=64, experts=5, top_k=3, slots=4, dtype=dtype,
+                            device=DEVICE, bias=True)
+    ref = reference(p, SWIGLU)
+    assert rel_err(run(p, path, config=TINY_Q, activation=SWIGLU), ref) < FORMAT_TOL[dtype]
+    # the clamp is exercised: gate values above the limit, up values beyond it on both sides
+    x, gu, b = p["x"].cpu().double(), p["gate_up"].cpu().double(), p["gate_up_bias"].cpu().double()
+    gate = torch.einsum("th,eih->tei", x, gu[:, :64]) + b[None, :, :64]
+    up = torch.einsum("th,eih->tei", x, gu[:, 64:]) + b[None, :, 64:]
+    assert (gate > SWIGLU.limit).any() and (up > SWIGLU.limit).any() and (up < -SWIGLU.limit).any()
+
+
+@pytest.mark.parametrize("path,tokens", [("decode", 2), ("prefill", 9)])
+def test_biases_with_silu_and_swiglu_without_biases_interpreter(path, tokens):
+    # the two are independent: a bias layout under silu, and the clamped activation over a slot without biases
+    p = make_format_problem("float", tokens, hidden=64, inter=32, experts=4, top_k=2, slots=3,
+                            dtype=torch.float32, device=DEVICE, bias=True)
+    assert rel_err(run(p, path, config=TINY_Q), reference(p)) < FORMAT_TOL[torch.float32]
+    p = make_format_problem("fp8", tokens, hidden=64, inter=32, experts=4, top_k=2, slots=3,
+                            dtype=torch.float32, device=DEVICE)
+    assert rel_err(run(p, path, config=TINY_Q, activation=SWIGLU), reference(p, SWIGLU)) < FORMAT_TOL[torch.float32]
+
+
+def test_an_unknown_activation_or_a_bad_limit_is_named():
+    p = make_format_problem("float", 2, hidden=64, inter=32, experts=2, top_k=1, slots=2,
+                            dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="gelu"):
+        run(p, activation=ExpertActivation("gelu"))
+    with pytest.raises(ValueError, match="limit"):
+        run(p, activation=ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.0))
+
+
+def test_the_kernels_activation_codes_are_the_native_ones():
+    from moerun.kernels.fused_moe import KERNEL_ACTIVATIONS
+    from moerun.native import EXPERT_ACTIVATIONS
+
+    assert {name: code.value for name, code in KERNEL_ACTIVATIONS.items()} == {
+        n: i for i, n in enumerate(EXPERT_ACTIVATIONS)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["float", "mxfp4"])
+@pytest.mark.parametrize("tokens", [1, 4, 300])
+def test_gpt_oss_shape_with_biases_bf16_gpu(fmt, tokens):
+    # gpt-oss-20b's expert shape: H = I = 2880, 32 experts, top-4, swiglu_limit 7 (the published config)
+    act = ExpertActivation("swiglu_clamped", alpha=1.702, limit=7.0, bias=True)
+    p = make_format_problem(fmt, tokens, 2880, 2880, 32, 4, 24, torch.bfloat16, "cuda", bias=True)
+    out = torch.full_like(p["x"], float("nan"))
+    fused_moe(p["x"], p["ids"], p["weights"], p["table"], p["arena"], p["layout"], out, act)  # default config
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(p, act)) < FORMAT_TOL[torch.bfloat16]

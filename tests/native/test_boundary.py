@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerun.native import _C, ExpertArena, HostPool, slot_layout, slot_views
+from moerun.native import EXPERT_FORMATS, _C, ExpertArena, HostPool, slot_layout, slot_views
 
 PYI = Path(__file__).resolve().parents[2] / "moerun" / "_C.pyi"
 
@@ -65,3 +65,24 @@ def test_slot_layout_rejects_what_has_no_layout():
         slot_layout(torch.float32, 0, 4)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         slot_layout(torch.int8, 8, 4)
+
+
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_biases_sit_after_every_other_part_in_every_format(fmt, dtype):
+    H, I = 256, 136 if not fmt.startswith(("int4", "mxfp4")) else 128
+    plain, biased = slot_layout(dtype, H, I, fmt), slot_layout(dtype, H, I, fmt, bias=True)
+    assert not plain.has_bias and plain.gate_up_bias_bytes == plain.down_bias_bytes == 0 and biased.has_bias
+    parts = ("gate_up", "gate_up_scales", "gate_up_zeros", "down", "down_scales", "down_zeros")
+    for part in parts:  # the other parts stay where they are without biases
+        for what in ("_offset", "_bytes"):
+            assert getattr(biased, part + what) == getattr(plain, part + what), part + what
+    end = max(getattr(plain, p + "_offset") + getattr(plain, p + "_bytes") for p in parts)
+    item = dtype.itemsize
+    assert biased.gate_up_bias_bytes == 2 * I * item and biased.down_bias_bytes == H * item
+    assert biased.gate_up_bias_offset == -(-end // 16) * 16  # 16-byte aligned, right after the last part
+    assert biased.down_bias_offset == -(-(biased.gate_up_bias_offset + 2 * I * item) // 16) * 16
+    assert biased.slot_bytes >= biased.down_bias_offset + H * item and biased.slot_bytes % (64 * item) == 0
+    assert biased.slot_bytes - plain.slot_bytes < (2 * I + H) * item + 16 + 64 * item
+    pool = HostPool(1, 1, H, I, dtype, pinned=False, format=fmt, bias=True)
+    assert pool.slot_bytes == biased.slot_bytes and ExpertArena(1, biased.slot_elems, dtype, "cpu", 1, 1).slot_bytes == biased.slot_bytes

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moerun.models.base import ExpertActivation
 from moerun.native import EXPERT_FORMATS, CpuExecutor, HostPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -254,3 +255,54 @@ def test_bad_inputs_are_rejected_before_work(executor):
         executor.submit(pool, 1, x, ids, w.double(), [0], torch.empty(2, H))
     with pytest.raises(IndexError, match="expert 9"):
         executor.submit(pool, 1, x, ids, w, [9], torch.empty(2, H))
+
+
+@pytest.mark.parametrize("fmt", ["float", "fp8", "int8", "int4-g32", "mxfp4"])
+@pytest.mark.parametrize("tokens", [1, 7, 18])
+def test_biases_and_the_clamped_swiglu_on_every_isa_match_float64(monkeypatch, fmt, tokens):
+    # gpt-oss's experts: biases in the slots (the pool's layout) and the clamped SwiGLU; the clamp at 0.6 is
+    # passed often by gate and up values of x ~ N(0, 1), unit-variance rows and biases ~ N(0, 1)
+    act = ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.6, bias=True)
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter = 128, 64
+    pool = HostPool(2, E, hidden, inter, torch.bfloat16, pinned=False, format=fmt, bias=True)
+    assert pool.layout.has_bias
+    for e in range(E):
+        gate, up, down = (torch.randn(s, generator=g) / s[1] ** 0.5 for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+        pool.write_expert(1, e, gate, up, down, torch.randn(2 * inter, generator=g), torch.randn(hidden, generator=g))
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(tokens)])
+    w = torch.rand(tokens, 3, generator=g)
+    experts = [0, 2, 3, 5]
+    want = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for k in range(3):
+            e = int(ids[t, k])
+            if e in experts:
+                gate_up, down = ref.decode(pool.layout, pool.view(1, e))
+                biases = ref.decode_biases(pool.layout, pool.view(1, e))
+                want[t] += float(w[t, k]) * ref.expert_output(x[t:t + 1], gate_up, down, biases, act)[0]
+    tol = 2e-2 if fmt == "float" else 1e-4  # bf16 weights on the bf16 ISAs: activations rounded to bf16
+    best = CpuExecutor(1).isa
+    for isa in ISAS[: ISAS.index(best) + 1]:
+        monkeypatch.setenv("MOERUN_CPU_ISA", isa)
+        ex = CpuExecutor(2)
+        out = torch.full((tokens, hidden), float("nan"))
+        ex.submit(pool, 1, x, ids, w, experts, out, act)
+        ex.wait()
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item(),
+                                   msg=lambda m: f"seed {seed}, {isa}: {m}")
+
+
+def test_a_bias_layout_needs_both_biases_and_a_plain_one_takes_none():
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(64, 32, generator=g)
+    with_bias = HostPool(1, 2, 64, 32, torch.float32, pinned=False, bias=True)
+    with pytest.raises(ValueError, match="holds biases: pass the expert's gate, up and down biases"):
+        with_bias.write_expert(0, 0, gate, up, down)
+    with pytest.raises(ValueError, match=r"gate_up_bias \[32\] and down_bias \[64\] must be \[64\] and \[64\]"):
+        with_bias.write_expert(0, 0, gate, up, down, torch.zeros(32), torch.zeros(64))
+    plain = HostPool(1, 2, 64, 32, torch.float32, pinned=False)
+    with pytest.raises(ValueError, match="holds no biases"):
+        plain.write_expert(0, 0, gate, up, down, torch.zeros(64), torch.zeros(64))

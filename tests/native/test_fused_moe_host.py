@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moerun import native
+from moerun.models.base import ExpertActivation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import expert_format_reference as ref  # noqa: E402
@@ -103,3 +104,55 @@ def test_bad_arguments_are_clear_errors(change, message):
     args.update(change)
     with pytest.raises((ValueError, IndexError), match=message):
         native.fused_moe_host(args["x"], args["ids"], args["weights"], args["table"], args["arena"], args["layout"])
+
+
+# -- expert activations and biases (gpt-oss) ---------------------------------------------------------------------
+# the clamp at 0.6: gate and up values (x ~ N(0, 1), unit-variance rows, biases ~ N(0, 1)) pass it often
+SWIGLU = ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.6, bias=True)
+
+
+@pytest.mark.parametrize("fmt", ["float", "fp8", "int8", "int4-g32", "mxfp4"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("tokens", [1, 19])
+def test_biases_and_the_clamped_swiglu_match_a_float64_reference(fmt, dtype, tol, tokens):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    experts, top_k, hidden, inter = 6, 2, 128, 64
+    layout = native.slot_layout(dtype, hidden, inter, fmt, bias=True)
+    arena = torch.empty(4, layout.slot_elems, dtype=dtype)
+    for s in range(4):
+        gate, up, down = (torch.randn(r, c, generator=gen) / c ** 0.5 for r, c in ((inter, hidden), (inter, hidden), (hidden, inter)))
+        native.encode_expert(layout, gate, up, down, out=arena[s], gate_up_bias=torch.randn(2 * inter, generator=gen),
+                             down_bias=torch.randn(hidden, generator=gen))
+    table = torch.tensor([2, -1, 0, 3, -1, 1], dtype=torch.int32)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])  # [T, K]
+    weights = torch.rand(tokens, top_k, generator=gen)
+    got = native.fused_moe_host(x, ids, weights, table, arena, layout, activation=SWIGLU)
+    want = torch.zeros(tokens, hidden, dtype=torch.float64)
+    clamped = False
+    for t in range(tokens):
+        for k in range(top_k):
+            slot = int(table[ids[t, k]])
+            if slot >= 0:
+                gate_up, down = ref.decode(layout, arena[slot])
+                biases = ref.decode_biases(layout, arena[slot])
+                want[t] += float(weights[t, k]) * ref.expert_output(x[t:t + 1], gate_up, down, biases, SWIGLU)[0]
+                pre = gate_up.double() @ x[t].double() + biases[0].double()
+                clamped |= bool((pre[:inter] > SWIGLU.limit).any() and (pre[inter:].abs() > SWIGLU.limit).any())
+    assert clamped or tokens == 1  # the clamp is exercised (one token may miss it)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(),
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_an_activation_is_checked_against_the_native_list():
+    arena = _arena(LAYOUT, 2, torch.Generator().manual_seed(0))
+    args = (torch.randn(1, 64), torch.tensor([[0, 1]]), torch.rand(1, 2), torch.tensor([0, 1, -1, -1], dtype=torch.int32),
+            arena, LAYOUT)
+    with pytest.raises(ValueError, match="unknown expert activation 'gelu': the activations are silu, swiglu_clamped"):
+        native.fused_moe_host(*args, activation=ExpertActivation("gelu"))
+    with pytest.raises(ValueError, match="positive finite limit"):
+        native.fused_moe_host(*args, activation=ExpertActivation("swiglu_clamped", alpha=1.702, limit=0.0))
+    with pytest.raises(ValueError, match="ExpertActivation"):
+        native.fused_moe_host(*args, activation="silu")
+    assert native.EXPERT_ACTIVATIONS == ("silu", "swiglu_clamped")
