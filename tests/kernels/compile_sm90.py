@@ -26,6 +26,7 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 
 from moerun.kernels import fused_moe as fm  # noqa: E402
 from moerun.kernels.fused_moe_config import CONFIG_FILE, DEFAULTS_KEY, FusedMoeConfig, get_config  # noqa: E402
+from moerun.models.base import ExpertActivation  # noqa: E402
 from moerun.native import slot_layout  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -68,16 +69,16 @@ def compile_launch(kernel, args, kwargs) -> dict:
 
 
 def launch_fused_moe(hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
-                     cfg: FusedMoeConfig, format: str = "float") -> None:
-    """Both paths once, on CPU tensors (recorded, not run)."""
-    layout = slot_layout(dtype, hidden, inter, format)
+                     cfg: FusedMoeConfig, format: str = "float", activation=None) -> None:
+    """Both paths once, on CPU tensors (recorded, not run); an activation with biases puts them in the slots."""
+    layout = slot_layout(dtype, hidden, inter, format, bias=activation is not None and activation.bias)
     arena = torch.empty(2, layout.slot_elems, dtype=dtype)  # [N, S]; never touched
     table = torch.zeros(experts, dtype=torch.int32)
     for tokens, path in ((1, "decode"), (64, "prefill")):
         x = torch.empty(tokens, hidden, dtype=dtype)
         ids = torch.zeros(tokens, top_k, dtype=torch.int32)
         w = torch.empty(tokens, top_k, dtype=torch.float32)
-        fm.fused_moe(x, ids, w, table, arena, layout, config=cfg, path=path)
+        fm.fused_moe(x, ids, w, table, arena, layout, activation=activation, config=cfg, path=path)
 
 
 def main() -> None:
@@ -107,6 +108,12 @@ def main() -> None:
                               functools.partial(launch_fused_moe, hidden, inter, 64, 6, dtype, cfg, fmt)))
     cases.append(("defaults float16", functools.partial(launch_fused_moe, 2048, 1408, 64, 6, torch.float16,
                                                         FusedMoeConfig())))
+    # gpt-oss's experts (biases, the clamped SwiGLU) at gpt-oss-20b's shape, as the runtime launches them
+    gpt_oss = ExpertActivation("swiglu_clamped", alpha=1.702, limit=7.0, bias=True)
+    for fmt in ("float", "mxfp4"):
+        cases.append((f"gpt-oss {fmt} bfloat16", functools.partial(
+            launch_fused_moe, 2880, 2880, 32, 4, torch.bfloat16,
+            get_config(torch.device("cpu"), 2880, 2880, torch.bfloat16, fmt), fmt, gpt_oss)))
     seen = set()
     for name, launch in cases:
         launches.clear()

@@ -31,6 +31,11 @@ def test_every_launch_compiles_for_sm90_and_fits_shared_memory():
     assert {r["kernel"] for r in rows} == KERNELS
     for gemm in ("_prefill_gate_up_kernel", "_prefill_down_kernel"):
         assert {r["constexprs"]["WEIGHT_DESC"] for r in rows if r["kernel"] == gemm} == {True, False}
+    # the gpt-oss variant (biases, the clamped SwiGLU) of every kernel that computes experts
+    for kernel in ("_decode_gate_up_kernel", "_decode_down_kernel", "_prefill_gate_up_kernel", "_prefill_down_kernel"):
+        assert any(r["constexprs"]["HAS_BIAS"] for r in rows if r["kernel"] == kernel), kernel
+    for kernel in ("_decode_gate_up_kernel", "_prefill_gate_up_kernel"):
+        assert {r["constexprs"]["ACT"] for r in rows if r["kernel"] == kernel} == {0, 1}, kernel
     # and every expert format's kernels: each (format kind, group) of the list, on both paths
     from moerun.native import EXPERT_FORMATS, slot_layout
 
