@@ -595,7 +595,8 @@ def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, quant: Checkpo
     host = engine.setup.host
     pool = HostPool(num_layers, num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
                     pinned=device.type == "cuda", capacity=host_capacity, eviction=host.eviction,
-                    high_watermark=host.high_watermark, low_watermark=host.low_watermark, format=plan.expert_format)
+                    high_watermark=host.high_watermark, low_watermark=host.low_watermark, format=plan.expert_format,
+                    bias=adapter.expert_activation.bias)
     if stages:
         stages.mark("host pool: allocate (pin)")
     bar.set_postfix_str("experts -> host pool")
@@ -618,4 +619,5 @@ def _build_runtime(engine, adapter: MoeAdapter, ckpt: Checkpoint, quant: Checkpo
         layout=pool.layout, num_layers=num_layers, num_experts=num_experts,
         slot_bytes=plan.slot_bytes, device=device,
         lookahead=engine.setup.lookahead, observe_timings=engine.setup.observe_timings, predictor=predictor,
+        activation=adapter.expert_activation,
     )

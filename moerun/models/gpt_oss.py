@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoeAdapter
+from .base import ExpertActivation, MoeAdapter
 
-# Tensor names under ``model.layers.{l}.mlp.experts.`` of the two checkpoint layouts, per projection.
-FLOAT_EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-MXFP4_EXPERT_TENSORS = ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
-                        "down_proj_blocks", "down_proj_scales", "down_proj_bias")
+# GptOssExperts' sigmoid gain and clamp (transformers before 5.25 hard-codes them; config fields from 5.25 on).
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
 
 
 class GptOssAdapter(MoeAdapter):
@@ -36,10 +35,12 @@ class GptOssAdapter(MoeAdapter):
         return self.config.intermediate_size  # the experts' width; gpt-oss has no dense MLP
 
     @property
-    def swiglu_limit(self) -> float:
-        # transformers before 5.25 hard-codes 7.0 in GptOssExperts (the published value); the config
-        # field exists in both and holds it.
-        return float(getattr(self.config, "swiglu_limit", 7.0))
+    def expert_activation(self) -> ExpertActivation:
+        # transformers before 5.25 hard-codes alpha 1.702 and limit 7.0 in GptOssExperts (the published
+        # values) and its config has neither field; 5.25 reads config.swiglu_alpha / config.swiglu_limit.
+        cfg = self.config
+        return ExpertActivation("swiglu_clamped", alpha=float(getattr(cfg, "swiglu_alpha", SWIGLU_ALPHA)),
+                                limit=float(getattr(cfg, "swiglu_limit", SWIGLU_LIMIT)), bias=True)
 
     def route(self, gate: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, gate.weight, gate.bias)  # [T, E] in the model dtype

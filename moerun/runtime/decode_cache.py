@@ -179,6 +179,18 @@ def _close_column(mask: torch.Tensor, column: int) -> None:
     mask[:, 0, 0, column] = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
 
 
+def masks_by_kind(config, full: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What a model's forward takes as ``attention_mask`` for a 4-D mask ``full`` ``[B, 1, Q, L]`` built for its
+    full-attention layers: ``full`` itself, or, where ``config.layer_types`` has sliding-window layers,
+    ``{"full_attention": full, "sliding_attention": ...}`` (transformers' models take such a dict as it is;
+    handed one 4-D mask they would give it to every layer). ``query_positions`` ``[B, Q]``: the queries' cache
+    positions."""
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return full
+    return {"full_attention": full,
+            "sliding_attention": sliding_window_mask(full, query_positions, config.sliding_window)}
+
+
 def sliding_window_mask(full: torch.Tensor, query_positions: torch.Tensor, window: int) -> torch.Tensor:
     """The sliding-window layers' mask from the full-attention one (device ops only): ``full`` ``[B, 1, Q, L]``
     (bool, or additive with the dtype's minimum where closed) less the positions a window of ``window``

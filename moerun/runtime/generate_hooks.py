@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
 from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
-from .decode_cache import sliding_window_mask
+from .decode_cache import masks_by_kind
 
 if TYPE_CHECKING:
     from .fast_decode import FastDecoder
@@ -287,11 +287,10 @@ def step_masks(decoder: "FastDecoder", input_ids, attention_mask, cache, positio
             config=config,
             inputs_embeds=torch.empty((batch, tokens, 0), dtype=decoder.dtype, device=input_ids.device),
             attention_mask=attention_mask, position_ids=position_ids, **{decoder.cache_arg: cache})
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 4:
+        attention_mask = masks_by_kind(config, attention_mask, query_positions())
     masks = dict(attention_mask) if isinstance(attention_mask, dict) else {"full_attention": attention_mask}
     kinds = set(layer_types(config))
-    full = masks.get("full_attention")
-    if "sliding_attention" in kinds and masks.get("sliding_attention") is None and full is not None:
-        masks["sliding_attention"] = sliding_window_mask(full, query_positions(), config.sliding_window)
     if any(not torch.is_tensor(masks.get(kind)) or masks[kind].dim() != 4 for kind in kinds):
         raise RuntimeError("the fast decode path needs transformers' 4-D attention mask for a static cache; "
                            "turn it off with model.moerun.fast_decode = False")

@@ -43,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from ..runtime.decode_cache import masks_by_kind
 from ..runtime.row_cache import RowCache
 from .sampling import SamplingParams, TokenLogprob, sample
 from .text_stream import TextStream
@@ -354,6 +355,7 @@ class BatchingEngine:
         positions = torch.arange(t, device=device)[None]  # [1, T]
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()  # [T, T]
         mask = torch.where(causal, self._open, self._closed).to(self._mask.dtype)[None, None]  # [1, 1, T, T]
+        mask = masks_by_kind(self._model.config, mask, positions)  # and sliding-window layers' (gpt-oss)
         out = self._model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                           logits_to_keep=1, **{self._decoder.cache_arg: self._cache.span(row, positions, t)})
         self._mask[row].fill_(self._closed)
@@ -377,7 +379,8 @@ class BatchingEngine:
         else:
             end = max(lengths) + 1
             span = self._cache.span(0, positions[:, None], end)
-            out = self._model(input_ids=ids, position_ids=positions[:, None], attention_mask=self._mask[:n, ..., :end],
+            mask = masks_by_kind(self._model.config, self._mask[:n, ..., :end], positions[:, None])
+            out = self._model(input_ids=ids, position_ids=positions[:, None], attention_mask=mask,
                               use_cache=True, logits_to_keep=1, **{cache_arg: span})
         for seq in rows:
             seq.length += 1

@@ -32,6 +32,8 @@ POLICIES = {
 def _experts(path, config):
     """{(layer, expert): (prefixes gate, up, down)} of a checkpoint built from ``config``."""
     adapter = adapter_for(config)
+    if adapter.stacked_experts:  # gpt-oss: {(layer, None): [the layer's experts prefix]}
+        return {(layer, None): [adapter.stacked_expert_prefix(layer)] for layer in adapter.moe_layers()}
     keys = {(layer, e): adapter.expert_keys(layer, e) for layer in adapter.moe_layers() for e in range(adapter.num_experts)}
     return {le: [k[: -len("weight")] for k in (ks.gate, ks.up, ks.down)] for le, ks in keys.items()}
 
@@ -50,7 +52,18 @@ def _rewrite(src, dst, tensors, config_update=None):
 def _dequantized_experts(tensors, experts, fmt, dtype=torch.float32):
     """The float tensors with every routed expert replaced by its reference-dequantized values in ``fmt``."""
     out = dict(tensors)
-    for (g, u, d) in experts.values():
+    for prefixes in experts.values():
+        if len(prefixes) == 1:  # stacked: gate_up [E, H, 2I] (gate and up interleaved), down [E, I, H], x @ W
+            gate_up, down = tensors[prefixes[0] + "gate_up_proj"].clone(), tensors[prefixes[0] + "down_proj"].clone()
+            layout = slot_layout(dtype, gate_up.shape[1], down.shape[1], fmt)
+            for e in range(gate_up.shape[0]):
+                gate, up = gate_up[e][:, 0::2].t(), gate_up[e][:, 1::2].t()
+                gu, d = ref.decode(layout, ref.encode(layout, gate, up, down[e].t()))
+                i = gate.shape[0]
+                gate_up[e][:, 0::2], gate_up[e][:, 1::2], down[e] = gu[:i].t(), gu[i:].t(), d.t()
+            out[prefixes[0] + "gate_up_proj"], out[prefixes[0] + "down_proj"] = gate_up, down
+            continue
+        g, u, d = prefixes
         gate, up, down = tensors[g + "weight"], tensors[u + "weight"], tensors[d + "weight"]
         layout = slot_layout(dtype, gate.shape[1], gate.shape[0], fmt)
         gate_up, down_q = ref.decode(layout, ref.encode(layout, gate, up, down))

@@ -21,12 +21,10 @@ from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic
 from moerun.runtime.decode_cache import ContextOverflowError
 from moerun.runtime.decode_profile import PHASES
 
-NEW_TOKENS = 8
+from generation_helpers import NEW_TOKENS, assert_matches as _assert_matches, budget_for as _budget_for  # noqa: E402
+from generation_helpers import greedy as _generate, policy as _policy  # noqa: E402
+
 LRU_AUTO = "policy tight { cache { eviction = lru } }"
-
-
-def _policy(mode: str, eviction: str = "lru") -> str:
-    return f"policy p {{ cache {{ eviction = {eviction} }} schedule {{ mode = {mode} }} }}"
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +46,6 @@ def references(checkpoints):
                              output_logits=True, return_dict_in_generate=True)
         refs[arch] = (prompt, out.sequences, torch.stack(out.logits))
     return refs
-
-
-def _budget_for(path, slots: int, max_batch: int = 1, max_context: int = 64) -> int:
-    plan = moerun.memory_plan(path, vram_budget=1 << 40, device="cpu", max_context=max_context,
-                              max_batch=max_batch)
-    return plan.fixed_bytes + slots * plan.slot_bytes
-
-
-def _generate(model, prompt):
-    out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.logits)
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
@@ -223,7 +209,7 @@ def test_lookahead_predicts_with_the_next_router_on_the_residual_after_each_laye
     assert [layer for layer, _ in calls] == list(range(1, len(layers)))  # MoE indices 1..L-1, in order
     for (moe_index, got), l, nxt in zip(calls, layers, layers[1:]):
         next_layer = ref.model.layers[nxt]
-        gate = ref.get_submodule(adapter.block_path(nxt)).gate
+        gate = getattr(ref.get_submodule(adapter.block_path(nxt)), adapter.router_attr)
         with torch.no_grad():
             want = adapter.route(gate, next_layer.post_attention_layernorm(out[l]))[0]  # [T, K]
         assert torch.equal(got, want), (arch, moe_index)
@@ -290,12 +276,6 @@ def test_adapt_rules_that_fire_change_no_token(checkpoints, new_tokens):
 # the static KV cache, the forward/generate hooks, the segment code, the runtime's phases. The static
 # cache's attention reduces over max_context positions rather than the filled ones, so logits may differ
 # from the references in the last fp32 bits (atol 1e-4 as above); tokens must be identical.
-def _assert_matches(got, want):
-    """Identical tokens; logits within the tolerance above. ``got``/``want``: (tokens, logits)."""
-    assert torch.equal(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
-
-
 def _load_fast(path, slots=None, **kw):
     budget = _budget_for(path, slots, max_batch=kw.get("max_batch", 1)) if slots else "auto"
     return moerun.load(path, device="cpu", max_context=64, vram_budget=budget, fast_decode=True,
