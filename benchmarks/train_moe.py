@@ -61,11 +61,13 @@ MODELS = {
 TINY = dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
 
 
-def make_config(name: str, vocab_size: int, eos_id: int, seq_len: int, tiny: bool):
+def make_config(name: str, vocab_size: int, eos_id: int, seq_len: int, tiny: bool, shape: dict | None = None):
+    """The config of model ``name``; ``shape``: config fields that replace its own (and TINY's)."""
     from transformers import AutoConfig
 
     model_type, fields, coef, _ = MODELS[name]
     fields = dict(fields, **(TINY if tiny else {}))
+    fields.update(shape or {})
     return AutoConfig.for_model(
         model_type, vocab_size=vocab_size, max_position_embeddings=seq_len, bos_token_id=eos_id,
         eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=False, output_router_logits=True,
@@ -156,17 +158,47 @@ def train(model, tokens: np.ndarray, *, seq_len: int, batch: int, peak_lr: float
                 batch=batch, seq_len=seq_len, peak_lr=peak_lr)
 
 
+def train_model(name: str, corpus: dict, info: dict, *, seq_len: int, batch: int, steps: int | None,
+                train_seconds: float, seed: int, tiny: bool, device: torch.device, log,
+                shape: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Model ``name`` trained from seed ``seed`` on ``corpus["train"]``, cast to bf16 (what moerun runs),
+    and what its training was: ``{params, experts_implementation, train}`` (``train``: :func:`train`'s)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(name, info["vocab_size"], info["eos_id"], seq_len, tiny, shape)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{name}: {n_params / 1e6:.1f} M parameters, {config.num_hidden_layers} layers")
+    impl = pick_experts_implementation(model, corpus["train"], device, log)
+    tr = train(model, corpus["train"], seq_len=seq_len, batch=batch, peak_lr=MODELS[name][3],
+               steps=steps, train_seconds=train_seconds, seed=seed, device=device, log=log)
+    log(f"  trained {tr['steps']} steps in {tr['seconds']:.1f} s: {tr['tokens_per_s']:.0f} tokens/s")
+    return model.to(torch.bfloat16), dict(params=n_params, experts_implementation=impl, train=tr)
+
+
+def save_checkpoint(model, path: Path, tokenizer_file: Path) -> None:
+    """``model`` as a transformers checkpoint at ``path`` (replaced) with ``tokenizer_file``: what
+    ``moerun.load`` takes."""
+    shutil.rmtree(path, ignore_errors=True)
+    model.config.output_router_logits = False
+    model.save_pretrained(path)
+    shutil.copy(tokenizer_file, path / "tokenizer.json")
+
+
 @torch.no_grad()
-def perplexity(model, tokens: np.ndarray, seq_len: int, device: torch.device, max_tokens: int) -> float:
-    """exp(mean next-token cross entropy) over non-overlapping windows of the held-out stream."""
+def perplexity(model, tokens: np.ndarray, seq_len: int, device: torch.device, max_tokens: int,
+               windows_per_forward: int = 16) -> float:
+    """exp(mean next-token cross entropy) over non-overlapping windows of the held-out stream,
+    ``windows_per_forward`` windows per forward."""
     model.eval()
     n = min(tokens.size - 1, max_tokens) // seq_len * seq_len
     if n == 0:
         raise ValueError(f"held-out split has {tokens.size} tokens, fewer than one window of {seq_len + 1}")
     x = torch.from_numpy(tokens[:n + 1].astype(np.int64)).to(device)
     total, count = 0.0, 0
-    for s in range(0, n, 16 * seq_len):
-        e = min(n, s + 16 * seq_len)
+    for s in range(0, n, windows_per_forward * seq_len):
+        e = min(n, s + windows_per_forward * seq_len)
         inp, tgt = x[s:e].view(-1, seq_len), x[s + 1:e + 1].view(-1, seq_len)  # [b, S]
         logits = model(input_ids=inp).logits.float()
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
@@ -374,30 +406,19 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
         log_lines.append(msg)
 
-    from transformers import AutoModelForCausalLM
-
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         log(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     results = dict(corpus=info, models={}, device=str(device), date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:])
     for name in args.models:
-        torch.manual_seed(args.seed)
-        config = make_config(name, info["vocab_size"], info["eos_id"], args.seq_len, args.tiny)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"{name}: {n_params / 1e6:.1f} M parameters, {config.num_hidden_layers} layers")
-        impl = pick_experts_implementation(model, corpus["train"], device, log)
-        tr = train(model, corpus["train"], seq_len=args.seq_len, batch=args.batch, peak_lr=MODELS[name][3],
-                   steps=args.steps, train_seconds=args.train_seconds, seed=args.seed, device=device, log=log)
-        log(f"  trained {tr['steps']} steps in {tr['seconds']:.1f} s: {tr['tokens_per_s']:.0f} tokens/s")
-        model = model.to(torch.bfloat16)  # what moerun runs: traces and checkpoint in bf16
+        model, trained = train_model(name, corpus, info, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
+                                     train_seconds=args.train_seconds, seed=args.seed, tiny=args.tiny, device=device,
+                                     log=log)  # bf16: what moerun runs, so traces and checkpoint are bf16
+        tr = trained["train"]
         ppl = {k: perplexity(model, corpus[f"heldout_{k}"], args.seq_len, device, args.ppl_tokens) for k in KINDS}
         log(f"  held-out perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
         path = ckpt_dir / name
-        shutil.rmtree(path, ignore_errors=True)
-        model.config.output_router_logits = False
-        model.save_pretrained(path)
-        shutil.copy(corpus_dir / "tokenizer.json", path / "tokenizer.json")
+        save_checkpoint(model, path, corpus_dir / "tokenizer.json")
         adapter = adapter_for(model.config)
         recall = {}
         for kind in KINDS + ("train",):
@@ -415,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             live = live_lookahead(path, trace_docs(corpus, "prose", 256, args.live_check, info["eos_id"]), device)
             log(f"  live lookahead recall@k over {live['tokens']} prose tokens: {live['live_recall_at_k']:.3f} "
                 f"(offline on the same tokens {live['offline_recall_at_k']:.3f})")
-        results["models"][name] = dict(params=n_params, experts_implementation=impl, config=model.config.to_diff_dict(), train=tr,
-                                       perplexity=ppl, lookahead=recall, live_lookahead=live, checkpoint=str(path))
+        results["models"][name] = dict(**trained, config=model.config.to_diff_dict(), perplexity=ppl, lookahead=recall,
+                                       live_lookahead=live, checkpoint=str(path))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
