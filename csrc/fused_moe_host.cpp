@@ -65,8 +65,8 @@ void fused_moe_host(const FusedMoeHostArgs& a, const ParallelFor& parallel_for) 
   std::vector<float> y(static_cast<size_t>(T * H), 0.f);  // [T, H] fp32 sum
   const int64_t gate_blocks = (I + kGateRows - 1) / kGateRows;
   const int64_t down_blocks = (H + kDownRows - 1) / kDownRows;
-  // Phase 1: h = act(x @ gate.T + gate bias, x @ up.T + up bias), by blocks of I rows of each expert. A block of kGateRows = 32
-  // columns of h is one run of the nibble order, so a task writes its hn columns whole.
+  // Phase 1: h = act(x @ gate.T + gate bias, x @ up.T + up bias), by blocks of I rows of each expert. A block of
+  // kGateRows = 32 columns of h is one run of the nibble order, so a task writes its hn columns whole.
   static_assert(kGateRows % 32 == 0, "phase 1's h columns must cover whole runs of 32 (nibble order)");
   run_tasks(parallel_for, static_cast<int64_t>(groups.size()) * gate_blocks, [&](int64_t task) {
     const Group& g = groups[static_cast<size_t>(task / gate_blocks)];
