@@ -641,14 +641,14 @@ def main(argv: list[str] | None = None) -> int:
             convert(tree, checkpoint, model, outtype="q8_0")
             note = "converted to Q8_0 by convert_hf_to_gguf.py (--low-disk). " + note
         elif not model.is_file():
-            source, extra = bf16, []
+            origin, extra = bf16, []
             if args.low_disk and qtype == "Q4_K_M":
-                source, extra = gguf_dir / "model-Q8_0.gguf", ["--allow-requantize"]
-                if not source.is_file():
-                    convert(tree, checkpoint, source, outtype="q8_0")
+                origin, extra = gguf_dir / "model-Q8_0.gguf", ["--allow-requantize"]
+                if not origin.is_file():
+                    convert(tree, checkpoint, origin, outtype="q8_0")
                 note = "requantized from Q8_0 (--low-disk; speed is that of Q4_K_M). " + note
             try:
-                _run([str(quantize_bin), *extra, str(source), str(model.with_suffix(".partial.gguf")), qtype])
+                _run([str(quantize_bin), *extra, str(origin), str(model.with_suffix(".partial.gguf")), qtype])
             except subprocess.CalledProcessError as exc:
                 rows.append(Row(qtype, "budget", args.budget, budget_bytes, status=f"skipped: llama-quantize failed ({exc.returncode})"))
                 continue
