@@ -160,17 +160,7 @@ def check_expert_tensors(ckpt: Checkpoint, prefixes: list[str], shapes: list[tup
     projection), checked from the headers before anything large is allocated."""
     for prefix, (rows, cols) in zip(prefixes, shapes):
         for suffix, (dtypes, shape) in zip(quant.suffixes, _expected(quant, rows, cols)):
-            key = prefix + suffix
-            info = ckpt.tensors.get(key)
-            if info is None:
-                raise CheckpointError(f"{ckpt.path}: routed expert tensor {key} is missing; the checkpoint does not "
-                                      f"match its config ({quant.encoding} experts)")
-            if info.shape != shape:
-                raise CheckpointError(f"{info.file}: {key} has shape {list(info.shape)}, expected {list(shape)} "
-                                      f"({quant.encoding} of a [{rows}, {cols}] weight)")
-            if info.dtype not in dtypes:
-                raise CheckpointError(f"{info.file}: {key} is {info.dtype}; {quant.encoding} experts need "
-                                      f"{' or '.join(str(d) for d in dtypes)}")
+            _check_tensor(ckpt, prefix + suffix, dtypes, shape, quant, f"of a [{rows}, {cols}] weight")
 
 
 def check_stacked_expert_tensors(ckpt: Checkpoint, prefix: str, num_experts: int, hidden: int, inter: int,
@@ -194,17 +184,23 @@ def check_stacked_expert_tensors(ckpt: Checkpoint, prefix: str, num_experts: int
                     "down_proj_bias": (floats, (E, H))}
     for suffix in quant.suffixes:
         dtypes, shape = expected[suffix]
-        key = prefix + suffix
-        info = ckpt.tensors.get(key)
-        if info is None:
-            raise CheckpointError(f"{ckpt.path}: routed expert tensor {key} is missing; the checkpoint does not match "
-                                  f"its config ({quant.encoding} experts)")
-        if info.shape != shape:
-            raise CheckpointError(f"{info.file}: {key} has shape {list(info.shape)}, expected {list(shape)} "
-                                  f"({quant.encoding}: {E} experts of hidden {H}, width {I})")
-        if info.dtype not in dtypes:
-            raise CheckpointError(f"{info.file}: {key} is {info.dtype}; {quant.encoding} experts need "
-                                  f"{' or '.join(str(d) for d in dtypes)}")
+        _check_tensor(ckpt, prefix + suffix, dtypes, shape, quant, f"for {E} experts of hidden {H}, width {I}")
+
+
+def _check_tensor(ckpt: Checkpoint, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple,
+                  quant: CheckpointQuantization, what: str) -> None:
+    """Routed expert tensor ``key`` is present with one of ``dtypes`` and ``shape`` (``what``: the weight it
+    encodes, for the message)."""
+    info = ckpt.tensors.get(key)
+    if info is None:
+        raise CheckpointError(f"{ckpt.path}: routed expert tensor {key} is missing; the checkpoint does not match "
+                              f"its config ({quant.encoding} experts)")
+    if info.shape != shape:
+        raise CheckpointError(f"{info.file}: {key} has shape {list(info.shape)}, expected {list(shape)} "
+                              f"({quant.encoding} {what})")
+    if info.dtype not in dtypes:
+        raise CheckpointError(f"{info.file}: {key} is {info.dtype}; {quant.encoding} experts need "
+                              f"{' or '.join(str(d) for d in dtypes)}")
 
 
 def _expected(quant: CheckpointQuantization, rows: int, cols: int) -> list[tuple[tuple[torch.dtype, ...], tuple]]:
