@@ -49,6 +49,23 @@ void Engine::reset() {
   for (int s = N_ - 1; s >= 0; --s) free_slots_.push_back(s);  // slot 0 handed out first
   staging_.clear();
   pending_releases_.clear();
+  staged_count_ = 0;
+  ahead_slot_.assign(keys, -1);
+  ahead_keys_.clear();
+  current_ahead_.clear();
+  ahead_cand_.clear();
+  ahead_layer_ = -1;
+  ahead_target_ = ahead_placed_ = 0;
+  ahead_next_ = 0;
+  borrowed_.assign(L_, 0);
+  lent_keys_.clear();
+  prefill_tokens_.assign(keys, 0);
+  in_prefill_ = false;
+  // The CPU rates' fit starts from one pseudo-job of the starting numbers (one token per expert), so the
+  // first measured jobs move the estimate by the EMA weight, not all the way.
+  cpu_w_ = 1.0;
+  cpu_wt_ = cpu_wtt_ = 1.0;
+  cpu_wy_ = cpu_wty_ = cfg_.cost.cpu_us_per_expert + cfg_.cost.cpu_us_per_expert_token;
   const int parts = L_;  // enough for per-layer; flat uses partition 0
   part_cap_.assign(parts, 0);
   part_size_.assign(parts, 0);
@@ -153,6 +170,14 @@ void Engine::lru_unlink(int key) {
   if (pv >= 0) lru_next_[pv] = nx; else lru_head_[p] = nx;
   if (nx >= 0) lru_prev_[nx] = pv; else lru_tail_[p] = pv;
   lru_prev_[key] = lru_next_[key] = -1;
+}
+
+void Engine::lru_push_back(int key) {
+  const int p = partition_of(key);
+  lru_next_[key] = -1;
+  lru_prev_[key] = lru_tail_[p];
+  if (lru_tail_[p] >= 0) lru_next_[lru_tail_[p]] = key; else lru_head_[p] = key;
+  lru_tail_[p] = key;
 }
 
 void Engine::lru_push_front(int key) {
@@ -273,13 +298,20 @@ void Engine::touch(int key, int count, float weight_mean, int32_t next_use) {
 }
 
 void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Plan& out,
-                  const int32_t* next_use) {
+                  const int32_t* next_use, bool prefill) {
   check(layer >= 0 && layer < L_,
         "layer " + std::to_string(layer) + " out of range (model has " + std::to_string(L_) +
             " MoE layers)");
   out.clear();
   out.releases.swap(pending_releases_);  // releases made between steps (set_config) come first
   out_ = &out;
+  if (!prefill) end_prefill();  // a decode step: the slots the prefill borrowed go back to the cache
+  // Experts streamed ahead for this layer are its hits; for another layer, a prefill cut short left them.
+  if (ahead_layer_ == layer) current_ahead_.swap(ahead_keys_);
+  release_staged(ahead_keys_);
+  ahead_layer_ = -1;
+  // Whether this step's accesses update the cache's state (recency, frequencies, prefetch tables).
+  const bool learn = !prefill || cfg_.prefill_updates_cache;
   const int part = cfg_.per_layer ? layer : 0;
   const int base = layer * E_;
   // capacity_factor: the most routed pairs one expert takes in this step; the rest are dropped.
@@ -308,40 +340,63 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
     if (next_use != nullptr) uniq_next_[idx] = next_use[i];
   }
   const int tokens = (n + K_ - 1) / K_;
-  record_routing(layer, ids, n);  // prefetch tables, entropy, prediction accuracy
+  if (learn) record_routing(layer, ids, n);  // prefetch tables, entropy, prediction accuracy
+  else score_predictions(layer);  // the prompt's routing teaches no prefetch table, but scores the router
   for (int key : uniq_) { needed_[key] = 1; marked_.push_back(key); }
+  if (prefill) {
+    in_prefill_ = true;
+    ++total_.prefill_steps;
+    for (int e = 0; e < E_; ++e) prefill_tokens_[base + e] = 0;
+  }
 
-  // Hits and the access clock, in order of first appearance.
+  // Hits and the access clock, in order of first appearance. Experts streamed ahead into staging
+  // slots are hits too (not cached: they leave after this step).
   miss_.clear(); miss_tokens_.clear();
   for (size_t i = 0; i < uniq_.size(); ++i) {
     const int key = uniq_[i], count = uniq_count_[i];
     clock_ += count;
-    part_clock_[part] += count;
+    if (learn) part_clock_[part] += count;  // the cache's clock (decay, TTL): decode's accesses only
     total_.accesses += count;
     layer_accesses_[layer] += count;
+    if (prefill) { total_.prefill_accesses += count; prefill_tokens_[key] = count; }
     if (!access_log_.empty()) log_access(key, count);
-    if (slot_of_[key] >= 0) {
+    const int slot = slot_of_[key] >= 0 ? slot_of_[key] : ahead_slot_[key];
+    if (slot >= 0) {
       out.hits.push_back(key - base);
-      out.hits.push_back(slot_of_[key]);
+      out.hits.push_back(slot);
       total_.hits += count;
       layer_hits_[layer] += count;
+      if (prefill) total_.prefill_hits += count;
+      if (ahead_slot_[key] >= 0) ++total_.streamed_used;
       if (prefetched_[key]) { prefetched_[key] = 0; ++total_.prefetch_used; }
     } else {
       miss_.push_back(key);
       miss_tokens_.push_back(count);
     }
-    touch(key, count, uniq_weight_[i] / float(count), uniq_next_[i]);
+    if (learn) touch(key, count, uniq_weight_[i] / float(count), uniq_next_[i]);
   }
 
-  // Misses: the schedule says copy or CPU; a copy takes a free slot of the partition, else evicts
-  // the policy's victim, else stages in a spare slot for this step only, else runs on the CPU.
-  schedule_misses(layer);
+  // Misses: the schedule says copy or CPU. Decode: a copy takes a free slot of the partition, else
+  // evicts the policy's victim, else stages in a spare slot for this step only, else runs on the CPU.
+  // Prefill: a copy takes a free slot of the partition's room (cached), else a staging slot (free, or
+  // lent by the cache's victim, within the staging share; released after this step), else runs on the
+  // CPU; the misses with most tokens get the slots.
+  schedule_misses(layer, prefill, prefill ? prefill_room(part) : 0);
   int64_t cpu_tokens = 0;
-  for (size_t i = 0; i < miss_.size(); ++i) {
+  int64_t cpu_experts = 0;
+  for (size_t j = 0; j < miss_.size(); ++j) {
+    const size_t i = prefill ? size_t(miss_order_[j]) : j;
     const int key = miss_[i];
     int slot = -1, victim = -1;
     bool cached = true;
-    if (miss_gpu_[i]) {
+    if (miss_gpu_[i] && prefill) {
+      if (cache_room(part)) slot = take_free_slot();
+      if (slot < 0) {
+        cached = false;
+        slot = take_staging_slot(part, victim);
+        if (slot >= 0) { staging_.push_back(slot); ++total_.staged; }
+      }
+    } else if (miss_gpu_[i]) {
       if (part_size_[part] < part_cap_[part]) slot = take_free_slot();
       if (slot < 0) {
         victim = choose_victim(part);
@@ -350,14 +405,15 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
       if (slot < 0) {
         slot = take_free_slot();
         cached = false;
-        if (slot >= 0) staging_.push_back(slot);
+        if (slot >= 0) { staging_.push_back(slot); ++staged_count_; }
       }
     }
     if (slot < 0) {
-      if (miss_gpu_[i]) ++total_.overflow; else cpu_misses_.push_back(key);
+      if (miss_gpu_[i]) ++total_.overflow; else if (!prefill) cpu_misses_.push_back(key);
       out.cpu.push_back(key - base);
       total_.cpu_accesses += miss_tokens_[i];
       cpu_tokens += miss_tokens_[i];
+      ++cpu_experts;
       ++total_.cpu_experts;
       continue;
     }
@@ -369,17 +425,26 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
     ++total_.demand_fetches;
     total_.bytes_fetched += cfg_.expert_bytes;
   }
+  total_.staged_peak = std::max(total_.staged_peak, staged_count_);
+  if (!lent_keys_.empty() && !prefill) restore_lent();
 
   admit_cpu_misses();
 
   // Recency order of the LRU list follows the access order of this step (misses were inserted
   // after the hits were touched).
-  for (int key : uniq_)
-    if (slot_of_[key] >= 0) { lru_unlink(key); lru_push_front(key); }
+  if (learn)
+    for (int key : uniq_)
+      if (slot_of_[key] >= 0) { lru_unlink(key); lru_push_front(key); }
 
-  issue_prefetches(layer);
+  if (prefill) {
+    // The next layer's experts, streamed while this layer computes: first into slots this step's
+    // kernel does not read, then (once this step's staged experts are released below) into theirs.
+    stream_ahead(layer, tokens);
+  } else {
+    issue_prefetches(layer);
+  }
 
-  // Staged experts leave once this step's kernel is done.
+  // Staged experts (and those streamed ahead for this layer) leave once this step's kernel is done.
   for (int slot : staging_) {
     const int key = slot_key_[slot];
     slot_key_[slot] = -1;
@@ -388,7 +453,10 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
     out.releases.push_back(key / E_);
     out.releases.push_back(key % E_);
   }
+  staged_count_ -= int(staging_.size());
   staging_.clear();
+  release_staged(current_ahead_);
+  if (prefill) stream_ahead(layer, tokens);
   for (int key : marked_) needed_[key] = 0;
   marked_.clear();
   for (int key : uniq_) key_index_[key] = -1;
@@ -400,7 +468,7 @@ void Engine::step(int layer, const int32_t* ids, const float* weights, int n, Pl
   ++total_.steps;
   if (layer == 0) total_.tokens += tokens;
   out.cpu_pairs = cpu_tokens;
-  advance_time(layer, cpu_tokens);
+  advance_time(layer, cpu_experts, cpu_tokens);
   if (cfg_.per_layer && cfg_.allocation == Allocation::Entropy && cfg_.rebalance_interval > 0 &&
       clock_ - last_rebalance_ >= cfg_.rebalance_interval) {
     rebalance();

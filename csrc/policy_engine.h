@@ -68,10 +68,14 @@ struct AdaptRule {
   std::vector<Trigger> triggers;  // rebalances are triggers too (RebalancePerLayer)
 };
 
-// The cost model's numbers; the engine re-estimates the first two from observed timings.
+// The cost model's numbers; the engine re-estimates the bandwidth and the CPU's two rates from
+// observed timings. A CPU expert over t tokens costs cpu_us_per_expert + t * cpu_us_per_expert_token
+// (reading its weights once, then the tokens' arithmetic): a decode step's one token per expert and a
+// prefill's hundreds cost very differently per token.
 struct CostParams {
   double h2d_bytes_per_us = 25e3;       // host->GPU copy bandwidth (25 GB/s)
-  double cpu_us_per_expert_token = 400;  // CPU time of one expert for one token
+  double cpu_us_per_expert = 300;        // CPU time of one expert whatever its tokens (its weights read once)
+  double cpu_us_per_expert_token = 100;  // CPU time of one expert for each token it runs
   double copy_latency_us = 10;           // fixed cost per copy
   double gpu_layer_us = 50;              // GPU compute of one MoE layer step (not re-estimated)
   double ema = 0.2;                      // weight of a new observation in the re-estimate
@@ -105,6 +109,13 @@ struct EngineConfig {
   Schedule schedule = Schedule::GpuOnly;
   double offload_threshold_ms = 0.0;
   bool priority_routing = true;
+  // prefill (steps marked prefill): the share of the slots that may hold experts the cache does not
+  // keep (staged for one layer step, or streamed ahead for the next layer), taken from free slots and
+  // then from the cache's eviction victims; and whether prefill accesses update the cache's state
+  // (recency, frequencies, scores, prefetch tables); when it does not, the experts evicted to lend slots
+  // are copied back (background prefetches) when decoding resumes, each in its place in the eviction order.
+  double prefill_staging = 0.25;
+  bool prefill_updates_cache = false;
   // per-layer partitions (flat cache when !per_layer)
   bool per_layer = false;
   Allocation allocation = Allocation::Uniform;
@@ -125,10 +136,14 @@ struct Plan {
   std::vector<int32_t> releases;    // (slot, layer, expert): leave the arena after this step's kernel
   int64_t cpu_pairs = 0;            // routed (token, expert) pairs of the CPU experts
   double predicted_us = 0.0;        // cost model's estimate of this layer step
+  // A prefill step's prefetches are the next layer's experts streamed ahead: issued at once after the
+  // kernel launch (not queued behind the in-flight limit of background prefetches).
+  bool stream_ahead = false;
   void clear() {
     hits.clear(); fetches.clear(); cpu.clear(); prefetches.clear(); releases.clear();
     cpu_pairs = 0;
     predicted_us = 0.0;
+    stream_ahead = false;
   }
 };
 
@@ -140,6 +155,13 @@ struct Counters {
   int64_t dropped = 0;     // routed pairs over an expert's token capacity (capacity_factor)
   double observed_us = 0.0;  // sum of observed layer times
   int64_t observed_steps = 0;
+  // prefill steps: their accesses and hits (also in the totals above), copies into staging slots (not
+  // cached), the next layer's experts streamed ahead and how many of them were routed, and cached
+  // experts evicted to lend their slot to staging
+  int64_t prefill_steps = 0, prefill_accesses = 0, prefill_hits = 0;
+  int64_t staged = 0, streamed = 0, streamed_used = 0, borrowed = 0;
+  int64_t restored = 0;  // lent experts copied back when decoding resumed (prefill_updates_cache false)
+  int staged_peak = 0;  // most slots holding staged experts at once
 };
 
 struct Firing {
@@ -155,8 +177,10 @@ class Engine {
   // Decide one layer step. ids/weights: n = tokens * top_k routed pairs. next_use (replay only,
   // may be null): per pair, the global step index of that key's next access (INT32_MAX = never).
   // The plan is written into `out` (its buffers are reused: no allocation once warm).
+  // prefill: the step is a prefill's (more than one new token per sequence): see EngineConfig's
+  // prefill settings and docs/design.md, Prefill.
   void step(int layer, const int32_t* ids, const float* weights, int n, Plan& out,
-            const int32_t* next_use = nullptr);
+            const int32_t* next_use = nullptr, bool prefill = false);
   // Predicted ids (and optional scores) for a later layer; consumed by lookahead/learned prefetch.
   void observe_prediction(int layer, const int32_t* ids, const float* scores, int n);
   // Lookahead between steps: ids predicted for `layer` from the hidden state the layer before it
@@ -165,8 +189,16 @@ class Engine {
   // (up to the budget) into `out.prefetches`; everything else in `out` is cleared.
   void prefetch_ahead(int layer, const int32_t* ids, const float* scores, int n, Plan& out);
   // Measured times of the last step of `layer`; re-estimates the cost model.
+  // cpu_experts: the experts of the CPU job that took cpu_us (0 = one per token, as before).
   void observe_timing(int layer, double layer_us, double copy_us, int64_t copy_bytes, double cpu_us,
-                      int64_t cpu_expert_tokens);
+                      int64_t cpu_expert_tokens, int64_t cpu_experts = 0);
+  // The cost model's CPU time of `experts` experts running `tokens` routed tokens in all.
+  double cpu_cost_us(double experts, double tokens) const {
+    return experts * cost_.cpu_us_per_expert + tokens * cost_.cpu_us_per_expert_token;
+  }
+  // Slots the prefill may hold staged experts in at once (EngineConfig::prefill_staging).
+  int staging_limit() const { return int(cfg_.prefill_staging * double(N_)); }
+  int staged_now() const { return staged_count_; }
   // Places key in a free slot of its partition without counting an access (the arena filled at
   // start-up when it holds every expert). Returns the slot, or -1 when resident or no room.
   int warm(int key);
@@ -210,8 +242,9 @@ class Engine {
   void touch(int key, int count, float weight_mean, int32_t next_use);
   void lru_unlink(int key);
   void lru_push_front(int key);
+  void lru_push_back(int key);
   int global_victim() const;
-  void advance_time(int layer, int64_t cpu_tokens);
+  void advance_time(int layer, int64_t cpu_experts, int64_t cpu_tokens);
   bool tracks(Eviction e) const { return track_all_ || cfg_.eviction == e; }
   // -- eviction (eviction.cpp) --
   int choose_victim(int part) const;          // -1 when nothing is evictable
@@ -221,13 +254,24 @@ class Engine {
   void enforce_memory();
   // -- prefetch (prefetch.cpp) --
   void record_routing(int layer, const int32_t* ids, int n);
+  void score_predictions(int layer);  // the lookahead/learned predictions for this layer against its routing
   void issue_prefetches(int layer);
   bool prefetch_one(int key);
   void admit_cpu_misses();
   // Appends a background copy (layer, expert, slot, victim layer, victim expert) to the plan.
   void emit_prefetch(int key, int slot, int victim);
   // -- schedule + cost model (cost_model.cpp) --
-  void schedule_misses(int layer);
+  void schedule_misses(int layer, bool prefill, int room);
+  double copy_us() const { return cost_.copy_latency_us + double(cfg_.expert_bytes) / cost_.h2d_bytes_per_us; }
+  // -- prefill staging (prefill.cpp) --
+  bool cache_room(int part) const { return part_size_[part] + borrowed_[part] < part_cap_[part]; }
+  int take_staging_slot(int part, int& victim);
+  int prefill_room(int part) const;
+  void stream_ahead(int layer, int tokens);
+  void release_staged(std::vector<int32_t>& keys);  // experts streamed ahead leave their slots
+  void end_prefill();
+  void restore_lent();
+  void fit_cpu_rates();
   // -- adapt (adapt.cpp) --
   void push_window_record();
   void log_access(int key, int count);  // the access log of drift and utilization_gini
@@ -258,6 +302,22 @@ class Engine {
   std::vector<int32_t> slot_key_;    // resident key, -1 = free
   std::vector<int32_t> free_slots_;
   std::vector<int32_t> staging_;     // slots holding this step's uncached (staged) experts
+  // prefill staging: slots holding staged experts (this step's and the next layer's streamed ones),
+  // per key the slot it is streamed ahead into (-1 = none), the keys streamed ahead and their layer,
+  // per partition the cached experts evicted to lend slots to the prefill (the cache does not refill
+  // them until the prefill ends), per key the tokens its layer's last prefill step routed to it
+  int staged_count_ = 0;
+  std::vector<int32_t> ahead_slot_;
+  std::vector<int32_t> ahead_keys_;    // streamed ahead for ahead_layer_
+  std::vector<int32_t> current_ahead_; // streamed ahead for the layer of the running step
+  std::vector<int32_t> ahead_cand_;    // the next layer's experts to stream, in order
+  int ahead_layer_ = -1, ahead_target_ = 0, ahead_placed_ = 0;
+  size_t ahead_next_ = 0;
+  std::vector<int32_t> borrowed_;
+  std::vector<int32_t> lent_keys_;   // the cached experts evicted to lend their slots, in eviction order
+  std::vector<int32_t> prefill_tokens_;
+  bool in_prefill_ = false;
+  std::vector<int32_t> miss_order_;  // prefill: misses, most tokens first
   // per partition
   std::vector<int32_t> part_cap_, part_size_, lru_head_, lru_tail_;  // head = most recent
   std::vector<std::vector<int32_t>> part_members_;
@@ -322,8 +382,10 @@ class Engine {
   std::vector<int64_t> freq_ring_pos_part_;
   bool track_all_ = false;  // adapt rules may switch eviction: keep every policy's state
 
-  // cost model state
+  // cost model state; the CPU rates' fit: exponentially weighted sums over CPU jobs of w = experts,
+  // tau = tokens per expert and y = time per expert (csrc/cost_model.cpp)
   double now_us_ = 0.0, copy_free_us_ = 0.0;
+  double cpu_w_ = 0.0, cpu_wt_ = 0.0, cpu_wy_ = 0.0, cpu_wtt_ = 0.0, cpu_wty_ = 0.0;
   std::vector<double> layer_predicted_us_;
   double pred_err_sum_ = 0.0;
   int64_t pred_err_n_ = 0;
@@ -349,7 +411,8 @@ class Engine {
   std::vector<int64_t> layer_hits_, layer_accesses_;
 };
 
-// Offline replay: the whole trace through one engine, in C++ (no per-step Python).
+// Offline replay: the whole trace through one engine, in C++ (no per-step Python). prefill: [steps]
+// nonzero where the step is a prefill (null: none is).
 // ids/weights: [tokens, layers, k] row-major; step_starts: [steps + 1] token offsets. With
 // oracle_predictions, lookahead/learned prefetch is fed the trace's true future routing. A
 // predictor's output instead (pred_ids/pred_scores, [steps, layers, depth, width] row-major, -1 =
@@ -368,7 +431,8 @@ struct ReplayPredictions {
 };
 ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
                           const int64_t* step_starts, int64_t steps, bool oracle_predictions,
-                          const ReplayPredictions& predictions = {}, Engine* host_tier = nullptr);
+                          const ReplayPredictions& predictions = {}, Engine* host_tier = nullptr,
+                          const uint8_t* prefill = nullptr);
 
 }  // namespace policy
 }  // namespace moerun

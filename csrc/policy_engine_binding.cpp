@@ -36,10 +36,11 @@ constexpr const char* kConfigKeys[] = {
     "high_watermark", "low_watermark", "credit_decay", "memory_budget_gb", "memory_threshold",
     "memory_headroom", "expert_size_gb", "capacity_factor", "prefetch", "prefetch_budget", "lookahead",
     "affinity_threshold", "history_window", "schedule", "offload_threshold_ms", "priority_routing",
-    "per_layer", "allocation", "total_budget", "min_capacity", "max_capacity", "rebalance_interval",
+    "prefill_staging", "prefill_updates_cache", "per_layer", "allocation", "total_budget", "min_capacity", "max_capacity", "rebalance_interval",
     "entropy_window", "rules", "cost"};
 constexpr const char* kRuleKeys[] = {"metric", "op", "threshold", "window", "assignments", "triggers"};
-constexpr const char* kCostKeys[] = {"h2d_gbps", "cpu_us_per_expert_token", "copy_latency_us", "gpu_layer_us", "ema"};
+constexpr const char* kCostKeys[] = {"h2d_gbps", "cpu_us_per_expert", "cpu_us_per_expert_token", "copy_latency_us",
+                                     "gpu_layer_us", "ema"};
 
 template <size_t N>
 void check_keys(const py::dict& d, const char* const (&keys)[N], const char* what) {
@@ -98,6 +99,11 @@ EngineConfig config_from_dict(const py::dict& d) {
   c.schedule = enum_value<policy::Schedule>(d, "schedule", policy::kScheduleNames);
   c.offload_threshold_ms = get<double>(d, "offload_threshold_ms");
   c.priority_routing = get<bool>(d, "priority_routing");
+  c.prefill_staging = get<double>(d, "prefill_staging");
+  if (!(c.prefill_staging >= 0.0 && c.prefill_staging <= 1.0))
+    throw std::invalid_argument("engine config: prefill_staging " + std::to_string(c.prefill_staging) +
+                                " must be in [0, 1]");
+  c.prefill_updates_cache = get<bool>(d, "prefill_updates_cache");
   c.per_layer = get<bool>(d, "per_layer");
   c.allocation = enum_value<policy::Allocation>(d, "allocation", policy::kAllocationNames);
   c.total_budget = get<int>(d, "total_budget");
@@ -128,6 +134,7 @@ EngineConfig config_from_dict(const py::dict& d) {
   py::dict k = d["cost"].cast<py::dict>();
   check_keys(k, kCostKeys, "engine cost model");
   c.cost.h2d_bytes_per_us = get<double>(k, "h2d_gbps") * 1e3;
+  c.cost.cpu_us_per_expert = get<double>(k, "cpu_us_per_expert");
   c.cost.cpu_us_per_expert_token = get<double>(k, "cpu_us_per_expert_token");
   c.cost.copy_latency_us = get<double>(k, "copy_latency_us");
   c.cost.gpu_layer_us = get<double>(k, "gpu_layer_us");
@@ -239,13 +246,13 @@ struct PyEngine {
   std::vector<float> weights;
   explicit PyEngine(const EngineConfig& c) : engine(c) { plan_obj = py::cast(plan); }
 
-  py::object step(int layer, py::handle ids_obj, py::handle weights_obj) {
+  py::object step(int layer, py::handle ids_obj, py::handle weights_obj, bool prefill) {
     read_ints(ids_obj, ids);
     const bool has_w = read_floats(weights_obj, weights);
     if (has_w && weights.size() != ids.size())
       throw std::invalid_argument("got " + std::to_string(ids.size()) + " expert ids but " +
                                   std::to_string(weights.size()) + " gate weights");
-    engine.step(layer, ids.data(), has_w ? weights.data() : nullptr, int(ids.size()), *plan);
+    engine.step(layer, ids.data(), has_w ? weights.data() : nullptr, int(ids.size()), *plan, nullptr, prefill);
     return plan_obj;
   }
 
@@ -274,6 +281,14 @@ py::dict stats(const Engine& e) {
   d["cpu_share"] = c.accesses > 0 ? double(c.cpu_accesses) / double(c.accesses) : 0.0;
   d["admissions"] = c.admissions; d["overflow"] = c.overflow; d["bytes_fetched"] = c.bytes_fetched;
   d["dropped"] = c.dropped;
+  py::dict prefill;
+  prefill["steps"] = c.prefill_steps; prefill["accesses"] = c.prefill_accesses; prefill["hits"] = c.prefill_hits;
+  prefill["staged"] = c.staged; prefill["streamed"] = c.streamed; prefill["streamed_used"] = c.streamed_used;
+  prefill["borrowed"] = c.borrowed; prefill["restored"] = c.restored; prefill["staged_peak"] = c.staged_peak;
+  prefill["staging_limit"] = e.staging_limit();
+  d["prefill"] = prefill;
+  const int64_t decode_accesses = c.accesses - c.prefill_accesses;
+  d["decode_hit_rate"] = decode_accesses > 0 ? double(c.hits - c.prefill_hits) / double(decode_accesses) : 0.0;
   d["resident"] = e.resident();
   d["capacities"] = e.layer_capacities();
   d["layer_hits"] = e.layer_hits(); d["layer_accesses"] = e.layer_accesses();
@@ -285,6 +300,7 @@ py::dict stats(const Engine& e) {
       std::isnan(acc) ? py::object(py::none()) : py::object(py::float_(acc));
   py::dict cost;
   cost["h2d_gbps"] = e.cost().h2d_bytes_per_us / 1e3;
+  cost["cpu_us_per_expert"] = e.cost().cpu_us_per_expert;
   cost["cpu_us_per_expert_token"] = e.cost().cpu_us_per_expert_token;
   cost["copy_latency_us"] = e.cost().copy_latency_us;
   cost["gpu_layer_us"] = e.cost().gpu_layer_us;
@@ -341,11 +357,14 @@ void bind_policy_engine(py::module& m) {
       .def_property_readonly("counts", &counts,
                              "(hits, fetches, fetch_evictions, cpu, cpu_pairs, prefetches, prefetch_evictions): "
                              "the plan's sizes in one call (evictions: copies into a slot that held an expert)")
-      .def_readonly("predicted_us", &Plan::predicted_us);
+      .def_readonly("predicted_us", &Plan::predicted_us)
+      .def_readonly("stream_ahead", &Plan::stream_ahead,
+                    "the prefetches are a prefill's next-layer stream: issued at once after the kernel launch");
 
   py::class_<PyEngine>(m, "PolicyEngine", "Native policy engine; see moerun.policy_engine.")
       .def(py::init([](const py::dict& d) { return new PyEngine(config_from_dict(d)); }))
-      .def("step", &PyEngine::step, py::arg("layer"), py::arg("expert_ids"), py::arg("gate_weights"))
+      .def("step", &PyEngine::step, py::arg("layer"), py::arg("expert_ids"), py::arg("gate_weights"),
+           py::arg("prefill") = false)
       .def("observe_prediction",
            [](PyEngine& self, int layer, py::handle ids, py::handle scores) {
              read_ints(ids, self.ids);
@@ -362,11 +381,12 @@ void bind_policy_engine(py::module& m) {
            "(reused, like step's) lists the prefetches issued, nothing else.")
       .def("observe_timing",
            [](PyEngine& self, int layer, double layer_us, double copy_us, int64_t copy_bytes,
-              double cpu_us, int64_t cpu_expert_tokens) {
-             self.engine.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_expert_tokens);
+              double cpu_us, int64_t cpu_expert_tokens, int64_t cpu_experts) {
+             self.engine.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_expert_tokens,
+                                        cpu_experts);
            },
            py::arg("layer"), py::arg("layer_us"), py::arg("copy_us"), py::arg("copy_bytes"),
-           py::arg("cpu_us"), py::arg("cpu_expert_tokens"))
+           py::arg("cpu_us"), py::arg("cpu_expert_tokens"), py::arg("cpu_experts") = 0)
       .def("set_config", [](PyEngine& self, const py::dict& d) { self.engine.set_config(config_from_dict(d)); })
       .def("reset", [](PyEngine& self) { self.engine.reset(); })
       .def("warm", [](PyEngine& self, int layer, int expert) {
@@ -391,7 +411,8 @@ void bind_policy_engine(py::module& m) {
            [](PyEngine& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
               py::object weights, py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts,
               bool oracle_predictions, py::object predicted_ids, py::object predicted_scores,
-              int64_t host_capacity, int host_eviction, double host_high_watermark, double host_low_watermark) {
+              int64_t host_capacity, int host_eviction, double host_high_watermark, double host_low_watermark,
+              py::object prefill_steps) {
              const auto& cfg = self.engine.config();
              std::unique_ptr<policy::Engine> host;
              if (host_capacity > 0) {
@@ -434,10 +455,17 @@ void bind_policy_engine(py::module& m) {
                  pred.scores = psc.data();
                }
              }
+             py::array_t<uint8_t, py::array::c_style | py::array::forcecast> prefill;
+             if (!prefill_steps.is_none()) {
+               prefill = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(prefill_steps);
+               if (!prefill || prefill.ndim() != 1 || prefill.size() != starts.size() - 1)
+                 throw std::invalid_argument("prefill steps must be [steps], one flag per step");
+             }
              {
                py::gil_scoped_release nogil;
                policy::replay_trace(self.engine, ip, weights.is_none() ? nullptr : w.data(), ids.shape(0),
-                                    starts.data(), starts.size() - 1, oracle_predictions, pred, host.get());
+                                    starts.data(), starts.size() - 1, oracle_predictions, pred, host.get(),
+                                    prefill_steps.is_none() ? nullptr : prefill.data());
              }
              py::dict d = stats(self.engine);
              if (host) {
@@ -456,8 +484,8 @@ void bind_policy_engine(py::module& m) {
            py::arg("ids"), py::arg("weights"), py::arg("step_starts"), py::arg("oracle_predictions") = true,
            py::arg("predicted_ids") = py::none(), py::arg("predicted_scores") = py::none(),
            py::arg("host_capacity") = 0, py::arg("host_eviction") = 0, py::arg("host_high_watermark") = 0.9,
-           py::arg("host_low_watermark") = 0.7,
-           "Replay a trace; predicted_ids/scores feed lookahead/learned prefetch a predictor's output; with "
+           py::arg("host_low_watermark") = 0.7, py::arg("prefill_steps") = py::none(),
+           "Replay a trace (prefill_steps: [steps] flags, the steps run as a prefill's); predicted_ids/scores feed lookahead/learned prefetch a predictor's output; with "
            "host_capacity > 0 a host tier behind the GPU tier reports its hit rate under 'host'.");
 }
 

@@ -31,7 +31,8 @@ void Engine::prefetch_ahead(int layer, const int32_t* ids, const float* scores, 
   out.clear();
   if (layer <= 0 || layer >= L_) return;  // layer 0 has no step before it
   observe_prediction(layer, ids, scores, n);
-  if (cfg_.prefetch != Prefetch::Lookahead) return;
+  // During a prefill the step itself streams the next layer's experts (prefill.cpp).
+  if (cfg_.prefetch != Prefetch::Lookahead || in_prefill_) return;
   out_ = &out;
   issue_prefetches(layer - 1);  // its nearest candidates are this layer's predicted ids
   for (int key : marked_) needed_[key] = 0;
@@ -39,7 +40,7 @@ void Engine::prefetch_ahead(int layer, const int32_t* ids, const float* scores, 
   out_ = nullptr;
 }
 
-void Engine::record_routing(int layer, const int32_t* ids, int n) {
+void Engine::score_predictions(int layer) {
   // Prediction accuracy: predicted ids for this layer that were routed (key_index_ is set).
   auto& acc = predicted_for_accuracy_[layer];
   if (!acc.empty()) {
@@ -47,6 +48,10 @@ void Engine::record_routing(int layer, const int32_t* ids, int n) {
     for (int e : acc) predictions_right_ += key_index_[layer * E_ + e] >= 0;
     acc.clear();
   }
+}
+
+void Engine::record_routing(int layer, const int32_t* ids, int n) {
+  score_predictions(layer);
   if (cfg_.per_layer && cfg_.allocation == Allocation::Entropy) {
     auto& ring = ent_ring_[layer];
     auto& counts = ent_counts_[layer];
@@ -102,7 +107,7 @@ void Engine::record_routing(int layer, const int32_t* ids, int n) {
 }
 
 bool Engine::prefetch_one(int key) {
-  if (slot_of_[key] >= 0) return false;
+  if (slot_of_[key] >= 0 || ahead_slot_[key] >= 0) return false;
   const int p = partition_of(key);
   int slot = -1, victim = -1;
   if (part_size_[p] < part_cap_[p]) slot = take_free_slot();

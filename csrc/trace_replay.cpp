@@ -5,6 +5,7 @@
 // next layers (the best a predictor could do); given a predictor's output, it is fed that instead.
 // As live: learned predictions for later layers come before a layer's step, lookahead's for the
 // next layer after it (Engine::prefetch_ahead; live, from the hidden state the step produced).
+// Steps the trace marks as prefill run as the runtime's prefill steps (staging, streaming ahead).
 #include <climits>
 #include <stdexcept>
 #include <vector>
@@ -16,7 +17,7 @@ namespace policy {
 
 ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weights, int64_t tokens,
                           const int64_t* step_starts, int64_t steps, bool oracle_predictions,
-                          const ReplayPredictions& predictions, Engine* host_tier) {
+                          const ReplayPredictions& predictions, Engine* host_tier, const uint8_t* prefill) {
   const EngineConfig& cfg = engine.config();
   const int L = cfg.num_layers, E = cfg.num_experts, K = cfg.top_k;
   if (steps < 0 || step_starts[0] != 0 || step_starts[steps] != tokens)
@@ -76,7 +77,8 @@ ReplayResult replay_trace(Engine& engine, const int32_t* ids, const float* weigh
         }
       gather(s, l);
       engine.step(l, step_ids.data(), weights != nullptr ? step_w.data() : nullptr,
-                  int(step_ids.size()), plan, next_use.empty() ? nullptr : step_next.data());
+                  int(step_ids.size()), plan, next_use.empty() ? nullptr : step_next.data(),
+                  prefill != nullptr && prefill[s] != 0);
       if (host_tier != nullptr) {  // what the runtime reads from the host pool for this step
         for (size_t i = 0; i < plan.fetches.size(); i += 4) host_access(l, plan.fetches[i]);
         for (int32_t e : plan.cpu) host_access(l, e);

@@ -245,7 +245,7 @@ void TransferEngine::end_step(void* compute_stream) {
     // Prefetches go out after the kernel launch: one may bring in an expert that the step ran on the
     // CPU, and the kernel must not also see it in the table.
     if (!step_prefetches_handed_) {
-      for (const SlotCopy& c : step_.prefetches) unissued_.emplace_back(c, false);
+      for (const SlotCopy& c : step_.prefetches) unissued_.emplace_back(c, step_.prefetch_now);
       step_prefetches_handed_ = true;
     }
     drain();

@@ -37,8 +37,12 @@ struct StepCopies {
   std::vector<int64_t> read_slots;   // the slots the kernel reads (hits and demand copies)
   std::vector<SlotCopy> prefetches;  // queued after the kernel launch (for later layers, or admissions)
   std::vector<SlotCopy> releases;    // leave the table after the kernel, unless their slot changed hands
+  // The prefetches are a prefill's stream of the next layer's experts: issued at once after the kernel
+  // launch, on the demand stream, not queued behind the in-flight limit (the next layer waits for them all).
+  bool prefetch_now = false;
   void clear() {
     demand.clear(); read_slots.clear(); prefetches.clear(); releases.clear();
+    prefetch_now = false;
   }
 };
 

@@ -20,6 +20,7 @@ void step_copies(int64_t layer, const policy::Plan& plan, StepCopies& out) {
     out.prefetches.push_back({plan.prefetches[i], plan.prefetches[i + 1], plan.prefetches[i + 2]});
   for (size_t i = 0; i < plan.releases.size(); i += 3)
     out.releases.push_back({plan.releases[i + 1], plan.releases[i + 2], plan.releases[i]});
+  out.prefetch_now = plan.stream_ahead;
 }
 
 }  // namespace

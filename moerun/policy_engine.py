@@ -38,10 +38,11 @@ Plan = _C.Plan
 class PolicyEngine:
     """Decisions for one model under one policy (see the module docstring for the call path).
 
-    ``step(layer, expert_ids, gate_weights) -> Plan``: ``expert_ids`` are the layer's T*K routed
-    ids (a list/tuple of ints or an integer array; duplicates across tokens allowed: accesses count
+    ``step(layer, expert_ids, gate_weights, prefill=False) -> Plan``: ``expert_ids`` are the layer's T*K
+    routed ids (a list/tuple of ints or an integer array; duplicates across tokens allowed: accesses count
     per (token, expert) pair, decisions are per unique expert), ``gate_weights`` the matching floats
-    (or None). Raises ValueError for an id or layer out of range.
+    (or None); ``prefill`` marks a prefill's step (staging within ``schedule.prefill_staging``, the next
+    layer streamed ahead: docs/design.md, Prefill). Raises ValueError for an id or layer out of range.
     """
 
     def __init__(self, policy: CompiledPolicy, *, num_layers: int, num_experts: int, top_k: int,
@@ -71,11 +72,12 @@ class PolicyEngine:
         return self._native.prefetch_ahead(layer, expert_ids, scores)
 
     def observe_timing(self, layer: int, *, layer_us: float, copy_us: float = 0.0, copy_bytes: int = 0,
-                       cpu_us: float = 0.0, cpu_expert_tokens: int = 0) -> None:
+                       cpu_us: float = 0.0, cpu_expert_tokens: int = 0, cpu_experts: int = 0) -> None:
         """Measured times of ``layer``'s last step: re-estimates the cost model (bandwidth from
-        ``copy_bytes / copy_us``, CPU rate from ``cpu_us / cpu_expert_tokens``) and scores its
-        prediction (``stats()['cost_prediction_error']``)."""
-        self._native.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_expert_tokens)
+        ``copy_bytes / copy_us``; the CPU's time per expert and per token from ``cpu_us`` over
+        ``cpu_experts`` experts running ``cpu_expert_tokens`` routed tokens, 0 experts meaning one per token)
+        and scores its prediction (``stats()['cost_prediction_error']``)."""
+        self._native.observe_timing(layer, layer_us, copy_us, copy_bytes, cpu_us, cpu_expert_tokens, cpu_experts)
 
     def setup_for(self, policy: CompiledPolicy) -> EngineSetup:
         """``policy``'s engine setup on this engine's model and slots (PolicyError if it cannot run)."""
@@ -112,7 +114,9 @@ class PolicyEngine:
         self._native.keep_access_log(window)
 
     def stats(self) -> dict:
-        """Counters and rates: accesses, hits, misses, hit_rate, demand_fetches, prefetches,
+        """Counters and rates: accesses, hits, misses, hit_rate, decode_hit_rate (steps not marked prefill),
+        prefill (steps, accesses, hits, staged copies, streamed and streamed_used, borrowed cache slots,
+        staged_peak, staging_limit), demand_fetches, prefetches,
         prefetch_accuracy, evictions, releases, cpu_share, overflow, bytes_fetched, dropped (routed
         pairs over an expert's capacity_factor; replay only), capacities,
         cost_model (current estimates), cost_prediction_error, routing_prediction_accuracy,
@@ -134,13 +138,14 @@ class PolicyEngine:
         self._policies = [(0, self.policy)]
 
     def replay(self, expert_ids, gate_weights, step_starts, *, oracle_predictions: bool = True,
-               predictions: tuple | None = None, host: HostConfig | None = None) -> dict:
+               predictions: tuple | None = None, host: HostConfig | None = None, prefill_steps=None) -> dict:
         """Run a whole trace (``expert_ids`` int32 ``[tokens, layers, k]``, ``gate_weights`` float32
         or None, ``step_starts`` int64 ``[steps + 1]``) through this engine natively; returns stats.
 
         ``predictions`` = (ids int32, scores float32), both ``[steps, layers, depth, width]``: what
         a predictor said at each step and layer about layers l+1..l+depth (-1 = no id); lookahead and
         learned prefetch are fed these instead of the trace's true routing.
+        ``prefill_steps`` (uint8 ``[steps]``, or None: none): the steps that run as a prefill's.
         ``host`` with a capacity: a host tier of that many experts sits behind the GPU tier (as the
         runtime's host pool does: every copied, prefetched or CPU-run expert is looked up in it); its
         ``capacity, accesses, hits, misses, hit_rate, disk_bytes`` come back under ``"host"``.
@@ -152,7 +157,7 @@ class PolicyEngine:
             tier = dict(host_capacity=t.capacity, host_eviction=t.eviction, host_high_watermark=t.high_watermark,
                         host_low_watermark=t.low_watermark)
         native = self._native.replay(expert_ids, gate_weights, step_starts, oracle_predictions, pred_ids,
-                                     pred_scores, **tier)
+                                     pred_scores, prefill_steps=prefill_steps, **tier)
         out = self.stats()
         if "host" in native:
             out["host"] = dict(native["host"])

@@ -67,7 +67,8 @@ def limit_of_moerun(handle, info, dense_ms: float, on_gpu: bool) -> DecodeLimit:
     cost = handle.stats()["engine"]["cost_model"]
     memory = handle.memory()
     slot_bytes = int(memory["experts"]["slot_bytes"])
-    cpu_us = float(cost.get("cpu_us_per_expert_token") or 0.0)
+    # One expert for one token: the CPU's fixed cost per expert plus one token's.
+    cpu_us = float(cost.get("cpu_us_per_expert") or 0.0) + float(cost.get("cpu_us_per_expert_token") or 0.0)
     cpu_gbps = slot_bytes / (cpu_us * 1e3) if cpu_us > 0 else None  # bytes per µs / 1e3 = GB/s
     measured = on_gpu and bool(handle.runtime.engine.setup.observe_timings)
     return uniform_decode_limit(moe_layers=info.num_moe_layers, experts=info.num_experts, top_k=info.top_k,
@@ -108,7 +109,7 @@ def distinct_experts(experts: int, top_k: int, tokens: int) -> float:
 
 def uniform_prefill_bound(*, moe_layers: int, experts: int, top_k: int, num_slots: int, slot_bytes: int,
                           tokens: int, h2d_gbps: float, cpu_us_per_expert_token: float | None = None,
-                          rates_measured: bool = False) -> PrefillBound:
+                          cpu_us_per_expert: float = 0.0, rates_measured: bool = False) -> PrefillBound:
     """What the bytes allow a prefill of ``tokens`` tokens routed uniformly (the streaming bound)::
 
         D            = E * (1 - (1 - k/E)^T)                     distinct experts per MoE layer
@@ -118,7 +119,8 @@ def uniform_prefill_bound(*, moe_layers: int, experts: int, top_k: int, num_slot
 
     Each needed expert that is not resident moves its bytes once per layer (a copy, or the CPU reading
     it from host DRAM); ``cpu_rate`` is one expert's bytes over the CPU's time for its tokens,
-    ``T * k / D`` of them at ``cpu_us_per_expert_token`` each. The dense part's time is not added: the
+    ``T * k / D`` of them at ``cpu_us_per_expert_token`` each after ``cpu_us_per_expert`` (the cost model's
+    two CPU rates). The dense part's time is not added: the
     bound is a floor under the TTFT from the experts' bytes alone.
     """
     per_layer = distinct_experts(experts, top_k, tokens)
@@ -126,7 +128,7 @@ def uniform_prefill_bound(*, moe_layers: int, experts: int, top_k: int, num_slot
     stream_bytes = moe_layers * per_layer * (1.0 - resident) * slot_bytes
     cpu_gbps = None
     if cpu_us_per_expert_token and per_layer > 0:
-        expert_us = tokens * top_k / per_layer * cpu_us_per_expert_token
+        expert_us = cpu_us_per_expert + tokens * top_k / per_layer * cpu_us_per_expert_token
         cpu_gbps = slot_bytes / (expert_us * 1e3)
     pcie_ms = stream_bytes / (h2d_gbps * 1e9) * 1e3
     pcie_cpu_ms = stream_bytes / ((h2d_gbps + cpu_gbps) * 1e9) * 1e3 if cpu_gbps else None
@@ -142,4 +144,5 @@ def prefill_bound_of_moerun(handle, info, tokens: int, on_gpu: bool) -> PrefillB
         moe_layers=info.num_moe_layers, experts=info.num_experts, top_k=info.top_k,
         num_slots=int(memory["device"]["num_slots"]), slot_bytes=int(memory["experts"]["slot_bytes"]), tokens=tokens,
         h2d_gbps=float(cost["h2d_gbps"]), cpu_us_per_expert_token=float(cost.get("cpu_us_per_expert_token") or 0.0),
+        cpu_us_per_expert=float(cost.get("cpu_us_per_expert") or 0.0),
         rates_measured=on_gpu and bool(handle.runtime.engine.setup.observe_timings))

@@ -48,10 +48,11 @@ TRIGGER_CODES = ADAPT_TRIGGERS + tuple(f"rebalance_{r}" for r in ADAPT_REBALANCE
 @dataclass(frozen=True)
 class CostModel:
     """Starting numbers of the hybrid schedule's cost model; the engine re-estimates the bandwidth
-    and the CPU rate from measured timings as the runtime runs."""
+    and the CPU's two rates (per expert, per token) from measured timings as the runtime runs."""
 
     h2d_gbps: float = 25.0                # host->GPU copy bandwidth
-    cpu_us_per_expert_token: float = 400.0  # CPU time of one expert for one token
+    cpu_us_per_expert: float = 300.0      # CPU time of one expert whatever its tokens (its weights read once)
+    cpu_us_per_expert_token: float = 100.0  # and per token it runs (one token: 400 µs in all)
     copy_latency_us: float = 10.0         # fixed cost of one copy
     gpu_layer_us: float = 50.0            # GPU compute of one MoE layer step
     ema: float = 0.2                      # weight of each new observation in the re-estimate
@@ -151,6 +152,7 @@ def engine_setup(policy: CompiledPolicy, *, num_layers: int, num_experts: int, t
         lookahead=pf.lookahead, affinity_threshold=pf.affinity_threshold,
         history_window=pf.history_window, schedule=enum_code("schedule.mode", sc.mode),
         offload_threshold_ms=sc.offload_threshold_ms, priority_routing=sc.priority_routing,
+        prefill_staging=sc.prefill_staging, prefill_updates_cache=sc.prefill_updates_cache,
         per_layer=False, allocation=0, total_budget=capacity, min_capacity=1, max_capacity=0,
         rebalance_interval=0, entropy_window=1000,
         rules=[_rule(policy, r) for r in policy.adapt], cost=asdict(cost or CostModel()),

@@ -67,6 +67,17 @@ def explain(policy: ir.CompiledPolicy) -> str:
                     if s.mode == "hybrid" and s.offload_threshold_ms else "") + ".")
     lines.append(f"  copies and CPU experts overlap GPU compute; demand fetches "
                  f"{'overtake' if s.priority_routing else 'queue behind'} prefetches.")
+    if s.mode == "cpu_fallback":
+        staging = "every expert a prompt needs that is not resident runs on the CPU"
+    elif s.prefill_staging > 0:
+        staging = (f"a prompt's experts the cache has no room for pass through at most {s.prefill_staging:.0%} of "
+                   "the slots (free ones, then ones the cache's victims lend until the prompt is done), the next "
+                   "layer's streamed while a layer computes; the rest run on the CPU")
+    else:
+        staging = "a prompt's experts the cache has no room for run on the CPU (no staging slots)"
+    lines.append(f"- prefill: {staging}; prompt accesses "
+                 f"{'update' if s.prefill_updates_cache else 'leave'} the cache's recency and frequencies"
+                 f"{'' if s.prefill_updates_cache else ' as decoding left them'}.")
     if policy.host is not None:
         h = policy.host
         held = ("every expert in pinned memory (no disk tier)" if h.capacity == ir.AUTO else

@@ -99,6 +99,8 @@ class ScheduleConfig:
     offload_threshold_ms: float = 0.0    # hybrid: run on CPU if the copy would take longer; 0 = cost model
     overlap: bool = True                 # overlap copies/CPU work with GPU compute
     priority_routing: bool = True        # demand fetches jump ahead of queued prefetches
+    prefill_staging: float = 0.25        # share of the slots a prefill may hold experts the cache does not keep in
+    prefill_updates_cache: bool = False  # prefill accesses update the cache's recency/frequency/prefetch state
 
 
 @dataclass(frozen=True)

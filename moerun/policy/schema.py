@@ -87,6 +87,11 @@ BLOCKS: dict[str, dict[str, Param]] = {
         "overlap": Param("bool", inert=True,
                          doc="accepted for compatibility: copies and CPU experts always overlap GPU compute"),
         "priority_routing": Param("bool", doc="demand fetches overtake queued prefetches"),
+        "prefill_staging": Param("float", lo=0.0, hi=1.0,
+                                 doc="share of the GPU slots a prefill may hold experts in that the cache does not "
+                                     "keep (free slots first, then slots the cache's victims lend; 0 = none)"),
+        "prefill_updates_cache": Param("bool", doc="prefill accesses update the cache's recency, frequencies and "
+                                                   "prefetch tables (false: the cache decoding finds is decode's)"),
     },
     "monitor": {
         "metrics": Param("metrics", inert=True,

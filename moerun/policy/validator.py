@@ -32,6 +32,8 @@ REQUIRES = {
     ("cache", "low_watermark"): (("cache", "eviction"), ("watermark",)),
     ("cache", "credit_decay"): (("cache", "eviction"), ("watermark",)),
     ("schedule", "offload_threshold_ms"): (("schedule", "mode"), ("hybrid",)),
+    # cpu_fallback computes every prefill miss on the CPU: nothing is staged.
+    ("schedule", "prefill_staging"): (("schedule", "mode"), ("hybrid", "gpu_only")),
     ("prefetch", "predictor"): (("prefetch", "strategy"), ("learned",)),
 }
 # MoE-PolicyLang extensions this runtime does not implement, with what to write instead.

@@ -14,6 +14,8 @@ requests at once belongs in one loop that batches them, not in threads racing on
 """
 from __future__ import annotations
 
+import numpy as np
+
 import contextlib
 import functools
 import threading
@@ -155,6 +157,7 @@ class MoerunHandle:
         info = self.model_info
         write_trace(path, Trace(
             expert_ids=ids, gate_weights=weights, step_starts=step_starts, prompt_starts=prompt_starts,
+            prefill_steps=np.asarray(recorder.prefill_steps, np.uint8),
             num_experts=info["num_experts"], model=info["path"], arch=info["model_type"],
             expert_bytes=self.plan.slot_bytes,
             extra={"moe_layers": self.moe_layers, "policy": getattr(self.policy, "name", "")},

@@ -72,7 +72,8 @@ class OffloadedMoE(nn.Module):
             if override is not None:
                 ids, weights = ids.contiguous(), weights.contiguous()
                 override.rewrite(ids, weights)
-            y = self.runtime.run(self.moe_index, x, ids, weights)  # [T, H]
+            # More than one new token per sequence: a prefill (or a chunk of one).
+            y = self.runtime.run(self.moe_index, x, ids, weights, prefill=shape[1] > 1)  # [T, H]
         shared = self.adapter.shared_output(self, x)
         if shared is not None:
             y = y + shared

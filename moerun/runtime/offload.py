@@ -68,6 +68,7 @@ class HostStep:
     weights: torch.Tensor         # [T, K] fp32 gate weights
     cpu_out: torch.Tensor         # [T, H] fp32 the CPU executor's partial sum
     started_at: float = 0.0       # perf_counter() when the step began (for the cost model)
+    prefill: bool = False         # a prefill's step (more than one new token per sequence): docs/design.md, Prefill
     _routing: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def routing(self) -> tuple[np.ndarray, np.ndarray]:
@@ -160,14 +161,18 @@ class OffloadRuntime:
         x: torch.Tensor,
         ids: torch.Tensor,
         weights: torch.Tensor,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """Routed-expert output ``[T, H]`` (x.dtype) of MoE layer ``moe_layer`` for tokens ``x`` ``[T, H]``.
 
         ``ids`` ``[T, K]`` and ``weights`` ``[T, K]`` (fp32) are the router's choice on x's device.
+        ``prefill``: the tokens are a prefill's (more than one new token per sequence): the engine stages
+        and streams the experts the cache has no room for (docs/design.md, Prefill).
         The transformers path calls this; the fast decode path calls the same phases with its
         static buffers, the kernel and the CPU merge inside CUDA graphs.
         """
         host = self.to_host(x, ids, weights)  # the one sync
+        host.prefill = prefill
         step = self.begin(moe_layer, host)
         y = self.moe_kernel(moe_layer, x, ids, weights)
         self.after_kernel(step)
@@ -187,9 +192,9 @@ class OffloadRuntime:
         expert_ids, gate_weights = host.routing()  # [T*K] each
         if self.predictor is not None:
             self._predict(moe_layer, host.ids)
-        plan = self.engine.step(moe_layer, expert_ids, gate_weights)
+        plan = self.engine.step(moe_layer, expert_ids, gate_weights, host.prefill)
         if self.recorder is not None:
-            self.recorder.record(moe_layer, host.ids, host.weights)
+            self.recorder.record(moe_layer, host.ids, host.weights, host.prefill)
         # From here the engine's state runs ahead of the arena's until the transfer engine has the
         # plan; settle() catches up if the step is cut short.
         counts = plan.counts
@@ -281,7 +286,7 @@ class OffloadRuntime:
         self.counters[step.moe_layer].add_step(step.num_pairs, step.counts, self.slot_bytes)
         if self.observe_timings and timed:
             self._observe_timing(step.moe_layer, (time.perf_counter() - step.start) * 1e6, step.cpu_us,
-                                 step.cpu_pairs)
+                                 step.cpu_pairs, len(step.cpu_experts))
 
     def fill_arena(self) -> int:
         """When the arena and the policy's capacity hold every expert, copy them all in now
@@ -342,7 +347,8 @@ class OffloadRuntime:
             if moe_layer + d < self.num_layers:
                 self.engine.observe_prediction(moe_layer + d, ids[0, d - 1].numpy(), scores[0, d - 1].numpy())
 
-    def _observe_timing(self, moe_layer: int, layer_us: float, cpu_us: float, cpu_pairs: int) -> None:
+    def _observe_timing(self, moe_layer: int, layer_us: float, cpu_us: float, cpu_pairs: int,
+                        cpu_experts: int) -> None:
         """Feed measured copy and CPU times to the engine's cost model (hybrid scheduling).
 
         Copy time and bytes are those of the copies the transfer engine timed since the last call
@@ -352,7 +358,7 @@ class OffloadRuntime:
         """
         copy_us, copy_bytes = self.transfer.take_copy_timing()
         self.engine.observe_timing(moe_layer, layer_us=layer_us, copy_us=copy_us, copy_bytes=copy_bytes,
-                                   cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs)
+                                   cpu_us=cpu_us, cpu_expert_tokens=cpu_pairs, cpu_experts=cpu_experts)
 
     def to_host(self, x, ids, weights) -> HostStep:
         """Copy x, ids, weights into pinned buffers; wait for the copies once.

@@ -24,16 +24,20 @@ class TraceRecorder:
         self._pending_prompts: list[int] = []  # prompt starts within the next pass (token offsets)
         self.prompt_starts: list[int] = []
         self.step_starts: list[int] = [0]
+        self._pass_prefill = False
+        self.prefill_steps: list[bool] = []  # per finished pass: the runtime ran it as a prefill
 
     def start_prompts(self, batch: int, seq_len: int) -> None:
         """The next pass is a prefill of ``batch`` prompts of ``seq_len`` tokens each."""
         self._close_pass()
         self._pending_prompts = [b * seq_len for b in range(batch)]
 
-    def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """One MoE layer's host copies of ids ``[T, K]`` and weights ``[T, K]``."""
+    def record(self, layer: int, ids: torch.Tensor, weights: torch.Tensor, prefill: bool = False) -> None:
+        """One MoE layer's host copies of ids ``[T, K]`` and weights ``[T, K]``; ``prefill``: the
+        runtime runs this step as a prefill's."""
         if layer == 0:
             self._close_pass()
+            self._pass_prefill = prefill
         self._pass_ids.append(ids.numpy().astype(np.int32))
         self._pass_weights.append(weights.numpy().astype(np.float32))
 
@@ -46,6 +50,7 @@ class TraceRecorder:
             self._ids.append(ids)
             self._weights.append(np.stack(self._pass_weights, axis=1))
             self.step_starts.append(offset + ids.shape[0])
+            self.prefill_steps.append(self._pass_prefill)
             self._pending_prompts = []
         self._pass_ids, self._pass_weights = [], []
 

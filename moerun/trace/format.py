@@ -11,6 +11,9 @@ array              dtype, shape      meaning
                                      ``step_starts[s]:step_starts[s+1]`` together through every
                                      layer (a prefill chunk, or a decode step of a batch)
 ``prompt_starts``  int64 [P]         token offset where each prompt (sequence) begins
+``prefill_steps``  uint8 [S]         optional: 1 where the runtime ran the step as a prefill (more than one
+                                     new token per sequence); absent: no step is (replay runs them all
+                                     as decode steps)
 ``meta``           str (JSON)        ``{"format": "moerun-trace", "version": 1, "model": ...,
                                      "arch": ..., "num_layers": L, "num_experts": E, "top_k": K,
                                      "expert_bytes": bytes of one expert (0 if unknown)}``
@@ -53,6 +56,7 @@ class Trace:
     step_starts: np.ndarray            # [S + 1] int64
     prompt_starts: np.ndarray          # [P] int64
     num_experts: int
+    prefill_steps: np.ndarray | None = None  # [S] uint8, or None: no step is a prefill
     model: str = "unknown"
     arch: str = "unknown"
     expert_bytes: int = 0
@@ -118,6 +122,10 @@ class Trace:
         if p.ndim != 1 or (p.size and (p[0] != 0 or np.any(np.diff(p) <= 0) or p[-1] >= max(self.num_tokens, 1))):
             raise TraceError(f"{where}: prompt_starts must rise strictly from 0 below the token count "
                              f"{self.num_tokens}, got {p.ravel()[:8].tolist()} (shape {p.shape})")
+        f = self.prefill_steps
+        if f is not None and (f.shape != (self.num_steps,) or f.dtype.kind not in "biu" or np.any((f != 0) & (f != 1))):
+            raise TraceError(f"{where}: prefill_steps must be one 0/1 flag per step ({self.num_steps}), got "
+                             f"shape {f.shape} dtype {f.dtype}")
         return self
 
     def check_model(self, *, num_layers: int, num_experts: int, top_k: int | None = None) -> None:
@@ -138,7 +146,8 @@ def write_trace(path: str | os.PathLike, trace: Trace) -> Path:
         np.savez_compressed(
             f, expert_ids=trace.expert_ids.astype(np.int32), gate_weights=trace.gate_weights.astype(np.float32),
             step_starts=trace.step_starts.astype(np.int64), prompt_starts=trace.prompt_starts.astype(np.int64),
-            meta=np.array(json.dumps(trace.meta())))
+            meta=np.array(json.dumps(trace.meta())),
+            **({} if trace.prefill_steps is None else {"prefill_steps": trace.prefill_steps.astype(np.uint8)}))
     return Path(path)
 
 
@@ -162,7 +171,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
     trace = Trace(expert_ids=_integers(path, arrays, "expert_ids"), gate_weights=arrays["gate_weights"],
                   step_starts=_integers(path, arrays, "step_starts"),
                   prompt_starts=_integers(path, arrays, "prompt_starts"),
-                  num_experts=_meta_int(path, meta, "num_experts", 0), model=str(meta.get("model", "unknown")),
+                  prefill_steps=arrays.get("prefill_steps"), num_experts=_meta_int(path, meta, "num_experts", 0), model=str(meta.get("model", "unknown")),
                   arch=str(meta.get("arch", "unknown")), expert_bytes=_meta_int(path, meta, "expert_bytes", 0),
                   extra=extra)
     trace.validate(str(path))

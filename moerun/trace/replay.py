@@ -59,7 +59,8 @@ def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None,
     if host_capacity is not None:
         host = replace(host or HostConfig(), capacity=host_capacity)
     stats = engine.replay(trace.expert_ids, trace.gate_weights, trace.step_starts,
-                          oracle_predictions=oracle_predictions, predictions=predictions, host=host)
+                          oracle_predictions=oracle_predictions, predictions=predictions, host=host,
+                          prefill_steps=trace.prefill_steps)
     stats["estimated_ms"] = stats["simulated_us"] / 1e3
     stats["num_slots"] = num_slots
     stats["expert_bytes"] = expert_bytes

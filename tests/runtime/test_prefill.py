@@ -20,6 +20,9 @@ from moerun.runtime.moe_layer import install_routing_override
 MAX_CONTEXT = 32
 NEW_TOKENS = 5
 EVICTING = "policy p { cache { eviction = lru } schedule { mode = gpu_only } }"
+# Prefill through all three places at once in a 6-slot arena: the cache's free room, 3 staging slots
+# (0.5 x 6, the next layer streamed into them), and the CPU for what finds no slot.
+STAGING = "policy p { cache { eviction = lru } schedule { mode = gpu_only prefill_staging = 0.5 } }"
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +39,13 @@ def _prompt():
     return ids, mask
 
 
-def _load(path, prefill_chunk=None, fast_decode=False, slots=None):
+def _load(path, prefill_chunk=None, fast_decode=False, slots=None, policy=EVICTING):
     budget = 1 << 40
     if slots is not None:
         plan = moerun.memory_plan(path, vram_budget=budget, device="cpu", max_context=MAX_CONTEXT, max_batch=2,
                                   prefill_chunk=prefill_chunk)
         budget = plan.fixed_bytes + slots * plan.slot_bytes
-    return moerun.load(path, policy=EVICTING, vram_budget=budget, device="cpu", max_context=MAX_CONTEXT,
+    return moerun.load(path, policy=policy, vram_budget=budget, device="cpu", max_context=MAX_CONTEXT,
                        max_batch=2, prefill_chunk=prefill_chunk, fast_decode=fast_decode, progress=False)
 
 
@@ -59,6 +62,23 @@ def _generate(model, ids, mask):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits)
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """Per architecture, transformers' own fp32 model on the prompt: (prefill logits, greedy tokens, their logits)."""
+    ids, mask = _prompt()
+    out = {}
+
+    def get(arch):
+        if arch not in out:
+            model = AutoModelForCausalLM.from_pretrained(checkpoints[arch])
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            out[arch] = (logits, *_generate(model, ids, mask))
+        return out[arch]
+
+    return get
 
 
 def _moe_steps(model) -> int:
@@ -86,6 +106,25 @@ def test_chunked_prefill_equals_one_forward_with_evicting_budget(arch, checkpoin
     chunked_tokens, chunked_gen_logits = _generate(chunked, ids, mask)
     assert torch.equal(chunked_tokens, tokens)
     torch.testing.assert_close(chunked_gen_logits, gen_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+@pytest.mark.parametrize("prefill_chunk", [None, 8])
+def test_staged_prefill_equals_transformers(arch, prefill_chunk, checkpoints, references):
+    """Batch 2 with left padding, an evicting budget, chunked or not: the prefill's experts split between the
+    cache, staging slots (streamed a layer ahead) and the CPU give transformers' logits and greedy tokens."""
+    ids, mask = _prompt()
+    logits, tokens, gen_logits = references(arch)
+    model = _load(checkpoints[arch], prefill_chunk=prefill_chunk, slots=6, policy=STAGING)
+    prefill_logits, _ = _prefill(model, ids, mask)
+    torch.testing.assert_close(prefill_logits, logits, rtol=1e-4, atol=1e-4)
+    engine = model.moerun.stats()["engine"]
+    staged = engine["prefill"]
+    assert staged["steps"] > 0 and staged["staging_limit"] == 3 and staged["staged_peak"] <= 3
+    assert staged["staged"] + staged["streamed"] > 0 and engine["cpu_experts"] > 0, engine
+    moerun_tokens, moerun_logits = _generate(model, ids, mask)
+    assert torch.equal(moerun_tokens, tokens)
+    torch.testing.assert_close(moerun_logits, gen_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3"])
