@@ -13,8 +13,11 @@ Every expert format (``--formats``, default all): the float rows as above; a qua
 time the same two paths over random packed slots (valid codes, scales near the float experts'),
 decode bandwidth counted in packed bytes (codes + scales + zero points of the experts touched) against
 the copy rate, and check the result against a torch loop over the reference-decoded weights
-(tests/expert_format_reference.py). ``--small`` runs every format once at a tiny shape in the Triton
-interpreter on the CPU (a smoke test of this script: no timing).
+(tests/expert_format_reference.py). The ``gpt-oss-20b`` shape's experts carry biases and the clamped
+SwiGLU (``ACTIVATIONS``): its rows time the kernels with both and check them against the tests' float64
+expert; transformers' Qwen2MoeExperts rows are left out there (they compute silu experts). ``--small``
+runs every format once at a tiny shape in the Triton interpreter on the CPU, silu and gpt-oss's
+activation (a smoke test of this script: no timing).
 
     python benchmarks/bench_kernels.py --tune --out results.json --config-out fused_moe_configs.json
     python benchmarks/bench_kernels.py --decode-only --out bench_kernels_formats.json   # every format, decode
@@ -40,7 +43,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from moerun.kernels.fused_moe import fused_moe, sort_pairs_by_expert  # noqa: E402
-from moerun.native import EXPERT_FORMATS, slot_layout, slot_views  # noqa: E402
+from moerun.models.base import ExpertActivation  # noqa: E402
+from moerun.models.gpt_oss import SWIGLU_ALPHA, SWIGLU_LIMIT  # noqa: E402
+from moerun.native import EXPERT_FORMATS, SLOT_PARTS, slot_layout, slot_parts, slot_views  # noqa: E402
 from moerun.kernels.fused_moe_config import (  # noqa: E402
     DecodeConfig, FusedMoeConfig, GemmTile, PrefillConfig, device_key, get_config, shape_key,
 )
@@ -61,7 +66,10 @@ SHAPES = {
     "mixtral": (4096, 14336, 8, 2),
     "olmoe": (2048, 1024, 64, 8),
     "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "gpt-oss-20b": (2880, 2880, 32, 4),
 }
+# Shapes whose experts are not silu without biases: their activation (moerun.models.base.ExpertActivation).
+ACTIVATIONS = {"gpt-oss-20b": ExpertActivation("swiglu_clamped", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, bias=True)}
 DECODE_SWEEP = [
     DecodeConfig(block_n=bn, block_h=bh, block_out=bo, block_i=bi, num_warps=w)
     for bn, bh, bo, bi, w in [
@@ -158,18 +166,15 @@ def device_ceilings() -> dict:
     return {"copy_GBps": 2 * n / copy_us / 1e3, "matmul_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
 
 
-PARTS = ("gate_up", "gate_up_scales", "gate_up_zeros", "down", "down_scales", "down_zeros")
-
-
 def random_packed_slots(layout, experts: int, device) -> torch.Tensor:
     """[E, slot_elems] arena of random quantized experts: every code valid (no fp8 NaN), scales that
     give weights of about the float experts' size, zero padding."""
     arena = torch.zeros(experts, layout.slot_elems, dtype=layout.dtype, device=device)
     raw = arena.view(torch.uint8)  # [E, slot_bytes]
     fmt, rows_cols = layout.format, {"gate_up": layout.hidden_size, "down": layout.inter_size}
-    for part in PARTS:
+    for part in SLOT_PARTS:
         off, size = getattr(layout, part + "_offset"), getattr(layout, part + "_bytes")
-        if not size:
+        if not size or part.endswith("_bias"):  # biases: Problem writes them in the model dtype
             continue
         view = raw[:, off:off + size]
         fan_in = rows_cols["gate_up" if part.startswith("gate_up") else "down"]
@@ -193,9 +198,12 @@ class Problem:
     """All E experts of one shape, resident in an arena (one slot each), plus HF-layout copies (float
     format; quantized formats hold random packed slots, decoded on demand for the checks)."""
 
-    def __init__(self, hidden, inter, experts, top_k, dtype=torch.bfloat16, format="float", device="cuda"):
+    def __init__(self, hidden, inter, experts, top_k, dtype=torch.bfloat16, format="float", device="cuda",
+                 activation: ExpertActivation | None = None):
         self.H, self.I, self.E, self.K = hidden, inter, experts, top_k
-        self.layout = slot_layout(dtype, hidden, inter, format)
+        self.activation = activation  # None: silu without biases
+        bias = activation is not None and activation.bias
+        self.layout = slot_layout(dtype, hidden, inter, format, bias=bias)
         self.device = device
         if self.layout.quantized:
             self.gate_up = self.down = None
@@ -209,6 +217,14 @@ class Problem:
                 gate_up, down = slot_views(self.layout, self.arena[e])
                 gate_up.copy_(self.gate_up[e])
                 down.copy_(self.down[e])
+        self.biases = None  # (gate_up_bias [E, 2I], down_bias [E, H]) in the model dtype
+        if bias:
+            self.biases = (0.5 * torch.randn(experts, 2 * inter, device=device).to(dtype),
+                           0.1 * torch.randn(experts, hidden, device=device).to(dtype))
+            for e in range(experts):
+                parts = slot_parts(self.layout, self.arena[e])
+                parts["gate_up_bias"].copy_(self.biases[0][e].view(torch.uint8))
+                parts["down_bias"].copy_(self.biases[1][e].view(torch.uint8))
         self.table = torch.randperm(experts, device=device).int()  # expert e -> a random slot
         self.arena = self.arena[self.table.argsort()].contiguous()  # place expert e in slot table[e]
 
@@ -220,8 +236,8 @@ class Problem:
         return x, ids, w
 
     def expert_bytes(self) -> int:
-        """Bytes of one expert as stored (codes, scales, zero points; the slot without its padding)."""
-        return sum(getattr(self.layout, part + "_bytes") for part in PARTS)
+        """Bytes of one expert as stored (codes, scales, zero points, biases; the slot without its padding)."""
+        return sum(getattr(self.layout, part + "_bytes") for part in SLOT_PARTS)
 
     def expert_weights(self, e):
         """(gate_up [2I, H], down [H, I]) of expert e in the model dtype's compute precision: the float
@@ -256,9 +272,14 @@ class Problem:
         for e in torch.unique(ids).tolist():
             tok, k = (ids == e).nonzero(as_tuple=True)
             gate_up, down = self.expert_weights(e)
-            h = F.linear(x[tok].to(gate_up.dtype), gate_up)
-            h = F.silu(h[:, : self.I]) * h[:, self.I:]
-            out.index_add_(0, tok, F.linear(h, down).float() * w[tok, k, None])
+            if self.activation is None:
+                h = F.linear(x[tok].to(gate_up.dtype), gate_up)
+                h = F.silu(h[:, : self.I]) * h[:, self.I:]
+                y = F.linear(h, down).float()
+            else:  # the tests' float64 expert (biases, the shape's activation)
+                biases = (self.biases[0][e], self.biases[1][e]) if self.biases is not None else None
+                y = format_reference().expert_output(x[tok], gate_up, down, biases, self.activation).float()
+            out.index_add_(0, tok, y * w[tok, k, None])
         return out.to(x.dtype)
 
 
@@ -283,10 +304,11 @@ def format_fits(layout, cfg) -> bool:
 
 
 def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt="float", decode_only=False) -> dict:
-    prob = Problem(*shape, format=fmt)
+    prob = Problem(*shape, format=fmt, activation=ACTIVATIONS.get(name))
     quantized = prob.layout.quantized
+    silu = prob.activation is None  # transformers' Qwen2MoeExperts (the hf rows) compute silu experts only
     row = {"shape": name, "format": fmt, "H": shape[0], "I": shape[1], "E": shape[2], "K": shape[3],
-           "expert_bytes": prob.expert_bytes()}
+           "activation": prob.activation.name if prob.activation else "silu", "expert_bytes": prob.expert_bytes()}
     base_cfg = get_config(torch.device("cuda"), shape[0], shape[1], format=fmt)
     best = {"decode": base_cfg.decode, "prefill": base_cfg.prefill}
 
@@ -300,7 +322,8 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt=
     decode_times = {}
     for dc in sweep:
         cfg = FusedMoeConfig(decode=dc, prefill=best["prefill"])
-        fns = [lambda s=s, o=o, cfg=cfg: fused_moe(s[0], s[1], s[2], prob.table, prob.arena, prob.layout, o, config=cfg)
+        fns = [lambda s=s, o=o, cfg=cfg: fused_moe(s[0], s[1], s[2], prob.table, prob.arena, prob.layout, o,
+                                                   prob.activation, config=cfg)
                for s, o in zip(sets, outs)]
         decode_times[dc] = graph_us(fns)
     best["decode"] = min(decode_times, key=decode_times.get)
@@ -309,20 +332,21 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt=
     row["decode_frac_of_copy_bw"] = row["decode_GBps"] / ceilings["copy_GBps"]
     x, ids, w = sets[0]
     ref = prob.torch_loop(x, ids, w)
-    out = fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, config=FusedMoeConfig(best["decode"], best["prefill"]))
+    chosen = FusedMoeConfig(best["decode"], best["prefill"])
+    out = fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, activation=prob.activation, config=chosen)
     row["decode_rel_err_vs_torch_loop"] = check(out, ref)
     row["decode_kernels_us"] = kernel_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.layout,
-                                                           config=FusedMoeConfig(best["decode"], best["prefill"])))
-    for impl in ("grouped_mm", "batched_mm", "eager") if not quantized else ():  # bf16 experts only
+                                                           activation=prob.activation, config=chosen))
+    for impl in ("grouped_mm", "batched_mm", "eager") if silu and not quantized else ():  # bf16 silu experts only
         mod = prob.hf_experts(impl)
         try:
             row[f"decode_hf_{impl}_us"] = median_us(lambda: mod(x, ids.long(), w))
         except Exception as exc:  # report, do not hide, an implementation this torch cannot run
             row[f"decode_hf_{impl}_us"] = f"failed: {type(exc).__name__}: {exc}"[:200]
-    if not quantized:
+    if silu and not quantized:
         row["decode_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w))
     row["decode_eager_launch_us"] = median_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.layout,
-                                                                config=FusedMoeConfig(best["decode"], best["prefill"])))
+                                                                activation=prob.activation, config=chosen))
 
     if decode_only:
         row["config"] = FusedMoeConfig(best["decode"], best["prefill"]).to_dict()
@@ -343,7 +367,7 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt=
         cfg = FusedMoeConfig(decode=best["decode"], prefill=pc)
         try:
             prefill_times[pc] = graph_us([lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, out,
-                                                            config=cfg)], replays=10)
+                                                            prob.activation, config=cfg)], replays=10)
         except Exception as exc:  # e.g. out of shared memory for a large tile
             print(f"  {name} prefill {pc}: {type(exc).__name__}: {str(exc)[:120]}")
             prefill_times[pc] = float("inf")
@@ -369,10 +393,10 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt=
     row["prefill_TFLOPs"] = fl["flops"] / row["prefill_us"] / 1e6
     row["prefill_frac_of_matmul"] = row["prefill_TFLOPs"] / ceilings["matmul_TFLOPs"]
     cfg = FusedMoeConfig(best["decode"], best["prefill"])
-    out = fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, config=cfg)
+    out = fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, activation=prob.activation, config=cfg)
     ref = prob.torch_loop(x, ids, w)
     row["prefill_rel_err_vs_torch_loop"] = check(out, ref)
-    for impl in ("grouped_mm", "batched_mm", "eager") if not quantized else ():
+    for impl in ("grouped_mm", "batched_mm", "eager") if silu and not quantized else ():
         mod = prob.hf_experts(impl)
         try:
             if impl == "batched_mm" and prefill_tokens * prob.K * prob.H * prob.I * 3 * 2 > 40e9:
@@ -381,7 +405,7 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt=
         except Exception as exc:
             row[f"prefill_hf_{impl}_us"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         torch.cuda.empty_cache()
-    if not quantized:
+    if silu and not quantized:
         row["prefill_torch_loop_us"] = median_us(lambda: prob.torch_loop(x, ids, w), reps=10)
     # share of the prefill time spent grouping pairs by expert
     row["prefill_sort_us"] = graph_us([lambda: sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m,
@@ -390,10 +414,11 @@ def bench_shape(name, shape, ceilings, tune, decode_tokens, prefill_tokens, fmt=
     _, blocks = sort_pairs_by_expert(ids, prob.table, best["prefill"].block_m, best["prefill"].tail_m)
     row["prefill_rows_computed_per_pair"] = blocks[2].sum().item() / ids.numel()
     # where the prefill time goes, kernel by kernel
-    row["prefill_kernels_us"] = kernel_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, out, config=cfg))
+    row["prefill_kernels_us"] = kernel_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, out,
+                                                            prob.activation, config=cfg))
     # the same call launched eagerly (host launch cost included, unlike the graph replays above)
     row["prefill_eager_launch_us"] = median_us(lambda: fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, out,
-                                                                 config=cfg), reps=10)
+                                                                 prob.activation, config=cfg), reps=10)
     row["config"] = cfg.to_dict()
     row["decode_sweep_us"] = {str(k): v for k, v in decode_times.items()}
     row["prefill_sweep_us"] = {str(k): v for k, v in prefill_times.items()}
@@ -408,17 +433,20 @@ def small_smoke(formats: list[str]) -> None:
     small = FusedMoeConfig(DecodeConfig(block_n=32, block_h=64, block_out=32, block_i=64),
                            PrefillConfig(block_m=16, tail_m=4, gate_up=GemmTile(32, 32, 4, 2),
                                          down=GemmTile(64, 32, 4, 2, group_m=2), sum_block_h=64))
-    print("format        packed bytes/expert  decode rel err  prefill rel err")
+    print("format        activation      packed bytes/expert  decode rel err  prefill rel err")
     for fmt in formats:
-        prob = Problem(128, 128, 4, 2, dtype=torch.float32, format=fmt, device="cpu")
-        errs = []
-        for tokens, path in ((1, "decode"), (9, "prefill")):
-            x, ids, w = prob.inputs(tokens, 7)
-            out = fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, config=small, path=path)
-            errs.append(check(out, prob.torch_loop(x, ids, w)))
-        print(f"{fmt:13s} {prob.expert_bytes():19d} {errs[0]:15.1e} {errs[1]:16.1e}")
-        if max(errs) > 1e-4 or any(e != e for e in errs):
-            raise SystemExit(f"{fmt}: the kernels disagree with the reference")
+        for activation in (None, ACTIVATIONS["gpt-oss-20b"]):
+            prob = Problem(128, 128, 4, 2, dtype=torch.float32, format=fmt, device="cpu", activation=activation)
+            errs = []
+            for tokens, path in ((1, "decode"), (9, "prefill")):
+                x, ids, w = prob.inputs(tokens, 7)
+                out = fused_moe(x, ids, w, prob.table, prob.arena, prob.layout, activation=prob.activation,
+                                config=small, path=path)
+                errs.append(check(out, prob.torch_loop(x, ids, w)))
+            act = activation.name if activation else "silu"
+            print(f"{fmt:13s} {act:15s} {prob.expert_bytes():19d} {errs[0]:15.1e} {errs[1]:16.1e}")
+            if max(errs) > 1e-4 or any(e != e for e in errs):
+                raise SystemExit(f"{fmt} {act}: the kernels disagree with the reference")
 
 
 def main() -> None:
