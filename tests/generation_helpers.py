@@ -31,3 +31,28 @@ def assert_matches(got, want):
     ``got``/``want``: (tokens, logits)."""
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def check_decode_masks(decoder, kinds: set[str] | None = None) -> list[bool]:
+    """Wrap ``decoder.mask.build`` so that every mask it hands generate() is checked against the one
+    transformers builds (per attention kind; ``kinds``: the kinds expected, when given). Returns a list that
+    gains, per call, whether the call extended the last step's mask on the device."""
+    build, extended = decoder.mask.build, []
+
+    def as_dict(masks):
+        return dict(masks) if isinstance(masks, dict) else {"full_attention": masks}
+
+    def checked(original, *args, **kwargs):
+        was = decoder.mask._columns
+        out = build(original, *args, **kwargs)
+        got, want = as_dict(out), as_dict(original(*args, **kwargs))
+        assert set(got) == set(want) and (kinds is None or set(want) == kinds), (set(got), set(want))
+        for kind, mask in want.items():
+            assert (got[kind] is None) == (mask is None), kind
+            if mask is not None:
+                assert got[kind].dtype == mask.dtype and torch.equal(got[kind], mask.expand_as(got[kind])), kind
+        extended.append(decoder.mask._columns == was + 1 and was > 0)
+        return out
+
+    decoder.mask.build = checked
+    return extended

@@ -22,7 +22,7 @@ from moerun.runtime.decode_cache import ContextOverflowError
 from moerun.runtime.decode_profile import PHASES
 
 from generation_helpers import NEW_TOKENS, assert_matches as _assert_matches, budget_for as _budget_for  # noqa: E402
-from generation_helpers import greedy as _generate, policy as _policy  # noqa: E402
+from generation_helpers import check_decode_masks, greedy as _generate, policy as _policy  # noqa: E402
 
 LRU_AUTO = "policy tight { cache { eviction = lru } }"
 
@@ -373,21 +373,7 @@ def test_decode_mask_extended_on_the_device_equals_transformers_own(checkpoints,
     path = checkpoints["qwen3_moe"]
     model = _load_fast(path, policy=LRU_AUTO, max_batch=2)
     model.set_attn_implementation(attention)
-    decoder = model.moerun.decoder
-    build, extended = decoder.mask.build, []
-
-    def checked(original, *args, **kwargs):
-        was = decoder.mask._columns
-        out = build(original, *args, **kwargs)
-        want = original(*args, **kwargs)
-        got, want = (out["full_attention"], want["full_attention"]) if isinstance(want, dict) else (out, want)
-        assert (got is None) == (want is None)
-        if want is not None:
-            assert got.dtype == want.dtype and torch.equal(got, want.expand_as(got))
-        extended.append(decoder.mask._columns == was + 1 and was > 0)
-        return out
-
-    decoder.mask.build = checked
+    extended = check_decode_masks(model.moerun.decoder)
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(8))
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # left-padded second row

@@ -11,7 +11,7 @@ gpt_oss); this file adds the MXFP4 layout, padding, policies, schedule modes and
 import pytest
 import torch
 from generation_helpers import NEW_TOKENS, assert_matches as _assert_matches, budget_for as _budget_for
-from generation_helpers import greedy as _generate, policy as _policy
+from generation_helpers import check_decode_masks, greedy as _generate, policy as _policy
 from transformers import AutoModelForCausalLM, Mxfp4Config
 
 import moerun
@@ -118,20 +118,7 @@ def test_decode_masks_extended_on_the_device_equal_transformers_own(checkpoints)
     # Both kinds: the full mask gains the new column, the sliding-window one also loses the column W back.
     model = moerun.load(checkpoints["mxfp4"], device="cpu", max_context=64, max_batch=2, fast_decode=True,
                         progress=False)
-    decoder = model.moerun.decoder
-    build, extended = decoder.mask.build, []
-
-    def checked(original, *args, **kwargs):
-        was = decoder.mask._columns
-        out = build(original, *args, **kwargs)
-        want = original(*args, **kwargs)
-        assert set(out) == set(want) == {"full_attention", "sliding_attention"}
-        for kind in want:
-            assert torch.equal(out[kind], want[kind].expand_as(out[kind])), kind
-        extended.append(decoder.mask._columns == was + 1 and was > 0)
-        return out
-
-    decoder.mask.build = checked
+    extended = check_decode_masks(model.moerun.decoder, {"full_attention", "sliding_attention"})
     ids = torch.randint(3, 128, (2, WINDOW + 3), generator=torch.Generator().manual_seed(8))
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0
