@@ -16,7 +16,8 @@ uniform`` draws every token's experts uniformly at random on the device (the fas
 ``UniformRouting`` override, moerun.bench.routing_overrides): the worst case for any cache, the one the issue's target names; those
 rows run the fast path only.
 
-Each row times the fast path (graphs captured by a warm-up generation) and the transformers path
+Each row times the fast path (graphs captured by a warm-up generation) under moerun's generate loop
+and under transformers' (``model.moerun.generate_loop = False``), and the transformers path
 (``model.moerun.fast_decode = False``) on the same loaded model, compares their tokens over the
 shorter run, and gives the fast path's per-layer breakdown (``model.moerun.profile_decode``).
 
@@ -73,6 +74,11 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     warmup_s = time.perf_counter() - start
     handle.reset_stats()  # the row's counters: its timed and profiled generations
     fast_tok_s, fast_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
+    # The same fast path under transformers' generate() loop, which reads the stop flag every step
+    # (moerun's loop reads it one step late, runtime/decode_loop.py): the loop's share of a token.
+    handle.generate_loop = False
+    hf_loop_tok_s, hf_loop_tokens = _tok_s(model, prompt, args.new_tokens, device, args.sample)
+    handle.generate_loop = True
     with handle.profile_decode() as profile:
         model.generate(prompt, max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens, do_sample=False)
     if args.kernel_profile:  # the device's kernels of a fast-path generation (graph replays included)
@@ -95,7 +101,9 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     host_us = ({p: 1e3 * summary["layer_sum_ms"][p] / moe_layers for p in ("sync", "plan", "after")}
                if moe_layers else None)
     row = {"row": name, "sample": args.sample, "routing": "uniform" if uniform else "model",
-           "fast_tok_s": fast_tok_s, "transformers_path_tok_s": slow_tok_s,
+           "fast_tok_s": fast_tok_s, "fast_transformers_loop_tok_s": hf_loop_tok_s,
+           "loop_ms_per_token": 1e3 / hf_loop_tok_s - 1e3 / fast_tok_s,
+           "loops_tokens_equal": hf_loop_tokens == fast_tokens, "transformers_path_tok_s": slow_tok_s,
            "speedup": fast_tok_s / slow_tok_s if slow_tok_s else None,
            "tokens_equal": f"{same}/{n}" if n else None,
            "memory": handle.memory()["device"], "decode_stats": stats["decode"],
@@ -105,7 +113,8 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
     phases = " ".join(f"{p}={v:.3f}" for p, v in summary["layer_sum_ms"].items())
     versus = (f"transformers path {slow_tok_s:.2f} tok/s | x{row['speedup']:.1f} | tokens equal {same}/{n}"
               if slow_tok_s else "uniform routing (fast path only)")
-    print(f"[{name}] fast {fast_tok_s:.1f} tok/s | {versus} | hit rate {stats['hit_rate']:.3f} | CPU share "
+    print(f"[{name}] fast {fast_tok_s:.1f} tok/s (transformers' generate loop {hf_loop_tok_s:.1f}: "
+          f"{row['loop_ms_per_token']:+.3f} ms/token, tokens equal {row['loops_tokens_equal']}) | {versus} | hit rate {stats['hit_rate']:.3f} | CPU share "
           f"{stats['cpu_share']:.3f} | warm-up {warmup_s:.1f} s | step {summary['step_ms']:.2f} ms; "
           f"sum over MoE layers (ms/step): {phases} | cost model {stats['engine']['cost_model']}", flush=True)
     if host_us:

@@ -112,6 +112,24 @@ def check_output(cache_name: str) -> None:
         raise mismatch(f"has a CausalLMOutputWithPast without a {cache_name!r} field")
 
 
+def check_generate_loop(model) -> None:
+    """What moerun's generate loop (runtime/decode_loop.py) calls: generate()'s ``custom_generate``
+    callable, and the model's ``_prefill``, ``prepare_inputs_for_generation(next_sequence_length=)`` and
+    ``_update_model_kwargs_for_generation`` with the arguments transformers' own loop gives them."""
+    from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+    needs = {"generate": {"custom_generate"},
+             "_prefill": {"input_ids", "generation_config", "model_kwargs", "is_first_iteration"},
+             "prepare_inputs_for_generation": {"input_ids", "next_sequence_length"},
+             "_update_model_kwargs_for_generation": {"outputs", "model_kwargs", "is_encoder_decoder"}}
+    for method, params in needs.items():
+        missing = params - _parameters(getattr(type(model), method, None))
+        if missing:
+            raise mismatch(f"has no {method}() taking {sorted(missing)}")
+    if not isinstance(getattr(StoppingCriteriaList, "max_length", None), property):
+        raise mismatch("has a StoppingCriteriaList without max_length")
+
+
 def fast_path_contract(model) -> str:
     """Check everything the fast decode path needs of transformers for ``model``; returns the KV-cache
     argument name. Raises :class:`TransformersMismatch` naming what is missing."""

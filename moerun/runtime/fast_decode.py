@@ -43,7 +43,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.base import MoeAdapter
-from ..transformers_contract import TransformersMismatch, fast_path_contract
+from ..transformers_contract import TransformersMismatch, check_generate_loop, fast_path_contract
 from . import generate_hooks
 from .decode_cache import DecodeCache, DecodeMask
 from .decode_profile import NO_TIMER, DecodeProfile
@@ -85,6 +85,16 @@ class FastDecoder:
             self.cache_arg: str | None = fast_path_contract(model)
         except TransformersMismatch:
             self.cache_arg = None  # unsupported_reason() says why when the fast path is switched on
+        # moerun's generate() loop (decode_loop.py): used unless switched off or this transformers lacks
+        # what it calls (loop_off_reason says which); generations it ran, and steps it ran past a stop.
+        self.own_loop = True
+        self.loop_off_reason: str | None = None
+        try:
+            check_generate_loop(model)
+        except TransformersMismatch as exc:
+            self.loop_off_reason = str(exc)
+        self.loop_generations = 0
+        self.loop_extra_steps = 0
         self.cache = DecodeCache(model.config, max_context, max_batch)
         self.mask = DecodeMask(self.cache, self.cache_arg)
         self.capture = device.type == "cuda"
@@ -170,14 +180,18 @@ class FastDecoder:
 
     def stats(self) -> dict:
         """Fast-path steps (and how many ran as one whole-step graph), graphs captured and replayed,
-        segments run eagerly, and why the path is off or which steps it could not take."""
+        segments run eagerly, why the path is off or which steps it could not take, and the
+        generations moerun's generate loop ran (``loop_extra_steps``: steps it ran past a stop it read
+        one step late; ``loop_off_reason``: why the loop is not used, None when it is)."""
         segs = [s for buf in self._shapes.values() for s in buf.segments()]
         return {"enabled": self.enabled, "off_reason": self.off_reason, "fast_steps": self.fast_steps,
                 "fallback_steps": self.fallback_steps, "whole_steps": self.whole_steps,
                 "graphs": sum(s.graph is not None for s in segs),
                 "graph_replays": sum(s.replays for s in segs),
                 "eager_segment_calls": sum(s.calls - s.replays for s in segs),
-                "kv_cache_bytes": self.cache.nbytes()}
+                "kv_cache_bytes": self.cache.nbytes(), "loop_generations": self.loop_generations,
+                "loop_extra_steps": self.loop_extra_steps,
+                "loop_off_reason": self.loop_off_reason or (None if self.own_loop else "switched off")}
 
     def start_generation(self, batch_size: int):
         """The static cache, emptied, for a generation of ``batch_size`` sequences."""

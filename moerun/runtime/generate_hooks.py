@@ -8,7 +8,8 @@
   to transformers' own forward, a prefill of more tokens than the memory plan's ``prefill_chunk`` as
   several forwards over the same KV cache (:func:`forward_in_chunks`, the one place prompts are chunked);
 - ``generate``: hands generate() moerun's static cache when the caller passes none
-  (:func:`cache_for_generate`) and, afterwards, checks that forward() actually received it (a
+  (:func:`cache_for_generate`), and moerun's decoding loop (decode_loop.py) as its ``custom_generate``
+  where that loop can run the call; afterwards it checks that forward() actually received the cache (a
   transformers whose plumbing moved would otherwise decode through its own layers unnoticed);
 - ``create_masks_for_generate``: generate's static-cache masks, extended on the device step by step
   (decode_cache.DecodeMask).
@@ -29,6 +30,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_masks_for_generate
 
 from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
+from . import decode_loop
 from .decode_cache import masks_by_kind
 
 if TYPE_CHECKING:
@@ -236,6 +238,10 @@ def install(decoder: "FastDecoder", model) -> None:
             if cache is not None:
                 kwargs[decoder.cache_arg] = cache
                 kwargs.setdefault("disable_compile", True)  # transformers would torch.compile a static-cache run
+                if decoder.own_loop and decoder.loop_off_reason is None and \
+                        decode_loop.unsupported_reason(model_ref(), args, kwargs) is None:
+                    kwargs["custom_generate"] = functools.partial(decode_loop.generate_loop, decoder=decoder,
+                                                                  streamer=kwargs.get("streamer"))
             forwards_over_cache[0] = 0
             try:
                 return original_generate(model_ref(), *args, **kwargs)

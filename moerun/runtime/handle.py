@@ -4,7 +4,8 @@ stats() — runtime counters per layer and in total, merged with the policy engi
 (hit rate, prefetch accuracy, adapt firings); set_policy() — hot swap between steps; record_trace()
 — a context manager writing the experts chosen while it is open in the trace format; memory() —
 device bytes of skeleton / KV reserve / arena and host bytes of the pool; fast_decode — the switch
-of the fast decode path (fast_decode.py); profile_decode() — a context manager collecting its
+of the fast decode path (fast_decode.py); generate_loop — the switch of moerun's generate() loop
+(decode_loop.py); profile_decode() — a context manager collecting its
 per-layer time breakdown; tokenizer — the checkpoint's tokenizer when it has one.
 
 Threads: one model runs one thing at a time. ``handle.lock`` (re-entrant) is held by the model's
@@ -102,6 +103,18 @@ class MoerunHandle:
     @fast_decode.setter
     def fast_decode(self, enabled: bool) -> None:
         self.decoder.set_enabled(bool(enabled))
+
+    @property
+    def generate_loop(self) -> bool:
+        """Whether fast-path generate() calls run moerun's loop, which reads the stop decision one step
+        late so host work overlaps the GPU (runtime/decode_loop.py); False runs transformers' loop
+        (the same tokens; a benchmark compares the two). Where this transformers lacks what the loop
+        calls, it stays unused (``stats()["decode"]["loop_off_reason"]``)."""
+        return self.decoder.own_loop and self.decoder.loop_off_reason is None
+
+    @generate_loop.setter
+    def generate_loop(self, enabled: bool) -> None:
+        self.decoder.own_loop = bool(enabled)
 
     @contextlib.contextmanager
     def profile_decode(self) -> Iterator[DecodeProfile]:
