@@ -185,3 +185,25 @@ def test_a_transformers_without_what_the_loop_calls_keeps_its_own_loop(checkpoin
     decode = _decode(model)
     assert not model.moerun.generate_loop and decode["loop_generations"] == 0
     assert "has no _prefill()" in decode["loop_off_reason"] and decode["fast_steps"] == 3
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_late_stop_reads_pinned_flags_and_matches_transformers_loop(checkpoints):
+    # The flag and the streamed tokens travel through pinned memory behind CUDA events: the same
+    # tokens and streamed values as transformers' loop over the same graphs, greedy and sampled.
+    path = checkpoints["qwen3_moe"]
+    ids, mask = (t.cuda() for t in _padded_batch())
+    model = moerun.load(path, device="cuda", dtype=torch.float32, max_context=64, max_batch=2, progress=False)
+    plain = dict(attention_mask=mask, max_new_tokens=NEW, pad_token_id=0)
+    eos = _eos_within(model.generate(ids, do_sample=False, **plain).cpu(), ids.shape[1])
+    for sampling in ({"do_sample": False}, {"do_sample": True, "top_k": 20}):
+        answers = []
+        for loop in (True, False):
+            model.moerun.generate_loop = loop
+            streamer = _Collect()
+            torch.manual_seed(0)
+            out = model.generate(ids, eos_token_id=eos, streamer=streamer, **plain, **sampling)
+            answers.append((out.cpu(), streamer.chunks))
+        assert torch.equal(answers[0][0], answers[1][0]) and answers[0][1] == answers[1][1], sampling
+    decode = _decode(model)
+    assert decode["loop_generations"] == 3 and decode["graph_replays"] > 0
