@@ -1,6 +1,7 @@
 """Helpers of the generation tests (tests/runtime): tiny models on the CPU, greedy generations compared
 with transformers'."""
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 import moerun
 
@@ -56,3 +57,16 @@ def check_decode_masks(decoder, kinds: set[str] | None = None) -> list[bool]:
 
     decoder.mask.build = checked
     return extended
+
+
+class CollectStreamer(BaseStreamer):
+    """A streamer that keeps what generate() hands it: each value as a list of ids, then ``"end"``."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.chunks.append("end")

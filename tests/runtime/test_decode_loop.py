@@ -8,11 +8,12 @@ transformers and with the same moerun model running transformers' loop (``genera
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
 import moerun
 from moerun import transformers_contract
 from moerun.models.synthetic import build_checkpoint, synthetic_config
+
+from generation_helpers import CollectStreamer  # noqa: E402
 
 NEW = 10
 
@@ -30,17 +31,6 @@ def _load(path, **kw):
 
 def _decode(model) -> dict:
     return model.moerun.stats()["decode"]
-
-
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.reshape(-1).tolist())
-
-    def end(self):
-        self.chunks.append("end")
 
 
 def _padded_batch():
@@ -110,7 +100,7 @@ def test_sampling_logits_processors_and_streaming_match(checkpoints):
     model = _load(path)
     for loop in (True, False):
         model.moerun.generate_loop = loop
-        streamer = _Collect()
+        streamer = CollectStreamer()
         torch.manual_seed(0)
         got = model.generate(prompt, eos_token_id=eos, streamer=streamer, **kw)
         assert torch.equal(got, want), loop
@@ -200,7 +190,7 @@ def test_on_cuda_the_late_stop_reads_pinned_flags_and_matches_transformers_loop(
         answers = []
         for loop in (True, False):
             model.moerun.generate_loop = loop
-            streamer = _Collect()
+            streamer = CollectStreamer()
             torch.manual_seed(0)
             out = model.generate(ids, eos_token_id=eos, streamer=streamer, **plain, **sampling)
             answers.append((out.cpu(), streamer.chunks))

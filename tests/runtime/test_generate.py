@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 
 import moerun
 from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic_config
@@ -22,7 +21,7 @@ from moerun.runtime.decode_cache import ContextOverflowError
 from moerun.runtime.decode_profile import PHASES
 
 from generation_helpers import NEW_TOKENS, assert_matches as _assert_matches, budget_for as _budget_for  # noqa: E402
-from generation_helpers import check_decode_masks, greedy as _generate, policy as _policy  # noqa: E402
+from generation_helpers import CollectStreamer, check_decode_masks, greedy as _generate, policy as _policy  # noqa: E402
 
 LRU_AUTO = "policy tight { cache { eviction = lru } }"
 
@@ -111,17 +110,6 @@ def test_batch_with_left_padding_matches(checkpoints):
     assert torch.equal(model.generate(ids, **kw), ref)
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.reshape(-1).tolist())
-
-    def end(self):
-        self.chunks.append("end")
-
-
 def test_sampling_and_streamer(checkpoints):
     path = checkpoints["mixtral"]
     prompt = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(2))
@@ -129,7 +117,7 @@ def test_sampling_and_streamer(checkpoints):
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_pretrained(path).generate(prompt, **kw)
     model = moerun.load(path, policy=LRU_AUTO, device="cpu", max_context=64, progress=False)
-    streamer = _Collect()
+    streamer = CollectStreamer()
     torch.manual_seed(0)
     out = model.generate(prompt, streamer=streamer, **kw)
     assert torch.equal(out, ref)
@@ -337,7 +325,7 @@ def test_sampling_and_streamer_match_the_transformers_path(checkpoints):
     prompt = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(2))
     kw = dict(max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
     model = _load_fast(path, policy=LRU_AUTO)
-    streamer = _Collect()
+    streamer = CollectStreamer()
     torch.manual_seed(0)
     fast = model.generate(prompt, streamer=streamer, **kw)
     assert model.moerun.stats()["decode"]["fast_steps"] == 5
