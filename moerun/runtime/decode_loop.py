@@ -24,7 +24,8 @@ sampled generation drew one more random number. ``max_length`` ends a generation
 no extra step; so does a step the static cache could not take (read synchronously instead).
 
 Used only where the answer is a plain sequence or a dict of sequences, scores and logits (no
-attentions or hidden states, no beams, no assistant, no synced GPUs); :func:`unsupported_reason`
+attentions or hidden states, no beams, no assistant, no synced GPUs; several sequences per prompt
+arrive here already expanded by generate()); :func:`unsupported_reason`
 says which calls keep transformers' loop. This module knows nothing about graphs or experts.
 """
 from __future__ import annotations
@@ -61,8 +62,6 @@ def unsupported_reason(model, args, kwargs) -> str | None:
     asked = [name for name in _NOT_RETURNED if getattr(config, name, False)]
     if asked and config.return_dict_in_generate:
         return f"{asked[0]} was asked for"
-    if (config.num_return_sequences or 1) != 1:
-        return "num_return_sequences > 1"
     return None
 
 

@@ -152,12 +152,20 @@ def test_calls_the_loop_cannot_answer_keep_transformers_loop(checkpoints):
     kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_hidden_states=True)
     got = model.generate(prompt, **kw)
     assert torch.equal(got.sequences, reference.generate(prompt, **kw).sequences)
-    kw = dict(max_new_tokens=4, do_sample=True, num_return_sequences=2)
+    assert _decode(model)["loop_generations"] == 0
+
+
+def test_several_sequences_per_prompt_arrive_expanded(checkpoints):
+    path = checkpoints["mixtral"]
+    prompt = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=True, num_return_sequences=2)
     torch.manual_seed(0)
-    want = reference.generate(prompt, **kw)
+    want = AutoModelForCausalLM.from_pretrained(path).generate(prompt, **kw)
+    model = _load(path, max_batch=2)
     torch.manual_seed(0)
     assert torch.equal(model.generate(prompt, **kw), want)
-    assert _decode(model)["loop_generations"] == 0
+    decode = _decode(model)
+    assert decode["loop_generations"] == 1 and decode["fast_steps"] == 5
 
 
 def test_a_transformers_without_what_the_loop_calls_keeps_its_own_loop(checkpoints, monkeypatch):
