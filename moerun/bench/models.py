@@ -150,13 +150,14 @@ def inspect_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None
     from transformers import AutoConfig
 
     from moerun.checkpoint_quantization import read_quantization
+    from moerun.models import adapter_for
 
     config = AutoConfig.from_pretrained(str(path))
     if dtype is None:
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = DTYPES.get(str(stored).replace("torch.", ""), torch.bfloat16)
     total, expert_bytes, layers, experts, top_k = _sizes(config, dtype)
-    fmt = read_quantization(config).expert_format
+    fmt = read_quantization(config, stacked_experts=adapter_for(config).stacked_experts).expert_format
     if fmt != "float":
         dense_bytes = total - expert_bytes * layers * experts
         expert_bytes = _slot_bytes(config, dtype, fmt)

@@ -321,3 +321,24 @@ def test_several_prompt_lengths_report_ttft_beside_the_bound(checkpoints, tmp_pa
     [summary] = json.loads(json_path.read_text())["results"]
     assert [p["prompt_len"] for p in summary["prefill_lengths"]] == [4, 12]
     assert summary["prefill_lengths"][1]["streaming_bound"]["pcie_ms"] >= 0
+
+
+@pytest.mark.parametrize("routing", ["model", "uniform"])
+def test_a_gpt_oss_mxfp4_checkpoint_runs_through_the_bench(tmp_path, routing):
+    # The bench reads the checkpoint's quantization as the loader does (stacked MXFP4 experts), so the
+    # gpt-oss built-ins, generated in that layout, run; the baselines cannot load packed experts.
+    from moerun.models.synthetic import build_packed_checkpoint
+
+    path = build_packed_checkpoint(synthetic_config("gpt_oss"), tmp_path / "ckpt", expert_format="mxfp4",
+                                   dtype=torch.float32, seed=3)
+    info = inspect_checkpoint(path)
+    assert info.expert_format == "mxfp4"
+    assert info.expert_bytes == slot_layout(torch.float32, 64, 64, "mxfp4", bias=True).slot_bytes
+    results = run_bench([
+        "--model", str(path), "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "out"),
+        "--budget", "experts:50%", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1",
+        "--systems", "hf-resident", "moerun", "--policies", "balanced", "--routing", routing])
+    rows = {r.system: r for r in results}
+    assert rows["hf-resident"].status.startswith("skipped: the checkpoint's experts are published packed (mxfp4)")
+    row = rows["moerun:balanced"]
+    assert row.status == "ok" and row.expert_format == "mxfp4" and row.measurement.decode_tok_s.low > 0
