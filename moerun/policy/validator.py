@@ -341,8 +341,10 @@ class _Checker:
                 continue
             reachable = {get(*chooser, DEFAULTS[chooser])} | adapted.get(chooser, set())
             if not reachable & set(allowed):
-                self.error(f"'{where[1]}' has no effect unless {chooser[0]}.{chooser[1]} = {allowed[0]}",
-                           spans[where], f"set {chooser[1]} = {allowed[0]}, or remove '{where[1]}'")
+                # Name every value that gives the setting a meaning (gpu_only, the default, may be one).
+                choices = " or ".join(allowed)
+                self.error(f"'{where[1]}' has no effect unless {chooser[0]}.{chooser[1]} = {choices}",
+                           spans[where], f"set {chooser[1]} = {choices}, or remove '{where[1]}'")
 
         for block in ("cache", "host"):
             low, high = get(block, "low_watermark"), get(block, "high_watermark")

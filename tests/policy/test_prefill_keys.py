@@ -17,7 +17,7 @@ def _policy(schedule: str) -> str:
     ("prefill_staging = lots", "'schedule.prefill_staging' must be a number", 34),
     ("prefill_updates_cache = yes", "unknown value 'yes' for 'schedule.prefill_updates_cache'", 40),
     ("mode = cpu_fallback prefill_staging = 0.5",
-     "'prefill_staging' has no effect unless schedule.mode = hybrid", 36),
+     "'prefill_staging' has no effect unless schedule.mode = hybrid or gpu_only", 36),
     ("prefill_stagin = 0.5", "unknown key 'prefill_stagin'", 16),
 ])
 def test_bad_prefill_keys_name_the_key_and_the_place(schedule, message, col):
@@ -25,6 +25,16 @@ def test_bad_prefill_keys_name_the_key_and_the_place(schedule, message, col):
         compile_policy(_policy(schedule))
     text = str(info.value)
     assert message in text and f":3:{col}:" in text, text
+
+
+def test_prefill_staging_names_every_mode_that_stages():
+    # gpu_only (the default) stages prefill copies as hybrid does; only cpu_fallback makes the key inert.
+    with pytest.raises(PolicyError) as info:
+        compile_policy(_policy("mode = cpu_fallback prefill_staging = 0.5"))
+    assert info.value.hint == "set mode = hybrid or gpu_only, or remove 'prefill_staging'", info.value.hint
+    for schedule in ("prefill_staging = 0.5", "mode = gpu_only prefill_staging = 0.5",
+                     "mode = hybrid prefill_staging = 0.5"):
+        assert compile_policy(_policy(schedule)).schedule.prefill_staging == 0.5
 
 
 def test_prefill_staging_range_and_fix_are_in_the_hint():
