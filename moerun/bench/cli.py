@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's own), float, fp8, fp8-block128, int8, int4 (= int4-g128), int4-g32, int4-g64, mxfp4; "
                    "a float checkpoint is quantized at load, a packed one runs as auto only (default: auto)")
     p.add_argument("--routing", choices=["model", "uniform"], default="model",
-                   help="uniform: moerun rows draw every token's experts uniformly at random on the fast decode path "
-                   "(the UniformRouting override: the worst case for a cache; tokens are not the model's, and the "
-                   "baselines are skipped)")
+                   help="uniform: moerun rows draw every token's experts uniformly at random, in prefill and decode "
+                   "(the UniformRouting override, on the fast decode path and transformers' layers: the worst case "
+                   "for a cache; tokens are not the model's, and the baselines are skipped)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run")
     p.add_argument("--policies", nargs="+", metavar="POLICY",
                    help="moerun policies (bundled names or .moe paths; default: every bundled policy)")

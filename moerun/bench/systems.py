@@ -4,7 +4,7 @@
 ``generate`` plus a callable reporting its :class:`ExpertCounters`. The four transformers baselines
 are built here; the ``moerun`` row calls ``moerun.load`` with one policy and one expert format. The
 baselines run float checkpoints with the model's own routing only; for a checkpoint whose experts are
-published packed, or under ``--routing uniform`` (an override of moerun's fast decode path), they are
+published packed, or under ``--routing uniform`` (an override of moerun's routing, prefill and decode), they are
 skipped with the reason. This module does not time anything (that is ``measure``) and does not print
 (that is ``report``).
 """
@@ -305,7 +305,7 @@ def load_system(name: str, setup: BenchSetup, budget_bytes: int, policy: str | N
             raise SystemSkipped(f"the checkpoint's experts are published packed ({setup.info.expert_format}); "
                                 "the transformers baselines here run float checkpoints only")
         if setup.routing != "model":
-            raise SystemSkipped(f"{setup.routing} routing is an override of moerun's fast decode path; the "
+            raise SystemSkipped(f"{setup.routing} routing is an override of moerun's routing; the "
                                 "baselines route as the model does")
     if name == "hf-resident":
         return load_hf_resident(setup)
