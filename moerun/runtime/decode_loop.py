@@ -139,12 +139,9 @@ def generate_loop(model, input_ids: torch.LongTensor, logits_processor, stopping
             stopped = previous.read()  # the GPU runs this step meanwhile
             if streamer is not None:
                 streamer.put(previous.tokens.clone())
-            if stopped:  # the step just queued was one too many: drop what it added
+            if stopped:  # the step just queued was one too many: drop its token (no scores are kept when deferring)
                 decoder.loop_extra_steps += 1
                 input_ids = input_ids[:, :-1]
-                for kept in (scores, raw_logits):
-                    if kept is not None:
-                        kept.pop()
                 break
             previous = None
         at_end = max_length is not None and input_ids.shape[1] >= max_length
