@@ -179,32 +179,84 @@ def _tensor_info(file: Path, key: str, entry, data_start: int, size: int) -> Ten
     return TensorInfo(file, torch_dtype, tuple(shape), data_start + begin, end - begin)
 
 
-def load_tokenizer(path: Path):
-    """``(tokenizer, None)``, or ``(None, why)`` when the checkpoint at ``path`` has no usable one.
+# Names (glob patterns) of the files a transformers tokenizer is read from. Their presence tells a
+# tokenizer that fails to load (repair the file) from a checkpoint that has none (add the files).
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "*.model", "*.tiktoken")
+_MAX_FAULT_CHARS = 300  # of a library's message quoted in an error line
+
+
+@dataclass(frozen=True)
+class TokenizerFault:
+    """Why a checkpoint has no usable tokenizer: ``why`` (a phrase naming the files and the fault),
+    ``files`` (the tokenizer files it has: none when the tokenizer is missing) and ``blame`` (those
+    to repair or replace)."""
+
+    why: str
+    files: tuple[str, ...]
+    blame: tuple[str, ...]
+
+
+def read_tokenizer(path: Path):
+    """``(tokenizer, None)``, or ``(None, TokenizerFault)`` when the checkpoint at ``path`` has no
+    usable tokenizer: none at all, or files that fail to load (any error of the library's).
 
     Without tokenizer files transformers may still build the architecture's tokenizer class with an
     empty vocabulary (special tokens only), which turns any text into no tokens: that counts as none.
     """
     from transformers import AutoTokenizer
 
+    files = tuple(sorted({f.name for pattern in TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()}))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        return None, type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a malformed file surfaces as any error type (KeyError, JSON, Rust)
+        if not files:
+            return None, TokenizerFault("no tokenizer files found", files, files)
+        return None, _fault_of_files(path, files, exc)
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        return None, "its vocabulary is empty"
+        why = f"{', '.join(files)} give an empty vocabulary" if files else "its vocabulary is empty"
+        return None, TokenizerFault(why, files, files)
     return tokenizer, None
+
+
+def _fault_of_files(path: Path, files: tuple[str, ...], exc: Exception) -> TokenizerFault:
+    """The fault of tokenizer ``files`` that raised ``exc``: the first that is not valid JSON, if one
+    is, else all of them with the library's message."""
+    for name in files:
+        if name.endswith(".json"):
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as bad:  # ValueError: JSON or UTF-8
+                return TokenizerFault(f"{name} is not valid JSON: {_one_line(bad)}", files, (name,))
+    return TokenizerFault(f"transformers cannot load {', '.join(files)}: {type(exc).__name__}: {_one_line(exc)}",
+                          files, files)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_FAULT_CHARS else text[:_MAX_FAULT_CHARS - 1] + "…"
+
+
+def load_tokenizer(path: Path):
+    """``(tokenizer, None)``, or ``(None, why)`` when the checkpoint at ``path`` has no usable one
+    (``why``: a phrase naming the tokenizer files and their fault; :func:`read_tokenizer`)."""
+    tokenizer, fault = read_tokenizer(path)
+    return tokenizer, fault.why if fault else None
 
 
 def checkpoint_with_tokenizer(model: str | os.PathLike, needed_for: str) -> tuple[Path, object]:
     """The checkpoint directory of ``model`` and its tokenizer, checked before a (long) load; a
     :class:`CheckpointError` saying what ``needed_for`` (e.g. "`moerun serve` needs one to read prompts")
-    when the checkpoint is missing or has no usable tokenizer."""
+    when the checkpoint is missing or has no usable tokenizer, with the files at fault and what to do."""
     path = resolve_checkpoint(model)
-    tokenizer, reason = load_tokenizer(path)
-    if reason:
-        raise CheckpointError(f"{path} has no usable tokenizer ({reason}); {needed_for}: add the model's tokenizer "
-                              "files to the checkpoint directory")
+    tokenizer, fault = read_tokenizer(path)
+    if fault and not fault.files:
+        raise CheckpointError(f"{path} has no usable tokenizer ({fault.why}); {needed_for}: add the model's "
+                              "tokenizer files to the checkpoint directory")
+    if fault:
+        raise CheckpointError(f"{path} has no usable tokenizer ({fault.why}); {needed_for}: repair or replace "
+                              f"{', '.join(fault.blame)}, e.g. with the tokenizer files of the model this "
+                              "checkpoint was made from")
     return path, tokenizer
 
 

@@ -3,12 +3,14 @@
 With a PROMPT, the completion of that text streams to stdout token by token; without one, an
 interactive chat on stdin/stdout in the checkpoint's chat template, the whole conversation kept as
 history (``/clear`` forgets it; ``/exit`` or end of input quits; Ctrl-C cuts the reply being
-written short and returns to the prompt, the partial reply kept). Load progress and, after each
+written short and returns to the prompt, the partial reply kept; a message the chat template rejects
+is refused with the template's reason and left out of the history). Load progress and, after each
 reply, its speed and the expert cache's hit rate go to stderr, so stdout holds only the text.
 
 Generation is transformers' ``model.generate`` with a streamer: this module knows nothing of the
 runtime beyond ``model.moerun.stats()``. A checkpoint without a tokenizer (or, to chat, without a
-chat template) fails before the model loads. Decoding is greedy unless ``--temperature`` > 0.
+chat template, or with one that fails on a one-message conversation) fails before the model loads.
+Decoding is greedy unless ``--temperature`` > 0; ``--expert-format`` and ``--dtype`` are moerun.load's.
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", default="balanced.moe", help=".moe file, policy text, or bundled name")
     p.add_argument("--vram-budget", default="auto", help="device bytes for the model and its experts (e.g. 10GiB)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: CUDA when available)")
+    p.add_argument("--expert-format", type=_expert_format, default="auto", metavar="FORMAT",
+                   help="how routed experts are kept (moerun.load's expert_format): auto (the checkpoint's own; "
+                   "the default), float, bf16, fp16, fp32, fp8, fp8-block128, int8, int4 (= int4-g128), int4-g32, "
+                   "int4-g64, mxfp4; a float checkpoint is quantized at load")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
+                   help="compute dtype: bfloat16, float16 or float32 (or bf16, fp16, fp32; default the checkpoint's)")
     p.add_argument("--max-context", type=whole_number(1, 2**31 - 1), default=4096,
                    help="tokens per sequence (prompt, history and reply) the model is loaded for")
     p.add_argument("--max-new-tokens", type=whole_number(1, 2**31 - 1), default=DEFAULT_MAX_NEW_TOKENS,
@@ -89,6 +97,29 @@ def _float_in(lo: float, hi: float, *, low_open: bool):
 
     parse.__name__ = "number"  # argparse names the type in its messages
     return parse
+
+
+def _expert_format(text: str) -> str:
+    """An argparse ``type``: a name moerun.load's ``expert_format`` takes (whether it suits the
+    checkpoint and the dtype, load checks before it allocates)."""
+    from .checkpoint_quantization import FLOAT_ALIASES, FORMAT_ALIASES
+    from .native import EXPERT_FORMATS
+
+    names = ("auto", *FLOAT_ALIASES, *FORMAT_ALIASES, *EXPERT_FORMATS)
+    if text.strip().lower() not in names:
+        raise argparse.ArgumentTypeError(f"unknown expert format {text!r}; use one of {', '.join(names)}")
+    return text.strip().lower()
+
+
+def _dtype(text: str):
+    """An argparse ``type``: a compute dtype moerun.load takes, by torch name or short alias."""
+    from .checkpoint_quantization import FLOAT_ALIASES
+
+    by_name = {**{str(d).removeprefix("torch."): d for d in FLOAT_ALIASES.values()}, **FLOAT_ALIASES}
+    name = text.strip().lower()
+    if name not in by_name:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(by_name)}")
+    return by_name[name]
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -150,26 +181,54 @@ def _checkpoint_and_tokenizer(model: str, *, chat: bool):
     if chat and not getattr(tokenizer, "chat_template", None):
         raise RunError(f"{path} has a tokenizer but no chat template, so it cannot chat; give a PROMPT to "
                        "complete text instead, or add a chat template (chat_template.jinja) to the checkpoint")
+    if chat:
+        try:  # a template that fails on the simplest conversation would refuse every turn
+            render_chat(tokenizer, [{"role": "user", "content": "Hello"}])
+        except TemplateRejection as exc:
+            raise RunError(f"{path}: the chat template fails on a one-message conversation ({exc.reason}), so it "
+                           "cannot chat; fix the checkpoint's chat template, or give a PROMPT to complete text "
+                           "instead") from None
     return path, tokenizer
+
+
+class TemplateRejection(Exception):
+    """The chat template raised on a conversation; ``reason`` is its message (e.g. "roles must alternate")."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the chat template rejected the conversation: {reason}")
+        self.reason = reason
+
+
+def render_chat(tokenizer, messages: list[dict]):
+    """Token ids [1, T] of ``messages`` in the chat template, ready for the assistant's reply; a
+    :class:`TemplateRejection` when the template raises."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template rejects messages with its own exception types
+        raise TemplateRejection(" ".join(str(exc).split())) from None
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # [1, T]
 
 
 def _load(path, args: argparse.Namespace, stderr):
     """``moerun.load`` with the flags; load failures become one-line errors."""
     from .checkpoint import CheckpointError
+    from .checkpoint_quantization import ExpertFormatError
     from .loader import LoadError, load
     from .models import UnsupportedArchitectureError
     from .runtime.memory import BudgetError
     from .transformers_contract import TransformersMismatch
 
     try:
-        model = load(path, policy=args.policy, vram_budget=args.vram_budget, device=args.device,
-                     max_context=args.max_context, progress=True)
-    except (LoadError, CheckpointError, BudgetError, UnsupportedArchitectureError, TransformersMismatch) as exc:
+        model = load(path, policy=args.policy, vram_budget=args.vram_budget, device=args.device, dtype=args.dtype,
+                     expert_format=args.expert_format, max_context=args.max_context, progress=True)
+    except (LoadError, CheckpointError, BudgetError, ExpertFormatError, UnsupportedArchitectureError,
+            TransformersMismatch) as exc:
         raise RunError(str(exc)) from None
     handle = model.moerun
     memory = handle.memory()["device"]
+    info = handle.model_info
     print(f"moerun: loaded in {sum(handle.load_seconds.values()):.1f} s on {handle.decoder.device}, "
-          f"{memory['num_slots']} expert slots", file=stderr)
+          f"{memory['num_slots']} expert slots, {info['dtype']} compute, {info['expert_format']} experts", file=stderr)
     return model
 
 
@@ -260,12 +319,11 @@ def chat(model, tokenizer, options: dict, max_context: int, stdin, out, err) -> 
             print("(conversation cleared)", file=err)
             continue
         turn = history + [{"role": "user", "content": text}]
-        prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids  # [1, T]
-        try:
+        try:  # a refused turn leaves the history as it was: the conversation goes on without it
+            ids = render_chat(tokenizer, turn)  # [1, T]
             fitted = _fit(options, ids.shape[1], max_context)
-        except RunError as exc:
-            print(f"error: {exc} ({CLEAR_COMMAND} starts over)", file=err)
+        except (TemplateRejection, RunError) as exc:
+            print(f"error: {exc}; the message was not sent ({CLEAR_COMMAND} starts over)", file=err)
             continue
         tokens, _ = reply(model, tokenizer, ids, fitted, out, err)
         history = turn + [{"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=True)}]

@@ -1,11 +1,14 @@
 """``moerun run``: the streamed text is the greedy generation's, the chat keeps its history through
-the chat template, Ctrl-C ends a reply and not the chat, and bad input is an error line.
+the chat template, Ctrl-C ends a reply and not the chat, a message the template rejects is refused and
+not kept, --expert-format and --dtype reach moerun.load, and bad input (flags, a missing or broken
+tokenizer, a template that fails) is an error line.
 
 A tiny fp32 qwen2_moe checkpoint on the CPU with 4 expert slots (misses happen), and a word-level
 tokenizer written here: "w0".."w122" plus role markers, and a chat template.
 """
 import io
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +16,9 @@ import pytest
 import torch
 
 import moerun
+import moerun.loader
 from moerun import run_command
+from moerun.checkpoint import CheckpointError, checkpoint_with_tokenizer
 from moerun.cli import build_parser, main
 from tiny_chat_checkpoint import TEMPLATE, build_chat_checkpoints
 from tiny_chat_checkpoint import make_tokenizer as _tokenizer
@@ -196,9 +201,37 @@ def _assert_error_line(status, err, expected):
     assert expected in err, err
 
 
+MISSING_TOKENIZER = "no usable tokenizer (its vocabulary is empty); `moerun run` needs one to turn text into " \
+                    "tokens: add the model's tokenizer files to the checkpoint directory"
+NOT_JSON = "tokenizer.json is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2"
+NO_ADDED_TOKENS = "transformers cannot load tokenizer.json, tokenizer_config.json: KeyError: 'added_tokens'"
+REPAIR = "e.g. with the tokenizer files of the model this checkpoint was made from"
+ROLES_MUST_ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
+
+
+@pytest.fixture(scope="module")
+def broken(checkpoints, tmp_path_factory):
+    """Copies of the chat checkpoint with one file replaced: {"not_json", "no_added_tokens": a broken
+    tokenizer.json; "refuses_w9": a template that rejects a message holding w9; "template_raises": one that
+    rejects every conversation}."""
+    root = tmp_path_factory.mktemp("broken")
+    refuses_w9 = ("{% for m in messages %}{% if 'w9' in m['content'] %}{{ raise_exception('"
+                  + ROLES_MUST_ALTERNATE + "') }}{% endif %}{% endfor %}" + TEMPLATE)
+    files = {"not_json": ("tokenizer.json", "{not json"),
+             "no_added_tokens": ("tokenizer.json", '{"version": "1.0", "model": {"type": "WordLevel"}}'),
+             "refuses_w9": ("chat_template.jinja", refuses_w9),
+             "template_raises": ("chat_template.jinja", "{{ raise_exception('this template is unfinished') }}")}
+    paths = {}
+    for name, (file, text) in files.items():
+        paths[name] = root / name
+        shutil.copytree(checkpoints["chat"], paths[name])
+        (paths[name] / file).write_text(text)
+    return paths
+
+
 @pytest.mark.parametrize("which, prompt, expected", [
-    ("bare", ["w1"], "no usable tokenizer"),
-    ("bare", [], "no usable tokenizer"),
+    ("bare", ["w1"], MISSING_TOKENIZER),
+    ("bare", [], MISSING_TOKENIZER),
     ("plain", [], "no chat template"),
 ])
 def test_a_checkpoint_that_cannot_talk_is_an_error_line(checkpoints, budget, capsys, which, prompt, expected):
@@ -206,6 +239,55 @@ def test_a_checkpoint_that_cannot_talk_is_an_error_line(checkpoints, budget, cap
     out, err = capsys.readouterr()
     assert out == ""
     _assert_error_line(status, err, expected)
+
+
+@pytest.mark.parametrize("which, fault, repair", [("not_json", NOT_JSON, "repair or replace tokenizer.json, "),
+                                                  ("no_added_tokens", NO_ADDED_TOKENS,
+                                                   "repair or replace tokenizer.json, tokenizer_config.json, ")])
+def test_a_tokenizer_that_fails_to_load_is_named_with_its_fault(broken, which, fault, repair):
+    with pytest.raises(CheckpointError) as raised:
+        checkpoint_with_tokenizer(broken[which], "it is needed")
+    message = str(raised.value)
+    assert message.startswith(f"{broken[which]} has no usable tokenizer ({fault}")
+    assert f"; it is needed: {repair}{REPAIR}" in message and "\n" not in message
+    assert "add the model's tokenizer files" not in message  # they are there
+
+
+@pytest.mark.parametrize("which, fault", [("not_json", NOT_JSON), ("no_added_tokens", NO_ADDED_TOKENS)])
+@pytest.mark.parametrize("prompt", [["w1"], []])
+def test_a_broken_tokenizer_is_an_error_line(broken, budget, capsys, which, fault, prompt):
+    status = main(_argv(broken, budget, *prompt, which=which))
+    out, err = capsys.readouterr()
+    assert out == ""
+    _assert_error_line(status, err, f"error: {broken[which]} has no usable tokenizer ({fault}")
+    assert REPAIR in err
+
+
+def test_a_message_the_template_rejects_is_refused_and_the_chat_goes_on(broken, budget, monkeypatch):
+    calls = _recording_replies(monkeypatch)
+    status, out, _, err = _run(_argv(broken, budget, which="refuses_w9"), "w1 w2\nw9 w3\nw7 w8\n")
+    assert status == 0
+    assert f"error: the chat template rejected the conversation: {ROLES_MUST_ALTERNATE}; the message was not " \
+           "sent (/clear starts over)" in err
+    assert out.count(">>> ") == 4 and len(calls) == 2  # three turns typed, the second refused
+    (_, reply1, _), (prompt2, _, _) = calls
+    first = _tokenizer(TEMPLATE).decode(reply1, skip_special_tokens=True)
+    # the next turn has what came before the refused message, and not it
+    assert prompt2 == _chat_prompt([{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": first},
+                                    {"role": "user", "content": "w7 w8"}])
+
+
+def test_a_template_that_rejects_any_conversation_is_an_error_line_before_loading(broken, budget, capsys):
+    status = main(_argv(broken, budget, which="template_raises"))
+    out, err = capsys.readouterr()
+    assert out == ""
+    _assert_error_line(status, err, "the chat template fails on a one-message conversation (this template is "
+                                    "unfinished), so it cannot chat")
+
+
+def test_a_prompt_is_completed_without_the_chat_template(broken, budget, capsys):
+    assert main(_argv(broken, budget, "w1 w2", which="template_raises")) == 0
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -224,13 +306,43 @@ def test_bad_flags_are_an_error_line(checkpoints, budget, capsys, extra, expecte
 @pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--temperature", "nan"),
                                          ("--temperature", "inf"), ("--temperature", "warm"),
                                          ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "0"),
-                                         ("--seed", "-1"), ("--max-new-tokens", "0")])
-def test_out_of_range_sampling_values_are_usage_errors(checkpoints, budget, capsys, flag, value):
+                                         ("--seed", "-1"), ("--max-new-tokens", "0"),
+                                         ("--expert-format", "int3"), ("--dtype", "float64")])
+def test_out_of_range_option_values_are_usage_errors(checkpoints, budget, capsys, flag, value):
     with pytest.raises(SystemExit) as done:
         main(_argv(checkpoints, budget, flag, value, "w1"))
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert f"error: argument {flag}" in err and "Traceback" not in err
+
+
+def test_expert_format_and_dtype_parse_as_load_takes_them():
+    parse = build_parser()[0].parse_args
+    args = parse(["run", "m", "--expert-format", " INT8", "--dtype", "bf16"])
+    assert (args.expert_format, args.dtype) == ("int8", torch.bfloat16)
+    assert parse(["run", "m", "--dtype", "float16"]).dtype is torch.float16
+    defaults = parse(["run", "m"])
+    assert (defaults.expert_format, defaults.dtype) == ("auto", None)  # moerun.load's defaults
+
+
+def test_expert_format_and_dtype_reach_load(checkpoints, budget, monkeypatch):
+    loaded, load = [], moerun.loader.load
+
+    def recording(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+    monkeypatch.setattr(moerun.loader, "load", recording)
+    status, out, _, err = _run(_argv(checkpoints, budget, "--expert-format", "int8", "--dtype", "bf16", "w1 w2"))
+    assert status == 0 and out.strip()
+    info = loaded[0].moerun.model_info
+    assert (info["expert_format"], info["dtype"]) == ("int8", "bfloat16")  # the checkpoint is fp32
+    assert "bfloat16 compute, int8 experts" in err
+
+
+def test_an_expert_format_the_checkpoint_cannot_take_is_an_error_line(checkpoints, budget, capsys):
+    # bf16 experts with the fp32 checkpoint's fp32 compute: load refuses before it allocates
+    status = main(_argv(checkpoints, budget, "--expert-format", "bf16", "w1"))
+    _assert_error_line(status, capsys.readouterr().err, "expert_format='bf16' keeps experts in the compute dtype")
 
 
 def test_a_real_process_chats_over_a_pipe(checkpoints, budget):
