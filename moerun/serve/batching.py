@@ -6,9 +6,11 @@ as ``N`` rows (runtime/row_cache.py), each row one sequence at its own position.
 
 1. cancellations are applied: a cancelled sequence leaves its row at once;
 2. waiting requests are admitted while rows are free: each prompt is prefilled on its own through
-   transformers' layers into its row (while other sequences are decoding, only until
+   transformers' layers into its row, in forwards of at most the memory plan's ``prefill_chunk``
+   tokens (the activations the plan reserves; ``moerun serve`` loads with one prompt's worth), and
+   its first token is sampled (while other sequences are decoding, prompts are admitted only until
    ``max_prefill_tokens`` prompt tokens have been prefilled in this iteration, so their next token
-   is not held up by a queue of long prompts), and its first token is sampled;
+   is not held up by a queue of long prompts);
 3. one decode step for every running sequence together: the fast decode path's step
    (``FastDecoder.step``, CUDA graphs over the rows, with per-row ``position_ids`` and a per-row 4-D
    mask) or, with the fast path off, transformers' layers over the same rows;
@@ -44,6 +46,7 @@ from typing import Callable
 import torch
 
 from ..runtime.decode_cache import masks_by_kind
+from ..runtime.generate_hooks import forward_in_chunks
 from ..runtime.row_cache import RowCache
 from .sampling import SamplingParams, TokenLogprob, sample
 from .text_stream import TextStream
@@ -129,6 +132,8 @@ class BatchingEngine:
         self._decoder = handle.decoder
         self.max_batch = self._decoder.cache.max_batch
         self.max_context = self._decoder.cache.max_context
+        # Tokens of one prefill forward: the activations the memory plan reserves (a prompt is prefilled alone).
+        self.prefill_chunk = handle.plan.prefill_chunk
         self.vocab_size = model.config.vocab_size
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
@@ -233,6 +238,7 @@ class BatchingEngine:
             counts = {**self._counts, "finished": dict(self._counts["finished"])}
             return {"max_batch": self.max_batch, "max_context": self.max_context, "running": len(self._rows),
                     "waiting": len(self._waiting), "max_queue": self.max_queue, "max_prefill_tokens": self.max_prefill_tokens,
+                    "prefill_chunk": self.prefill_chunk,
                     "decode_path": "fast" if self._decoder.enabled else "transformers", **counts}
 
     def idle(self) -> bool:
@@ -348,16 +354,34 @@ class BatchingEngine:
                 self._release(len(self._rows) - 1)
 
     def _prefill(self, seq: _Sequence, row: int) -> torch.Tensor:
-        """The prompt through transformers' layers into ``row``; the last position's logits ``[1, V]``."""
-        device, prompt = self._decoder.device, seq.request.prompt
+        """The prompt through transformers' layers into ``row``; the last position's logits ``[1, V]``. A prompt
+        of more than ``prefill_chunk`` tokens runs as forwards of that many (generate_hooks.forward_in_chunks
+        splits the tokens, positions and kept logits; each chunk here gets its rows' span of the cache and its
+        mask): each chunk's tokens see the row's earlier positions and themselves, as one forward's would."""
+        device, prompt, cache_arg = self._decoder.device, seq.request.prompt, self._decoder.cache_arg
         t = len(prompt)
         ids = torch.tensor([prompt], device=device)  # [1, T]
         positions = torch.arange(t, device=device)[None]  # [1, T]
-        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()  # [T, T]
-        mask = torch.where(causal, self._open, self._closed).to(self._mask.dtype)[None, None]  # [1, 1, T, T]
-        mask = masks_by_kind(self._model.config, mask, positions)  # and sliding-window layers' (gpt-oss)
-        out = self._model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                          logits_to_keep=1, **{self._decoder.cache_arg: self._cache.span(row, positions, t)})
+        written = 0  # positions of the row the chunks before this one wrote (they run in order)
+
+        def forward(*, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+            nonlocal written
+            start, end = written, written + input_ids.shape[1]
+            written = end
+            # Query i (position start + i) sees keys 0..start + i.
+            causal = torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)  # [Q, end]
+            mask = torch.where(causal, self._open, self._closed).to(self._mask.dtype)[None, None]  # [1, 1, Q, end]
+            kwargs[cache_arg] = self._cache.span(row, position_ids, end)
+            return self._model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                               attention_mask=masks_by_kind(self._model.config, mask, position_ids), **kwargs)
+
+        # The whole prompt's span: what forward_in_chunks reads the cache's length from (0: an empty row).
+        whole = {"input_ids": ids, "position_ids": positions, "logits_to_keep": 1,
+                 cache_arg: self._cache.span(row, positions, t)}
+        if t <= self.prefill_chunk:
+            out = forward(**whole)
+        else:
+            out = forward_in_chunks(forward, cache_arg, self.prefill_chunk, whole)
         self._mask[row].fill_(self._closed)
         self._mask[row, ..., :t] = self._open
         seq.length = t

@@ -332,17 +332,61 @@ def test_stop_cancels_the_requests_still_running_or_waiting(model, prompts):
     assert engine.stats()["finished"]["cancelled"] == 6
 
 
+def _moe_steps(model) -> int:
+    """Layer steps the first MoE layer has run (one per forward through it)."""
+    return next(iter(model.moerun.stats()["per_layer"].values()))["steps"]
+
+
+@pytest.fixture(scope="module")
+def chunked(model, checkpoints, load_model):
+    """The module's model (same decode path) loaded with activations reserved for forwards of 8 tokens."""
+    return load_model(checkpoints["chat"], fast_decode=model.moerun.fast_decode, prefill_chunk=8)
+
+
+def test_a_prompt_beyond_the_plans_prefill_chunk_is_prefilled_in_chunks_with_the_same_tokens(chunked, model, reference,
+                                                                                             prompts):
+    long = torch.randint(6, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine = BatchingEngine(chunked)
+    assert engine.stats()["prefill_chunk"] == chunked.moerun.plan.prefill_chunk == 8
+    steps = _moe_steps(chunked)
+    engine.submit(Request(long, 1, Recorder()))  # the prefill and its first token: no decode step
+    _until_idle(engine)
+    assert _moe_steps(chunked) - steps == 5  # 40 tokens in forwards of 8, as generate() runs them
+    steps = _moe_steps(chunked)
+    chunked.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False)
+    assert _moe_steps(chunked) - steps == 5
+    # In a later row, while another request decodes: each chunk writes its own positions of its row.
+    short, recorders = prompts(1, seed=3)[0], [Recorder(), Recorder()]
+    engine.submit(Request(short, 12, recorders[0]))
+    engine.step()
+    engine.submit(Request(long, 12, recorders[1]))
+    _until_idle(engine)
+    assert recorders[0].tokens == _expected(reference, short, 12)
+    assert recorders[1].tokens == _expected(reference, long, 12)
+    # The module's model reserves a whole prompt's activations: one forward, the same tokens.
+    whole, recorder = BatchingEngine(model), Recorder()
+    assert whole.prefill_chunk >= len(long)
+    steps = _moe_steps(model)
+    whole.submit(Request(long, 12, recorder))
+    whole.step()
+    assert _moe_steps(model) - steps == 2  # the prefill's forward and the first decode step
+    _until_idle(whole)
+    assert recorder.tokens == recorders[1].tokens
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("experts", ["evicting", "resident"])
-def test_on_the_gpu_graphed_steps_serve_every_row_at_its_own_position(experts, checkpoints, prompts):
+@pytest.mark.parametrize("experts, prefill_chunk", [("evicting", None), ("resident", None), ("evicting", 8)])
+def test_on_the_gpu_graphed_steps_serve_every_row_at_its_own_position(experts, prefill_chunk, checkpoints, prompts):
     # The fast path's CUDA graphs replay the row cache's writes with the positions of each step, as
-    # planned steps (an expert can miss: 4 slots) and as whole-step graphs (every expert resident).
+    # planned steps (an expert can miss: 4 slots) and as whole-step graphs (every expert resident);
+    # with prefill_chunk=8, prompts of 9..20 tokens are prefilled in chunks (by the engine and by generate()).
     import moerun
 
     path = checkpoints["chat"]
     kw = dict(device="cuda", max_context=MAX_CONTEXT, max_batch=MAX_BATCH, progress=False,
-              policy="policy p { cache { eviction = lru } }")
-    plan = moerun.memory_plan(path, vram_budget=1 << 34, **{k: kw[k] for k in ("device", "max_context", "max_batch")})
+              policy="policy p { cache { eviction = lru } }", prefill_chunk=prefill_chunk)
+    plan = moerun.memory_plan(path, vram_budget=1 << 34,
+                              **{k: kw[k] for k in ("device", "max_context", "max_batch", "prefill_chunk")})
     budget = plan.fixed_bytes + 4 * plan.slot_bytes if experts == "evicting" else "auto"
     model = moerun.load(path, vram_budget=budget, **kw)
     batch = prompts(10, seed=9)
