@@ -3,7 +3,11 @@
 Everything that can fail fast fails before the model loads: FastAPI and uvicorn installed (they
 are the optional ``serve`` extra), the checkpoint found with a usable tokenizer, the address free.
 Then the model loads with ``max_batch`` KV-cache rows (the most requests decoded at once) of
-``max_context`` tokens each, and uvicorn serves until SIGINT or SIGTERM: it stops accepting
+``max_context`` tokens each, activations reserved for one prefill forward of ``--prefill-chunk`` tokens
+(the engine prefills one prompt at a time: by default a whole prompt, ``max_context`` tokens, where
+moerun.load's default would reserve ``max_batch x max_context``; fewer gives the expert arena the rest
+and prefills longer prompts in chunks), its experts in ``--expert-format`` (quantized at load) and its
+compute in ``--dtype``; and uvicorn serves until SIGINT or SIGTERM: it stops accepting
 connections, lets requests in flight finish for up to ``--shutdown-timeout`` seconds, then cancels
 the rest (their rows are freed; a stream ends with an error event and ``data: [DONE]``, a whole reply
 is a 503 error body) and stops the engine. Requests beyond the free rows and ``--max-queue`` waiting
@@ -34,7 +38,14 @@ ERRORS = (ServeError, PolicyError)  # what this command raises for bad input (mo
 
 def add_parser(subparsers) -> None:
     """Register ``moerun serve``."""
+    from ..checkpoint_quantization import FLOAT_ALIASES, FORMAT_ALIASES
+    from ..loader import _FLOAT_DTYPES
+    from ..native import EXPERT_FORMATS
     from .batching import DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_QUEUE
+
+    # The names moerun.load(expert_format=..., dtype=...) takes.
+    formats = ("auto", *FLOAT_ALIASES, *FORMAT_ALIASES, *EXPERT_FORMATS)
+    dtypes = tuple(str(dtype).removeprefix("torch.") for dtype in _FLOAT_DTYPES)
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id in the local HF cache")
@@ -45,6 +56,16 @@ def add_parser(subparsers) -> None:
                    help=f"requests decoded together: KV-cache rows (default {DEFAULT_MAX_BATCH}); more wait their turn")
     p.add_argument("--max-context", type=whole_number(1, 2**31 - 1), default=4096,
                    help="tokens per request, prompt and reply (default 4096); the KV reserve is max-batch x this")
+    p.add_argument("--prefill-chunk", type=whole_number(1, 2**31 - 1), default=None,
+                   help="tokens of one prefill forward, the activations the memory plan reserves (default: "
+                        "--max-context, a whole prompt at once); a longer prompt is prefilled in chunks of this many, "
+                        "and the expert arena gets the memory saved (at least --max-batch, at most --max-context)")
+    p.add_argument("--expert-format", type=str.lower, choices=formats, default="auto", metavar="FORMAT",
+                   help="how routed experts are kept in host memory and in the arena (moerun.load's expert_format): "
+                        f"{', '.join(formats)} (default auto: the checkpoint's own; a float checkpoint is quantized "
+                        "at load)")
+    p.add_argument("--dtype", choices=dtypes, default=None,
+                   help=f"compute dtype: {', '.join(dtypes)} (default: the checkpoint's)")
     p.add_argument("--max-prefill-tokens", type=whole_number(1, 2**31 - 1), default=DEFAULT_MAX_PREFILL_TOKENS,
                    help="prompt tokens prefilled between two decode steps while requests are decoding "
                         f"(default {DEFAULT_MAX_PREFILL_TOKENS}; at least one prompt)")
@@ -77,10 +98,11 @@ def require_dependencies() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The command: check, load, serve until a signal (module docstring)."""
+    prefill_chunk(args)
     require_dependencies()
     path, tokenizer = checkpoint_and_tokenizer(args.model)
     _check_address(args.host, args.port)
-    model = _load(path, args)
+    model = load_model(path, args)
     import uvicorn
 
     from .app import create_app
@@ -96,6 +118,20 @@ def run(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout)
     uvicorn.Server(config).run()  # returns after SIGINT/SIGTERM and the shutdown
     return 0
+
+
+def prefill_chunk(args: argparse.Namespace) -> int:
+    """Tokens of the largest prefill forward the engine runs, which the memory plan reserves activations for:
+    ``--prefill-chunk``, by default one whole prompt (the engine prefills one prompt at a time); a ServeError
+    for a value load() or the engine cannot use."""
+    most = max(args.max_context, args.max_batch)  # a decode step of every row is a forward of max_batch tokens
+    if args.prefill_chunk is None:
+        return most
+    if not args.max_batch <= args.prefill_chunk <= most:
+        raise ServeError(f"--prefill-chunk must be in {args.max_batch}..{most} tokens (at least --max-batch: a decode "
+                         f"step of every row is one forward; at most --max-context: one prompt), got "
+                         f"{args.prefill_chunk}")
+    return args.prefill_chunk
 
 
 def checkpoint_and_tokenizer(model: str):
@@ -124,9 +160,12 @@ def _check_address(host: str, port: int) -> None:
                              "Pick another --port") from None
 
 
-def _load(path, args: argparse.Namespace):
+def load_model(path, args: argparse.Namespace):
     """``moerun.load`` with the flags; load failures become one-line errors."""
+    import torch
+
     from ..checkpoint import CheckpointError
+    from ..checkpoint_quantization import ExpertFormatError
     from ..loader import LoadError, load
     from ..models import UnsupportedArchitectureError
     from ..runtime.memory import BudgetError
@@ -134,10 +173,15 @@ def _load(path, args: argparse.Namespace):
 
     try:
         model = load(path, policy=args.policy, vram_budget=args.vram_budget, device=args.device,
-                     max_context=args.max_context, max_batch=args.max_batch, progress=True)
-    except (LoadError, CheckpointError, BudgetError, UnsupportedArchitectureError, TransformersMismatch) as exc:
+                     dtype=None if args.dtype is None else getattr(torch, args.dtype), expert_format=args.expert_format,
+                     max_context=args.max_context, max_batch=args.max_batch, prefill_chunk=prefill_chunk(args),
+                     progress=True)
+    except (LoadError, CheckpointError, ExpertFormatError, BudgetError, UnsupportedArchitectureError,
+            TransformersMismatch) as exc:
         raise ServeError(str(exc)) from None
     handle = model.moerun
+    memory = handle.memory()
     print(f"moerun: loaded in {sum(handle.load_seconds.values()):.1f} s on {handle.decoder.device}, "
-          f"{handle.memory()['device']['num_slots']} expert slots", file=sys.stderr)
+          f"{memory['device']['num_slots']} expert slots ({memory['experts']['format']}), prompts prefilled "
+          f"{handle.plan.prefill_chunk} tokens a forward", file=sys.stderr)
     return model

@@ -11,8 +11,11 @@ import time
 
 import httpx
 import pytest
+import torch
 
-from moerun.cli import main
+import moerun
+from moerun.cli import build_parser, main
+from moerun.serve import command
 
 TIMEOUT_S = 120
 
@@ -66,13 +69,70 @@ def test_a_model_that_cannot_load_is_an_error_line(checkpoints, capsys, extra, e
 
 @pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--max-batch", "0"), ("--max-context", "0"),
                                          ("--shutdown-timeout", "-1"), ("--max-prefill-tokens", "0"),
-                                         ("--max-queue", "-1")])
+                                         ("--max-queue", "-1"), ("--prefill-chunk", "0"), ("--expert-format", "int3"),
+                                         ("--dtype", "int8")])
 def test_out_of_range_options_are_usage_errors(checkpoints, capsys, flag, value):
     with pytest.raises(SystemExit) as done:
         main(_argv(checkpoints["chat"], flag, value))
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert f"error: argument {flag}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["1", "97"])  # below --max-batch 2, beyond --max-context 96
+def test_a_prefill_chunk_the_engine_cannot_use_is_an_error_line_before_anything_else(checkpoints, capsys, value,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(command, "require_dependencies", lambda: pytest.fail("checked after the dependencies"))
+    status = main(_argv(checkpoints["chat"], "--prefill-chunk", value))
+    err = capsys.readouterr().err
+    _assert_error_line(status, err, "--prefill-chunk must be in 2..96 tokens")
+    assert err.endswith(f"got {value}\n"), err
+
+
+def test_a_bf16_expert_format_with_another_dtype_is_an_error_line(checkpoints, capsys):
+    status = main(_argv(checkpoints["chat"], "--port", str(_free_port()), "--expert-format", "bf16",
+                        "--dtype", "float32"))
+    _assert_error_line(status, capsys.readouterr().err, "expert_format='bf16' keeps experts in the compute dtype")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"expert_format": "auto", "dtype": None, "prefill_chunk": 96}),
+    (["--expert-format", "INT8", "--dtype", "bfloat16", "--prefill-chunk", "8"],
+     {"expert_format": "int8", "dtype": torch.bfloat16, "prefill_chunk": 8}),
+])
+def test_the_options_reach_load(checkpoints, capsys, monkeypatch, extra, expected):
+    from moerun.loader import LoadError
+
+    seen = {}
+
+    def load(path, **kwargs):
+        seen.update(kwargs)
+        raise LoadError("stopped before loading")
+
+    monkeypatch.setattr("moerun.loader.load", load)
+    status = main(_argv(checkpoints["chat"], "--port", str(_free_port()), *extra))
+    _assert_error_line(status, capsys.readouterr().err, "stopped before loading")
+    assert {key: seen[key] for key in expected} == expected
+    assert seen["max_batch"] == 2 and seen["max_context"] == 96
+
+
+def test_the_loaded_plan_reserves_one_prompt_of_activations_and_quantizes_the_experts(checkpoints, capsys):
+    path = checkpoints["chat"]
+    args = build_parser()[0].parse_args(_argv(path, "--expert-format", "int8"))
+    model = command.load_model(path, args)
+    assert model.moerun.memory()["experts"]["format"] == "int8"
+    plan = model.moerun.plan
+    budget = plan.budget_bytes
+
+    def planned(**kw):
+        return moerun.memory_plan(path, vram_budget=budget, device="cpu", max_context=96, max_batch=2,
+                                  expert_format="int8", **kw)
+    # One prompt of --max-context tokens, not moerun.load's default of max_batch x max_context.
+    assert plan.prefill_chunk == 96 and plan.workspace_bytes == planned(prefill_chunk=96).workspace_bytes
+    default = planned()
+    assert default.prefill_chunk == 2 * 96 and default.workspace_bytes > plan.workspace_bytes
+    assert plan.num_slots >= default.num_slots
+    assert "(int8), prompts prefilled 96 tokens a forward" in capsys.readouterr().err
 
 
 def _free_port() -> int:
@@ -127,5 +187,5 @@ def test_serve_is_listed_with_its_options(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     for option in ("--max-batch", "--max-context", "--host", "--port", "--policy", "--vram-budget",
-                   "--shutdown-timeout", "--max-queue"):
+                   "--shutdown-timeout", "--max-queue", "--prefill-chunk", "--expert-format", "--dtype"):
         assert option in out
