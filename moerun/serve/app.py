@@ -81,11 +81,12 @@ def create_app(engine: BatchingEngine, tokenizer, *, model_name: str,
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'cannot parse it')})"
             return JSONResponse(ApiError(400, message).body(), status_code=400)
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # A check over several fields names its field in the error's context (protocol.field_error).
+        param = (first.get("ctx") or {}).get("param") or _field_path(first.get("loc", ()))
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        if loc:
-            message = f"{'.'.join(loc)}: {message}"
-        return JSONResponse(ApiError(400, message, param=".".join(loc) or None).body(), status_code=400)
+        if param:
+            message = f"{param}: {message}"
+        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: HttpRequest, exc: HTTPException):
@@ -441,6 +442,16 @@ def _as_api_error():
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except RuntimeError as exc:  # the engine is shutting down
         raise ApiError(503, str(exc), type="server_error") from None
+
+
+def _field_path(loc) -> str | None:
+    """A validation error's location in the body as a client writes it: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or None
 
 
 def _sse(payload: dict) -> str:
