@@ -52,9 +52,9 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def _with_tokenizer(path: Path, cache_dir: Path) -> Path:
     """``path`` if it has a tokenizer, else a directory linking its files plus a word-level tokenizer."""
-    from moerun.checkpoint import load_tokenizer
+    from moerun.checkpoint import read_tokenizer
 
-    if load_tokenizer(path)[0] is not None:
+    if read_tokenizer(path)[0] is not None:
         return path
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     served = cache_dir / "serve" / f"{path.name}-{key}"

@@ -196,6 +196,13 @@ class TokenizerFault:
     files: tuple[str, ...]
     blame: tuple[str, ...]
 
+    def remedy(self) -> str:
+        """What the user can do about it (a phrase)."""
+        if not self.files:
+            return "add the model's tokenizer files to the checkpoint directory"
+        return (f"repair or replace {', '.join(self.blame)}, e.g. with the tokenizer files of the model this "
+                "checkpoint was made from")
+
 
 def read_tokenizer(path: Path):
     """``(tokenizer, None)``, or ``(None, TokenizerFault)`` when the checkpoint at ``path`` has no
@@ -237,26 +244,14 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= _MAX_FAULT_CHARS else text[:_MAX_FAULT_CHARS - 1] + "…"
 
 
-def load_tokenizer(path: Path):
-    """``(tokenizer, None)``, or ``(None, why)`` when the checkpoint at ``path`` has no usable one
-    (``why``: a phrase naming the tokenizer files and their fault; :func:`read_tokenizer`)."""
-    tokenizer, fault = read_tokenizer(path)
-    return tokenizer, fault.why if fault else None
-
-
 def checkpoint_with_tokenizer(model: str | os.PathLike, needed_for: str) -> tuple[Path, object]:
     """The checkpoint directory of ``model`` and its tokenizer, checked before a (long) load; a
     :class:`CheckpointError` saying what ``needed_for`` (e.g. "`moerun serve` needs one to read prompts")
     when the checkpoint is missing or has no usable tokenizer, with the files at fault and what to do."""
     path = resolve_checkpoint(model)
     tokenizer, fault = read_tokenizer(path)
-    if fault and not fault.files:
-        raise CheckpointError(f"{path} has no usable tokenizer ({fault.why}); {needed_for}: add the model's "
-                              "tokenizer files to the checkpoint directory")
     if fault:
-        raise CheckpointError(f"{path} has no usable tokenizer ({fault.why}); {needed_for}: repair or replace "
-                              f"{', '.join(fault.blame)}, e.g. with the tokenizer files of the model this "
-                              "checkpoint was made from")
+        raise CheckpointError(f"{path} has no usable tokenizer ({fault.why}); {needed_for}: {fault.remedy()}")
     return path, tokenizer
 
 

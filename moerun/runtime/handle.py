@@ -197,15 +197,14 @@ class MoerunHandle:
     def tokenizer(self):
         """The checkpoint's tokenizer; a clear error when the checkpoint has none."""
         if self._tokenizer is None:
-            from ..checkpoint import load_tokenizer
+            from ..checkpoint import read_tokenizer
 
-            tokenizer, reason = load_tokenizer(self.checkpoint_path)
-            if tokenizer is None:
+            tokenizer, fault = read_tokenizer(self.checkpoint_path)
+            if fault is not None:
                 raise RuntimeError(
-                    f"{self.checkpoint_path} has no usable tokenizer ({reason}), so text "
+                    f"{self.checkpoint_path} has no usable tokenizer ({fault.why}), so text "
                     "cannot be encoded or decoded; generate() still works on token ids "
-                    "(model.generate(input_ids=...)). Add tokenizer files to the checkpoint "
-                    "directory to use text."
+                    f"(model.generate(input_ids=...)). To use text, {fault.remedy()}."
                 )
             self._tokenizer = tokenizer
         return self._tokenizer
