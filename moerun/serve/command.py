@@ -38,14 +38,9 @@ ERRORS = (ServeError, PolicyError)  # what this command raises for bad input (mo
 
 def add_parser(subparsers) -> None:
     """Register ``moerun serve``."""
-    from ..checkpoint_quantization import FLOAT_ALIASES, FORMAT_ALIASES
-    from ..loader import _FLOAT_DTYPES
-    from ..native import EXPERT_FORMATS
+    # The names moerun.load(expert_format=..., dtype=...) takes, read as `moerun run` reads them.
+    from ..run_command import _dtype, _expert_format
     from .batching import DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_QUEUE
-
-    # The names moerun.load(expert_format=..., dtype=...) takes.
-    formats = ("auto", *FLOAT_ALIASES, *FORMAT_ALIASES, *EXPERT_FORMATS)
-    dtypes = tuple(str(dtype).removeprefix("torch.") for dtype in _FLOAT_DTYPES)
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id in the local HF cache")
@@ -60,12 +55,12 @@ def add_parser(subparsers) -> None:
                    help="tokens of one prefill forward, the activations the memory plan reserves (default: "
                         "--max-context, a whole prompt at once); a longer prompt is prefilled in chunks of this many, "
                         "and the expert arena gets the memory saved (at least --max-batch, at most --max-context)")
-    p.add_argument("--expert-format", type=str.lower, choices=formats, default="auto", metavar="FORMAT",
+    p.add_argument("--expert-format", type=_expert_format, default="auto", metavar="FORMAT",
                    help="how routed experts are kept in host memory and in the arena (moerun.load's expert_format): "
-                        f"{', '.join(formats)} (default auto: the checkpoint's own; a float checkpoint is quantized "
-                        "at load)")
-    p.add_argument("--dtype", choices=dtypes, default=None,
-                   help=f"compute dtype: {', '.join(dtypes)} (default: the checkpoint's)")
+                        "auto (the checkpoint's own; the default), float, bf16, fp16, fp32, fp8, fp8-block128, int8, "
+                        "int4 (= int4-g128), int4-g32, int4-g64, mxfp4; a float checkpoint is quantized at load")
+    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
+                   help="compute dtype: bfloat16, float16 or float32 (or bf16, fp16, fp32; default the checkpoint's)")
     p.add_argument("--max-prefill-tokens", type=whole_number(1, 2**31 - 1), default=DEFAULT_MAX_PREFILL_TOKENS,
                    help="prompt tokens prefilled between two decode steps while requests are decoding "
                         f"(default {DEFAULT_MAX_PREFILL_TOKENS}; at least one prompt)")
@@ -162,8 +157,6 @@ def _check_address(host: str, port: int) -> None:
 
 def load_model(path, args: argparse.Namespace):
     """``moerun.load`` with the flags; load failures become one-line errors."""
-    import torch
-
     from ..checkpoint import CheckpointError
     from ..checkpoint_quantization import ExpertFormatError
     from ..loader import LoadError, load
@@ -172,10 +165,9 @@ def load_model(path, args: argparse.Namespace):
     from ..transformers_contract import TransformersMismatch
 
     try:
-        model = load(path, policy=args.policy, vram_budget=args.vram_budget, device=args.device,
-                     dtype=None if args.dtype is None else getattr(torch, args.dtype), expert_format=args.expert_format,
-                     max_context=args.max_context, max_batch=args.max_batch, prefill_chunk=prefill_chunk(args),
-                     progress=True)
+        model = load(path, policy=args.policy, vram_budget=args.vram_budget, device=args.device, dtype=args.dtype,
+                     expert_format=args.expert_format, max_context=args.max_context, max_batch=args.max_batch,
+                     prefill_chunk=prefill_chunk(args), progress=True)
     except (LoadError, CheckpointError, ExpertFormatError, BudgetError, UnsupportedArchitectureError,
             TransformersMismatch) as exc:
         raise ServeError(str(exc)) from None

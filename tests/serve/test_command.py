@@ -97,7 +97,7 @@ def test_a_bf16_expert_format_with_another_dtype_is_an_error_line(checkpoints, c
 
 @pytest.mark.parametrize("extra, expected", [
     ([], {"expert_format": "auto", "dtype": None, "prefill_chunk": 96}),
-    (["--expert-format", "INT8", "--dtype", "bfloat16", "--prefill-chunk", "8"],
+    (["--expert-format", "INT8", "--dtype", "bf16", "--prefill-chunk", "8"],
      {"expert_format": "int8", "dtype": torch.bfloat16, "prefill_chunk": 8}),
 ])
 def test_the_options_reach_load(checkpoints, capsys, monkeypatch, extra, expected):
