@@ -145,6 +145,38 @@ std::vector<Expect> expected(SourceEncoding e, const ExpertFormat& f, int64_t H,
   return out;
 }
 
+// The packed format a source encoding holds its experts in (float sources: none, the float format). GPTQ's
+// group is the checkpoint's: `group` (the pool's own when its slots are int4, else read from the headers).
+ExpertFormat packed_format(SourceEncoding e, int32_t group) {
+  switch (e) {
+    case SourceEncoding::Fp8Block: return parse_expert_format("fp8-block128");
+    case SourceEncoding::Gptq:
+    case SourceEncoding::GptqV2: return ExpertFormat{FormatKind::Int4Group, group};
+    case SourceEncoding::GptOssMxfp4: return parse_expert_format("mxfp4");
+    default: return ExpertFormat{};
+  }
+}
+
+// A packed source decodes into float slots exactly where every weight its format decodes to (one fp32
+// multiply, expert_format.h) is the checkpoint's value and the slot's dtype holds it:
+//   mxfp4:        an e2m1 value (2 significant bits) times 2^k: fp32 and bf16 (fp32's exponent range), not fp16;
+//   gptq:         (q - zero) (5 bits) times an fp16 scale (11): up to 16 significant bits, fp32 only;
+//   fp8-block128: e4m3 (4 bits) times a BF16 scale (8): up to 12, fp32 only; an F32 scale (24) needs up to 28,
+//                 which fp32 rounds (checked per source in add(), where the scale's dtype is known).
+// Returns why not ("" where exact).
+std::string float_decode_refusal(SourceEncoding e, DType dtype) {
+  switch (e) {
+    case SourceEncoding::GptOssMxfp4:
+      return dtype == DType::F16 ? "an e2m1 value times an e8m0 scale (2^-127..2^127) can fall outside fp16's range" : "";
+    case SourceEncoding::Gptq:
+    case SourceEncoding::GptqV2:
+      return dtype == DType::F32 ? "" : "(q - zero) times an fp16 scale needs up to 16 significant bits; only fp32 holds them";
+    case SourceEncoding::Fp8Block:
+      return dtype == DType::F32 ? "" : "e4m3 times a BF16 scale needs up to 12 significant bits; only fp32 holds them";
+    default: return "";
+  }
+}
+
 // Which slot layouts a source encoding can fill exactly.
 void check_encoding_fits(SourceEncoding e, const SlotLayout& layout) {
   const ExpertFormat& f = layout.format;
@@ -157,6 +189,14 @@ void check_encoding_fits(SourceEncoding e, const SlotLayout& layout) {
     case SourceEncoding::Gptq:
     case SourceEncoding::GptqV2: ok = f.kind == FormatKind::Int4Group; break;
     case SourceEncoding::GptOssMxfp4: ok = f.kind == FormatKind::Mxfp4; break;
+  }
+  if (!ok && !f.quantized()) {
+    const std::string why = float_decode_refusal(e, layout.dtype);
+    if (!why.empty())
+      throw std::invalid_argument(std::string("experts stored as ") + encoding_name(e) + " cannot be decoded into " +
+                                  dtype_name(layout.dtype) + " slots exactly (" + why +
+                                  "); load them in their own format (expert_format='auto')");
+    ok = true;
   }
   if (!ok)
     throw std::invalid_argument(std::string("experts stored as ") + encoding_name(e) + " cannot fill slots of format " +
@@ -220,18 +260,18 @@ void ExpertFiles::add(const std::vector<ExpertSource>& sources) {
                               ") is outside the pool's [0, " + std::to_string(num_layers_) + ") x [0, " +
                               std::to_string(num_experts_) + ")");
     check_encoding_fits(s.encoding, layout_);
-    const std::vector<Expect> want = expected(s.encoding, layout_.format, H, I, num_experts_);
-    if (s.tensors.size() != want.size())
+    if (static_cast<int>(s.tensors.size()) != tensors_per_source(s.encoding))
       throw std::invalid_argument(std::string("a ") + encoding_name(s.encoding) + " expert source names " +
-                                  std::to_string(want.size()) + " tensors, got " + std::to_string(s.tensors.size()));
+                                  std::to_string(tensors_per_source(s.encoding)) + " tensors, got " +
+                                  std::to_string(s.tensors.size()));
     Expert ex;
     ex.encoding = s.encoding;
+    ex.format = layout_.format.quantized() ? layout_.format : packed_format(s.encoding, gptq_group(s));
+    const std::vector<Expect> want = expected(s.encoding, ex.format, H, I, num_experts_);
     for (size_t t = 0; t < want.size(); ++t) {
       const TensorRef& ref = s.tensors[t];
       const Expect& w = want[t];
-      auto it = headers_.find(ref.file);
-      if (it == headers_.end()) it = headers_.emplace(ref.file, SafetensorsHeader::read(ref.file)).first;
-      const SafetensorsEntry* e = it->second.find(ref.tensor);
+      const SafetensorsEntry* e = header(ref.file).find(ref.tensor);
       const std::string where = "tensor '" + ref.tensor + "' in " + ref.file + " (layer " + std::to_string(s.layer) +
                                 ", expert " + std::to_string(s.expert) + ", " + w.role + ")";
       if (!e) throw std::runtime_error("missing " + where + "; check the checkpoint's key names");
@@ -253,6 +293,14 @@ void ExpertFiles::add(const std::vector<ExpertSource>& sources) {
       const int64_t at = stacked(s.encoding) ? s.expert * slice : 0;
       ex.parts.push_back(Part{ref.file, e->offset_bytes + at, slice, e->dtype});
     }
+    if (s.encoding == SourceEncoding::Fp8Block && !layout_.format.quantized())
+      for (size_t t = 1; t < want.size(); t += 2)
+        if (ex.parts[t].dtype != "BF16")
+          throw std::invalid_argument("tensor '" + s.tensors[t].tensor + "' in " + s.tensors[t].file + " is " +
+                                      ex.parts[t].dtype + ": e4m3 times an F32 scale needs up to 28 significant "
+                                      "bits, which fp32 rounds, so fp8-block128 experts decode into float slots "
+                                      "exactly only with BF16 scales; load them in their own format "
+                                      "(expert_format='auto')");
     if (s.encoding == SourceEncoding::GptOssFloat && ex.parts[0].dtype != ex.parts[2].dtype)
       throw std::runtime_error("gate_up_proj ('" + s.tensors[0].tensor + "') is " + ex.parts[0].dtype +
                                " but down_proj ('" + s.tensors[2].tensor + "') is " + ex.parts[2].dtype +
@@ -261,6 +309,31 @@ void ExpertFiles::add(const std::vector<ExpertSource>& sources) {
   }
   if (experts_.empty()) experts_.resize(static_cast<size_t>(num_layers_ * num_experts_));  // on first use
   for (auto& kv : staged) experts_[kv.first] = std::move(kv.second);
+}
+
+const SafetensorsHeader& ExpertFiles::header(const std::string& file) {
+  auto it = headers_.find(file);
+  if (it == headers_.end()) it = headers_.emplace(file, SafetensorsHeader::read(file)).first;
+  return it->second;
+}
+
+int32_t ExpertFiles::gptq_group(const ExpertSource& s) {
+  // scales [in / G, out] of the gate projection (in = hidden_size). A tensor that is missing or of another
+  // rank is left to add()'s checks, which then name it (with the largest group, 128).
+  if (s.encoding != SourceEncoding::Gptq && s.encoding != SourceEncoding::GptqV2) return 0;
+  const SafetensorsEntry* scales = header(s.tensors[2].file).find(s.tensors[2].tensor);
+  const int64_t H = layout_.hidden_size;
+  if (!scales || scales->shape.size() != 2 || scales->shape[0] <= 0) return 128;
+  const int64_t groups = scales->shape[0];
+  const std::string name = "int4-g" + std::to_string(H / groups);
+  if (H % groups != 0 || std::none_of(std::begin(kExpertFormats), std::end(kExpertFormats),
+                                      [&](const NamedFormat& f) { return name == f.name; }))
+    throw std::invalid_argument("tensor '" + s.tensors[2].tensor + "' in " + s.tensors[2].file + " has " +
+                                std::to_string(groups) + " groups over hidden_size " + std::to_string(H) +
+                                "; moerun reads GPTQ groups of 32, 64 or 128 inputs");
+  const ExpertFormat f = parse_expert_format(name);
+  check_format_shape(f, H, layout_.inter_size);
+  return f.group;
 }
 
 bool ExpertFiles::has(int64_t layer, int64_t expert) const {
@@ -287,13 +360,52 @@ int64_t ExpertFiles::read(int64_t layer, int64_t expert, void* dst) {
   char* out = static_cast<char*>(dst);
   switch (e.encoding) {
     case SourceEncoding::Float: return read_float(e, out);
-    case SourceEncoding::Fp8Block: return read_fp8_block(e, out);
-    case SourceEncoding::Gptq:
-    case SourceEncoding::GptqV2: return read_gptq(e, out);
-    case SourceEncoding::GptOssMxfp4: return read_gpt_oss_mxfp4(e, out);
     case SourceEncoding::GptOssFloat: return read_gpt_oss_float(e, out);
+    default: return layout_.format.quantized() ? read_packed(e, layout_, out) : read_decoded(e, out);
   }
-  return 0;
+}
+
+int64_t ExpertFiles::read_packed(const Expert& e, const SlotLayout& l, char* dst) {
+  switch (e.encoding) {
+    case SourceEncoding::Fp8Block: return read_fp8_block(e, l, dst);
+    case SourceEncoding::Gptq:
+    case SourceEncoding::GptqV2: return read_gptq(e, l, dst);
+    case SourceEncoding::GptOssMxfp4: return read_gpt_oss_mxfp4(e, l, dst);
+    default: throw std::logic_error("read_packed: a float source");
+  }
+}
+
+int64_t ExpertFiles::read_decoded(const Expert& e, char* dst) {
+  // The packed slot the pool would hold in the source's own format, then its weights decoded (the kernels'
+  // decode, one fp32 multiply) in bands of rows and stored in the slot's dtype; check_encoding_fits and add()
+  // admitted only sources for which that store is exact. Biases are in the model dtype in both slots.
+  const SlotLayout packed = slot_layout(layout_.dtype, layout_.hidden_size, layout_.inter_size, e.format,
+                                        layout_.has_bias);
+  thread_local std::vector<char> scratch;
+  thread_local std::vector<float> band;
+  scratch.resize(static_cast<size_t>(packed.slot_bytes));
+  const int64_t total = read_packed(e, packed, scratch.data());
+  constexpr int64_t kBandRows = 64;
+  const int64_t b = dtype_bytes(layout_.dtype);
+  const SlotMatrix mats[2] = {slot_gate_up(packed, scratch.data()), slot_down(packed, scratch.data())};
+  const int64_t offsets[2] = {layout_.gate_up_offset, layout_.down_offset};
+  for (int mi = 0; mi < 2; ++mi) {
+    const SlotMatrix& m = mats[mi];
+    band.resize(static_cast<size_t>(kBandRows * m.cols));
+    for (int64_t r0 = 0; r0 < m.rows; r0 += kBandRows) {
+      const int64_t r1 = std::min(m.rows, r0 + kBandRows);
+      decode_rows(m, r0, r1, band.data());
+      convert_elems(band.data(), DType::F32, dst + offsets[mi] + r0 * m.cols * b, layout_.dtype, (r1 - r0) * m.cols);
+    }
+  }
+  if (layout_.has_bias) {
+    std::memcpy(dst + layout_.gate_up_bias_offset, scratch.data() + packed.gate_up_bias_offset,
+                static_cast<size_t>(layout_.gate_up_bias_bytes));
+    std::memcpy(dst + layout_.down_bias_offset, scratch.data() + packed.down_bias_offset,
+                static_cast<size_t>(layout_.down_bias_bytes));
+  }
+  zero_slot_gaps(layout_, dst);
+  return total;
 }
 
 int64_t ExpertFiles::read_float(const Expert& e, char* dst) {
@@ -355,14 +467,14 @@ int64_t ExpertFiles::read_float(const Expert& e, char* dst) {
   return total;
 }
 
-int64_t ExpertFiles::read_fp8_block(const Expert& e, char* dst) {
+int64_t ExpertFiles::read_fp8_block(const Expert& e, const SlotLayout& l, char* dst) {
   // The slot's fp8-block128 layout is the checkpoint's, part by part: gate rows then up rows, gate's scale
   // grid then up's, then down's weights and grid (expert_format.h).
-  const int64_t H = layout_.hidden_size, I = layout_.inter_size;
-  char* weights[3] = {dst + layout_.gate_up_offset, dst + layout_.gate_up_offset + I * H, dst + layout_.down_offset};
-  const int64_t gate_grid = layout_.gate_up_scales_bytes / 2;
-  char* scales[3] = {dst + layout_.gate_up_scales_offset, dst + layout_.gate_up_scales_offset + gate_grid,
-                     dst + layout_.down_scales_offset};
+  const int64_t H = l.hidden_size, I = l.inter_size;
+  char* weights[3] = {dst + l.gate_up_offset, dst + l.gate_up_offset + I * H, dst + l.down_offset};
+  const int64_t gate_grid = l.gate_up_scales_bytes / 2;
+  char* scales[3] = {dst + l.gate_up_scales_offset, dst + l.gate_up_scales_offset + gate_grid,
+                     dst + l.down_scales_offset};
   int64_t total = 0;
   thread_local std::vector<char> raw;
   for (int p = 0; p < 3; ++p) {
@@ -381,11 +493,11 @@ int64_t ExpertFiles::read_fp8_block(const Expert& e, char* dst) {
   return total;
 }
 
-int64_t ExpertFiles::read_gptq(const Expert& e, char* dst) {
+int64_t ExpertFiles::read_gptq(const Expert& e, const SlotLayout& l, char* dst) {
   // GPTQ stores W^T packed along the input dimension: qweight[c / 8, o] holds inputs c..c+7 of output o in
   // 4-bit fields (lowest first); qzeros[g, o / 8] the zero points of outputs o..o+7 (v1: minus one); scales
   // [g, o] fp16. The slot wants rows = outputs, two inputs per byte (even input in the low nibble).
-  const int64_t H = layout_.hidden_size, I = layout_.inter_size, G = layout_.format.group;
+  const int64_t H = l.hidden_size, I = l.inter_size, G = l.format.group;
   const int zero_offset = e.encoding == SourceEncoding::Gptq ? 1 : 0;
   int64_t total = 0;
   thread_local std::vector<char> qw, qz, sc;
@@ -393,9 +505,9 @@ int64_t ExpertFiles::read_gptq(const Expert& e, char* dst) {
     const int64_t rows = p < 2 ? I : H, cols = p < 2 ? H : I, groups = cols / G;
     const bool down = p == 2;
     const int64_t row0 = p == 1 ? I : 0;  // up rows follow gate rows in gate_up
-    uint8_t* wq = reinterpret_cast<uint8_t*>(dst + (down ? layout_.down_offset : layout_.gate_up_offset)) + row0 * cols / 2;
-    float* ws = reinterpret_cast<float*>(dst + (down ? layout_.down_scales_offset : layout_.gate_up_scales_offset)) + row0 * groups;
-    uint8_t* wz = reinterpret_cast<uint8_t*>(dst + (down ? layout_.down_zeros_offset : layout_.gate_up_zeros_offset)) + row0 * groups;
+    uint8_t* wq = reinterpret_cast<uint8_t*>(dst + (down ? l.down_offset : l.gate_up_offset)) + row0 * cols / 2;
+    float* ws = reinterpret_cast<float*>(dst + (down ? l.down_scales_offset : l.gate_up_scales_offset)) + row0 * groups;
+    uint8_t* wz = reinterpret_cast<uint8_t*>(dst + (down ? l.down_zeros_offset : l.gate_up_zeros_offset)) + row0 * groups;
     const Part& pw = e.parts[static_cast<size_t>(3 * p)];
     const Part& pz = e.parts[static_cast<size_t>(3 * p + 1)];
     const Part& ps = e.parts[static_cast<size_t>(3 * p + 2)];
@@ -432,10 +544,10 @@ int64_t ExpertFiles::read_gptq(const Expert& e, char* dst) {
 
 namespace moerun {
 
-int64_t ExpertFiles::read_biases(const Part& gate_up, const Part& down, std::vector<float>& out) {
+int64_t ExpertFiles::read_biases(const Part& gate_up, const Part& down, const SlotLayout& l, std::vector<float>& out) {
   // fp32 (exact from any float dtype): [gate I | up I | down H], gate_up's [2I] de-interleaved (gpt-oss: gate i
   // at 2i, up i at 2i + 1).
-  const int64_t H = layout_.hidden_size, I = layout_.inter_size;
+  const int64_t H = l.hidden_size, I = l.inter_size;
   thread_local std::vector<char> raw;
   out.resize(static_cast<size_t>(2 * I + H));
   DType src;
@@ -453,10 +565,10 @@ int64_t ExpertFiles::read_biases(const Part& gate_up, const Part& down, std::vec
   return gate_up.bytes + down.bytes;
 }
 
-int64_t ExpertFiles::read_gpt_oss_mxfp4(const Expert& e, char* dst) {
+int64_t ExpertFiles::read_gpt_oss_mxfp4(const Expert& e, const SlotLayout& l, char* dst) {
   // The checkpoint's MXFP4 codes and e8m0 scales are the slot's (expert_format.h: the same nibble order, value
   // table and exponent bias), row for row except gate_up's interleaving: its row 2i is gate row i, 2i + 1 up row i.
-  const int64_t H = layout_.hidden_size, I = layout_.inter_size;
+  const int64_t H = l.hidden_size, I = l.inter_size;
   const Part &gu_blocks = e.parts[0], &gu_scales = e.parts[1], &gu_bias = e.parts[2];
   const Part &dn_blocks = e.parts[3], &dn_scales = e.parts[4], &dn_bias = e.parts[5];
   thread_local std::vector<char> raw;
@@ -468,15 +580,15 @@ int64_t ExpertFiles::read_gpt_oss_mxfp4(const Expert& e, char* dst) {
       std::memcpy(out + (I + i) * row_bytes, raw.data() + (2 * i + 1) * row_bytes, static_cast<size_t>(row_bytes));
     }
   };
-  deinterleave_rows(gu_blocks, H / 2, dst + layout_.gate_up_offset);
-  deinterleave_rows(gu_scales, H / 32, dst + layout_.gate_up_scales_offset);
-  read_part(dn_blocks, dst + layout_.down_offset);
-  read_part(dn_scales, dst + layout_.down_scales_offset);
+  deinterleave_rows(gu_blocks, H / 2, dst + l.gate_up_offset);
+  deinterleave_rows(gu_scales, H / 32, dst + l.gate_up_scales_offset);
+  read_part(dn_blocks, dst + l.down_offset);
+  read_part(dn_scales, dst + l.down_scales_offset);
   thread_local std::vector<float> bias;
   const int64_t total = gu_blocks.bytes + gu_scales.bytes + dn_blocks.bytes + dn_scales.bytes +
-                        read_biases(gu_bias, dn_bias, bias);
-  write_biases(layout_, ExpertBiases{bias.data(), bias.data() + I, bias.data() + 2 * I, DType::F32}, dst);
-  zero_slot_gaps(layout_, dst);
+                        read_biases(gu_bias, dn_bias, l, bias);
+  write_biases(l, ExpertBiases{bias.data(), bias.data() + I, bias.data() + 2 * I, DType::F32}, dst);
+  zero_slot_gaps(l, dst);
   return total;
 }
 
@@ -497,7 +609,7 @@ int64_t ExpertFiles::read_gpt_oss_float(const Expert& e, char* dst) {
   read_part(dn, raw.data());
   gather_columns_bytes(raw.data(), b, H, 0, 1, H, I, rows.data() + 2 * I * H * b);
   thread_local std::vector<float> bias;
-  const int64_t bias_bytes = read_biases(gu_bias, dn_bias, bias);
+  const int64_t bias_bytes = read_biases(gu_bias, dn_bias, layout_, bias);
   const ExpertBiases biases{bias.data(), bias.data() + I, bias.data() + 2 * I, DType::F32};
   encode_expert(layout_, rows.data(), rows.data() + I * H * b, rows.data() + 2 * I * H * b, src, dst, {}, biases);
   return gu.bytes + dn.bytes + bias_bytes;

@@ -13,9 +13,13 @@
 //                                 then up rows, the biases converted to the model dtype;
 //   gpt-oss-float -> any format:  expert e's slice of the stacked gate_up_proj [H, 2I] (x @ W, gate and up
 //                                 interleaved along 2I) and down_proj [I, H] transposed to rows of outputs and
-//                                 de-interleaved, then converted or encoded as a float source is.
+//                                 de-interleaved, then converted or encoded as a float source is;
+//   packed        -> float:       read into a slot of its own format as above, then decoded (expert_codec.h's
+//                                 decode_rows) and stored in the slot's dtype, only where that is exact:
+//                                 gpt-oss-mxfp4 into fp32 or bf16, gptq / gptq-v2 into fp32, fp8-block128 with
+//                                 BF16 scales into fp32 (check_encoding_fits, add() say why not elsewhere).
 // Both gpt-oss encodings are row permutations and a transpose of what the checkpoint holds: exact in every
-// format. A pre-quantized source is never expanded to floats in host memory.
+// format. A pre-quantized source is expanded to floats in host memory only when the pool's format is float.
 #pragma once
 #include <cstdint>
 #include <mutex>
@@ -82,16 +86,22 @@ class ExpertFiles {
   };
   struct Expert {
     SourceEncoding encoding = SourceEncoding::Float;
+    ExpertFormat format;      // the packed format the source holds (float sources: the float format)
     std::vector<Part> parts;  // empty until added
   };
   int fd(const std::string& path);
   void read_part(const Part& part, void* dst);
+  const SafetensorsHeader& header(const std::string& file);  // read once, then cached
+  int32_t gptq_group(const ExpertSource& s);  // GPTQ's group size, read from the gate scales' header
   int64_t read_float(const Expert& e, char* dst);
-  int64_t read_fp8_block(const Expert& e, char* dst);
-  int64_t read_gptq(const Expert& e, char* dst);
-  int64_t read_gpt_oss_mxfp4(const Expert& e, char* dst);
+  // A packed source into a slot of its own format `l` (the pool's, or a scratch one that read_decoded decodes).
+  int64_t read_packed(const Expert& e, const SlotLayout& l, char* dst);
+  int64_t read_decoded(const Expert& e, char* dst);
+  int64_t read_fp8_block(const Expert& e, const SlotLayout& l, char* dst);
+  int64_t read_gptq(const Expert& e, const SlotLayout& l, char* dst);
+  int64_t read_gpt_oss_mxfp4(const Expert& e, const SlotLayout& l, char* dst);
   int64_t read_gpt_oss_float(const Expert& e, char* dst);
-  int64_t read_biases(const Part& gate_up, const Part& down, std::vector<float>& out);
+  int64_t read_biases(const Part& gate_up, const Part& down, const SlotLayout& l, std::vector<float>& out);
 
   int64_t num_layers_, num_experts_;
   SlotLayout layout_;

@@ -13,9 +13,11 @@ Checkpoints read as they are published (``config.json``'s ``quantization_config`
   format at load), or ``quant_method: "mxfp4"`` as published on the hub (``*_blocks`` e2m1 pairs and
   ``*_scales`` e8m0 per 32 inputs; encoding "gpt-oss-mxfp4", experts stay mxfp4); only the experts are
   quantized there, the dense weights are float.
-A pre-quantized checkpoint asked for another expert format is refused (the conversion would not be
-exact). Its dense linears (attention, shared experts, dense MLPs) are dequantized to the compute dtype
-at load: moerun offloads experts, it does not run quantized dense kernels.
+A pre-quantized checkpoint asked for another expert format is refused unless the conversion is exact: its
+experts decode into float slots (``expert_format="float"``) where every weight is representable in the model
+dtype (:data:`EXACT_FLOAT_DECODES`), and no other conversion is made. Its dense linears (attention, shared
+experts, dense MLPs) are dequantized to the compute dtype at load: moerun offloads experts, it does not run
+quantized dense kernels.
 
 This module reads configs and tensors; it knows nothing about pools, slots or devices.
 """
@@ -39,6 +41,23 @@ MXFP4_BLOCK = 32  # inputs per e8m0 scale (16 bytes of e2m1 pairs)
 FLOAT_ALIASES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_ALIASES = {"int4": "int4-g128"}
 GPTQ_GROUPS = (32, 64, 128)
+
+
+# Packed experts decode exactly into these float dtypes, and why (by source encoding): the format's decode
+# (csrc/expert_format.h, one fp32 multiply) is the checkpoint's value exactly, and the dtype holds it. The
+# native reader (csrc/expert_files.cpp, check_encoding_fits) admits the same conversions.
+_MXFP4_WHY = ("an e2m1 value (2 significant bits) times a power of two fits float32 and bfloat16 (the same "
+              "exponent range), not float16's range")
+_GPTQ_WHY = ("(q - zero) (5 bits) times an fp16 scale (11 significant bits) needs up to 16 significant bits: "
+             "float32 holds 24, bfloat16 8, float16 11")
+EXACT_FLOAT_DECODES: dict[str, tuple[tuple[torch.dtype, ...], str]] = {
+    "gpt-oss-mxfp4": ((torch.float32, torch.bfloat16), _MXFP4_WHY),
+    "gptq": ((torch.float32,), _GPTQ_WHY),
+    "gptq-v2": ((torch.float32,), _GPTQ_WHY),
+    # with BF16 weight_scale_inv; F32 scales make no float decode exact (_check_float_decode)
+    "fp8-block128": ((torch.float32,), "e4m3 (4 significant bits) times a BF16 scale (8) needs up to 12 "
+                                       "significant bits: float32 holds 24, bfloat16 8, float16 11"),
+}
 
 
 class ExpertFormatError(ValueError):
@@ -121,9 +140,13 @@ def read_quantization(config, *, stacked_experts: bool = False) -> CheckpointQua
                             "(expert_format=...)")
 
 
-def resolve_expert_format(requested: str, quant: CheckpointQuantization, dtype: torch.dtype) -> str:
+def resolve_expert_format(requested: str, quant: CheckpointQuantization, dtype: torch.dtype,
+                          scale_dtypes: Iterable[torch.dtype] = ()) -> str:
     """The expert format the host pool and the arena use: ``requested`` ("auto", an alias, or a name of
-    moerun.native.EXPERT_FORMATS) against the checkpoint's own format and the compute dtype."""
+    moerun.native.EXPERT_FORMATS) against the checkpoint's own format and the compute dtype. A packed
+    checkpoint's experts go into float slots only where that is exact (:data:`EXACT_FLOAT_DECODES`);
+    ``scale_dtypes``: the dtypes of its experts' fp8 block scales (``weight_scale_inv``), on which that
+    depends for fp8-block128."""
     from .native import EXPERT_FORMATS
 
     if not isinstance(requested, str):
@@ -140,12 +163,33 @@ def resolve_expert_format(requested: str, quant: CheckpointQuantization, dtype: 
     name = FORMAT_ALIASES.get(name, name)
     if name not in EXPERT_FORMATS:
         raise ExpertFormatError(f"unknown expert_format {requested!r}; use one of {names}")
-    if quant.quantized and name != quant.expert_format:
+    if quant.quantized and name == "float":
+        _check_float_decode(quant, dtype, frozenset(scale_dtypes))
+    elif quant.quantized and name != quant.expert_format:
+        exact = EXACT_FLOAT_DECODES[quant.encoding][0]
         raise ExpertFormatError(
             f"this checkpoint's experts are {quant.expert_format} ({quant.encoding}); converting them to {name} "
-            f"would not be exact. Load with expert_format='auto' (or {quant.expert_format!r}), or quantize a "
-            "float checkpoint at load")
+            f"would not be exact. Load with expert_format='auto' (or {quant.expert_format!r}), or 'float' with "
+            f"dtype={' or '.join(map(str, exact))} (an exact decode), or quantize a float checkpoint at load")
     return name
+
+
+def _check_float_decode(quant: CheckpointQuantization, dtype: torch.dtype, scale_dtypes: frozenset) -> None:
+    """Packed experts decode exactly into float slots of ``dtype``, or an ExpertFormatError says why not and
+    what to load instead."""
+    head = f"this checkpoint's experts are {quant.expert_format} ({quant.encoding}); decoding them into {dtype}"
+    if quant.encoding == "fp8-block128" and scale_dtypes != {torch.bfloat16}:
+        found = ", ".join(sorted(str(d) for d in scale_dtypes)) or "unknown"
+        raise ExpertFormatError(
+            f"{head} would not be exact: their weight_scale_inv is {found}, and e4m3 (4 significant bits) times an "
+            "fp32 scale (24) needs up to 28 significant bits, more than any float dtype holds (BF16 scales would "
+            "decode exactly into torch.float32). Load with expert_format='auto' (fp8-block128)")
+    exact, why = EXACT_FLOAT_DECODES[quant.encoding]
+    if dtype not in exact:
+        raise ExpertFormatError(
+            f"{head} would not be exact: {why}. They decode exactly into {' or '.join(map(str, exact))}: pass "
+            f"dtype={exact[0]} with expert_format='float', or load with expert_format='auto' "
+            f"({quant.expert_format})")
 
 
 def expert_tensor_keys(prefixes: Iterable[str], quant: CheckpointQuantization) -> list[str]:
@@ -185,6 +229,13 @@ def check_stacked_expert_tensors(ckpt: Checkpoint, prefix: str, num_experts: int
     for suffix in quant.suffixes:
         dtypes, shape = expected[suffix]
         _check_tensor(ckpt, prefix + suffix, dtypes, shape, quant, f"for {E} experts of hidden {H}, width {I}")
+    if quant.encoding == "gpt-oss-float":
+        # An expert's weights are read in one dtype (csrc/expert_files.cpp); biases are converted apart.
+        gate_up, down = ckpt.tensors[prefix + "gate_up_proj"], ckpt.tensors[prefix + "down_proj"]
+        if down.dtype != gate_up.dtype:
+            raise CheckpointError(f"{down.file}: {prefix}down_proj is {down.dtype}, expected {gate_up.dtype} as "
+                                  f"{prefix}gate_up_proj: gpt-oss experts are read with one weight dtype; save the "
+                                  "layer's two weights in one dtype")
 
 
 def _check_tensor(ckpt: Checkpoint, key: str, dtypes: tuple[torch.dtype, ...], shape: tuple,

@@ -113,7 +113,9 @@ def load(
             checkpoint's own: float, or an fp8 / GPTQ checkpoint's format), ``"fp8"``, ``"fp8-block128"``,
             ``"int8"``, ``"int4"`` (= ``"int4-g128"``), ``"int4-g32"``, ``"int4-g64"``, ``"mxfp4"`` (a float
             checkpoint quantized at load), or ``"bf16"`` / ``"fp16"`` / ``"fp32"`` / ``"float"`` (the compute
-            dtype). A pre-quantized checkpoint keeps its own format (asking for another is an error).
+            dtype). A pre-quantized checkpoint keeps its own format, or decodes into ``"float"`` where that
+            is exact in the compute dtype (MXFP4: fp32 or bf16; GPTQ, fp8 with BF16 scales: fp32); any other
+            conversion is an error.
         max_context, max_batch: the KV cache and activations the budget reserves room for; the fast
             decode path's static KV cache holds max_batch sequences of max_context tokens.
         prefill_chunk: tokens (all sequences together) of the largest forward the budget reserves
@@ -141,7 +143,7 @@ def load(
     stages = _Stages()
     device = _pick_device(device)
     path, config, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
-    fmt = resolve_expert_format(expert_format, quant, dtype)
+    fmt = resolve_expert_format(expert_format, quant, dtype, _expert_scale_dtypes(ckpt, adapter, quant))
     moe_layers = adapter.moe_layers()
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
@@ -220,7 +222,7 @@ def memory_plan(
     _check_arguments(max_context=max_context, max_batch=max_batch, revision=revision, prefill_chunk=prefill_chunk)
     device = _pick_device(device)
     _, _, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
-    fmt = resolve_expert_format(expert_format, quant, dtype)
+    fmt = resolve_expert_format(expert_format, quant, dtype, _expert_scale_dtypes(ckpt, adapter, quant))
     non_expert = [k for k in ckpt.tensors if not adapter.is_routed_expert_key(k)]
     return _plan(adapter, ckpt, quant, non_expert, dtype, fmt, vram_budget, device, max_context, max_batch,
                  check_free=False, prefill_chunk=prefill_chunk)
@@ -405,6 +407,14 @@ def _check_expert_tensors(ckpt: Checkpoint, adapter: MoeAdapter, quant: Checkpoi
             continue
         for expert in range(adapter.num_experts):
             check_expert_tensors(ckpt, _expert_prefixes(adapter, layer, expert), [(i, h), (i, h), (h, i)], quant)
+
+
+def _expert_scale_dtypes(ckpt: Checkpoint, adapter: MoeAdapter, quant: CheckpointQuantization) -> set[torch.dtype]:
+    """dtypes of the routed experts' fp8 block scales (whether they decode exactly into floats depends on it)."""
+    if quant.encoding != "fp8-block128":
+        return set()
+    return {info.dtype for key, info in ckpt.tensors.items()
+            if key.endswith(".weight_scale_inv") and adapter.is_routed_expert_key(key)}
 
 
 def _expert_prefixes(adapter: MoeAdapter, layer: int, expert: int) -> list[str]:
