@@ -69,6 +69,35 @@ def whole_number(lo: int, hi: int):
     return parse
 
 
+def add_expert_options(p: argparse.ArgumentParser) -> None:
+    """``--expert-format`` and ``--dtype``: what moerun.load takes as ``expert_format`` and ``dtype``, read
+    the same way by every command that loads a model (whether a format suits the checkpoint and the dtype,
+    load checks before it allocates)."""
+    from .checkpoint_quantization import FLOAT_ALIASES, FORMAT_ALIASES
+    from .native import EXPERT_FORMATS
+
+    formats = ("auto", *FLOAT_ALIASES, *FORMAT_ALIASES, *EXPERT_FORMATS)
+    dtypes = {**{str(d).removeprefix("torch."): d for d in FLOAT_ALIASES.values()}, **FLOAT_ALIASES}
+
+    def expert_format(text: str) -> str:
+        if text.strip().lower() not in formats:
+            raise argparse.ArgumentTypeError(f"unknown expert format {text!r}; use one of {', '.join(formats)}")
+        return text.strip().lower()
+
+    def dtype(text: str):
+        if text.strip().lower() not in dtypes:
+            raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(dtypes)}")
+        return dtypes[text.strip().lower()]
+
+    expert_format.__name__, dtype.__name__ = "expert format", "dtype"  # argparse names the type in its messages
+    p.add_argument("--expert-format", type=expert_format, default="auto", metavar="FORMAT",
+                   help="how routed experts are kept in host memory and in the arena (moerun.load's expert_format): "
+                        f"auto (the checkpoint's own; the default) or one of {', '.join(formats[1:])}; a float "
+                        "checkpoint is quantized at load, a packed one decodes into float where that is exact")
+    p.add_argument("--dtype", type=dtype, default=None, metavar="DTYPE",
+                   help=f"compute dtype: {', '.join(dtypes)} (default: the checkpoint's)")
+
+
 def error_text(exc: BaseException) -> str:
     """What the command line prints for ``exc``: a policy error's diagnostics, else ``error: ...`` on one line."""
     from .policy.errors import PolicyError  # here: reached only when a command failed

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 
-from .cli import whole_number
+from .cli import add_expert_options, whole_number
 from .policy.errors import PolicyError
 
 INT64_MAX = 2**63 - 1
@@ -46,12 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", default="balanced.moe", help=".moe file, policy text, or bundled name")
     p.add_argument("--vram-budget", default="auto", help="device bytes for the model and its experts (e.g. 10GiB)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: CUDA when available)")
-    p.add_argument("--expert-format", type=_expert_format, default="auto", metavar="FORMAT",
-                   help="how routed experts are kept (moerun.load's expert_format): auto (the checkpoint's own; "
-                   "the default), float, bf16, fp16, fp32, fp8, fp8-block128, int8, int4 (= int4-g128), int4-g32, "
-                   "int4-g64, mxfp4; a float checkpoint is quantized at load")
-    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
-                   help="compute dtype: bfloat16, float16 or float32 (or bf16, fp16, fp32; default the checkpoint's)")
+    add_expert_options(p)
     p.add_argument("--max-context", type=whole_number(1, 2**31 - 1), default=4096,
                    help="tokens per sequence (prompt, history and reply) the model is loaded for")
     p.add_argument("--max-new-tokens", type=whole_number(1, 2**31 - 1), default=DEFAULT_MAX_NEW_TOKENS,
@@ -97,29 +92,6 @@ def _float_in(lo: float, hi: float, *, low_open: bool):
 
     parse.__name__ = "number"  # argparse names the type in its messages
     return parse
-
-
-def _expert_format(text: str) -> str:
-    """An argparse ``type``: a name moerun.load's ``expert_format`` takes (whether it suits the
-    checkpoint and the dtype, load checks before it allocates)."""
-    from .checkpoint_quantization import FLOAT_ALIASES, FORMAT_ALIASES
-    from .native import EXPERT_FORMATS
-
-    names = ("auto", *FLOAT_ALIASES, *FORMAT_ALIASES, *EXPERT_FORMATS)
-    if text.strip().lower() not in names:
-        raise argparse.ArgumentTypeError(f"unknown expert format {text!r}; use one of {', '.join(names)}")
-    return text.strip().lower()
-
-
-def _dtype(text: str):
-    """An argparse ``type``: a compute dtype moerun.load takes, by torch name or short alias."""
-    from .checkpoint_quantization import FLOAT_ALIASES
-
-    by_name = {**{str(d).removeprefix("torch."): d for d in FLOAT_ALIASES.values()}, **FLOAT_ALIASES}
-    name = text.strip().lower()
-    if name not in by_name:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(by_name)}")
-    return by_name[name]
 
 
 def sampling_options(args: argparse.Namespace) -> dict:

@@ -21,7 +21,7 @@ import argparse
 import socket
 import sys
 
-from ..cli import whole_number
+from ..cli import add_expert_options, whole_number
 from ..policy.errors import PolicyError
 
 DEFAULT_PORT = 8000
@@ -38,8 +38,6 @@ ERRORS = (ServeError, PolicyError)  # what this command raises for bad input (mo
 
 def add_parser(subparsers) -> None:
     """Register ``moerun serve``."""
-    # The names moerun.load(expert_format=..., dtype=...) takes, read as `moerun run` reads them.
-    from ..run_command import _dtype, _expert_format
     from .batching import DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_QUEUE
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
@@ -55,12 +53,7 @@ def add_parser(subparsers) -> None:
                    help="tokens of one prefill forward, the activations the memory plan reserves (default: "
                         "--max-context, a whole prompt at once); a longer prompt is prefilled in chunks of this many, "
                         "and the expert arena gets the memory saved (at least --max-batch, at most --max-context)")
-    p.add_argument("--expert-format", type=_expert_format, default="auto", metavar="FORMAT",
-                   help="how routed experts are kept in host memory and in the arena (moerun.load's expert_format): "
-                        "auto (the checkpoint's own; the default), float, bf16, fp16, fp32, fp8, fp8-block128, int8, "
-                        "int4 (= int4-g128), int4-g32, int4-g64, mxfp4; a float checkpoint is quantized at load")
-    p.add_argument("--dtype", type=_dtype, default=None, metavar="DTYPE",
-                   help="compute dtype: bfloat16, float16 or float32 (or bf16, fp16, fp32; default the checkpoint's)")
+    add_expert_options(p)
     p.add_argument("--max-prefill-tokens", type=whole_number(1, 2**31 - 1), default=DEFAULT_MAX_PREFILL_TOKENS,
                    help="prompt tokens prefilled between two decode steps while requests are decoding "
                         f"(default {DEFAULT_MAX_PREFILL_TOKENS}; at least one prompt)")
