@@ -211,6 +211,8 @@ def build_checkpoint(
 # GPTQ v1 (``qweight`` / ``qzeros`` / ``scales`` / ``g_idx``, desc_act false, asymmetric), mxfp4 as gpt-oss
 # (stacked experts only: ``*_blocks`` e2m1 pairs + ``*_scales`` e8m0 per 32 inputs, biases beside them).
 PACKED_FORMATS: tuple[str, ...] = ("fp8-block128", "int4-g32", "int4-g64", "int4-g128", "mxfp4")
+# dtypes an fp8 checkpoint's ``weight_scale_inv`` is published in (the loader widens BF16 to fp32 exactly).
+FP8_SCALE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 _PACKED_ALIASES = {"int4": "int4-g128"}
 _FP8_BLOCK = 128
 # Root mean square of the random codes as values (fp8: |v| in [1, 240] over 8 octaves, see
@@ -244,6 +246,14 @@ def quantization_config(expert_format: str) -> dict[str, Any]:
             "checkpoint_format": "gptq"}
 
 
+def _check_fp8_scale_dtype(fmt: str, fp8_scale_dtype: torch.dtype) -> None:
+    if fp8_scale_dtype not in FP8_SCALE_DTYPES:
+        raise ValueError(f"fp8_scale_dtype {fp8_scale_dtype} is not one fp8 checkpoints publish; choose "
+                         f"{' or '.join(map(str, FP8_SCALE_DTYPES))}")
+    if fp8_scale_dtype != torch.float32 and fmt != "fp8-block128":
+        raise ValueError(f"fp8_scale_dtype applies to fp8-block128 checkpoints only, not {fmt}; leave it float32")
+
+
 def _group(fmt: str) -> int:
     return int(fmt.rsplit("-g", 1)[1])
 
@@ -261,15 +271,18 @@ class PackedTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def packed_linear_tensors(expert_format: str, rows: int, cols: int) -> list[PackedTensor]:
-    """The tensors a ``[rows, cols]`` (out x in) linear is published as in ``expert_format``."""
+def packed_linear_tensors(expert_format: str, rows: int, cols: int,
+                          fp8_scale_dtype: torch.dtype = torch.float32) -> list[PackedTensor]:
+    """The tensors a ``[rows, cols]`` (out x in) linear is published as in ``expert_format`` (an fp8
+    ``weight_scale_inv`` in ``fp8_scale_dtype``, one of :data:`FP8_SCALE_DTYPES`)."""
     fmt = packed_format(expert_format)
+    _check_fp8_scale_dtype(fmt, fp8_scale_dtype)
     if fmt == "mxfp4":
         raise ValueError("mxfp4 is published for stacked experts (gpt-oss) only, not per expert linear")
     if fmt == "fp8-block128":
         blocks = (-(-rows // _FP8_BLOCK), -(-cols // _FP8_BLOCK))
         return [PackedTensor("weight", (rows, cols), torch.float8_e4m3fn),
-                PackedTensor("weight_scale_inv", blocks, torch.float32)]
+                PackedTensor("weight_scale_inv", blocks, fp8_scale_dtype)]
     g = _group(fmt)
     if cols % g or rows % 8:
         raise ValueError(f"a [{rows}, {cols}] linear cannot be {fmt} (GPTQ): its inputs ({cols}) must be a "
@@ -349,15 +362,15 @@ def _jitter(shape: tuple[int, ...], generator: torch.Generator, device: torch.de
     return 0.75 + 0.5 * torch.rand(shape, generator=generator, device=device)
 
 
-def _random_packed_linear(fmt: str, rows: int, cols: int, generator: torch.Generator,
-                          device: torch.device) -> dict[str, torch.Tensor]:
+def _random_packed_linear(fmt: str, rows: int, cols: int, generator: torch.Generator, device: torch.device,
+                          fp8_scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The published tensors of one random ``[rows, cols]`` linear (on the host), by key suffix."""
-    specs = {t.suffix: t for t in packed_linear_tensors(fmt, rows, cols)}
+    specs = {t.suffix: t for t in packed_linear_tensors(fmt, rows, cols, fp8_scale_dtype)}
     base = 1.0 / math.sqrt(cols)
     if fmt == "fp8-block128":
         codes = _random_fp8_codes(rows * cols, generator, device).view(torch.float8_e4m3fn).view(rows, cols)
         scale = base / _FP8_CODE_RMS * _jitter(specs["weight_scale_inv"].shape, generator, device)
-        return {"weight": codes.cpu(), "weight_scale_inv": scale.float().cpu()}
+        return {"weight": codes.cpu(), "weight_scale_inv": scale.to(fp8_scale_dtype).cpu()}
     g = _group(fmt)
     qweight = torch.empty(specs["qweight"].shape, dtype=torch.int32, device=device)
     qweight.random_(-2**31, 2**31, generator=generator)           # 8 uniform 4-bit codes per int32
@@ -406,6 +419,7 @@ def build_packed_checkpoint(
     device: str | torch.device = "cpu",
     max_shard_bytes: int = 2**30,
     progress: Callable[[int, int], None] | None = None,
+    fp8_scale_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Save a random-weight model of ``config`` whose routed experts are published packed in ``expert_format``.
 
@@ -416,6 +430,7 @@ def build_packed_checkpoint(
     layer as the hub's gpt-oss checkpoints are (:func:`stacked_mxfp4_tensors`). Codes are random, scales
     plausible: the weights' std is about 1/sqrt(fan_in), as in :func:`build_checkpoint`. Dense weights are
     :func:`build_checkpoint`'s in ``dtype``; ``config.json`` carries the format's ``quantization_config``.
+    ``fp8_scale_dtype=torch.bfloat16`` writes fp8 ``weight_scale_inv`` in BF16, as some fp8 checkpoints do.
 
     Written shard by shard (the dense part first, then experts in layer order, each shard at most
     ``max_shard_bytes``, or one stacked layer, with ``model.safetensors.index.json``), so host memory holds
@@ -426,13 +441,15 @@ def build_packed_checkpoint(
     from moerun.models import adapter_for
 
     fmt = packed_format(expert_format)
+    _check_fp8_scale_dtype(fmt, fp8_scale_dtype)
     adapter = adapter_for(config)
     if adapter.stacked_experts:
         stacked_mxfp4_tensors(adapter, fmt, dtype)  # raises for a format this layout is not published in
         shards = [[(layer, None)] for layer in adapter.moe_layers()]  # one MoE layer a shard
     else:
         linears = _expert_linears(adapter)
-        per_expert = sum(t.nbytes for rows, cols in linears for t in packed_linear_tensors(fmt, rows, cols))
+        per_expert = sum(t.nbytes for rows, cols in linears
+                         for t in packed_linear_tensors(fmt, rows, cols, fp8_scale_dtype))
         shards = _expert_shards(adapter, per_expert, max_shard_bytes)
     path, device = Path(path), torch.device(device)
     path.mkdir(parents=True, exist_ok=True)
@@ -459,7 +476,8 @@ def build_packed_checkpoint(
             keys = adapter.expert_keys(layer, expert)
             for key, (rows, cols) in zip((keys.gate, keys.up, keys.down), linears):
                 prefix = key[: -len("weight")]
-                for suffix, tensor in _random_packed_linear(fmt, rows, cols, generator, device).items():
+                for suffix, tensor in _random_packed_linear(fmt, rows, cols, generator, device,
+                                                            fp8_scale_dtype).items():
                     tensors[prefix + suffix] = tensor
         save_file(tensors, str(path / name[index]), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name[index]))

@@ -1,29 +1,36 @@
 """Built-in checkpoints generated with packed experts (fp8 block-scaled, GPTQ int4) load in moerun as
-published, and generate what plain transformers generates on their dequantized twin (fp32 compute).
+published, and generate what plain transformers generates on the same weights (fp32 compute): the same
+greedy tokens, logits within 1e-4 (generation_helpers.assert_matches).
 
-The twin is dequantized here from the published definitions of the two layouts, not with moerun's code.
+fp8: transformers dequantizes the checkpoint itself (``FineGrainedFP8Config(dequantize=True)``), for every
+architecture with per-expert linears, with fp32 and with BF16 ``weight_scale_inv``. GPTQ: transformers
+needs a GPTQ backend that CPU CI lacks, so the reference is a float twin dequantized here from the
+published definition of the layout, not with moerun's code. gpt-oss's stacked MXFP4 layout runs against
+transformers' own ``Mxfp4Config(dequantize=True)`` in tests/runtime/test_gpt_oss.py.
 """
 import json
 
 import pytest
 import torch
+from generation_helpers import NEW_TOKENS, assert_matches
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
 import moerun
 from moerun.models import adapter_for
 from moerun.models.synthetic import (
-    PACKED_FORMATS, build_checkpoint, build_packed_checkpoint, packed_expert_bytes, quantization_config,
-    synthetic_config,
+    PACKED_FORMATS, SUPPORTED_ARCHS, build_checkpoint, build_packed_checkpoint, packed_expert_bytes,
+    quantization_config, synthetic_config,
 )
 
 PROMPT = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(4))
-CASES = [("qwen2_moe", "fp8-block128"), ("qwen3_moe", "int4-g32"), ("qwen3_moe", "fp8-block128"),
-         ("qwen2_moe", "int4-g32")]
+GPTQ_CASES = [("qwen3_moe", "int4-g32"), ("qwen2_moe", "int4-g32")]
 # Layouts published per expert linear; mxfp4 is published for stacked experts only (gpt-oss: its layout
 # is tested in tests/runtime/test_gpt_oss.py and tests/native/test_gpt_oss_experts.py).
 PER_LINEAR_FORMATS = tuple(f for f in PACKED_FORMATS if f != "mxfp4")
+PER_EXPERT_ARCHS = [a for a in SUPPORTED_ARCHS if not adapter_for(synthetic_config(a)).stacked_experts]
+EVICTING = "policy p { cache { eviction = lru } schedule { mode = gpu_only } }"
 
 
 def _tensors(path):
@@ -52,18 +59,14 @@ def _dequantize_gptq(qweight, qzeros, scales, group):
     return ((q - z[g]).float() * scales.float()[g]).t().contiguous()
 
 
-def _twin(path, out):
-    """A float checkpoint with the same weights: experts dequantized, no quantization_config."""
+def _gptq_twin(path, out):
+    """A float checkpoint with the same weights: GPTQ experts dequantized, no quantization_config."""
     tensors = _tensors(path)
     config = json.loads((path / "config.json").read_text())
     qc = config.pop("quantization_config")
     twin = {}
     for key, value in tensors.items():
-        if key.endswith("weight_scale_inv"):
-            continue
-        if key.endswith(".weight") and value.dtype == torch.float8_e4m3fn:
-            twin[key] = _dequantize_fp8(value, tensors[key + "_scale_inv"])
-        elif key.endswith(".qweight"):
+        if key.endswith(".qweight"):
             prefix = key[: -len("qweight")]
             twin[prefix + "weight"] = _dequantize_gptq(value, tensors[prefix + "qzeros"], tensors[prefix + "scales"],
                                                        qc["group_size"])
@@ -76,19 +79,49 @@ def _twin(path, out):
     return out
 
 
-@pytest.mark.parametrize("arch, fmt", CASES)
-def test_packed_checkpoint_generates_what_transformers_does_on_its_dequantized_twin(tmp_path, arch, fmt):
+def _greedy(model):
+    """(tokens, per-step logits) of NEW_TOKENS greedy steps from PROMPT. min_new_tokens holds off the end of
+    sequence, so that every step runs whatever weights a seed draws."""
+    out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _load_evicting(path, **kw):
+    """moerun's fp32 model of ``path`` with 3 expert slots: every step evicts."""
+    plan = moerun.memory_plan(path, device="cpu", dtype=torch.float32, max_context=64)
+    return moerun.load(path, device="cpu", dtype=torch.float32, max_context=64, progress=False, policy=EVICTING,
+                       vram_budget=plan.fixed_bytes + 3 * plan.slot_bytes, **kw)
+
+
+@pytest.mark.parametrize("arch, fmt", GPTQ_CASES)
+def test_gptq_checkpoint_generates_what_transformers_does_on_its_dequantized_twin(tmp_path, arch, fmt):
     config = synthetic_config(arch)
     path = build_checkpoint(config, tmp_path / "packed", seed=7, dtype=torch.bfloat16, expert_format=fmt)
-    want = AutoModelForCausalLM.from_pretrained(_twin(path, tmp_path / "twin"), dtype=torch.float32).generate(
-        PROMPT, max_new_tokens=6, do_sample=False)
-    plan = moerun.memory_plan(path, device="cpu", dtype=torch.float32, max_context=64)
-    model = moerun.load(path, device="cpu", dtype=torch.float32, max_context=64, progress=False,
-                        policy="policy p { cache { eviction = lru } schedule { mode = gpu_only } }",
-                        vram_budget=plan.fixed_bytes + 3 * plan.slot_bytes)  # 3 slots: every step evicts
+    want = _greedy(AutoModelForCausalLM.from_pretrained(_gptq_twin(path, tmp_path / "twin"), dtype=torch.float32))
+    model = _load_evicting(path)
     experts = model.moerun.memory()["experts"]
-    assert experts["format"] == fmt and experts["checkpoint_quantization"] == ("gptq" if "int4" in fmt else fmt)
-    assert torch.equal(model.generate(PROMPT, max_new_tokens=6, do_sample=False), want)
+    assert experts["format"] == fmt and experts["checkpoint_quantization"] == "gptq"
+    assert_matches(_greedy(model), want)
+
+
+@pytest.mark.parametrize("arch, scale_dtype", [pytest.param(a, torch.float32, id=a) for a in PER_EXPERT_ARCHS]
+                         + [pytest.param("qwen3_moe", torch.bfloat16, id="qwen3_moe-bf16_scales")])
+def test_fp8_checkpoint_generates_what_transformers_dequantizing_it_does(tmp_path, arch, scale_dtype):
+    path = build_packed_checkpoint(synthetic_config(arch), tmp_path / "fp8", expert_format="fp8-block128", seed=7,
+                                   fp8_scale_dtype=scale_dtype)
+    scales = [t for k, t in _tensors(path).items() if k.endswith("weight_scale_inv")]
+    assert scales and all(t.dtype == scale_dtype for t in scales)
+    # transformers 5.17 leaves mixtral's router in the checkpoint's bf16: .float() widens it exactly.
+    want = _greedy(AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32).float())
+    model = _load_evicting(path, fast_decode=True)
+    experts = model.moerun.memory()["experts"]
+    assert experts["format"] == experts["checkpoint_quantization"] == "fp8-block128"
+    assert_matches(_greedy(model), want)
+    assert model.moerun.stats()["decode"]["fast_steps"] == NEW_TOKENS - 1
+    model.moerun.fast_decode = False
+    assert_matches(_greedy(model), want)
 
 
 @pytest.mark.parametrize("fmt", PER_LINEAR_FORMATS)
@@ -130,3 +163,9 @@ def test_unpackable_shapes_and_unknown_formats_are_refused(tmp_path):
         build_packed_checkpoint(synthetic_config("qwen2_moe"), tmp_path / "a", expert_format="int4")
     with pytest.raises(ValueError, match="no published checkpoint layout for expert format 'int8'"):
         build_packed_checkpoint(synthetic_config("qwen2_moe"), tmp_path / "b", expert_format="int8")
+    with pytest.raises(ValueError, match="fp8_scale_dtype applies to fp8-block128 checkpoints only, not int4-g32"):
+        build_packed_checkpoint(synthetic_config("qwen2_moe"), tmp_path / "c", expert_format="int4-g32",
+                                fp8_scale_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fp8_scale_dtype torch.float16 is not one fp8 checkpoints publish"):
+        build_packed_checkpoint(synthetic_config("qwen2_moe"), tmp_path / "d", expert_format="fp8-block128",
+                                fp8_scale_dtype=torch.float16)
