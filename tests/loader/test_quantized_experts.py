@@ -1,17 +1,25 @@
 """Quantized experts end to end on the CPU: a float checkpoint quantized at load, and checkpoints published
 quantized (fp8 with 128x128 block scales, 4-bit GPTQ) read in their own format, generate exactly what plain
-transformers generates on a checkpoint whose weights are the dequantized values (fp32 compute).
+transformers generates on a checkpoint whose weights are the dequantized values (fp32 compute): the same
+greedy tokens, logits within 1e-4 (generation_helpers.assert_matches).
 
-The dequantized values come from tests/expert_format_reference.py (written from the formats' definitions,
-not from moerun's code) and, for GPTQ, from the GPTQ packing written out here.
+The dequantized values come from transformers itself where it can dequantize the format (fp8:
+``FineGrainedFP8Config(dequantize=True)``), else from tests/expert_format_reference.py (written from the
+formats' definitions, not from moerun's code) and, for GPTQ, from the GPTQ packing written out here.
+Every format at load runs under the hybrid schedule on both decode paths, and the bundled policies run on
+one format of each family (fp8, int8, int4, mxfp4).
 """
+import functools
 import json
 import shutil
+from importlib import resources
 
 import pytest
 import torch
+from generation_helpers import NEW_TOKENS, assert_matches
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+from transformers.generation.streamers import BaseStreamer
 
 import expert_format_reference as ref
 import moerun
@@ -21,12 +29,18 @@ from moerun.models import adapter_for
 from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic_config
 from moerun.native import EXPERT_FORMATS, slot_layout
 
-NEW_TOKENS = 6
 QUANTIZED = [f for f in EXPERT_FORMATS if f != "float"]
 POLICIES = {
     "evicting": "policy p { cache { eviction = lru } schedule { mode = gpu_only } }",
     "cpu_fallback": "policy p { cache { eviction = lru } schedule { mode = cpu_fallback } }",
 }
+# The cost model alone copies these tiny experts in decode (a copy is cheap) and leaves the CPU executor only
+# the prefill's misses that find no slot. A copy threshold of 1 us, below the cost model's 10 us copy
+# latency, sends every decode miss to the CPU executor, beside the kernel of the resident experts: decode
+# steps of both paths run both on every format, whatever the measured timings.
+HYBRID = "policy p { cache { eviction = lru } schedule { mode = hybrid offload_threshold_ms = 0.001 } }"
+BUNDLED_POLICIES = sorted(p.name for p in resources.files("moerun.policies").iterdir() if p.name.endswith(".moe"))
+FAMILY_FORMATS = ("fp8-block128", "int8", "int4-g32", "mxfp4")  # one format of each family
 
 
 def _experts(path, config):
@@ -72,15 +86,16 @@ def _dequantized_experts(tensors, experts, fmt, dtype=torch.float32):
     return out
 
 
-def _greedy(model, prompt):
-    return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
-
-
 def _load(path, **kw):
     plan = moerun.memory_plan(path, vram_budget=1 << 40, device="cpu", max_context=64,
                               expert_format=kw.get("expert_format", "auto"))
     kw.setdefault("vram_budget", plan.fixed_bytes + 3 * plan.slot_bytes)  # 3 slots: every step evicts
     return moerun.load(path, device="cpu", max_context=64, progress=False, **kw)
+
+
+def _checkpoint_for(fmt):
+    """The float checkpoint ``fmt`` quantizes at load: the tiny shapes' I = 32 takes groups of 32 only."""
+    return "wide" if fmt in ("int4-g64", "int4-g128") else "qwen2_moe"
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +111,26 @@ def float_checkpoints(tmp_path_factory):
 PROMPT = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
 
 
-def _reference_tokens(tmp_path, src, fmt):
-    config = synthetic_config_of(src)
-    tensors = load_file(str(src / "model.safetensors"))
-    deq = _rewrite(src, tmp_path / f"deq-{fmt}", _dequantized_experts(tensors, _experts(src, config), fmt))
-    return _greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT)
+def _greedy(model, **kw):
+    """(tokens, per-step logits) of NEW_TOKENS greedy steps from PROMPT. min_new_tokens holds off the end of
+    sequence, so that every step runs whatever weights this transformers version's random init drew."""
+    out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.fixture(scope="module")
+def references(float_checkpoints, tmp_path_factory):
+    """``reference(name, fmt) -> (tokens, logits)``: plain transformers' greedy generation on float checkpoint
+    ``name`` with every routed expert replaced by its reference-dequantized ``fmt`` values (once per pair)."""
+    @functools.cache
+    def reference(name, fmt):
+        src = float_checkpoints[name]
+        tensors = load_file(str(src / "model.safetensors"))
+        deq = _rewrite(src, tmp_path_factory.mktemp(f"deq-{name}-{fmt}") / "ckpt",
+                       _dequantized_experts(tensors, _experts(src, synthetic_config_of(src)), fmt))
+        return _greedy(AutoModelForCausalLM.from_pretrained(deq))
+    return reference
 
 
 def synthetic_config_of(path):
@@ -111,50 +141,82 @@ def synthetic_config_of(path):
 @pytest.mark.parametrize("fmt", QUANTIZED)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_quantized_at_load_generates_what_transformers_does_on_the_dequantized_weights(
-        tmp_path, float_checkpoints, fmt, policy):
-    src = float_checkpoints["wide" if fmt in ("int4-g64", "int4-g128") else "qwen2_moe"]
-    want = _reference_tokens(tmp_path, src, fmt)
+        float_checkpoints, references, fmt, policy):
+    src = float_checkpoints[_checkpoint_for(fmt)]
     model = _load(src, expert_format=fmt, policy=POLICIES[policy])
     mem = model.moerun.memory()["experts"]
     assert mem["format"] == fmt and mem["checkpoint_quantization"] == "float"
     config = synthetic_config_of(src)
     assert mem["slot_bytes"] == slot_layout(torch.float32, config.hidden_size, config.moe_intermediate_size, fmt).slot_bytes
-    assert torch.equal(_greedy(model, PROMPT), want)
+    assert_matches(_greedy(model), references(_checkpoint_for(fmt), fmt))
 
 
 @pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHS if a != "qwen2_moe"])
-def test_every_architecture_takes_quantized_experts(tmp_path, float_checkpoints, arch):
-    src = float_checkpoints[arch]
-    want = _reference_tokens(tmp_path, src, "int4-g32")
-    model = _load(src, expert_format="int4-g32", policy=POLICIES["evicting"])
-    assert torch.equal(_greedy(model, PROMPT), want)
+def test_every_architecture_takes_quantized_experts(float_checkpoints, references, arch):
+    model = _load(float_checkpoints[arch], expert_format="int4-g32", policy=POLICIES["evicting"])
+    assert_matches(_greedy(model), references(arch, "int4-g32"))
+
+
+class _DecodeCounters(BaseStreamer):
+    """Starts the model's counters from zero when the first generated token arrives, so that ``stats()``
+    after generate() counts decode steps only (moerun's loop hands a token over one step late, so its first
+    decode step goes uncounted too)."""
+
+    def __init__(self, model):
+        self.model, self.puts = model, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt
+            self.model.moerun.reset_stats()
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_hybrid_schedule_on_both_decode_paths_generates_what_transformers_does(float_checkpoints, references, fmt):
+    name = _checkpoint_for(fmt)
+    model = _load(float_checkpoints[name], expert_format=fmt, policy=HYBRID, fast_decode=True)
+    want = references(name, fmt)
+    for fast in (True, False):
+        model.moerun.fast_decode = fast
+        fast_steps = model.moerun.stats()["decode"]["fast_steps"]
+        assert_matches(_greedy(model, streamer=_DecodeCounters(model)), want)
+        stats = model.moerun.stats()
+        assert stats["decode"]["fast_steps"] - fast_steps == (NEW_TOKENS - 1 if fast else 0)
+        assert stats["cpu_share"] > 0 and stats["hits"] > 0  # decode steps: CPU executor and resident kernel
+
+
+@pytest.mark.parametrize("fmt", FAMILY_FORMATS)
+@pytest.mark.parametrize("policy", BUNDLED_POLICIES)
+def test_bundled_policies_generate_what_transformers_does(float_checkpoints, references, fmt, policy):
+    # 3 slots (every step evicts) and the fast decode path, as a GPU runs by default.
+    model = _load(float_checkpoints[_checkpoint_for(fmt)], expert_format=fmt, policy=policy, fast_decode=True)
+    assert_matches(_greedy(model), references(_checkpoint_for(fmt), fmt))
 
 
 # -- checkpoints published quantized ---------------------------------------------------------------------
 def _fp8_block(w):
-    """[R, C] -> (F8_E4M3 weight, fp32 weight_scale_inv [ceil(R/128), ceil(C/128)]), and the dequantized values."""
+    """[R, C] -> (F8_E4M3 weight, fp32 weight_scale_inv [ceil(R/128), ceil(C/128)])."""
     q, s, _ = ref.encode_matrix("fp8-block128", 128, w, w.shape[0])
-    q = q.view(torch.float8_e4m3fn).view(w.shape)
-    s = s.view(torch.float32).view(-(-w.shape[0] // 128), -(-w.shape[1] // 128))
-    deq = ref.decode_matrix("fp8-block128", 128, w.shape[0], w.shape[1], w.shape[0], q.view(torch.uint8).flatten(),
-                            s.flatten().view(torch.uint8), None)
-    return q, s, deq
+    return (q.view(torch.float8_e4m3fn).view(w.shape),
+            s.view(torch.float32).view(-(-w.shape[0] // 128), -(-w.shape[1] // 128)))
 
 
 def _fp8_checkpoint(tmp_path, src, dense_too=True):
-    """(fp8 checkpoint, its dequantized float twin): every expert and (dense_too) every attention projection
-    in fp8 with block scales, as DeepSeek-V3 / Qwen3 FP8 publish them."""
+    """An fp8 checkpoint: every expert and (dense_too) every attention projection in fp8 with block scales,
+    as DeepSeek-V3 / Qwen3 FP8 publish them."""
     tensors = load_file(str(src / "model.safetensors"))
-    fp8, deq = dict(tensors), dict(tensors)
+    fp8 = dict(tensors)
     quantize = [p + "weight" for ps in _experts(src, synthetic_config_of(src)).values() for p in ps]
     if dense_too:
         quantize += [k for k in tensors if k.endswith(("q_proj.weight", "o_proj.weight"))]
     for key in quantize:
-        q, s, d = _fp8_block(tensors[key])
-        fp8[key], fp8[key + "_scale_inv"], deq[key] = q, s, d
+        fp8[key], fp8[key + "_scale_inv"] = _fp8_block(tensors[key])
     cfg = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                    "weight_block_size": [128, 128]}}
-    return _rewrite(src, tmp_path / "fp8", fp8, cfg), _rewrite(src, tmp_path / "fp8-deq", deq)
+    return _rewrite(src, tmp_path / "fp8", fp8, cfg)
 
 
 def _gptq(w, group, v1=True):
@@ -197,25 +259,27 @@ def _gptq_checkpoint(tmp_path, src, group=32, version="gptq"):
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_fp8_block_checkpoint_is_read_as_published(tmp_path, float_checkpoints, policy):
-    fp8, deq = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"])
-    want = _greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT)
+    fp8 = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"])
+    # transformers dequantizes the experts and the fp8 attention projections itself (fp32 model).
+    want = _greedy(AutoModelForCausalLM.from_pretrained(fp8, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                                        dtype=torch.float32))
     model = _load(fp8, policy=POLICIES[policy])
     assert model.moerun.memory()["experts"]["format"] == "fp8-block128"
     assert model.moerun.memory()["experts"]["checkpoint_quantization"] == "fp8-block128"
-    assert torch.equal(_greedy(model, PROMPT), want)
+    assert_matches(_greedy(model), want)
 
 
 @pytest.mark.parametrize("version", ["gptq", "gptq_v2"])
 def test_gptq_checkpoint_is_read_as_published(tmp_path, float_checkpoints, version):
     q4, deq = _gptq_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], version=version)
-    want = _greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT)
+    want = _greedy(AutoModelForCausalLM.from_pretrained(deq))
     model = _load(q4, policy=POLICIES["cpu_fallback"])
     assert model.moerun.memory()["experts"]["format"] == "int4-g32"
-    assert torch.equal(_greedy(model, PROMPT), want)
+    assert_matches(_greedy(model), want)
 
 
 def test_a_quantized_checkpoint_asked_for_another_format_is_refused(tmp_path, float_checkpoints):
-    fp8, _ = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], dense_too=False)
+    fp8 = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], dense_too=False)
     with pytest.raises(ExpertFormatError, match=r"experts are fp8-block128 .* would not be exact"):
         _load(fp8, expert_format="int4")
     with pytest.raises(ExpertFormatError, match="unknown expert_format 'int3'.*int4-g128"):
@@ -246,7 +310,7 @@ def _first_expert_key(path, suffix):
     ("block size", r"weight_block_size is \[64, 64\]"),
 ])
 def test_bad_fp8_checkpoints_fail_before_allocating(tmp_path, float_checkpoints, case, match):
-    fp8, _ = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], dense_too=False)
+    fp8 = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], dense_too=False)
     key = _first_expert_key(fp8, "gate_proj.weight_scale_inv")
     if case == "wrong scale shape":
         _edit(fp8, lambda t: t.__setitem__(key, torch.ones(1, 2)))
