@@ -20,10 +20,13 @@ def budget_for(path, slots: int, max_batch: int = 1, max_context: int = 64) -> i
     return plan.fixed_bytes + slots * plan.slot_bytes
 
 
-def greedy(model, prompt):
-    """(tokens, per-step logits) of a greedy generation of NEW_TOKENS tokens."""
+def greedy(model, prompt, *, every_step: bool = False, **kw):
+    """(tokens, per-step logits) of a greedy generation of NEW_TOKENS tokens; ``every_step`` holds off the
+    end of sequence (min_new_tokens), so that every step runs whatever weights a seed drew."""
+    if every_step:
+        kw["min_new_tokens"] = NEW_TOKENS
     out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+                         output_logits=True, return_dict_in_generate=True, **kw)
     return out.sequences, torch.stack(out.logits)
 
 

@@ -16,7 +16,7 @@ from importlib import resources
 
 import pytest
 import torch
-from generation_helpers import NEW_TOKENS, assert_matches
+from generation_helpers import NEW_TOKENS, assert_matches, greedy
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 from transformers.generation.streamers import BaseStreamer
@@ -111,14 +111,6 @@ def float_checkpoints(tmp_path_factory):
 PROMPT = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
 
 
-def _greedy(model, **kw):
-    """(tokens, per-step logits) of NEW_TOKENS greedy steps from PROMPT. min_new_tokens holds off the end of
-    sequence, so that every step runs whatever weights this transformers version's random init drew."""
-    out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, **kw)
-    return out.sequences, torch.stack(out.logits)
-
-
 @pytest.fixture(scope="module")
 def references(float_checkpoints, tmp_path_factory):
     """``reference(name, fmt) -> (tokens, logits)``: plain transformers' greedy generation on float checkpoint
@@ -129,7 +121,7 @@ def references(float_checkpoints, tmp_path_factory):
         tensors = load_file(str(src / "model.safetensors"))
         deq = _rewrite(src, tmp_path_factory.mktemp(f"deq-{name}-{fmt}") / "ckpt",
                        _dequantized_experts(tensors, _experts(src, synthetic_config_of(src)), fmt))
-        return _greedy(AutoModelForCausalLM.from_pretrained(deq))
+        return greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT, every_step=True)
     return reference
 
 
@@ -148,13 +140,13 @@ def test_quantized_at_load_generates_what_transformers_does_on_the_dequantized_w
     assert mem["format"] == fmt and mem["checkpoint_quantization"] == "float"
     config = synthetic_config_of(src)
     assert mem["slot_bytes"] == slot_layout(torch.float32, config.hidden_size, config.moe_intermediate_size, fmt).slot_bytes
-    assert_matches(_greedy(model), references(_checkpoint_for(fmt), fmt))
+    assert_matches(greedy(model, PROMPT, every_step=True), references(_checkpoint_for(fmt), fmt))
 
 
 @pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHS if a != "qwen2_moe"])
 def test_every_architecture_takes_quantized_experts(float_checkpoints, references, arch):
     model = _load(float_checkpoints[arch], expert_format="int4-g32", policy=POLICIES["evicting"])
-    assert_matches(_greedy(model), references(arch, "int4-g32"))
+    assert_matches(greedy(model, PROMPT, every_step=True), references(arch, "int4-g32"))
 
 
 class _DecodeCounters(BaseStreamer):
@@ -182,7 +174,7 @@ def test_hybrid_schedule_on_both_decode_paths_generates_what_transformers_does(f
     for fast in (True, False):
         model.moerun.fast_decode = fast
         fast_steps = model.moerun.stats()["decode"]["fast_steps"]
-        assert_matches(_greedy(model, streamer=_DecodeCounters(model)), want)
+        assert_matches(greedy(model, PROMPT, every_step=True, streamer=_DecodeCounters(model)), want)
         stats = model.moerun.stats()
         assert stats["decode"]["fast_steps"] - fast_steps == (NEW_TOKENS - 1 if fast else 0)
         assert stats["cpu_share"] > 0 and stats["hits"] > 0  # decode steps: CPU executor and resident kernel
@@ -193,7 +185,7 @@ def test_hybrid_schedule_on_both_decode_paths_generates_what_transformers_does(f
 def test_bundled_policies_generate_what_transformers_does(float_checkpoints, references, fmt, policy):
     # 3 slots (every step evicts) and the fast decode path, as a GPU runs by default.
     model = _load(float_checkpoints[_checkpoint_for(fmt)], expert_format=fmt, policy=policy, fast_decode=True)
-    assert_matches(_greedy(model), references(_checkpoint_for(fmt), fmt))
+    assert_matches(greedy(model, PROMPT, every_step=True), references(_checkpoint_for(fmt), fmt))
 
 
 # -- checkpoints published quantized ---------------------------------------------------------------------
@@ -261,21 +253,21 @@ def _gptq_checkpoint(tmp_path, src, group=32, version="gptq"):
 def test_fp8_block_checkpoint_is_read_as_published(tmp_path, float_checkpoints, policy):
     fp8 = _fp8_checkpoint(tmp_path, float_checkpoints["qwen2_moe"])
     # transformers dequantizes the experts and the fp8 attention projections itself (fp32 model).
-    want = _greedy(AutoModelForCausalLM.from_pretrained(fp8, quantization_config=FineGrainedFP8Config(dequantize=True),
-                                                        dtype=torch.float32))
+    want = greedy(AutoModelForCausalLM.from_pretrained(fp8, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                                        dtype=torch.float32), PROMPT, every_step=True)
     model = _load(fp8, policy=POLICIES[policy])
     assert model.moerun.memory()["experts"]["format"] == "fp8-block128"
     assert model.moerun.memory()["experts"]["checkpoint_quantization"] == "fp8-block128"
-    assert_matches(_greedy(model), want)
+    assert_matches(greedy(model, PROMPT, every_step=True), want)
 
 
 @pytest.mark.parametrize("version", ["gptq", "gptq_v2"])
 def test_gptq_checkpoint_is_read_as_published(tmp_path, float_checkpoints, version):
     q4, deq = _gptq_checkpoint(tmp_path, float_checkpoints["qwen2_moe"], version=version)
-    want = _greedy(AutoModelForCausalLM.from_pretrained(deq))
+    want = greedy(AutoModelForCausalLM.from_pretrained(deq), PROMPT, every_step=True)
     model = _load(q4, policy=POLICIES["cpu_fallback"])
     assert model.moerun.memory()["experts"]["format"] == "int4-g32"
-    assert_matches(_greedy(model), want)
+    assert_matches(greedy(model, PROMPT, every_step=True), want)
 
 
 def test_a_quantized_checkpoint_asked_for_another_format_is_refused(tmp_path, float_checkpoints):

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from generation_helpers import NEW_TOKENS, assert_matches
+from generation_helpers import NEW_TOKENS, assert_matches, greedy
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
@@ -79,14 +79,6 @@ def _gptq_twin(path, out):
     return out
 
 
-def _greedy(model):
-    """(tokens, per-step logits) of NEW_TOKENS greedy steps from PROMPT. min_new_tokens holds off the end of
-    sequence, so that every step runs whatever weights a seed draws."""
-    out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.logits)
-
-
 def _load_evicting(path, **kw):
     """moerun's fp32 model of ``path`` with 3 expert slots: every step evicts."""
     plan = moerun.memory_plan(path, device="cpu", dtype=torch.float32, max_context=64)
@@ -98,11 +90,11 @@ def _load_evicting(path, **kw):
 def test_gptq_checkpoint_generates_what_transformers_does_on_its_dequantized_twin(tmp_path, arch, fmt):
     config = synthetic_config(arch)
     path = build_checkpoint(config, tmp_path / "packed", seed=7, dtype=torch.bfloat16, expert_format=fmt)
-    want = _greedy(AutoModelForCausalLM.from_pretrained(_gptq_twin(path, tmp_path / "twin"), dtype=torch.float32))
+    want = greedy(AutoModelForCausalLM.from_pretrained(_gptq_twin(path, tmp_path / "twin"), dtype=torch.float32), PROMPT, every_step=True)
     model = _load_evicting(path)
     experts = model.moerun.memory()["experts"]
     assert experts["format"] == fmt and experts["checkpoint_quantization"] == "gptq"
-    assert_matches(_greedy(model), want)
+    assert_matches(greedy(model, PROMPT, every_step=True), want)
 
 
 @pytest.mark.parametrize("arch, scale_dtype", [pytest.param(a, torch.float32, id=a) for a in PER_EXPERT_ARCHS]
@@ -113,15 +105,15 @@ def test_fp8_checkpoint_generates_what_transformers_dequantizing_it_does(tmp_pat
     scales = [t for k, t in _tensors(path).items() if k.endswith("weight_scale_inv")]
     assert scales and all(t.dtype == scale_dtype for t in scales)
     # transformers 5.17 leaves mixtral's router in the checkpoint's bf16: .float() widens it exactly.
-    want = _greedy(AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32).float())
+    want = greedy(AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32).float(), PROMPT, every_step=True)
     model = _load_evicting(path, fast_decode=True)
     experts = model.moerun.memory()["experts"]
     assert experts["format"] == experts["checkpoint_quantization"] == "fp8-block128"
-    assert_matches(_greedy(model), want)
+    assert_matches(greedy(model, PROMPT, every_step=True), want)
     assert model.moerun.stats()["decode"]["fast_steps"] == NEW_TOKENS - 1
     model.moerun.fast_decode = False
-    assert_matches(_greedy(model), want)
+    assert_matches(greedy(model, PROMPT, every_step=True), want)
 
 
 @pytest.mark.parametrize("fmt", PER_LINEAR_FORMATS)
