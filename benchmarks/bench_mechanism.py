@@ -24,10 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from moerun.native import (SLOT_PARTS, CpuExecutor, ExpertArena, HostPool, TransferEngine, build_info, encode_expert,
-                           slot_elems, slot_layout)
+                           slot_elems, slot_layout, slot_views)
 from moerun.policy import compile_policy
 from moerun.policy_engine import CostModel, PolicyEngine
 from moerun.runtime.offload import HostStep, OffloadRuntime
+from moerun.trace.replay import REFERENCE_EXPERT
+
+
+def expert_bytes_read(layout) -> int:
+    """The bytes of one expert a job reads from its slot in ``layout``: every part (weights, scales, zero
+    points, biases), the slot's padding left out."""
+    return sum(getattr(layout, f"{part}_bytes") for part in SLOT_PARTS)
 
 
 def median_us(fn, repeat: int) -> float:
@@ -109,7 +116,7 @@ def bench_cpu(pool: HostPool, executor: CpuExecutor, experts: int, tokens: int, 
     run()
     native_us = median_us(run, repeat)
     views = [pool.view(0, e) for e in range(experts)]
-    mats = [(v[: 2 * I * H].view(2 * I, H), v[2 * I * H: 3 * I * H].view(H, I)) for v in views]
+    mats = [slot_views(pool.layout, v) for v in views]  # (gate_up [2I, H], down [H, I]) each
 
     def torch_run():
         y = torch.zeros(tokens, H, dtype=pool.dtype)
@@ -121,7 +128,7 @@ def bench_cpu(pool: HostPool, executor: CpuExecutor, experts: int, tokens: int, 
     torch_run()
     torch_us = median_us(torch_run, repeat)
     time.sleep(0.2)  # let torch's OpenMP workers stop spinning before the next native run
-    weight_bytes = experts * 3 * H * I * torch.finfo(pool.dtype).bits // 8
+    weight_bytes = experts * expert_bytes_read(pool.layout)
     return {
         "tokens": tokens,
         "experts": experts,
@@ -181,7 +188,7 @@ def bench_cpu_formats(formats: list[str], hidden: int, inter: int, dtype: torch.
         slot = encode_expert(layout, *expert)  # one encode, copied: the bytes' values do not change the speed
         for e in range(num_experts):
             pool.view(0, e).view(torch.uint8).copy_(slot)
-        packed = sum(getattr(layout, f"{part}_bytes") for part in SLOT_PARTS)
+        packed = expert_bytes_read(layout)
         for tokens in (1, 4, 16):
             for experts in (1, 4):
                 x = torch.randn(tokens, hidden, generator=g).to(dtype)
@@ -267,7 +274,7 @@ def bench_host_tier(hidden: int, inter: int, dtype: torch.dtype, experts: int, c
     sources = [(0, e, [(path, f"e{e}.{n}") for n in ("gate", "up", "down")]) for e in range(experts)]
     pool = HostPool(1, experts, hidden, inter, dtype, capacity=capacity)
     pool.fill(sources)
-    expert_bytes = 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    expert_bytes = expert_bytes_read(pool.layout)  # what a miss reads from the file
     order = iter(range(10**9))
 
     def miss():  # a new expert each time: with capacity < experts the LRU victim leaves
@@ -418,7 +425,8 @@ def bench_host_step(steps: int, warmup_steps: int, policy: str = "per_layer") ->
     """
     num_layers, num_experts, top_k, num_slots = 24, 60, 4, 399
     hidden, inter, dtype = 64, 32, torch.bfloat16
-    expert_bytes = 3 * 2048 * 1408 * 2  # a Qwen1.5-MoE expert in bf16: what the cost model prices
+    # a Qwen1.5-MoE expert's slot in bf16 (replay's reference expert): what the cost model prices
+    expert_bytes = slot_layout(**REFERENCE_EXPERT).slot_bytes
     pool = HostPool(num_layers, num_experts, hidden, inter, dtype, pinned=False)
     g = torch.Generator().manual_seed(0)
     for layer in range(num_layers):

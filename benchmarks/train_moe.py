@@ -43,6 +43,7 @@ if importlib.util.find_spec("moerun") is None:  # not installed: moerun from thi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moerun.models import adapter_for  # noqa: E402
+from moerun.runtime.memory import slot_layout  # noqa: E402
 from moerun.trace.format import Trace, write_trace  # noqa: E402
 
 KINDS = ("code", "prose", "mixed")
@@ -271,7 +272,7 @@ def record(model, adapter, docs: list[np.ndarray], device: torch.device, name: s
     trace = Trace(expert_ids=torch.cat(ids_all).numpy(), gate_weights=torch.cat(w_all).numpy(),
                   step_starts=np.arange(n_tok + 1, dtype=np.int64), prompt_starts=np.array(prompt_starts, np.int64),
                   num_experts=adapter.num_experts, model=f"moerun-{name}-trained", arch=adapter.model_type,
-                  expert_bytes=3 * adapter.hidden_size * adapter.expert_inter_size * 2,
+                  expert_bytes=slot_layout(adapter, torch.bfloat16).slot_bytes,  # the bf16 checkpoint's slots
                   extra=dict(workload=f"heldout-{kind}" if kind != "train" else "train-text", source="benchmarks/train_moe.py", dtype="bfloat16",
                              batch=1, teacher_forced=True))
     norm = n_tok * K

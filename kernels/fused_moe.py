@@ -8,11 +8,11 @@ down(h) + b_down; the biases sit in the slot in the model dtype and are added in
 Notation: T tokens, K experts per token, P = T*K (token, expert) pairs, E experts in the layer,
 H hidden size, I expert intermediate size, N arena slots, S slot elements.
 
-An expert is one slot row of the arena, laid out by its SlotLayout (csrc/slot_layout.h): in the
-float format gate_up [2I, H] (gate rows first) at element 0, down [H, I] at element 2*I*H; in a
-quantized expert format (csrc/expert_format.h: fp8 and int8 per row, fp8 per 128x128 block, int4 per
-group with zero points, MXFP4) each matrix's codes, scales and zero points at the layout's byte
-offsets, which the kernels read as bytes and dequantize in registers. The slot of expert e is
+An expert is one slot row of the arena, laid out by its SlotLayout (csrc/slot_layout.h), whose offsets
+the launchers pass in: in the float format gate_up [2I, H] (gate rows first) and down [H, I] at their
+element offsets; in a quantized expert format (csrc/expert_format.h: fp8 and int8 per row, fp8 per 128x128
+block, int4 per group with zero points, MXFP4) each matrix's codes, scales and zero points at the layout's
+byte offsets, which the kernels read as bytes and dequantize in registers. The slot of expert e is
 ``slot_table[e]`` (-1 = not resident); the kernels read it on the device, so one launch serves any
 placement and the launch is graph-capturable. Pairs whose expert is not resident contribute nothing
 here (the CPU path adds them).
@@ -278,7 +278,8 @@ def _decode_gate_up_kernel(
     bias_ptr,  # the arena in the model dtype [N, S]: gate_up's biases [2I] at element b_off of a slot
     H, I, K,
     stride_x, stride_slot, stride_slot_f32, stride_bias,
-    w_off, s_off, z_off,  # quantized formats: bytes into a slot of gate_up's weights, scales, zero points
+    w_off, s_off, z_off,  # into a slot (units of arena_ptr: float elements, quantized bytes): gate_up's weights,
+    # scales, zero points
     b_off, alpha, limit,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, VC: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
@@ -311,7 +312,7 @@ def _decode_gate_up_kernel(
             tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=rows < I)
     elif slot >= 0:
         token = pair // K
-        gate_base = arena_ptr + slot.to(tl.int64) * stride_slot
+        gate_base = arena_ptr + slot.to(tl.int64) * stride_slot + w_off
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         row_ok = rows < I
         cols0 = tl.arange(0, BLOCK_H)  # [BH]
@@ -350,7 +351,8 @@ def _decode_down_kernel(
     bias_ptr,  # the arena in the model dtype [N, S]: down's biases [H] at element b_off of a slot
     H, I,
     stride_out, stride_slot, stride_slot_f32, stride_bias,
-    w_off, s_off, z_off,  # quantized formats: bytes into a slot of down's weights, scales, zero points
+    w_off, s_off, z_off,  # into a slot (units of arena_ptr: float elements, quantized bytes): down's weights,
+    # scales, zero points
     b_off,
     K: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
     VC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
@@ -367,7 +369,6 @@ def _decode_down_kernel(
     else:
         cols0 = tl.arange(0, BLOCK_I)
         acc = tl.zeros((BLOCK_OUT, BLOCK_I), dtype=tl.float32)
-        down_off = 2 * I.to(tl.int64) * H
         for i0 in range(0, I, BLOCK_I):
             cols = i0 + cols0
             # K unrolled with masks instead of branches, so the loads of all K experts are in flight at once;
@@ -377,7 +378,7 @@ def _decode_down_kernel(
                 slot = tl.load(table_ptr + tl.load(ids_ptr + pair))
                 i_end = tl.where(slot >= 0, I, 0)  # a non-resident expert masks every column
                 w = tl.load(weights_ptr + pair).to(tl.float32)
-                down_rows = arena_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot + down_off \
+                down_rows = arena_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot + w_off \
                     + rows[:, None].to(tl.int64) * I  # [BO, 1]
                 cols_k_ok = cols < i_end
                 hv = tl.load(h_ptr + pair.to(tl.int64) * I + cols, mask=cols_k_ok, other=0.0) * w  # [BI]
@@ -599,13 +600,15 @@ def _prefill_gate_up_kernel(
     bias_ptr,  # the arena in the model dtype [N, S]: gate_up's biases [2I] at element b_off of a slot
     H, I, K, P, E, num_blocks,
     stride_x, stride_slot, stride_slot_f32, slot_rows, stride_bias,
-    w_off, s_off, z_off,  # quantized formats: bytes into a slot of gate_up's weights, scales, zero points
+    w_off, s_off, z_off,  # into a slot (units of arena_ptr: float elements, quantized bytes): gate_up's weights,
+    # scales, zero points
     b_off, alpha, limit,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr,
     GROUP: tl.constexpr, VC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
 ):
-    # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, H], slot_rows = S / H
+    # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, H], slot_rows = S / H; gate_up starts w_off / H rows
+    # into a slot (the launcher checks that it is a whole number of rows)
     _pdl_wait(PDL)
     block, pid_n = _block_and_tile(num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     expert = tl.load(blocks_ptr + block)
@@ -614,12 +617,12 @@ def _prefill_gate_up_kernel(
         n_rows = tl.load(blocks_ptr + 2 * num_blocks + block)
         slot = tl.load(table_ptr + expert)
         if FMT == FLOAT:
-            w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot
+            w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot + w_off
             sc_ptr, z_ptr = w_ptr, w_ptr  # unused
         else:
             w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
                                                w_off, s_off, z_off, FMT)
-        w_row = slot * slot_rows
+        w_row = slot * slot_rows + w_off // H
         b_ptr = bias_ptr + slot.to(tl.int64) * stride_bias + b_off
         # one code path per block size (the constexpr tests drop the sizes this config never uses)
         if TAIL_M == BLOCK_M:
@@ -705,13 +708,15 @@ def _prefill_down_kernel(
     bias_ptr,  # the arena in the model dtype [N, S]: down's biases [H] at element b_off of a slot
     H, I, P, E, num_blocks,
     stride_slot, stride_slot_f32, slot_rows, stride_bias,
-    w_off, s_off, z_off,  # quantized formats: bytes into a slot of down's weights, scales, zero points
+    w_off, s_off, z_off,  # into a slot (units of arena_ptr: float elements, quantized bytes): down's weights,
+    # scales, zero points
     b_off,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, WEIGHT_DESC: tl.constexpr, FMT: tl.constexpr,
     GROUP: tl.constexpr, VC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
-    # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, I], slot_rows = S / I
+    # w_desc (WEIGHT_DESC): the arena as [N * slot_rows, I], slot_rows = S / I; down starts w_off / I rows into a
+    # slot (the launcher checks that it is a whole number of rows)
     _pdl_wait(PDL)
     block, pid_n = _block_and_tile(num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(blocks_ptr + block)
@@ -720,12 +725,12 @@ def _prefill_down_kernel(
         n_rows = tl.load(blocks_ptr + 2 * num_blocks + block)
         slot = tl.load(table_ptr + expert)
         if FMT == FLOAT:
-            w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * I.to(tl.int64) * H
+            w_ptr = arena_ptr + slot.to(tl.int64) * stride_slot + w_off
             sc_ptr, z_ptr = w_ptr, w_ptr  # unused
         else:
             w_ptr, sc_ptr, z_ptr = _slot_parts(arena_ptr, scale_ptr, slot, stride_slot, stride_slot_f32,
                                                w_off, s_off, z_off, FMT)
-        w_row = slot * slot_rows + 2 * H  # down starts 2*I*H elements = 2*H rows of I into the slot
+        w_row = slot * slot_rows + w_off // I
         b_ptr = bias_ptr + slot.to(tl.int64) * stride_bias + b_off
         # one code path per block size (the constexpr tests drop the sizes this config never uses)
         if TAIL_M == BLOCK_M:
@@ -900,10 +905,13 @@ def _bias_args(arena: torch.Tensor, layout, matrix: str) -> tuple:
     return arena, arena.stride(0), getattr(layout, f"{matrix}_bias_offset") // arena.element_size()
 
 
-def _part_offsets(layout, matrix: str) -> tuple[int, int, int]:
-    """Byte offsets in a slot of one matrix's weights, scales and zero points (0 where the format has none)."""
-    return (getattr(layout, f"{matrix}_offset"), getattr(layout, f"{matrix}_scales_offset"),
-            getattr(layout, f"{matrix}_zeros_offset"))
+def _part_offsets(layout, slots: _Slots, matrix: str) -> tuple[int, int, int]:
+    """Offsets in a slot of one matrix's weights, scales and zero points (0 where the format has none), in
+    the units of the arena the kernels take (``slots.arena``: model-dtype elements for the float format,
+    bytes for a quantized one); the layout's parts are 16-byte aligned, so whole elements of any dtype."""
+    elem = slots.arena.element_size()
+    return (getattr(layout, f"{matrix}_offset") // elem, getattr(layout, f"{matrix}_scales_offset") // elem,
+            getattr(layout, f"{matrix}_zeros_offset") // elem)
 
 
 def _check_config(layout, slots: _Slots, cfg) -> None:
@@ -938,14 +946,14 @@ def _fused_moe_decode(x, ids, weights, slot_table, arena, layout, out, cfg, act:
     _decode_gate_up_kernel[(pairs, triton.cdiv(inter_size, cfg.block_n))](
         x, ids, slot_table, slots.arena, slots.scales, h, gu_bias,
         hidden, inter_size, top_k, x.stride(0), slots.stride, slots.stride_f32, stride_bias,
-        *_part_offsets(layout, "gate_up"), gu_b_off, act.alpha, act.limit,
+        *_part_offsets(layout, slots, "gate_up"), gu_b_off, act.alpha, act.limit,
         BLOCK_N=cfg.block_n, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, ACT=act.code, **bias, **fmt, **pdl,
     )
     dn_bias, stride_bias, dn_b_off = _bias_args(arena, layout, "down")
     _decode_down_kernel[(tokens, triton.cdiv(hidden, cfg.block_out))](
         h, ids, weights, slot_table, slots.arena, slots.scales, out, dn_bias,
         hidden, inter_size, out.stride(0), slots.stride, slots.stride_f32, stride_bias,
-        *_part_offsets(layout, "down"), dn_b_off,
+        *_part_offsets(layout, slots, "down"), dn_b_off,
         K=top_k, BLOCK_OUT=cfg.block_out, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps, **bias, **fmt, **pdl,
     )
 
@@ -992,16 +1000,19 @@ def sort_pairs_by_expert(
     return PairBlocks(sorted_pairs, blocks)
 
 
-def _weight_descriptors(arena, hidden, inter, cfg) -> tuple:
+def _weight_descriptors(arena, layout, cfg) -> tuple:
     """TMA descriptors of the arena as rows of H (gate_up) and rows of I (down) elements, for the
-    GEMMs whose tile asks for them and where the layout allows; None where pointer loads are used."""
+    GEMMs whose tile asks for them and where the layout allows (each part starting on a row of its own
+    width); None where pointer loads are used."""
+    hidden, inter = layout.hidden_size, layout.inter_size
     # the interpreter runs them too (CI checks the row arithmetic without a GPU)
     if not (cfg.gate_up.tma or cfg.down.tma) or not (INTERPRETED or _sm90_or_later(arena.device)):
         return None, None
     slot_elems, elem = arena.shape[1], arena.element_size()
     aligned = (arena.data_ptr() % 16 == 0 and arena.stride(0) == slot_elems
                and slot_elems % hidden == 0 and slot_elems % inter == 0
-               and (hidden * elem) % 16 == 0 and (inter * elem) % 16 == 0)
+               and (hidden * elem) % 16 == 0 and (inter * elem) % 16 == 0
+               and layout.gate_up_offset % (hidden * elem) == 0 and layout.down_offset % (inter * elem) == 0)
     if not aligned:
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1047,7 +1058,7 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg, act
     # the bytes of what is, at K = 8, the largest intermediate)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)  # [P, H]
     # weight tiles by TMA are for the float format only (a quantized slot's parts are not rows of H or I)
-    gu_desc, down_desc = (None, None) if layout.quantized else _weight_descriptors(arena, hidden, inter_size, cfg)
+    gu_desc, down_desc = (None, None) if layout.quantized else _weight_descriptors(arena, layout, cfg)
     slot_elems = arena.shape[1]
     pdl = _pdl(x.device)
     fmt = dict(FMT=slots.fmt, GROUP=slots.group, VC=slots.vc)
@@ -1058,7 +1069,7 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg, act
         x, sorted_pairs, blocks, slot_table, slots.arena, slots.scales,
         gu_desc if gu_desc is not None else slots.arena, h, gu_bias,
         hidden, inter_size, top_k, pairs, num_experts, num_blocks, x.stride(0), slots.stride, slots.stride_f32,
-        slot_elems // hidden, stride_bias, *_part_offsets(layout, "gate_up"), gu_b_off, act.alpha, act.limit,
+        slot_elems // hidden, stride_bias, *_part_offsets(layout, slots, "gate_up"), gu_b_off, act.alpha, act.limit,
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, GROUP_M=gu.group_m,
         PRECISION=precision, WEIGHT_DESC=gu_desc is not None, num_warps=gu.num_warps, num_stages=gu.num_stages,
         ACT=act.code, **bias, **fmt, **pdl,
@@ -1069,7 +1080,7 @@ def _fused_moe_prefill(x, ids, weights, slot_table, arena, layout, out, cfg, act
         h, sorted_pairs, blocks, weights, slot_table, slots.arena, slots.scales,
         down_desc if down_desc is not None else slots.arena, y, dn_bias,
         hidden, inter_size, pairs, num_experts, num_blocks, slots.stride, slots.stride_f32,
-        slot_elems // inter_size, stride_bias, *_part_offsets(layout, "down"), dn_b_off,
+        slot_elems // inter_size, stride_bias, *_part_offsets(layout, slots, "down"), dn_b_off,
         BLOCK_M=cfg.block_m, TAIL_M=cfg.tail_m, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, GROUP_M=dn.group_m,
         PRECISION=precision, WEIGHT_DESC=down_desc is not None, num_warps=dn.num_warps, num_stages=dn.num_stages,
         **bias, **fmt, **pdl,
