@@ -96,7 +96,7 @@ def _row(name, model, prompt, args, device, skip_routed: bool) -> dict:
         same = sum(a == b for a, b in zip(fast_tokens[:n], slow_tokens[:n]))
     restore()
     summary = profile.summary()
-    # The host's part of one MoE layer step, µs (issue 27's target: sync + plan <= 40 at batch 1).
+    # The host's part of one MoE layer step, µs (the target: sync + plan <= 40 at batch 1).
     moe_layers = len(summary["per_layer_ms"])
     host_us = ({p: 1e3 * summary["layer_sum_ms"][p] / moe_layers for p in ("sync", "plan", "after")}
                if moe_layers else None)

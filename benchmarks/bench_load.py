@@ -2,7 +2,7 @@
 
 Builds (once) a random-weight checkpoint with real shapes, reads it once so it is in the page
 cache, then times ``moerun.load``: checkpoint bytes / wall seconds. Reports the process's peak
-resident memory against the bound in issue 5 (experts + skeleton + 2 GB).
+resident memory against its bound (experts + skeleton + 2 GB).
 
     python benchmarks/bench_load.py --preset qwen1.5-moe-a2.7b --layers 24 --out load.json
 """

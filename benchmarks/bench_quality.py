@@ -1,4 +1,4 @@
-"""Held-out perplexity of the trained small MoE LMs with each expert format's experts (issue 25's quality).
+"""Held-out perplexity of the trained small MoE LMs with each expert format's experts.
 
 For each model of ``benchmarks/train_moe.py``: the checkpoint ``--ckpt-dir/<name>`` (trained there
 first with train_moe's own functions when it is missing), then
@@ -9,7 +9,7 @@ first with train_moe's own functions when it is missing), then
    experts' format differs between rows (dense weights, compute dtype and kernels path stay);
 3. held-out perplexity per text kind on the same tokens (``train_moe.perplexity``: teacher-forced,
    non-overlapping windows of ``--seq-len``), and each format's relative change against moerun's
-   ``float`` row. Issue 25's targets: fp8 / int8 within 1 %, int4 g128 within 5 % (a row meets its
+   ``float`` row. The targets: fp8 / int8 within 1 %, int4 g128 within 5 % (a row meets its
    target when no kind's perplexity rises by more).
 
 The numbers are reported as measured; the JSON (``--out``) holds every row, the device, versions and
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_moe, beside th
 import train_moe  # noqa: E402
 from train_moe import KINDS, MODELS  # noqa: E402
 
-# Issue 25: the largest rise of held-out perplexity over the float experts' that each format may cost.
+# The largest rise of held-out perplexity over the float experts' that each format may cost.
 TARGETS = {"fp8": 0.01, "fp8-block128": 0.01, "int8": 0.01, "int4-g128": 0.05}
 # --tiny: every format's group (at most 128 inputs) divides the hidden and expert intermediate sizes.
 TINY_SHAPE = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,

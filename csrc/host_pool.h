@@ -4,7 +4,7 @@
 // succeed. Experts come straight from safetensors files (ExpertFiles: pread, dtype converted on the fly);
 // the pool knows nothing about checkpoint key names (the loader passes file + tensor names) or the arena.
 //
-// Two tiers (seed 002): with capacity >= the model's experts the pool holds every expert, filled at load.
+// Two tiers (as in the two-level GPU/RAM/disk expert cache studied for gpt-oss): with capacity >= the model's experts the pool holds every expert, filled at load.
 // With a smaller capacity it is a cache in front of the files: a host slot table (owned by a
 // policy::Engine, so the host tier evicts with the same code and policies as the GPU tier: lru, lfu,
 // score, freq_threshold, watermark with its watermarks), a miss reads the expert from its files into

@@ -249,7 +249,8 @@ def accuracy(predictor: ExpertPredictor, trace) -> dict:
 
     - ``top1``: the best-scored expert is among the true top-k (precision of one guess);
     - ``top1_primary`` / ``top2_primary``: the true highest-gate expert is the best guess / among
-      the best two (seed 004's definitions: its Mixtral MLP reports 55.6 % / 73.2 %);
+      the best two (the definitions of the expert-prediction study this follows, whose Mixtral MLP
+      reports 55.6 % / 73.2 %);
     - ``recall_at_k``: share of the true top-k found in the k best guesses (budget = k).
     """
     ids = torch.from_numpy(trace.expert_ids).long()                             # [N, L, K]

@@ -105,7 +105,7 @@ def test_footprint_counts_everything_but_token_embeddings_and_host_experts():
 
 
 def test_qwen15_bf16_at_10gib_keeps_the_experts_of_18_layers_on_the_cpu():
-    """The split the H100 comparison of issue 27 ran with (-ncmoe 18 at about 10 GiB)."""
+    """The split the H100 comparison with llama.cpp ran with (-ncmoe 18 at about 10 GiB)."""
     tensors = qwen15_tensors()
     reserve = QWEN15_RUNTIME.reserve_bytes
     assert 0.5 * GiB < reserve < 1 * GiB
