@@ -1,10 +1,10 @@
 """``moerun.load``: from a checkpoint to a generate-capable transformers model with offloaded experts.
 
 Order of work, cheapest checks first so bad input fails before anything large is allocated:
-resolve the checkpoint (local directory or offline HF cache) -> read config and safetensors headers
--> pick the architecture adapter -> compile the policy -> plan device memory from the budget ->
-build the model skeleton with parameters on the meta device (no expert is ever materialised) ->
-replace each MoE block with OffloadedMoE -> read the non-expert weights straight to the device ->
+resolve the checkpoint (local directory or offline HF cache) -> read config, generation config and
+safetensors headers -> pick the architecture adapter -> compile the policy -> plan device memory from
+the budget -> build the model skeleton with parameters on the meta device (no expert is ever
+materialised) -> check every dense parameter's tensor and shape in the headers -> replace each MoE block with OffloadedMoE -> read the non-expert weights straight to the device ->
 fill the host pool with the routed experts from the files -> create the arena, transfer engine,
 CPU executor and policy engine.
 """
@@ -143,6 +143,7 @@ def load(
     stages = _Stages()
     device = _pick_device(device)
     path, config, adapter, ckpt, dtype, quant = _open_checkpoint(model, revision, dtype)
+    generation_config = _read_generation_config(path)
     fmt = resolve_expert_format(expert_format, quant, dtype, _expert_scale_dtypes(ckpt, adapter, quant))
     moe_layers = adapter.moe_layers()
     compiled = _compile_policy(policy, len(moe_layers), adapter.num_experts)
@@ -167,6 +168,7 @@ def load(
 
     bar = tqdm(total=3, desc=f"moerun.load {path.name}", disable=not progress, unit="stage")
     hf_model = _build_skeleton(config, dtype)
+    _check_dense_tensors(hf_model, ckpt, quant, adapter, non_expert)
     _check_dense_dtypes(hf_model, ckpt, adapter, non_expert)
     stages.mark("skeleton")
     runtime = _build_runtime(engine, adapter, ckpt, quant, plan, moe_layers, device, dtype,
@@ -178,8 +180,8 @@ def load(
     _load_dense_weights(hf_model, ckpt, quant, adapter, non_expert, device, dtype, progress)
     stages.mark("dense weights")
     bar.update()
-    if (path / "generation_config.json").is_file():
-        hf_model.generation_config = GenerationConfig.from_pretrained(path)
+    if generation_config is not None:
+        hf_model.generation_config = generation_config
     hf_model.eval()
     decoder = FastDecoder(hf_model, adapter, runtime, max_context=max_context, max_batch=max_batch,
                           device=device, dtype=dtype, compile_backend="inductor" if compile_decode else None)
@@ -319,6 +321,77 @@ def _check_layers_and_experts(ckpt: Checkpoint, adapter: MoeAdapter) -> None:
         if expert and expert.group(2) is not None and int(expert.group(2)) >= adapter.num_experts:
             raise CheckpointError(f"{ckpt.path}: {key} is expert {expert.group(2)}, but config.json gives "
                                   f"{adapter.num_experts} experts per layer; the config does not match the weights")
+
+
+def _read_generation_config(path: Path) -> GenerationConfig | None:
+    """The checkpoint's generation_config.json (None when it has none), read before anything large is
+    allocated; a file transformers cannot read is a CheckpointError naming it."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return None
+    read_json_object(file, "generation_config.json", _MAX_CONFIG_BYTES)  # a regular file holding a JSON object
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError for a bad field
+        if isinstance(exc, MemoryError):
+            raise
+        raise CheckpointError(f"{file}: transformers cannot read this generation config ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}); repair the file, or move it out of the "
+                              "checkpoint directory to generate with transformers' defaults") from None
+
+
+def _dense_parameters(model: nn.Module, adapter: MoeAdapter) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every skeleton parameter the checkpoint's dense tensors must fill: everything but
+    the routed experts (an MoE block keeps only its router and shared modules, as OffloadedMoE does) and
+    the weights tie_weights() fills from another (the output embeddings, when the config ties them)."""
+    blocks = tuple(adapter.block_path(layer) + "." for layer in adapter.moe_layers())
+    kept = tuple(name + "." for name in (adapter.router_attr, *adapter.shared_modules))
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    tied = set(tied) if getattr(model.config, "tie_word_embeddings", False) else set()
+    out = {}
+    for name, param in model.named_parameters():
+        block = next((b for b in blocks if name.startswith(b)), None)
+        if (block is None or name[len(block):].startswith(kept)) and name not in tied:
+            out[name] = tuple(param.shape)
+    return out
+
+
+def _dense_tensor_shapes(ckpt: Checkpoint, quant: CheckpointQuantization, adapter: MoeAdapter,
+                         keys: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Module name -> (checkpoint key, shape once dequantized) of the dense tensors, from the headers: a
+    GPTQ linear's ``qweight`` [in/8, out] fills ``weight`` [out, in]; an fp8 weight keeps its shape."""
+    out = {}
+    for key in keys:
+        shape = ckpt.tensors[key].shape
+        if quant.encoding in ("gptq", "gptq-v2") and key.endswith(".qweight") and len(shape) == 2:
+            key_name, shape = key[: -len(".qweight")] + ".weight", (shape[1], shape[0] * 8)
+        else:
+            key_name = key
+        out[adapter.module_key(key_name)] = (key, tuple(shape))
+    return out
+
+
+def _check_dense_tensors(model: nn.Module, ckpt: Checkpoint, quant: CheckpointQuantization, adapter: MoeAdapter,
+                         keys: list[str]) -> None:
+    """Every dense parameter of the skeleton built from config.json has a tensor in the checkpoint, of its
+    shape (headers only): one CheckpointError listing every fault, before the host pool is allocated."""
+    want = _dense_parameters(model, adapter)
+    have = _dense_tensor_shapes(ckpt, quant, adapter, keys)
+    missing = [name for name in want if name not in have]
+    wrong = [f"{have[name][0]} {list(have[name][1])} (the model wants {list(shape)})"
+             for name, shape in want.items() if name in have and have[name][1] != shape]
+    if not missing and not wrong:
+        return
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+    faults = ([f"no tensor for {listed(missing)}"] if missing else []) + (
+        [f"shapes that differ from config.json's model: {listed(wrong)}"] if wrong else [])
+    raise CheckpointError(
+        f"{ckpt.path}: the weights do not match the model its config.json describes: {'; '.join(faults)}. "
+        "A shard missing from the directory or the index, or a config.json from another model, does this: "
+        "re-download or re-save the checkpoint, or put back the config.json these weights were saved with.")
 
 
 def _check_dense_dtypes(model: nn.Module, ckpt: Checkpoint, adapter: MoeAdapter, keys: list[str]) -> None:

@@ -146,6 +146,46 @@ def test_a_dense_weight_stored_as_integers_is_rejected_before_the_experts_are_lo
         _load(copy)
 
 
+@pytest.mark.parametrize("fault,why", [
+    ("missing", r"no tensor for model.layers.0.self_attn.q_proj.weight\b.*re-download or re-save"),
+    ("shape", r"model.layers.0.self_attn.q_proj.weight \[3, 5\] \(the model wants \[64, 64\]\)"),
+    ("both", r"no tensor for model.norm.weight; shapes that differ.*q_proj.weight \[3, 5\]"),
+])
+def test_a_dense_tensor_missing_or_misshapen_is_found_from_the_headers_before_the_host_pool(copy, monkeypatch,
+                                                                                           fault, why):
+    tensors = load_file(str(copy / "model.safetensors"))
+    if fault in ("missing", "both"):
+        del tensors["model.layers.0.self_attn.q_proj.weight" if fault == "missing" else "model.norm.weight"]
+    if fault in ("shape", "both"):
+        tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 5)
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(loader, "_build_runtime", _must_not_run)
+    with pytest.raises(CheckpointError, match=why):
+        _load(copy)
+
+
+def test_tied_output_embeddings_need_no_tensor_of_their_own(copy):
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(str(copy / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    model = _load(copy)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("text,why", [
+    ("{not json", "generation_config.json: not a readable generation_config.json"),
+    ("[1]", "generation_config.json: a generation_config.json is a JSON object, not list"),
+])
+def test_a_bad_generation_config_is_named_before_the_host_pool(copy, monkeypatch, text, why):
+    (copy / "generation_config.json").write_text(text)
+    monkeypatch.setattr(loader, "_build_runtime", _must_not_run)
+    with pytest.raises(CheckpointError, match=why):
+        _load(copy)
+    assert (copy / "generation_config.json").read_text() == text  # the user's file is left as it was
+
+
 def _must_not_run(*args, **kwargs):
     raise AssertionError("the host pool was allocated before the check")
 
