@@ -4,11 +4,14 @@ stats, train the learned prefetch predictor, write synthetic traces. Policies ar
 
 Errors (a trace that is not one, a policy that does not fit it, a path that cannot be written) are
 raised as :data:`ERRORS` and printed by ``moerun.cli``: stderr, exit status 1. Output paths are
-checked before the work whose result they take."""
+checked before the work whose result they take, and never name a file the command reads (a trace,
+a policy file, a predictor a policy names): the output would replace it."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 from moerun.cli import whole_number
 from moerun.files import check_writable
@@ -27,6 +30,41 @@ def _compile(spec: str, trace):
     from moerun.policy import compile_policy  # the language; imported only when a policy is named
 
     return compile_policy(spec, num_layers=trace.num_layers, num_experts=trace.num_experts)
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode when both exist (hard links, symlinks), else
+    the same resolved path (an output not written yet)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str]) -> None:
+    """Raise TraceError when an output (``{option: path}``) names an input (``{what: path}``) or another
+    output: writing it would replace a file the command reads, or one output would replace the other."""
+    given = [(option, path) for option, path in outputs.items() if path]
+    for option, out in given:
+        for what, path in inputs.items():
+            if _same_file(out, path):
+                raise TraceError(f"{option} {out} is the same file as {what}: writing it would replace what this "
+                                 f"command reads; give {option} another path")
+    for i, (option, out) in enumerate(given):
+        for other, path in given[i + 1:]:
+            if _same_file(out, path):
+                raise TraceError(f"{option} {out} and {other} {path} are the same file: one would replace the other; "
+                                 "give them different paths")
+
+
+def _policy_inputs(specs: list[str], policies) -> dict[str, str]:
+    """The files the policies ``specs`` compiled to were read from: ``.moe`` files and predictor files."""
+    inputs = {f"the policy file {spec}": spec for spec in specs if "{" not in spec and Path(spec).expanduser().is_file()}
+    inputs.update({f"the predictor of policy '{p.name}'": p.prefetch.predictor for p in policies
+                   if p.prefetch.predictor})
+    return inputs
 
 
 def _check_slots(trace, what: str, value: int | None) -> None:
@@ -68,6 +106,8 @@ def _replay(args) -> int:
 def _sweep(args) -> int:
     from moerun.trace.sweep import default_capacities, format_rows, sweep, write_outputs
 
+    outputs = {"--json": args.json, "--plot": args.plot}
+    _check_outputs(outputs, {f"the trace {args.trace}": args.trace})
     for path, what in ((args.json, "sweep JSON"), (args.plot, "sweep plot")):
         if path:
             check_writable(path, what)
@@ -75,8 +115,9 @@ def _sweep(args) -> int:
     capacities = args.capacities or default_capacities(trace)
     for cap in capacities:
         _check_slots(trace, "capacity", cap)
-    rows = sweep(trace, [_compile(p, trace) for p in args.policies], capacities, with_belady=not args.no_belady,
-                 host_capacity=args.host_capacity)
+    policies = [_compile(p, trace) for p in args.policies]
+    _check_outputs(outputs, _policy_inputs(args.policies, policies))
+    rows = sweep(trace, policies, capacities, with_belady=not args.no_belady, host_capacity=args.host_capacity)
     print(format_rows(rows))
     write_outputs(rows, args.json, args.plot, title=f"{trace.model}")
     return 0
@@ -99,6 +140,7 @@ def _stats(args) -> int:
 def _predictor(args) -> int:
     from moerun.expert_predictor import accuracy, train_predictor  # torch: only for this command
 
+    _check_outputs({"--out": args.out}, {f"the trace {p}": p for p in [*args.traces, *args.eval]})
     check_writable(args.out, "predictor")
     traces = [read_trace(p) for p in args.traces]
     predictor = train_predictor(traces, history=args.history, horizon=args.horizon, hidden=args.hidden,
