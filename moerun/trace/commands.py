@@ -142,13 +142,11 @@ def _predictor(args) -> int:
 
     _check_outputs({"--out": args.out}, {f"the trace {p}": p for p in [*args.traces, *args.eval]})
     check_writable(args.out, "predictor")
-    traces = [read_trace(p) for p in args.traces]
+    traces, evals = _predictor_traces(args.traces, args.eval)
     predictor = train_predictor(traces, history=args.history, horizon=args.horizon, hidden=args.hidden,
                                 epochs=args.epochs, seed=args.seed)
     report = {}
-    for path in args.eval:
-        trace = read_trace(path)
-        trace.check_model(num_layers=predictor.num_layers, num_experts=predictor.num_experts, top_k=predictor.top_k)
+    for path, trace in zip(args.eval, evals):
         report[path] = accuracy(predictor, trace)
         a = report[path]
         print(f"{path}: top-1 {a['top1']:.3f}  primary top-1 {a['top1_primary']:.3f} / top-2 "
@@ -156,6 +154,30 @@ def _predictor(args) -> int:
     predictor.save(args.out, accuracy=report)
     print(f"wrote {args.out}: history {args.history}, horizon {args.horizon}, hidden {args.hidden}")
     return 0
+
+
+def _predictor_traces(paths: list[str], eval_paths: list[str]) -> tuple[list, list]:
+    """The training and --eval traces, read and checked before any training: one model's shape (the first
+    training trace's), training examples to learn from and tokens to evaluate on."""
+    traces, evals = [read_trace(p) for p in paths], [read_trace(p) for p in eval_paths]
+    first = traces[0]
+    for path, trace in zip([*paths, *eval_paths], [*traces, *evals]):
+        try:
+            trace.check_model(num_layers=first.num_layers, num_experts=first.num_experts, top_k=first.top_k,
+                              where=path, model=f"the first training trace {paths[0]}")
+        except TraceError as exc:
+            raise TraceError(f"{exc}; a predictor is trained and evaluated on traces of one model: leave {path} out "
+                             "or give traces recorded from the same model") from None
+    if first.num_layers >= 2 and not any(t.num_tokens for t in traces):
+        # (a trace of one layer is train_predictor's error: no layer ahead to predict)
+        raise TraceError(f"the training traces ({', '.join(paths)}) hold no tokens, so they give no examples: the "
+                         "predictor learns the next layers' experts from each token's routing; give traces of at "
+                         "least one token (model.moerun.record_trace(path) records one, moerun trace synth writes one)")
+    for path, trace in zip(eval_paths, evals):
+        if not trace.num_tokens:
+            raise TraceError(f"--eval trace {path} holds no tokens: there is nothing to measure the predictor's "
+                             "accuracy on; give a trace of at least one token or leave it out")
+    return traces, evals
 
 
 def _synth(args) -> int:

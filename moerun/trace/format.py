@@ -128,15 +128,17 @@ class Trace:
                              f"shape {f.shape} dtype {f.dtype}")
         return self
 
-    def check_model(self, *, num_layers: int, num_experts: int, top_k: int | None = None) -> None:
-        """Raise TraceError unless the trace fits a model of this shape."""
+    def check_model(self, *, num_layers: int, num_experts: int, top_k: int | None = None, where: str = "trace",
+                    model: str = "the model") -> None:
+        """Raise TraceError unless the trace fits a model of this shape (``where`` names the trace in the
+        message, ``model`` what it is compared with)."""
         if self.num_layers != num_layers:
-            raise TraceError(f"trace has {self.num_layers} MoE layers but the model has {num_layers}")
+            raise TraceError(f"{where} has {self.num_layers} MoE layers but {model} has {num_layers}")
         if self.num_experts > num_experts or int(self.expert_ids.max(initial=0)) >= num_experts:
-            raise TraceError(f"trace routes to experts up to {int(self.expert_ids.max(initial=0))} "
-                             f"(num_experts {self.num_experts}) but the model has {num_experts}")
+            raise TraceError(f"{where} routes to experts up to {int(self.expert_ids.max(initial=0))} "
+                             f"(num_experts {self.num_experts}) but {model} has {num_experts} experts per layer")
         if top_k is not None and self.top_k != top_k:
-            raise TraceError(f"trace has k={self.top_k} experts per token but the model routes top-{top_k}")
+            raise TraceError(f"{where} has k={self.top_k} experts per token but {model} routes top-{top_k}")
 
 
 def write_trace(path: str | os.PathLike, trace: Trace) -> Path:
