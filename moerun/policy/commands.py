@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 
 from ..cli import whole_number
 from ..files import write_text
-from . import compile_policy, format_policy, load_source, parse, validate
+from . import POLICY_SUFFIX, bundled_policies, compile_policy, format_policy, load_source, parse, validate
 from .compiler import compile_policy_ir
 from .errors import PolicyError
 from .explain import explain, inert_settings
@@ -85,8 +87,7 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_fmt(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if args.write and not path.exists():
-        print(f"error: {args.file}: --write needs a file path, not a bundled name or policy text", file=sys.stderr)
-        return 1
+        return _fail(PolicyError(_not_a_file(args.file)))
     try:
         text, filename = load_source(path if path.exists() else args.file)
         formatted = format_policy(parse(text, filename))
@@ -95,6 +96,34 @@ def run_fmt(args: argparse.Namespace) -> int:
     if not args.write:
         sys.stdout.write(formatted)
     elif formatted != text:
+        refusal = _not_replaceable(path)
+        if refusal:
+            return _fail(PolicyError(refusal))
         write_text(path, formatted, what="policy file")  # atomic: a failed write leaves the file as it was
         print(f"{path}: formatted")
     return 0
+
+
+def _not_a_file(spec: str) -> str:
+    """Why ``fmt --write spec`` has no file to rewrite (``spec`` names no existing path)."""
+    if "{" in spec:
+        return "--write rewrites a .moe file, and this is policy text; without --write fmt prints its canonical form"
+    if spec in bundled_policies() or spec.removesuffix(POLICY_SUFFIX) in bundled_policies():
+        name = spec.removesuffix(POLICY_SUFFIX)
+        return (f"{spec} is a bundled policy, not a file: --write rewrites a .moe file of yours "
+                f"(`moerun policy fmt {name} > {name}{POLICY_SUFFIX}` writes a copy)")
+    return f"{spec} does not exist: --write rewrites an existing .moe file (check the path)"
+
+
+def _not_replaceable(path: Path) -> str | None:
+    """Why ``fmt --write`` must not replace ``path`` (it writes a new file and renames it over the old
+    one), or None. The rename would ignore a read-only mode, and would leave a hard link's other names
+    holding the old text."""
+    st = path.stat()
+    if not st.st_mode & 0o222 or not os.access(path, os.W_OK):
+        return (f"{path} is read-only (mode {stat.S_IMODE(st.st_mode):o}): --write does not replace a file that is "
+                f"not writable; make it writable (chmod u+w {path}) or run fmt without --write to print the result")
+    if st.st_nlink > 1:
+        return (f"{path} has {st.st_nlink} hard links: --write writes a new file in its place, so the other names "
+                f"would keep the old text; run fmt without --write and copy the output in, or break the link first")
+    return None

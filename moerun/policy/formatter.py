@@ -5,6 +5,8 @@ it), so ``moerun policy fmt --write`` never changes what a policy means.
 """
 from __future__ import annotations
 
+import math
+
 from . import syntax
 
 INDENT = "    "
@@ -32,7 +34,11 @@ def format_policy(policy_file: syntax.PolicyFile) -> str:
 def format_value(value: syntax.Value | syntax.Pair) -> str:
     """The canonical text of one value: ``16``, ``0.9``, ``lru``, ``"file.npz"``, ``[0:3, 7]``."""
     if isinstance(value, syntax.Number):
-        return str(value.value) if isinstance(value.value, int) else repr(float(value.value))
+        if isinstance(value.value, int):
+            return str(value.value)
+        if not math.isfinite(value.value):  # the parser never makes one; `inf` would read back as a word
+            raise ValueError(f"cannot format the number {value.value}: a .moe number is finite")
+        return repr(float(value.value))
     if isinstance(value, syntax.Word):
         return value.text
     if isinstance(value, syntax.String):

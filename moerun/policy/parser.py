@@ -6,6 +6,8 @@ precede (or follow, on the same line) so the formatter can keep them.
 """
 from __future__ import annotations
 
+import math
+import sys
 import threading
 from importlib import resources
 
@@ -57,11 +59,9 @@ def parse(text: str, filename: str = "<string>") -> syntax.PolicyFile:
         comments = list(_comments)
     try:
         return _Builder(comments, filename, text).file(tree)
-    except _NumberTooLong as err:
+    except _BadNumber as err:
         sink = DiagnosticSink(filename, text)
-        sink.error(f"a number of {err.digits} digits is larger than any setting takes", _token_span(err.token),
-                   f"numbers have at most {MAX_NUMBER_DIGITS} digits; the largest whole number the engine holds "
-                   f"is {2**63 - 1}")
+        sink.error(err.message, _token_span(err.token), err.hint)
         sink.raise_if_any()
         raise
 
@@ -111,19 +111,31 @@ def _tree_span(tree: Tree) -> syntax.Span:
     return syntax.Span(meta.line, meta.column, meta.end_line, meta.end_column)
 
 
-class _NumberTooLong(Exception):
-    def __init__(self, token: Token, digits: int):
-        self.token, self.digits = token, digits
+class _BadNumber(Exception):
+    """A number token that has no value the syntax tree can hold as written."""
+
+    def __init__(self, token: Token, message: str, hint: str):
+        self.token, self.message, self.hint = token, message, hint
 
 
 def _number(tok: Token) -> syntax.Number:
     text = str(tok)
     if any(c in text for c in ".eE"):
-        value = float(text)  # too large: inf, which the validator rejects as not finite
+        value = float(text)
+        # A float beyond the double range reads as inf (which the formatter could only write as the word
+        # `inf`) and one below it as 0: either would change what the file says, so both are errors here.
+        mantissa = text.lower().partition("e")[0]
+        if math.isinf(value):
+            raise _BadNumber(tok, f"the number {text} is too large to hold", f"numbers are at most about {sys.float_info.max:.1e}")
+        if value == 0 and any(c in "123456789" for c in mantissa):
+            raise _BadNumber(tok, f"the number {text} is too small to hold: it would read as 0",
+                             f"the smallest number above 0 is about {5e-324:.0e}; write 0 if 0 is meant")
     else:
         digits = len(text.lstrip("+-"))
         if digits > MAX_NUMBER_DIGITS:  # int() of thousands of digits raises, and nothing needs them
-            raise _NumberTooLong(tok, digits)
+            raise _BadNumber(tok, f"a number of {digits} digits is larger than any setting takes",
+                             f"numbers have at most {MAX_NUMBER_DIGITS} digits; the largest whole number the engine "
+                             f"holds is {2**63 - 1}")
         value = int(text)
     return syntax.Number(value, _token_span(tok))
 

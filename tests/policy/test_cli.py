@@ -77,3 +77,50 @@ def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "moerun", "policy", "check", str(f)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+UNFORMATTED = "policy p {   cache { capacity = 4 } }\n"
+
+
+def _fmt_write_refused(argv, capsys, *expected) -> None:
+    assert main(["policy", "fmt", "--write", *argv]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_fmt_write_refuses_a_read_only_file_and_leaves_it(tmp_path, capsys):
+    f = tmp_path / "ro.moe"
+    f.write_text(UNFORMATTED)
+    f.chmod(0o444)  # (root may write any file: the mode is what the user set)
+    _fmt_write_refused([str(f)], capsys, f"{f} is read-only (mode 444)", f"chmod u+w {f}", "without --write")
+    assert f.read_text() == UNFORMATTED and f.stat().st_mode & 0o777 == 0o444
+    f.chmod(0o644)
+    assert main(["policy", "fmt", "--write", str(f)]) == 0 and f.read_text() != UNFORMATTED
+
+
+def test_fmt_write_refuses_a_hard_linked_file_so_no_name_keeps_old_text(tmp_path, capsys):
+    f, other = tmp_path / "a.moe", tmp_path / "b.moe"
+    f.write_text(UNFORMATTED)
+    other.hardlink_to(f)
+    _fmt_write_refused([str(f)], capsys, f"{f} has 2 hard links", "other names would keep the old text")
+    assert f.read_text() == other.read_text() == UNFORMATTED and f.samefile(other)
+
+
+def test_fmt_write_says_what_is_missing_instead_of_a_file(tmp_path, capsys):
+    missing = tmp_path / "missing.moe"
+    _fmt_write_refused([str(missing)], capsys, f"{missing} does not exist")
+    assert not missing.exists()
+    _fmt_write_refused(["balanced"], capsys, "balanced is a bundled policy, not a file",
+                       "moerun policy fmt balanced > balanced.moe")
+    _fmt_write_refused([UNFORMATTED], capsys, "this is policy text")
+
+
+def test_fmt_write_of_a_file_already_canonical_writes_nothing_even_read_only(tmp_path, capsys):
+    f = tmp_path / "done.moe"
+    f.write_text(UNFORMATTED)
+    assert main(["policy", "fmt", "--write", str(f)]) == 0
+    f.chmod(0o444)
+    assert main(["policy", "fmt", "--write", str(f)]) == 0  # nothing to write: nothing refused
+    assert capsys.readouterr().err == ""

@@ -134,6 +134,24 @@ def test_syntax_errors_are_policy_errors(text, message, line, col):
     assert "Traceback" not in str(err) and "lark" not in str(err).lower()
 
 
+@pytest.mark.parametrize("number,message", [
+    ("1e400", "the number 1e400 is too large to hold"), ("-2.5e308", "the number -2.5e308 is too large to hold"),
+    ("1e-400", "the number 1e-400 is too small to hold: it would read as 0"),
+])
+def test_a_number_beyond_a_float_is_a_diagnostic_at_the_number(number, message):
+    # Read as inf (or 0) it could only be formatted as the word `inf` (or 0.0): fmt would change the file.
+    for text in (f"policy p {{ cache {{ capacity = 4 frequency_decay = {number} }} }}",
+                 f"policy p {{ cache {{ capacity = 4 }} adapt {{ when hit_rate < {number} {{ eviction = lru }} }} }}"):
+        with pytest.raises(PolicyError) as info:
+            parse(text, "n.moe")
+        err = info.value
+        assert message in str(err) and (err.file, err.line, err.col) == ("n.moe", 1, text.index(number) + 1)
+        assert err.caret_line.strip() == "^" * len(number)
+    for fine in ("0.0e-999", "4.9e-324", "1.7e308"):  # zero written as zero, the smallest and largest doubles
+        tree = parse(f"policy p {{ cache {{ capacity = 4 frequency_decay = {fine} }} }}")
+        assert parse(format_policy(tree)) == tree
+
+
 def test_formatter_keeps_comments_and_is_idempotent():
     text = "# top\npolicy p { # open\ncache { capacity = 4 # four\n eviction = lru }\n# end of p\n}\n# tail\n"
     once = format_policy(parse(text))
