@@ -110,8 +110,8 @@ def _not_a_file(spec: str) -> str:
         return "--write rewrites a .moe file, and this is policy text; without --write fmt prints its canonical form"
     if spec in bundled_policies() or spec.removesuffix(POLICY_SUFFIX) in bundled_policies():
         name = spec.removesuffix(POLICY_SUFFIX)
-        return (f"{spec} is a bundled policy, not a file: --write rewrites a .moe file of yours "
-                f"(`moerun policy fmt {name} > {name}{POLICY_SUFFIX}` writes a copy)")
+        return (f"--write rewrites a .moe file, not a bundled name: {spec} is a bundled policy "
+                f"(`moerun policy fmt {name} > {name}{POLICY_SUFFIX}` writes a copy you can edit)")
     return f"{spec} does not exist: --write rewrites an existing .moe file (check the path)"
 
 

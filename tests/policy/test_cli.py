@@ -112,7 +112,7 @@ def test_fmt_write_says_what_is_missing_instead_of_a_file(tmp_path, capsys):
     missing = tmp_path / "missing.moe"
     _fmt_write_refused([str(missing)], capsys, f"{missing} does not exist")
     assert not missing.exists()
-    _fmt_write_refused(["balanced"], capsys, "balanced is a bundled policy, not a file",
+    _fmt_write_refused(["balanced"], capsys, "not a bundled name: balanced is a bundled policy",
                        "moerun policy fmt balanced > balanced.moe")
     _fmt_write_refused([UNFORMATTED], capsys, "this is policy text")
 
