@@ -58,10 +58,16 @@ def resolve_checkpoint(model: str | os.PathLike, *, revision: str = "main") -> P
     Never touches the network: a hub id must already be in the cache
     (``models--{org}--{name}/snapshots/<commit>/``, with ``refs/<revision>`` naming the commit).
     """
-    path = Path(model).expanduser()
+    if not isinstance(model, (str, os.PathLike)):
+        raise CheckpointError(f"model must be a checkpoint directory (a str or path) or a hub id 'org/name', "
+                              f"not {model!r:.60} ({type(model).__name__})")
+    name = os.fspath(model)
+    if not isinstance(name, str) or not name.strip():  # Path("") is the current directory: never a silent pick
+        raise CheckpointError(f"model {model!r:.60} names no checkpoint; pass its directory ('.' for the current "
+                              "one) or a hub id 'org/name'")
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
-    name = str(model)
     if path.exists():
         raise CheckpointError(f"{name} is a file; moerun.load expects a checkpoint directory or a hub id")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -263,7 +269,13 @@ class Checkpoint:
         files = self._weight_files(path)
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
-            self.tensors.update(read_safetensors_header(file))
+            for key, info in read_safetensors_header(file).items():
+                if key in self.tensors:  # which one a reader would take depends on the order: refuse both
+                    raise CheckpointError(
+                        f"{path}: tensor {key} is in both {self.tensors[key].file.name} and {file.name}; a "
+                        "checkpoint holds each tensor once. Remove the stale shard (or re-save the checkpoint) "
+                        "so that one file holds it")
+                self.tensors[key] = info
 
     @staticmethod
     def _weight_files(path: Path) -> list[Path]:

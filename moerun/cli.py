@@ -74,10 +74,10 @@ def add_expert_options(p: argparse.ArgumentParser) -> None:
     the same way by every command that loads a model (whether a format suits the checkpoint and the dtype,
     load checks before it allocates)."""
     from .checkpoint_quantization import FLOAT_ALIASES, FORMAT_ALIASES
+    from .dtypes import DTYPE_NAMES as dtypes
     from .native import EXPERT_FORMATS
 
     formats = ("auto", *FLOAT_ALIASES, *FORMAT_ALIASES, *EXPERT_FORMATS)
-    dtypes = {**{str(d).removeprefix("torch."): d for d in FLOAT_ALIASES.values()}, **FLOAT_ALIASES}
 
     def expert_format(text: str) -> str:
         if text.strip().lower() not in formats:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .checkpoint import Checkpoint, CheckpointError, read_json_object, resolve_checkpoint
+from .dtypes import COMPUTE_DTYPES, DTYPE_NAMES
 from .checkpoint_quantization import (CheckpointQuantization, check_expert_tensors, check_stacked_expert_tensors,
                                       dense_elements, expert_tensor_keys, read_dense, read_quantization,
                                       resolve_expert_format)
@@ -40,7 +41,6 @@ from .runtime.memory import (AUTO_MARGIN_BYTES, BudgetError, MemoryPlan, check_p
 from .runtime.moe_layer import OffloadedMoE
 from .runtime.offload import OffloadRuntime, learned_predictor
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes
 _NO_HOST_MEMORY_CHECK = "MOERUN_NO_HOST_MEMORY_CHECK"  # "1": trust that host memory grows on use (balloon VMs)
 
@@ -59,7 +59,7 @@ def _whole(name: str, value, lo: int, hi: int) -> int:
     return value
 
 
-def _check_arguments(*, max_context, max_batch, cpu_threads=0, copy_streams=1, fast_decode=None,
+def _check_arguments(*, max_context, max_batch, cpu_threads=0, copy_streams=2, fast_decode=None,
                      compile_decode=False, revision="main", prefill_chunk=None) -> None:
     """Types and ranges of load()'s plain arguments, before any file is opened."""
     _whole("max_context", max_context, 1, 2**31 - 1)
@@ -69,7 +69,11 @@ def _check_arguments(*, max_context, max_batch, cpu_threads=0, copy_streams=1, f
     except ValueError as exc:
         raise LoadError(str(exc)) from None
     _whole("cpu_threads", cpu_threads, 0, 4096)  # 0 = the default: one per physical core but one
-    _whole("copy_streams", copy_streams, 1, 64)
+    try:
+        _whole("copy_streams", copy_streams, 2, 64)
+    except LoadError as exc:  # one stream for demand copies, at least one for prefetches
+        raise LoadError(f"{exc} (one stream copies demanded experts, the others prefetches; 2 is the "
+                        "fewest that works)") from None
     if fast_decode is not None and not isinstance(fast_decode, bool):
         raise LoadError(f"fast_decode must be True, False or None (the device decides), not {fast_decode!r}")
     if not isinstance(compile_decode, bool):
@@ -126,8 +130,8 @@ def load(
         cpu_threads: threads that compute CPU experts, the calling thread included (it works while it
             waits for them), and read experts into the host pool; 0 = defaults (for CPU experts one per
             physical core but one).
-        copy_streams: CUDA streams the transfer engine copies experts on (demand copies on the first,
-            prefetches on the others).
+        copy_streams: CUDA streams the transfer engine copies experts on, 2..64 (demand copies on the
+            first, prefetches on the others).
         fast_decode: decode steps as CUDA graphs over a static KV cache (default: on for CUDA);
             ``model.moerun.fast_decode`` switches it later. Where the model cannot use it, it stays
             off with a one-line notice and decoding runs through transformers' layers.
@@ -501,16 +505,27 @@ def _expert_prefixes(adapter: MoeAdapter, layer: int, expert: int) -> list[str]:
 
 
 def _pick_dtype(dtype, config, ckpt: Checkpoint, adapter: MoeAdapter, quant: CheckpointQuantization) -> torch.dtype:
-    if dtype is None:
-        dtype = getattr(config, "dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None)
-        if dtype is None:
-            first = expert_tensor_keys(_expert_prefixes(adapter, adapter.moe_layers()[0], 0), quant)[0]
-            dtype = ckpt.tensors[first].dtype
-            dtype = dtype if dtype in _FLOAT_DTYPES else torch.bfloat16  # a quantized checkpoint without config.dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, not {dtype}")
+    """load()'s ``dtype`` (a torch dtype or one of DTYPE_NAMES), else config.json's, else the experts' own;
+    LoadError naming where a dtype moerun cannot compute in came from."""
+    if dtype is not None:
+        return _compute_dtype(dtype, f"dtype={dtype!r}", "pass")
+    where = f"{ckpt.path / 'config.json'} gives \"dtype\": "
+    dtype = getattr(config, "dtype", None)
+    if dtype is not None:
+        return _compute_dtype(dtype, where + f'"{str(dtype).removeprefix("torch.")}"',
+                              "load it with dtype= set to")
+    first = expert_tensor_keys(_expert_prefixes(adapter, adapter.moe_layers()[0], 0), quant)[0]
+    dtype = ckpt.tensors[first].dtype
+    return dtype if dtype in COMPUTE_DTYPES else torch.bfloat16  # a quantized checkpoint without config.dtype
+
+
+def _compute_dtype(value, where: str, remedy: str) -> torch.dtype:
+    """``value`` (a torch dtype or a name of DTYPE_NAMES, any case) as a compute dtype; LoadError saying
+    ``where`` it came from and ``remedy`` (a phrase followed by the dtypes that work) otherwise."""
+    dtype = DTYPE_NAMES.get(value.strip().lower()) if isinstance(value, str) else value
+    if dtype not in COMPUTE_DTYPES:
+        raise LoadError(f"{where}: moerun computes in {', '.join(str(d) for d in COMPUTE_DTYPES)}; {remedy} "
+                        f"one of them (or its name: {', '.join(DTYPE_NAMES)})")
     return dtype
 
 
@@ -544,8 +559,8 @@ def _host_capacity(host: HostTier, host_budget, slot_bytes: int, num_routed: int
 
 
 def _budget_bytes(vram_budget, device: torch.device, check_free: bool) -> int:
-    if vram_budget != "auto":
-        budget = parse_bytes(vram_budget, "vram_budget")
+    if not (isinstance(vram_budget, str) and vram_budget.strip().lower() == "auto"):
+        budget = parse_bytes(vram_budget, "vram_budget", "or 'auto' (free device memory minus a margin)")
         if device.type == "cuda" and check_free:
             free, total = torch.cuda.mem_get_info(device)
             if budget > free:

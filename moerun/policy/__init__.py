@@ -52,6 +52,10 @@ def load_source(spec: str | Path) -> tuple[str, str]:
         bundled = resources.files("moerun.policies").joinpath(name)
         if bundled.is_file():
             return bundled.read_text(encoding="utf-8"), name
+    if path.is_dir() or "/" in spec or "\\" in spec:  # a path (no bundled name has a separator)
+        if not path.parent.is_dir():
+            raise PolicyError(f"policy file {spec}: the directory {path.parent} does not exist")
+        return _read(path)  # a directory, a missing file: _read says which
     raise PolicyError(f"no policy file or bundled policy named '{spec}'; bundled policies: "
                       f"{', '.join(bundled_policies())}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -29,10 +30,14 @@ class BudgetError(ValueError):
     """A memory budget is malformed or too small for the model."""
 
 
-def parse_bytes(value: int | str, what: str = "budget") -> int:
-    """``10GiB``, ``"512 MB"``, ``"1.5gb"`` or an int of bytes -> bytes."""
+def parse_bytes(value: int | str, what: str = "budget", other: str = "") -> int:
+    """``10GiB``, ``"512 MB"``, ``"1.5gb"`` or an int of bytes -> bytes; a size that is not a whole
+    number of bytes (``"1.9B"``, ``1.5``) is refused, not rounded. ``other``: what else the caller takes
+    (e.g. "or 'auto' (...)"), named when ``value`` cannot be read."""
     if isinstance(value, bool):
         raise BudgetError(f"{what} must be bytes or a size string like '10GiB', not {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int):
         if value <= 0:
             raise BudgetError(f"{what} must be positive, got {value}")
@@ -41,15 +46,17 @@ def parse_bytes(value: int | str, what: str = "budget") -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise BudgetError(
             f"cannot read {what} {value!r}: use bytes (int) or a number with a unit "
-            "(B, KB, MB, GB, KiB, MiB, GiB), e.g. '10GiB'"
+            f"(B, KB, MB, GB, KiB, MiB, GiB), e.g. '10GiB'{', ' + other if other else ''}"
         )
-    try:
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    except OverflowError:  # hundreds of digits: float('inf')
-        raise BudgetError(f"{what} {str(value)[:40]}... is larger than any machine's memory") from None
+    size = Fraction(match.group(1)) * _UNITS[match.group(2).lower()]  # exact: no float rounding
     if size <= 0:
         raise BudgetError(f"{what} must be positive, got {value!r}")
-    return size
+    if size.denominator != 1:
+        raise BudgetError(f"{what} {value!r} is {float(size):g} bytes, not a whole number of bytes; round it "
+                          "to whole bytes, or to a whole number of a smaller unit (e.g. '1536MiB')")
+    if size >= 1 << 63:
+        raise BudgetError(f"{what} {str(value)[:40]}... is larger than any machine's memory")
+    return int(size)
 
 
 def slot_layout(adapter: MoeAdapter, dtype: torch.dtype, expert_format: str = "float"):

@@ -1,6 +1,7 @@
 """Bad checkpoints and bad load() arguments are moerun errors that name the input, raised before
 anything large is allocated: never an AttributeError, KeyError, TypeError, OverflowError or
 AssertionError from deeper down, and never silently accepted."""
+import argparse
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from moerun import loader
 from moerun.checkpoint import Checkpoint, CheckpointError, read_safetensors_header, resolve_checkpoint
 from moerun.loader import LoadError
 from moerun.models.synthetic import build_checkpoint, synthetic_config
+from moerun.policy.errors import PolicyError
 from moerun.runtime.memory import BudgetError
 
 POLICY = "policy p { cache { eviction = lru } }"
@@ -197,7 +199,18 @@ def _must_not_run(*args, **kwargs):
     (dict(max_context=2**31), LoadError, "max_context must be in"),
     (dict(max_batch=True), LoadError, "max_batch must be a whole number"),
     (dict(cpu_threads=-1), LoadError, "cpu_threads must be in 0..4096"),
-    (dict(copy_streams=0), LoadError, "copy_streams must be in 1..64"),
+    (dict(copy_streams=0), LoadError, "copy_streams must be in 2..64"),
+    (dict(copy_streams=1), LoadError, r"copy_streams must be in 2..64, got 1 \(one stream copies demanded"),
+    (dict(vram_budget="0.5"), BudgetError, "'0.5' is 0.5 bytes, not a whole number of bytes"),
+    (dict(vram_budget="1.9B"), BudgetError, "not a whole number of bytes"),
+    (dict(vram_budget=1.5), BudgetError, "1.5 is 1.5 bytes, not a whole number of bytes"),
+    (dict(vram_budget="plenty"), BudgetError, "cannot read vram_budget 'plenty'.*or 'auto'"),
+    (dict(dtype="float64"), LoadError, r"dtype='float64': moerun computes in .*pass one of them.*bf16"),
+    (dict(dtype=torch.int8), LoadError, r"dtype=torch.int8: moerun computes in"),
+    (dict(model=123), CheckpointError, r"model must be a checkpoint directory .* not 123 \(int\)"),
+    (dict(model=None), CheckpointError, "not None"),
+    (dict(model=""), CheckpointError, r"names no checkpoint; pass its directory \('.' for the current one\)"),
+    (dict(model="  "), CheckpointError, "names no checkpoint"),
     (dict(fast_decode="yes"), LoadError, "fast_decode must be"),
     (dict(compile_decode=1), LoadError, "compile_decode must be"),
     (dict(revision=7), LoadError, "revision must be"),
@@ -206,8 +219,62 @@ def _must_not_run(*args, **kwargs):
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_arguments_are_named(tiny, monkeypatch, kwargs, error, why):
     monkeypatch.setattr(loader, "_build_runtime", _must_not_run)
+    kwargs = {"model": tiny, **kwargs}
     with pytest.raises(error, match=why):
-        _load(tiny, **kwargs)
+        _load(kwargs.pop("model"), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "bf16", " BF16 ", torch.bfloat16])
+def test_dtype_takes_the_names_the_commands_take(tiny, name):
+    from moerun.cli import add_expert_options
+
+    parser = argparse.ArgumentParser()
+    add_expert_options(parser)
+    assert parser.parse_args(["--dtype", "bf16"]).dtype == torch.bfloat16
+    model = _load(tiny, dtype=name, vram_budget="AUTO")  # "auto" in any case
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_config_dtype_moerun_cannot_compute_in_names_config_json_and_dtype(copy, monkeypatch):
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "dtype": "float64"}))
+    monkeypatch.setattr(loader, "_build_runtime", _must_not_run)
+    with pytest.raises(LoadError, match=r'config.json gives "dtype": "float64": .*load it with dtype= set to one'):
+        _load(copy)
+    monkeypatch.undo()
+    assert _load(copy, dtype="float32").model.norm.weight.dtype == torch.float32  # dtype= overrides the config's
+
+
+def test_a_tensor_in_two_shards_is_refused_naming_both(copy):
+    tensors = load_file(str(copy / "model.safetensors"))
+    norm = {"model.norm.weight": tensors["model.norm.weight"] + 1}
+    save_file(tensors, str(copy / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(norm, str(copy / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    (copy / "model.safetensors").unlink()
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in tensors}
+    weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight is in both model-00001-of-00002.safetensors "
+                                              r"and model-00002-of-00002.safetensors.*stale shard"):
+        Checkpoint(copy)
+
+
+@pytest.mark.parametrize("policy,why", [
+    ("{dir}", "is a directory"),
+    ("{dir}/missing/p.moe", "the directory .*missing does not exist"),
+    ("{dir}/p.moe", "No such file"),
+    ("no_such_policy", "no policy file or bundled policy named 'no_such_policy'"),
+])
+def test_a_policy_path_that_is_not_a_file_says_what_it_is(tiny, tmp_path, monkeypatch, policy, why):
+    monkeypatch.setattr(loader, "_build_runtime", _must_not_run)
+    with pytest.raises(PolicyError, match=why):
+        _load(tiny, policy=policy.format(dir=tmp_path))
+
+
+def test_a_directory_named_like_a_bundled_policy_does_not_hide_it(tiny, tmp_path, monkeypatch):
+    (tmp_path / "balanced").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _load(tiny, policy="balanced").moerun.policy.name == "balanced"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only torch says")

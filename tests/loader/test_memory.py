@@ -8,12 +8,13 @@ from moerun.runtime.memory import BudgetError, parse_bytes, plan_memory, slot_el
 
 
 @pytest.mark.parametrize("text,expected", [("10GiB", 10 * 2**30), ("512 MB", 512 * 10**6), ("1.5gb", 1_500_000_000),
-                                           (4096, 4096), ("2KiB", 2048)])
+                                           (4096, 4096), ("2KiB", 2048), (8192.0, 8192),
+                                           ("4.35KB", 4350)])  # exact decimals: 4.35 * 1000 is 4349.99... in floats
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["ten gigs", "10 GX", -5, 0, True, "-1GB"])
+@pytest.mark.parametrize("bad", ["ten gigs", "10 GX", -5, 0, True, "-1GB", "0.5", "1.9B", 1.5, "0.3KiB"])
 def test_parse_bytes_rejects_nonsense(bad):
     with pytest.raises(BudgetError, match="budget"):
         parse_bytes(bad)
