@@ -154,3 +154,24 @@ def test_a_wrong_predictor_inside_a_valid_npz_is_a_policy_error(tmp_path, arrays
         np.savez(out, **stored)
     with pytest.raises(PolicyError):
         load_predictor(f, **SHAPE)
+
+
+@pytest.mark.parametrize("name,content,kind", [
+    ("notes.txt", b"expert_ids,gate_weights\n1,0.5\n", "the file is text"),
+    ("policy.moe", "policy p { cache { capacity = 4 } }  # é\n".encode(), "the file is text"),
+    ("empty.npz", b"", "the file is empty"),
+    ("array.npy", None, "it holds one array"),
+    ("binary.npz", b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), "not a zip archive (it starts with b'\\x7fELF"),
+], ids=["text", "policy", "empty", "npy", "binary"])
+def test_a_file_that_is_no_npz_gets_moerun_s_message_not_numpy_s(tmp_path, name, content, kind):
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(TraceError) as err:
+        read_trace(path)
+    text = str(err.value)
+    assert text.startswith(f"{path} is not a moerun trace: ") and kind in text, text
+    assert "record_trace" in text and "moerun trace synth" in text  # what a trace is and how to get one
+    assert "pickle" not in text and "\n" not in text
