@@ -60,6 +60,7 @@ class MoerunHandle:
         self.checkpoint_path = checkpoint_path
         self.pool_bytes = pool_bytes
         self.policy = policy
+        self._host_block = policy.host  # the host tier is built at load from this (the pool's size, eviction)
         self.model_info = dict(model_info)
         self.load_seconds: dict[str, float] = {}  # load()'s stages, in order: where the load time went
         self._tokenizer = None
@@ -133,11 +134,15 @@ class MoerunHandle:
     def set_policy(self, policy) -> None:
         """Replace the policy (a compiled policy, ``.moe`` text, path or bundled name) between steps.
 
-        Resident experts stay; the next step plans under the new policy.
+        Resident experts stay; the next step plans under the new policy. The host tier (the pool's
+        capacity, eviction and watermarks) is built at load: a policy without a ``host`` block keeps it,
+        one whose ``host`` block differs from the loaded one is refused (ValueError) and the old policy
+        stays; reload with that policy (or ``host_budget``) to change it.
         """
         from ..loader import _compile_policy
 
         compiled = _compile_policy(policy, len(self.moe_layers), self.model_info["num_experts"])
+        _check_host_block(compiled.host, self._host_block)
         self.decoder.flush_accounting()  # the last step counts under the policy it ran with
         self.runtime.set_policy(compiled)
         self.policy = compiled
@@ -208,6 +213,27 @@ class MoerunHandle:
                 )
             self._tokenizer = tokenizer
         return self._tokenizer
+
+
+def _check_host_block(new, loaded) -> None:
+    """ValueError when a new policy's ``host`` block (HostConfig, or None: no block) asks for another host
+    tier than the one ``loaded`` (the load's block, or None) built: the pool is sized at load."""
+    from ..policy.ir import AUTO, HostConfig
+
+    if new is None or new == (loaded or HostConfig()):
+        return
+
+    def tier(h: HostConfig) -> str:
+        capacity = "auto" if h.capacity == AUTO else h.capacity
+        return (f"capacity = {capacity}  eviction = {h.eviction}  high_watermark = {h.high_watermark}  "
+                f"low_watermark = {h.low_watermark}")
+
+    raise ValueError(
+        f"set_policy: the new policy's host {{ {tier(new)} }} differs from the host tier this model was loaded "
+        f"with, host {{ {tier(loaded or HostConfig())} }}; the host pool is built at load and stays as it is. "
+        "Drop the host block from the new policy to keep the loaded tier, or load the model again with this "
+        "policy (moerun.load(..., policy=...), with host_budget= for a byte limit) to change it. The old "
+        "policy is still in effect.")
 
 
 def _serialise_entry_points(model, lock: threading.RLock) -> None:

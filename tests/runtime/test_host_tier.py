@@ -80,3 +80,19 @@ def test_host_budget_below_one_layer_step_names_the_smallest_that_works(ckpt):
                     progress=False)
     with pytest.raises(ValueError, match="host_budget"):
         moerun.load(ckpt, policy=POLICY, device="cpu", max_context=64, host_budget="lots", progress=False)
+
+
+def test_set_policy_refuses_another_host_tier_and_keeps_the_old_policy(ckpt):
+    loaded = "policy p { cache { eviction = lru } host { capacity = 8  eviction = lru } }"
+    model = moerun.load(ckpt, policy=loaded, device="cpu", max_context=64, progress=False)
+    with pytest.raises(ValueError, match=r"host \{ capacity = 4 .* differs from the host tier this model was "
+                                         r"loaded with, host \{ capacity = 8 .*load the model again"):
+        model.moerun.set_policy("policy q { cache { eviction = lru } host { capacity = 4 } }")
+    with pytest.raises(ValueError, match="eviction = lfu"):
+        model.moerun.set_policy("policy q { cache { eviction = lru } host { capacity = 8  eviction = lfu } }")
+    assert model.moerun.policy.name == "p" and model.moerun.runtime.engine.setup.policy_name == "p"
+    assert model.moerun.memory()["host"]["capacity"] == 8
+    model.moerun.set_policy("policy same { cache { eviction = lru } host { capacity = 8 } }")  # the loaded tier: accepted
+    model.moerun.set_policy("policy none { cache { eviction = lfu } }")  # no host block: keeps the loaded tier
+    assert model.moerun.policy.name == "none"
+    model.moerun.set_policy("policy again { cache { eviction = lru } host { capacity = 8 } }")  # still the tier the model was loaded with
