@@ -4,9 +4,9 @@ Order of work, cheapest checks first so bad input fails before anything large is
 resolve the checkpoint (local directory or offline HF cache) -> read config, generation config and
 safetensors headers -> pick the architecture adapter -> compile the policy -> plan device memory from
 the budget -> build the model skeleton with parameters on the meta device (no expert is ever
-materialised) -> check every dense parameter's tensor and shape in the headers -> replace each MoE block with OffloadedMoE -> read the non-expert weights straight to the device ->
-fill the host pool with the routed experts from the files -> create the arena, transfer engine,
-CPU executor and policy engine.
+materialised) -> check every dense parameter's tensor and shape in the headers -> fill the host
+pool with the routed experts from the files -> create the arena, transfer engine and CPU executor ->
+replace each MoE block with OffloadedMoE -> read the non-expert weights straight to the device.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def test_set_policy_refuses_another_host_tier_and_keeps_the_old_policy(ckpt):
         model.moerun.set_policy("policy q { cache { eviction = lru } host { capacity = 8  eviction = lfu } }")
     assert model.moerun.policy.name == "p" and model.moerun.runtime.engine.setup.policy_name == "p"
     assert model.moerun.memory()["host"]["capacity"] == 8
-    model.moerun.set_policy("policy same { cache { eviction = lru } host { capacity = 8 } }")  # the loaded tier: accepted
-    model.moerun.set_policy("policy none { cache { eviction = lfu } }")  # no host block: keeps the loaded tier
+    # The loaded tier is accepted; a policy without a host block keeps it.
+    model.moerun.set_policy("policy same { cache { eviction = lru } host { capacity = 8 } }")
+    model.moerun.set_policy("policy none { cache { eviction = lfu } }")
     assert model.moerun.policy.name == "none"
-    model.moerun.set_policy("policy again { cache { eviction = lru } host { capacity = 8 } }")  # still the tier the model was loaded with
+    model.moerun.set_policy("policy again { cache { eviction = lru } host { capacity = 8 } }")
