@@ -74,12 +74,23 @@ def _check_slots(trace, what: str, value: int | None) -> None:
                          f"experts = {total}; more slots than experts can never be used")
 
 
+def _check_host_capacity(trace, value: int | None) -> None:
+    """--host-capacity within top_k..layers x experts: fewer cannot hold one step's experts (moerun.load
+    refuses them too), more can never be used (the engine would hold only every expert)."""
+    total = trace.num_layers * trace.num_experts
+    if value is not None and not trace.top_k <= value <= total:
+        raise TraceError(f"--host-capacity {value} is outside {trace.top_k}..{total}: the host pool holds at least "
+                         f"one layer step's top_k = {trace.top_k} experts and at most the trace's "
+                         f"{trace.num_layers} layers x {trace.num_experts} experts; give a number in that range")
+
+
 def _replay(args) -> int:
     from moerun.trace.replay import replay
 
     trace = read_trace(args.trace)
     _check_slots(trace, "--capacity", args.capacity)
     _check_slots(trace, "--slots", args.slots)
+    _check_host_capacity(trace, args.host_capacity)
     policy = _compile(args.policy, trace)
     t0 = time.perf_counter()
     s = replay(trace, policy, capacity=args.capacity, num_slots=args.slots, host_capacity=args.host_capacity)
@@ -115,6 +126,7 @@ def _sweep(args) -> int:
     capacities = args.capacities or default_capacities(trace)
     for cap in capacities:
         _check_slots(trace, "capacity", cap)
+    _check_host_capacity(trace, args.host_capacity)
     policies = [_compile(p, trace) for p in args.policies]
     _check_outputs(outputs, _policy_inputs(args.policies, policies))
     rows = sweep(trace, policies, capacities, with_belady=not args.no_belady, host_capacity=args.host_capacity)

@@ -58,6 +58,12 @@ def replay(trace: Trace, policy: CompiledPolicy, *, capacity: int | None = None,
     host = policy.host
     if host_capacity is not None:
         host = replace(host or HostConfig(), capacity=host_capacity)
+    if host is not None and host.capacity != AUTO and host.capacity < trace.top_k:
+        given = f"host capacity {host_capacity}" if host_capacity is not None else \
+            f"policy '{policy.name}' has host capacity {host.capacity}, which"
+        raise PolicyError(f"{given} is below the trace's top_k = {trace.top_k}: one layer step reads {trace.top_k} "
+                          f"experts from the host pool at once, so it holds at least {trace.top_k} (moerun.load "
+                          "refuses fewer too)")
     stats = engine.replay(trace.expert_ids, trace.gate_weights, trace.step_starts,
                           oracle_predictions=oracle_predictions, predictions=predictions, host=host,
                           prefill_steps=trace.prefill_steps)

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
+from moerun.policy.errors import PolicyError
 from moerun.policy.ir import CacheConfig, CompiledPolicy, HostConfig
+from moerun.trace.format import write_trace
 from moerun.trace.replay import replay
 from moerun.trace.workloads import synthetic_trace
 
@@ -61,3 +64,24 @@ def test_sweep_rows_carry_the_host_hit_rate(tmp_path, capsys):
     assert "host hit" in capsys.readouterr().out
     rows = json.loads(rows_json.read_text())
     assert all(0.0 <= r["host_hit_rate"] <= 1.0 for r in rows) and len(rows) == 4  # lru + belady, 2 capacities
+
+
+def test_host_capacity_outside_top_k_to_every_expert_is_refused_with_the_range(tmp_path, capsys):
+    from moerun.cli import main
+
+    out = write_trace(tmp_path / "w.npz", synthetic_trace("zipf", num_tokens=40, num_layers=2, num_experts=8, top_k=2,
+                                                          seed=1))
+    policy = "policy p { cache { capacity = 4  eviction = lru } }"
+    for value in ("100000", "17", "1"):  # above 2 layers x 8 experts (was clamped to 16), below top_k (was run)
+        for argv in (["trace", "replay", str(out), "--policy", policy],
+                     ["trace", "sweep", str(out), "--policies", policy, "--capacities", "4"]):
+            assert main([*argv, "--host-capacity", value]) == 1
+            printed, err = capsys.readouterr()
+            assert printed == "" and f"error: --host-capacity {value} is outside 2..16" in err, err
+    assert main(["trace", "replay", str(out), "--policy", policy, "--host-capacity", "16"]) == 0
+    assert "with 16 experts in host memory" in capsys.readouterr().out
+    t = synthetic_trace("zipf", num_tokens=40, num_layers=2, num_experts=8, top_k=2, seed=1)
+    with pytest.raises(PolicyError, match="policy 'p' has host capacity 1, which is below the trace's top_k = 2"):
+        replay(t, _policy(HostConfig(capacity=1)))
+    with pytest.raises(PolicyError, match="host capacity 1 is below the trace's top_k = 2"):
+        replay(t, _policy(), host_capacity=1)
