@@ -72,8 +72,9 @@ def compile_policy(spec: str | Path | PolicyFile, *, name: str | None = None, nu
     """Parse, validate and compile a policy.
 
     ``spec``: policy text, a path, a bundled name (``"balanced"`` or ``"balanced.moe"``), or an
-    already parsed :class:`PolicyFile`. ``name`` picks a policy in a multi-policy file (default:
-    the first). ``num_layers``/``num_experts`` enable the model-shape checks.
+    already parsed :class:`PolicyFile`. ``name`` picks a policy in a multi-policy file (needed there: a
+    file of several without a name is a PolicyError naming them). ``num_layers``/``num_experts`` enable
+    the model-shape checks.
     """
     if isinstance(spec, PolicyFile):
         policy_file = spec

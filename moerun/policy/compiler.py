@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from . import ir, schema, syntax
-from .errors import PolicyError, did_you_mean
+from .errors import DiagnosticSink, PolicyError, did_you_mean
 from .validator import validate
 
 # Prefetch budget when a strategy is chosen without one (MoE-PolicyLang files often omit it).
@@ -23,15 +23,29 @@ _BLOCK_CONFIGS = {
 
 def compile_ir(policy_file: syntax.PolicyFile, name: str | None = None, *, num_layers: int | None = None,
                num_experts: int | None = None) -> ir.CompiledPolicy:
-    """Validate ``policy_file`` and compile the policy called ``name`` (default: the first one)."""
+    """Validate ``policy_file`` and compile the policy called ``name`` (which may be left out when the
+    file defines one policy)."""
     validate(policy_file, num_layers=num_layers, num_experts=num_experts)
     return compile_policy_ir(select(policy_file, name), source=policy_file.filename)
 
 
 def select(policy_file: syntax.PolicyFile, name: str | None) -> syntax.Policy:
-    """The policy called ``name``, or the first; PolicyError listing the names otherwise."""
+    """The policy called ``name``, or the file's only policy; PolicyError listing the names otherwise.
+
+    Every caller that needs one policy comes here (``compile_policy``, so moerun.load, set_policy and the
+    trace commands): a file of several with no name is refused rather than run as its first, which the
+    user may not have meant."""
     if name is None:
-        return policy_file.policies[0]
+        if len(policy_file.policies) == 1:
+            return policy_file.policies[0]
+        names = [p.name for p in policy_file.policies]
+        sink = DiagnosticSink(policy_file.filename, policy_file.source)
+        sink.error(f"{len(names)} policies are defined here ({', '.join(names)}) and one is needed; none is "
+                   "chosen by default", policy_file.policies[1].span,
+                   f"name one: moerun.policy.compile_policy(file, name='{names[1]}') gives the policy that "
+                   "moerun.load(policy=...) and set_policy(...) take, `moerun policy explain --name` shows one; "
+                   "or keep one policy per file")
+        sink.raise_if_any()
     for policy in policy_file.policies:
         if policy.name == name:
             return policy

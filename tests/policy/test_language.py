@@ -92,11 +92,40 @@ def test_version_comments_semicolons_and_multiple_policies():
     """)
     f = parse(text)
     assert f.version.number.value == 1 and [p.name for p in f.policies] == ["a", "b"]
-    assert compile_policy(text).name == "a"
+    assert compile_policy(text, name="a").name == "a"
     b = compile_policy(text, name="b")
     assert b.cache.capacity == ir.AUTO and b.host == ir.HostConfig(64, "lfu")
     with pytest.raises(PolicyError, match="no policy named 'c'"):
         compile_policy(text, name="c")
+
+
+def test_a_file_of_several_policies_without_a_name_is_refused_naming_them(tmp_path: Path, capsys):
+    from moerun.cli import main
+    from moerun.loader import _compile_policy  # what moerun.load and model.moerun.set_policy compile with
+    from moerun.trace.format import write_trace
+    from moerun.trace.workloads import synthetic_trace
+
+    f = tmp_path / "two.moe"
+    f.write_text("policy a { cache { capacity = 4 } }\npolicy b { cache { capacity = 8 } }\n")
+    for compile_one in (compile_policy, _compile_policy):
+        for spec in (str(f), f.read_text()):
+            with pytest.raises(PolicyError) as info:
+                compile_one(spec)
+            err = info.value
+            assert "2 policies are defined here (a, b) and one is needed" in str(err)
+            assert (err.line, err.col) == (2, 8) and "name='b'" in err.hint  # at the second policy's name
+    assert compile_policy(str(f), name="b").cache.capacity == 8
+    trace = write_trace(tmp_path / "t.npz", synthetic_trace("zipf", num_tokens=20, num_layers=2, num_experts=8,
+                                                            top_k=2, seed=1))
+    for argv in (["trace", "replay", str(trace), "--policy", str(f)],
+                 ["trace", "sweep", str(trace), "--policies", str(f), "--capacities", "4"]):
+        assert main(argv) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and f"{f}:2:8: error: 2 policies are defined here (a, b)" in err
+    # Commands over the whole file keep taking every policy in it.
+    assert main(["policy", "check", str(f)]) == 0 and "ok (a, b)" in capsys.readouterr().out
+    assert main(["policy", "explain", str(f)]) == 0 and "policy b" in capsys.readouterr().out
+    assert main(["policy", "explain", str(f), "--name", "b"]) == 0
 
 
 def test_pin_forms_and_qualified_adapt_keys():
