@@ -126,7 +126,8 @@ def _number(tok: Token) -> syntax.Number:
         # `inf`) and one below it as 0: either would change what the file says, so both are errors here.
         mantissa = text.lower().partition("e")[0]
         if math.isinf(value):
-            raise _BadNumber(tok, f"the number {text} is too large to hold", f"numbers are at most about {sys.float_info.max:.1e}")
+            raise _BadNumber(tok, f"the number {text} is too large to hold",
+                             f"numbers are at most about {sys.float_info.max:.1e}")
         if value == 0 and any(c in "123456789" for c in mantissa):
             raise _BadNumber(tok, f"the number {text} is too small to hold: it would read as 0",
                              f"the smallest number above 0 is about {5e-324:.0e}; write 0 if 0 is meant")

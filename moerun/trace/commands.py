@@ -61,7 +61,8 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str]) -> No
 
 def _policy_inputs(specs: list[str], policies) -> dict[str, str]:
     """The files the policies ``specs`` compiled to were read from: ``.moe`` files and predictor files."""
-    inputs = {f"the policy file {spec}": spec for spec in specs if "{" not in spec and Path(spec).expanduser().is_file()}
+    inputs = {f"the policy file {spec}": spec for spec in specs
+              if "{" not in spec and Path(spec).expanduser().is_file()}
     inputs.update({f"the predictor of policy '{p.name}'": p.prefetch.predictor for p in policies
                    if p.prefetch.predictor})
     return inputs
