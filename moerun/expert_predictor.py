@@ -105,7 +105,8 @@ def load_predictor(path: str | os.PathLike, *, num_layers: int, num_experts: int
                           "`moerun trace predictor TRACE... --out FILE` and name it in the policy: "
                           'prefetch { strategy = learned  predictor = "FILE" }')
     try:
-        arrays, meta = read_npz(path, "expert predictor")
+        arrays, meta = read_npz(path, "expert predictor", about="a predictor is an .npz archive that "
+                                "`moerun trace predictor TRACE... --out FILE` writes")
     except (OSError, ValueError) as exc:
         raise PolicyError(str(exc)) from None
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:

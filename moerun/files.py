@@ -179,15 +179,21 @@ def write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> Non
         f.write(text)
 
 
-def read_npz(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
+def read_npz(path: str | os.PathLike, what: str, about: str = "") -> tuple[dict, dict]:
     """The arrays of an ``.npz`` file (no pickles) and its ``meta`` array decoded as a JSON object.
 
     OSError when the file cannot be read; ValueError, one line, when it is not such an npz file
-    (not a zip, truncated, corrupt, a plain ``.npy``, meta missing or not a JSON object).
+    (not a zip, truncated, corrupt, a plain ``.npy``, meta missing or not a JSON object). A file that
+    does not even start as a zip archive is named for what it is (text, empty, one .npy array), with
+    ``about`` (what such a file is and what writes one) after it: numpy would read it as a pickle and
+    advise allow_pickle, which no moerun file needs.
     """
     import numpy as np  # here: the policy language reads files through this module without numpy
 
     path = regular_file(path, what)
+    kind = _not_a_zip(path)
+    if kind is not None:
+        raise ValueError(f"{path} is not a moerun {what}: the file is {kind}" + (f"; {about}" if about else ""))
     try:
         with open(path, "rb") as f:
             loaded = np.load(f, allow_pickle=False)
@@ -213,3 +219,35 @@ def read_npz(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
     if not isinstance(decoded, dict):
         raise ValueError(f"{path}: 'meta' must be a JSON object, got {type(decoded).__name__}")
     return arrays, decoded
+
+
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry; an empty zip's end record
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _not_a_zip(path: Path) -> str | None:
+    """What ``path`` is when it does not start as a zip archive (an .npz) does; None when it does, or when
+    it cannot be read (the read that follows reports that)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in does not block
+        with open(fd, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(_ZIP_MAGICS):
+        return None
+    if head.startswith(_NPY_MAGIC):
+        return "one numpy array (.npy): it holds one array, not an archive of named arrays"
+    if not head:
+        return "empty"
+    if _is_text(head):
+        return "text"
+    return f"not a zip archive (it starts with {head[:8]!r})"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3 and b"\0" not in head  # cut inside a character at the end
+    return b"\0" not in head

@@ -191,3 +191,16 @@ def test_fmt_write_under_a_file_size_limit_keeps_the_policy(tmp_path):
     assert policy.read_text() == text
     assert done.stderr.count("\n") == 1 and "File too large" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.moe"]
+
+
+@pytest.mark.parametrize("content, kind", [(b"meta = {}\n", "text"), (b"", "empty"), (b"\x00\x01\x02binary", "not a zip")])
+def test_an_npz_reader_names_a_file_that_is_no_archive_and_never_advises_pickles(tmp_path, content, kind):
+    from moerun.files import read_npz
+
+    path = tmp_path / "x.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        read_npz(path, "expert predictor", about="a predictor is what `moerun trace predictor` writes")
+    message = str(err.value)
+    assert message.startswith(f"{path} is not a moerun expert predictor: the file is {kind}")
+    assert message.endswith("a predictor is what `moerun trace predictor` writes") and "pickle" not in message

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moerun.files import atomic_write, read_npz, regular_file
+from moerun.files import atomic_write, read_npz
 
 FORMAT_NAME = "moerun-trace"
 FORMAT_VERSION = 1
@@ -157,8 +157,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
     """Read and validate a trace; TraceError says what is missing or wrong (a file that is not a
     trace at all, corrupt or truncated, is one too)."""
     try:
-        _check_is_zip(path)
-        arrays, meta = read_npz(path, "trace")
+        arrays, meta = read_npz(path, "trace", about=ABOUT_TRACES)
     except (OSError, ValueError) as exc:
         raise TraceError(str(exc)) from None
     missing = [k for k in ("expert_ids", "gate_weights", "step_starts", "prompt_starts") if k not in arrays]
@@ -186,41 +185,8 @@ def read_trace(path: str | os.PathLike) -> Trace:
     return trace
 
 
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry; an empty zip's end record
-_NPY_MAGIC = b"\x93NUMPY"
 ABOUT_TRACES = ("a trace is an .npz archive of a model's routing (expert_ids, gate_weights, step_starts, ...) that "
                 "model.moerun.record_trace(path) records and `moerun trace synth` writes")
-
-
-def _check_is_zip(path) -> None:
-    """TraceError unless ``path`` starts as a zip archive (an .npz) does: numpy would read anything else as
-    a pickle and advise allow_pickle, which no trace needs."""
-    regular_file(path, "trace")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in does not block
-        with open(fd, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return  # read_npz reports it
-    if head.startswith(_ZIP_MAGICS):
-        return
-    if head.startswith(_NPY_MAGIC):
-        kind = "one numpy array (.npy): it holds one array, not an archive of named arrays"
-    elif not head:
-        kind = "empty"
-    elif _is_text(head):
-        kind = "text"
-    else:
-        kind = f"not a zip archive (it starts with {head[:8]!r})"
-    raise TraceError(f"{path} is not a moerun trace: the file is {kind}; {ABOUT_TRACES}")
-
-
-def _is_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 3 and b"\0" not in head  # cut inside a character at the end
-    return b"\0" not in head
 
 
 def _integers(path, arrays: dict, name: str) -> np.ndarray:
