@@ -62,7 +62,7 @@ def test_flat_lru_thrashes_below_the_per_token_working_set():
 
 @pytest.mark.parametrize("model, capacities", [("olmoe", (32, 64, 128, 256, 384)), ("mixtral", (8, 16, 24, 32, 48))])
 def test_generous_reaches_90_percent_of_belady_at_every_capacity(model, capacities):
-    """Issue 3's target, as RESULTS.md reports it: the best bundled policy (generous) within 90 %
+    """The policy sweeps' target, as RESULTS.md reports it: the best bundled policy (generous) within 90 %
     of Belady's hit rate at every swept capacity (by prefetching: it copies more bytes)."""
     t = _trace(model, "prose")
     for cap in capacities:
