@@ -2,12 +2,15 @@
 
 ``install(decoder, model)`` replaces three attributes of the loaded model:
 
-- ``forward``: a call over moerun's static KV cache is counted against ``max_context`` first (a step
+- ``forward``: a batch of more than ``max_batch`` sequences is refused (:class:`BatchOverflowError`)
+  before anything runs; a call over moerun's static KV cache is counted against ``max_context`` first (a step
   past it raises before anything is written); a decode step the fast path can run
   (:func:`takes_step`) goes to ``decoder.step``; everything else (prefill, unsupported arguments)
   to transformers' own forward, a prefill of more tokens than the memory plan's ``prefill_chunk`` as
   several forwards over the same KV cache (:func:`forward_in_chunks`, the one place prompts are chunked);
-- ``generate``: hands generate() moerun's static cache when the caller passes none
+- ``generate``: refuses, before the prefill, a generation whose sequences (prompts x return sequences
+  or beams) exceed ``max_batch`` or whose prompt and ``max_new_tokens`` would not fit ``max_context``
+  (:func:`check_generation`); hands generate() moerun's static cache when the caller passes none
   (:func:`cache_for_generate`), and moerun's decoding loop (decode_loop.py) as its ``custom_generate``
   where that loop can run the call; afterwards it checks that forward() actually received the cache (a
   transformers whose plumbing moved would otherwise decode through its own layers unnoticed);
@@ -31,7 +34,7 @@ from transformers.masking_utils import create_masks_for_generate
 
 from ..transformers_contract import TransformersMismatch, fast_path_contract, mismatch
 from . import decode_loop
-from .decode_cache import masks_by_kind
+from .decode_cache import ContextOverflowError, masks_by_kind
 
 if TYPE_CHECKING:
     from .fast_decode import FastDecoder
@@ -48,6 +51,75 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # version: transformers_contract); any other argument (or a true output_* flag) goes to transformers.
 _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", "use_cache", "logits_to_keep",
               "return_dict", "output_attentions", "output_hidden_states", "output_router_logits"}
+
+
+class BatchOverflowError(ValueError):
+    """A call would run more sequences at once than the ``max_batch`` the model was loaded with (what the
+    memory plan reserved KV cache and activations for)."""
+
+
+def check_batch(rows: int, max_batch: int, what: str) -> None:
+    """BatchOverflowError when ``rows`` sequences (``what``: how they come about) exceed ``max_batch``."""
+    if rows > max_batch:
+        raise BatchOverflowError(
+            f"{what} would run {rows} sequences at once, but the model was loaded with max_batch={max_batch} "
+            "(the memory plan reserves KV cache and activations for no more). Load it with a larger max_batch "
+            f"(moerun.load(..., max_batch={rows}); the KV reserve grows with it), or pass at most {max_batch} "
+            "sequences per call.")
+
+
+def _generation_inputs(args, kwargs):
+    """The prompt tensor of a generate() call (``[B, S]`` ids or ``[B, S, H]`` embeddings), or None."""
+    if args:
+        return args[0]
+    for name in ("input_ids", "inputs", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def generation_rows(model, args, kwargs) -> int | None:
+    """Sequences a generate() call runs at once: prompts x return sequences (x beams under beam search,
+    whose hypotheses are sequences of their own); None when the call names no prompt tensor."""
+    inputs = _generation_inputs(args, kwargs)
+    if not torch.is_tensor(inputs) or inputs.dim() < 2:
+        return None
+    config = kwargs.get("generation_config") or model.generation_config
+    returned = kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+    beams = kwargs.get("num_beams") or config.num_beams or 1
+    return inputs.shape[0] * max(returned, beams)
+
+
+def check_generation(model, max_batch: int, max_context: int, args, kwargs) -> None:
+    """Refuse, before the prefill, a generate() call that cannot fit what the model was loaded for: more
+    sequences than ``max_batch`` (BatchOverflowError), or a prompt whose ``max_new_tokens`` (or
+    ``max_length``, from the call or the generation config) would write more than ``max_context`` KV
+    positions per sequence (ContextOverflowError). N new tokens write prompt + N - 1 positions: the
+    last token is never fed back."""
+    rows = generation_rows(model, args, kwargs)
+    if rows is None:
+        return
+    inputs = _generation_inputs(args, kwargs)
+    batch, prompt = inputs.shape[0], inputs.shape[1]
+    each = f" x {rows // batch} return sequences or beams each" if rows != batch else ""
+    check_batch(rows, max_batch, f"this generate() call ({batch} prompts{each})")
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs["max_new_tokens"] if "max_new_tokens" in kwargs else config.max_new_tokens
+    length = kwargs["max_length"] if "max_length" in kwargs else config.max_length
+    if isinstance(new, int):
+        total, asked = prompt + new, f"a prompt of {prompt} + max_new_tokens={new}"
+    elif isinstance(length, int):
+        total, asked = length, f"max_length={length} (a prompt of {prompt} and the tokens generated)"
+    else:
+        return  # transformers refuses such a call itself
+    positions = max(prompt, total - 1)
+    if positions > max_context:
+        raise ContextOverflowError(
+            f"this generation would hold up to {positions} tokens per sequence ({asked}, the last token never "
+            f"fed back), but the model was loaded with max_context={max_context} (prompt + generated; the "
+            "memory plan reserves no more). Load the model with a larger max_context (moerun.load(..., "
+            "max_context=N); the KV reserve grows with it), or shorten the prompt or max_new_tokens. Nothing "
+            "was run.")
 
 
 def unsupported_reason(model) -> str | None:
@@ -194,14 +266,8 @@ def cache_for_generate(decoder: "FastDecoder", model, args, kwargs):
         decoder.notice_once("beams", "beam search runs through transformers' layers (the fast path decodes "
                                      "one hypothesis per sequence)")
         return None
-    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
-    if inputs is None:
-        return None
-    batch = inputs.shape[0] * (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
-    if not decoder.cache.fits(batch):
-        decoder.notice_once(f"batch{batch}", f"a batch of {batch} sequences is more than max_batch="
-                                             f"{decoder.cache.max_batch}: it decodes through transformers' layers "
-                                             "(load with a larger max_batch for the fast path)")
+    batch = generation_rows(model, args, kwargs)  # at most max_batch: check_generation ran first
+    if batch is None:
         return None
     return decoder.start_generation(batch)
 
@@ -213,11 +279,13 @@ def install(decoder: "FastDecoder", model) -> None:
     forwards_over_cache = [0]  # forward() calls that got moerun's cache during one generate()
 
     def forward(*args, **kwargs):
+        tokens = kwargs.get("input_ids", args[0] if args else None)  # [B, S]
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")                      # [B, S, H]
+        if torch.is_tensor(tokens) and tokens.dim() >= 2:
+            check_batch(tokens.shape[0], decoder.cache.max_batch, "this forward")
         if decoder.cache.owns(kwargs.get(decoder.cache_arg)):
             forwards_over_cache[0] += 1
-            tokens = kwargs.get("input_ids", args[0] if args else None)
-            if tokens is None:
-                tokens = kwargs["inputs_embeds"]
             decoder.cache.advance(tokens.shape[1])  # raises before a write past max_context
             if takes_step(decoder, args, kwargs):
                 return decoder.step(**kwargs)
@@ -229,6 +297,7 @@ def install(decoder: "FastDecoder", model) -> None:
         return original_forward(model, *args, **kwargs)
 
     def generate(*args, **kwargs):
+        check_generation(model_ref(), decoder.cache.max_batch, decoder.cache.max_context, args, kwargs)
         if not decoder.enabled:
             return original_generate(model_ref(), *args, **kwargs)
         # The cache and the step buffers outlive this call and are updated in place by later ones:

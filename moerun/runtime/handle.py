@@ -152,7 +152,9 @@ class MoerunHandle:
         """Record every MoE step while open; write the trace (moerun.trace.format) to ``path`` on exit.
 
         Each forward pass is one step of the trace; a pass that starts with an empty KV cache starts
-        one prompt per sequence of its batch.
+        one prompt per sequence of its batch. When the body raises (an error, Ctrl-C), the steps that
+        completed before it are written all the same (a pass cut short is left out; nothing is written
+        when none completed), then the exception goes on.
         """
         from ..files import check_writable
 
@@ -165,10 +167,20 @@ class MoerunHandle:
         self.runtime.recorder = recorder
         try:
             yield recorder
-        finally:
-            self.decoder.flush_accounting()
-            self.runtime.recorder = None
-            hook.remove()
+        except BaseException:
+            self._stop_recording(hook)
+            if recorder.recorded():
+                self._write_trace(path, recorder)  # the steps that completed are kept
+            raise
+        self._stop_recording(hook)
+        self._write_trace(path, recorder)
+
+    def _stop_recording(self, hook) -> None:
+        self.decoder.flush_accounting()
+        self.runtime.recorder = None
+        hook.remove()
+
+    def _write_trace(self, path: str | Path, recorder: TraceRecorder) -> None:
         from ..trace.format import Trace, write_trace
 
         ids, weights, step_starts, prompt_starts = recorder.arrays()

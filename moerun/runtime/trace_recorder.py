@@ -54,6 +54,11 @@ class TraceRecorder:
             self._pending_prompts = []
         self._pass_ids, self._pass_weights = [], []
 
+    def recorded(self) -> bool:
+        """Whether a pass reached every MoE layer (a pass cut short, by an error, counts for nothing)."""
+        self._close_pass()
+        return bool(self._ids)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(ids [N, L, K] int32, weights [N, L, K] float32, step_starts [S+1], prompt_starts [P])``."""
         self._close_pass()

@@ -19,6 +19,7 @@ import moerun
 from moerun.models.synthetic import SUPPORTED_ARCHS, build_checkpoint, synthetic_config
 from moerun.runtime.decode_cache import ContextOverflowError
 from moerun.runtime.decode_profile import PHASES
+from moerun.runtime.generate_hooks import BatchOverflowError
 
 from generation_helpers import NEW_TOKENS, assert_matches as _assert_matches, budget_for as _budget_for  # noqa: E402
 from generation_helpers import CollectStreamer, check_decode_masks, greedy as _generate, policy as _policy  # noqa: E402
@@ -336,22 +337,35 @@ def test_sampling_and_streamer_match_the_transformers_path(checkpoints):
     assert [c[0] for c in streamer.chunks[1:-1]] == fast[0, 4:].tolist()
 
 
-def test_left_padded_batch_matches_and_larger_batches_fall_back(checkpoints):
+def test_left_padded_batch_matches_and_larger_batches_are_refused_before_any_work(checkpoints):
     path = checkpoints["qwen3_moe"]
     ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0  # left-padded second row
     kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    ref = AutoModelForCausalLM.from_pretrained(path).generate(ids, attention_mask=mask, **kw)
+    ref = AutoModelForCausalLM.from_pretrained(path).generate(ids[:2], attention_mask=mask[:2], **kw)
     model = _load_fast(path, 3, policy=LRU_AUTO, max_batch=2)
     with torch.inference_mode():  # the cache made here is reused outside inference mode below
-        assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref[:2])
-    assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref[:2])
+        assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref)
+    assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref)
     assert model.moerun.stats()["decode"]["fast_steps"] == 2 * (NEW_TOKENS - 1)
-    with pytest.warns(RuntimeWarning, match="more than max_batch=2"):
-        out = model.generate(ids, attention_mask=mask, **kw)  # 3 > max_batch: transformers' layers
-    assert torch.equal(out, ref)
-    assert model.moerun.stats()["decode"]["fast_steps"] == 2 * (NEW_TOKENS - 1)
+    steps = model.moerun.stats()["steps"]
+    # More sequences than max_batch (the KV cache and activations the budget reserved) on either path:
+    # refused before the prefill, naming max_batch and the one that would do.
+    for fast in (True, False):
+        model.moerun.fast_decode = fast
+        with pytest.raises(BatchOverflowError, match=r"\(3 prompts\) would run 3 sequences at once, but the model "
+                                                     r"was loaded with max_batch=2.*max_batch=3"):
+            model.generate(ids, attention_mask=mask, **kw)
+        with pytest.raises(BatchOverflowError, match=r"2 prompts x 2 return sequences.*4 sequences.*max_batch=4"):
+            model.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=2, do_sample=True,
+                           max_new_tokens=NEW_TOKENS)
+        with pytest.raises(BatchOverflowError, match=r"1 prompts x 3 return sequences or beams each"):
+            model.generate(ids[:1], num_beams=3, max_new_tokens=NEW_TOKENS)
+        with pytest.raises(BatchOverflowError, match="this forward would run 3 sequences"):
+            model(ids)
+    assert model.moerun.stats()["steps"] == steps  # nothing ran
+    assert torch.equal(model.generate(ids[:2], attention_mask=mask[:2], **kw), ref)  # the model still works
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask, an additive one
@@ -374,17 +388,45 @@ def test_decode_mask_extended_on_the_device_equals_transformers_own(checkpoints,
     assert torch.equal(model.generate(ids[:1, 2:], **kw), unpadded)
 
 
-def test_generation_past_max_context_is_a_clear_error(checkpoints):
+def test_generation_past_max_context_is_a_clear_error_before_the_prefill(checkpoints):
     path = checkpoints["olmoe"]
     model = moerun.load(path, device="cpu", max_context=10, fast_decode=True, progress=False)
     prompt = torch.tensor([[5, 9, 17, 33, 4, 8]])
-    with pytest.raises(ContextOverflowError, match=r"max_context=10.*moerun.load\(\.\.\., max_context=N\)"):
+    # 6 + 8 new tokens write 13 KV positions (the last token is never fed back): refused before any forward.
+    with pytest.raises(ContextOverflowError, match=r"up to 13 tokens per sequence \(a prompt of 6 \+ "
+                                                   r"max_new_tokens=8.*max_context=10.*moerun.load\(\.\.\., "
+                                                   r"max_context=N\).*Nothing was run"):
         model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    # Within the limit (6 + 5 tokens, the last one never fed back) the same model generates again.
+    with pytest.raises(ContextOverflowError, match=r"max_length=12 .*max_context=10"):
+        model.generate(prompt, max_length=12, do_sample=False)
+    model.moerun.fast_decode = False
+    with pytest.raises(ContextOverflowError, match="max_context=10"):
+        model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert model.moerun.stats()["steps"] == 0
+    # Within the limit (6 + 5 tokens, the last one never fed back) the same model generates.
+    model.moerun.fast_decode = True
     out = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     ref = AutoModelForCausalLM.from_pretrained(path).generate(prompt, max_new_tokens=5, min_new_tokens=5,
                                                                do_sample=False)
     assert torch.equal(out, ref)
+
+
+def test_a_trace_keeps_the_steps_recorded_before_its_body_raised(checkpoints, tmp_path):
+    from moerun.trace.format import read_trace
+
+    model = moerun.load(checkpoints["olmoe"], device="cpu", max_context=16, progress=False)
+    prompt = torch.tensor([[5, 9, 17, 33, 4]])
+    with pytest.raises(ContextOverflowError):
+        with model.moerun.record_trace(tmp_path / "t.npz"):
+            for _ in range(3):
+                model.generate(prompt, max_new_tokens=3, do_sample=False)  # a prefill and 2 decode steps each
+            model.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=20)
+    trace = read_trace(tmp_path / "t.npz")
+    assert len(trace.step_starts) - 1 == 9 and trace.prompt_starts.tolist() == [0, 7, 14]
+    with pytest.raises(KeyError):  # a body that fails before any step completes leaves no file
+        with model.moerun.record_trace(tmp_path / "none.npz"):
+            raise KeyError("x")
+    assert not (tmp_path / "none.npz").exists()
 
 
 def test_unsupported_layer_falls_back_with_a_notice(checkpoints, references):
