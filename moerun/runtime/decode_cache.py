@@ -91,8 +91,9 @@ class DecodeCache:
                 f"this step would write KV positions {self.length}..{self.length + new_tokens - 1}, but "
                 f"moerun's static KV cache holds max_context={self.max_context} tokens per sequence "
                 "(prompt + generated). Load the model with a larger max_context "
-                "(moerun.load(..., max_context=N); the KV reserve grows with it), shorten the prompt or "
-                "max_new_tokens, or turn the fast path off (model.moerun.fast_decode = False)."
+                "(moerun.load(..., max_context=N); the KV reserve grows with it), shorten the prompt, or "
+                "pass max_new_tokens so that prompt + max_new_tokens fits (the call is then checked before it "
+                "starts)."
             )
         self.length += new_tokens
 

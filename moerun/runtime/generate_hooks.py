@@ -93,9 +93,9 @@ def generation_rows(model, args, kwargs) -> int | None:
 def check_generation(model, max_batch: int, max_context: int, args, kwargs) -> None:
     """Refuse, before the prefill, a generate() call that cannot fit what the model was loaded for: more
     sequences than ``max_batch`` (BatchOverflowError), or a prompt whose ``max_new_tokens`` (or
-    ``max_length``, from the call or the generation config) would write more than ``max_context`` KV
-    positions per sequence (ContextOverflowError). N new tokens write prompt + N - 1 positions: the
-    last token is never fed back."""
+    ``max_length``) given with the call (as an argument or in its ``generation_config``) would write more
+    than ``max_context`` KV positions per sequence (ContextOverflowError). N new tokens write prompt +
+    N - 1 positions: the last token is never fed back."""
     rows = generation_rows(model, args, kwargs)
     if rows is None:
         return
@@ -103,9 +103,12 @@ def check_generation(model, max_batch: int, max_context: int, args, kwargs) -> N
     batch, prompt = inputs.shape[0], inputs.shape[1]
     each = f" x {rows // batch} return sequences or beams each" if rows != batch else ""
     check_batch(rows, max_batch, f"this generate() call ({batch} prompts{each})")
-    config = kwargs.get("generation_config") or model.generation_config
-    new = kwargs["max_new_tokens"] if "max_new_tokens" in kwargs else config.max_new_tokens
-    length = kwargs["max_length"] if "max_length" in kwargs else config.max_length
+    # Only a length the call asks for is checked up front: the model's own generation config often names
+    # one far beyond any loaded max_context (32768), which generations end long before by end of sequence;
+    # such a generation that does run past max_context still stops at the step that would (DecodeCache.advance).
+    config = kwargs.get("generation_config")
+    new = kwargs["max_new_tokens"] if "max_new_tokens" in kwargs else getattr(config, "max_new_tokens", None)
+    length = kwargs["max_length"] if "max_length" in kwargs else getattr(config, "max_length", None)
     if isinstance(new, int):
         total, asked = prompt + new, f"a prompt of {prompt} + max_new_tokens={new}"
     elif isinstance(length, int):

@@ -411,6 +411,24 @@ def test_generation_past_max_context_is_a_clear_error_before_the_prefill(checkpo
     assert torch.equal(out, ref)
 
 
+def test_a_length_from_the_models_generation_config_is_not_refused_up_front(checkpoints):
+    # Checkpoints' generation configs often name lengths far beyond a loaded max_context; a call that asks
+    # for none runs, ends by end of sequence, and would still stop at the step past max_context.
+    path = checkpoints["olmoe"]
+    prompt = torch.tensor([[5, 9, 17, 33, 4, 8]])
+    reference = AutoModelForCausalLM.from_pretrained(path)
+    eos = int(reference.generate(prompt, max_new_tokens=3, do_sample=False)[0, -1])  # ends it within 3 tokens
+    ref = reference.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=eos)
+    for fast in (True, False):
+        model = moerun.load(path, device="cpu", max_context=10, fast_decode=fast, progress=False)
+        model.generation_config.max_length = 1000
+        model.generation_config.eos_token_id = eos
+        assert torch.equal(model.generate(prompt, do_sample=False), ref), fast
+        with pytest.raises(ContextOverflowError, match="max_context=10"):
+            model.generation_config.eos_token_id = None
+            model.generate(prompt, do_sample=False)  # runs until the step that would not fit
+
+
 def test_a_trace_keeps_the_steps_recorded_before_its_body_raised(checkpoints, tmp_path):
     from moerun.trace.format import read_trace
 
