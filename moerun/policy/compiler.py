@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from . import ir, schema, syntax
-from .errors import DiagnosticSink, PolicyError, did_you_mean
+from .errors import DiagnosticSink, PolicyError
 from .validator import validate
 
 # Prefetch budget when a strategy is chosen without one (MoE-PolicyLang files often omit it).
@@ -32,25 +32,27 @@ def compile_ir(policy_file: syntax.PolicyFile, name: str | None = None, *, num_l
 def select(policy_file: syntax.PolicyFile, name: str | None) -> syntax.Policy:
     """The policy called ``name``, or the file's only policy; PolicyError listing the names otherwise.
 
-    Every caller that needs one policy comes here (``compile_policy``, so moerun.load, set_policy and the
-    trace commands): a file of several with no name is refused rather than run as its first, which the
-    user may not have meant."""
+    Every caller that needs one policy comes here (``compile_policy``, so moerun.load, set_policy and
+    ``moerun trace replay``): a file of several with no name is refused rather than run as its first, which
+    the user may not have meant. (``moerun trace sweep`` names each policy of such a file itself.)"""
     if name is None:
         if len(policy_file.policies) == 1:
             return policy_file.policies[0]
         names = [p.name for p in policy_file.policies]
         sink = DiagnosticSink(policy_file.filename, policy_file.source)
+        on_command_line = "FILE" if policy_file.filename == "<string>" else policy_file.filename
         sink.error(f"{len(names)} policies are defined here ({', '.join(names)}) and one is needed; none is "
                    "chosen by default", policy_file.policies[1].span,
-                   f"name one: moerun.policy.compile_policy(file, name='{names[1]}') gives the policy that "
-                   "moerun.load(policy=...) and set_policy(...) take, `moerun policy explain --name` shows one; "
-                   "or keep one policy per file")
+                   f"name one: moerun.policy.compile_policy(file, name='{names[1]}') for moerun.load(policy=...) "
+                   f"and set_policy(...), `{on_command_line}:{names[1]}` (FILE:NAME) for moerun trace replay and sweep (sweep "
+                   f"takes a file of several as each of them), `moerun policy explain --name {names[1]}` shows "
+                   "one; or keep one policy per file")
         sink.raise_if_any()
     for policy in policy_file.policies:
         if policy.name == name:
             return policy
     names = [p.name for p in policy_file.policies]
-    raise PolicyError(f"{policy_file.filename}: no policy named '{name}'; {did_you_mean(name, names)}")
+    raise PolicyError(f"{policy_file.filename}: no policy named '{name}'; it defines {', '.join(names)}")
 
 
 def compile_policy_ir(policy: syntax.Policy, source: str = "<string>") -> ir.CompiledPolicy:

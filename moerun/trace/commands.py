@@ -1,6 +1,8 @@
 """``moerun trace ...``: replay a trace under a policy, sweep policies x capacities, show routing
 stats, train the learned prefetch predictor, write synthetic traces. Policies are anything
-``moerun.policy.compile_policy`` takes: a ``.moe`` path, policy text, or a bundled name.
+``moerun.policy.compile_policy`` takes: a ``.moe`` path, policy text, or a bundled name; ``FILE:NAME`` names
+one policy of a file of several (see :func:`policy_spec`), and ``sweep`` takes such a file without a name as
+each of its policies.
 
 Errors (a trace that is not one, a policy that does not fit it, a path that cannot be written) are
 raised as :data:`ERRORS` and printed by ``moerun.cli``: stderr, exit status 1. Output paths are
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -24,12 +27,36 @@ ERRORS = (TraceError, PolicyError)  # what these commands raise for bad input (m
 SYNTH_MAX_DRAWS = 1 << 27  # tokens x experts one synthetic layer draws at once (float64: 1 GiB)
 
 
-def _compile(spec: str, trace):
-    """The policy ``spec``, checked against the trace's shape (a capacity above its experts, a pin
-    outside it)."""
-    from moerun.policy import compile_policy  # the language; imported only when a policy is named
+# A policy's name on the command line, after FILE: the grammar's NAME terminal (moerun/policy/grammar.lark).
+POLICY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-    return compile_policy(spec, num_layers=trace.num_layers, num_experts=trace.num_experts)
+
+def policy_spec(spec: str) -> tuple[str, str | None]:
+    """``(source, name)`` for a ``--policy``/``--policies`` value: ``FILE:NAME`` split at its last ``:``, else
+    ``(spec, None)``. A path that exists as given is a file whatever it holds (``a:b.moe``, ``C:\\p.moe``), and
+    policy text (it has ``{``) or a tail that is no policy name (``x:y.moe``) is never split; no bundled name
+    holds a ``:``."""
+    if "{" in spec or Path(spec).expanduser().exists():
+        return spec, None
+    source, colon, name = spec.rpartition(":")
+    if colon and source and POLICY_NAME.fullmatch(name):
+        return source, name
+    return spec, None
+
+
+def _compile(spec: str, trace, *, each: bool = False) -> list:
+    """The policies ``spec`` names, checked against the trace's shape (a capacity above its experts, a pin
+    outside it): ``FILE:NAME``'s one, a file's only one, or with ``each`` (sweep) every policy of a file of
+    several, in file order; without ``each`` such a file is refused naming its policies (compiler.select)."""
+    from moerun.policy import compile_policy, load_source, parse  # the language; only when a policy is named
+
+    source, name = policy_spec(spec)
+    policy_file = parse(*load_source(source))
+    names = [name]
+    if name is None and each:  # (a file of no policy keeps [None]: compile_policy says what is wrong)
+        names = [p.name for p in policy_file.policies] or names
+    return [compile_policy(policy_file, name=n, num_layers=trace.num_layers, num_experts=trace.num_experts)
+            for n in names]
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -61,11 +88,24 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str]) -> No
 
 def _policy_inputs(specs: list[str], policies) -> dict[str, str]:
     """The files the policies ``specs`` compiled to were read from: ``.moe`` files and predictor files."""
-    inputs = {f"the policy file {spec}": spec for spec in specs
-              if "{" not in spec and Path(spec).expanduser().is_file()}
+    sources = [policy_spec(spec)[0] for spec in specs]
+    inputs = {f"the policy file {source}": source for source in sources
+              if "{" not in source and Path(source).expanduser().is_file()}
     inputs.update({f"the predictor of policy '{p.name}'": p.prefetch.predictor for p in policies
                    if p.prefetch.predictor})
     return inputs
+
+
+def _check_unique_names(policies) -> None:
+    """Raise PolicyError when two policies to sweep share a name: sweep rows and plot lines are named by
+    policy, so their results would read as one policy's."""
+    seen: dict[str, str] = {}
+    for policy in policies:
+        if policy.name in seen:
+            raise PolicyError(f"--policies gives two policies named '{policy.name}' ({seen[policy.name]} and "
+                              f"{policy.source}): sweep rows are named by policy; give each policy once, or "
+                              "rename one")
+        seen[policy.name] = policy.source
 
 
 def _check_slots(trace, what: str, value: int | None) -> None:
@@ -92,7 +132,7 @@ def _replay(args) -> int:
     _check_slots(trace, "--capacity", args.capacity)
     _check_slots(trace, "--slots", args.slots)
     _check_host_capacity(trace, args.host_capacity)
-    policy = _compile(args.policy, trace)
+    [policy] = _compile(args.policy, trace)
     t0 = time.perf_counter()
     s = replay(trace, policy, capacity=args.capacity, num_slots=args.slots, host_capacity=args.host_capacity)
     elapsed = time.perf_counter() - t0
@@ -128,7 +168,8 @@ def _sweep(args) -> int:
     for cap in capacities:
         _check_slots(trace, "capacity", cap)
     _check_host_capacity(trace, args.host_capacity)
-    policies = [_compile(p, trace) for p in args.policies]
+    policies = [policy for spec in args.policies for policy in _compile(spec, trace, each=True)]
+    _check_unique_names(policies)
     _check_outputs(outputs, _policy_inputs(args.policies, policies))
     rows = sweep(trace, policies, capacities, with_belady=not args.no_belady, host_capacity=args.host_capacity)
     print(format_rows(rows))
@@ -215,7 +256,8 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("replay", help="replay a trace under one policy")
     p.add_argument("trace")
-    p.add_argument("--policy", required=True, help=".moe file, policy text, or bundled name")
+    p.add_argument("--policy", required=True,
+                   help=".moe file, FILE:NAME (one policy of a file of several), policy text, or bundled name")
     p.add_argument("--capacity", type=slots, default=None, help="override the policy's cache capacity")
     p.add_argument("--slots", type=slots, default=None, help="GPU expert slots (default: the capacity)")
     p.add_argument("--host-capacity", type=host_slots, default=None,
@@ -225,7 +267,9 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("sweep", help="hit rate over policies x capacities (+ Belady)")
     p.add_argument("trace")
-    p.add_argument("--policies", nargs="+", required=True)
+    p.add_argument("--policies", nargs="+", required=True,
+                   help=".moe files (a file of several: each of its policies), FILE:NAME, policy text or bundled "
+                        "names; one row per policy and capacity, named by policy")
     p.add_argument("--capacities", nargs="+", type=slots, default=None,
                    help="GPU expert slots to try (default: 1/8, 1/4 and 1/2 of the trace's experts)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
