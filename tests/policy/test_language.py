@@ -117,11 +117,12 @@ def test_a_file_of_several_policies_without_a_name_is_refused_naming_them(tmp_pa
     assert compile_policy(str(f), name="b").cache.capacity == 8
     trace = write_trace(tmp_path / "t.npz", synthetic_trace("zipf", num_tokens=20, num_layers=2, num_experts=8,
                                                             top_k=2, seed=1))
-    for argv in (["trace", "replay", str(trace), "--policy", str(f)],
-                 ["trace", "sweep", str(trace), "--policies", str(f), "--capacities", "4"]):
-        assert main(argv) == 1
-        out, err = capsys.readouterr()
-        assert out == "" and f"{f}:2:8: error: 2 policies are defined here (a, b)" in err
+    assert main(["trace", "replay", str(trace), "--policy", str(f)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and f"{f}:2:8: error: 2 policies are defined here (a, b)" in err and f"`{f}:b`" in err
+    # sweep takes a file of several as each of its policies
+    assert main(["trace", "sweep", str(trace), "--policies", str(f), "--capacities", "4", "--no-belady"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["a", "b"]
     # Commands over the whole file keep taking every policy in it.
     assert main(["policy", "check", str(f)]) == 0 and "ok (a, b)" in capsys.readouterr().out
     assert main(["policy", "explain", str(f)]) == 0 and "policy b" in capsys.readouterr().out
