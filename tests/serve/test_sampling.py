@@ -22,6 +22,17 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows():
     assert logprobs == [None] * 4
 
 
+def test_a_greedy_tie_takes_the_first_maximum():
+    # generate(do_sample=False) takes torch's argmax, the first of equal maxima: a server that took
+    # another would answer differently from transformers on the same logits.
+    logits = torch.zeros(2, V)  # [2, V]
+    logits[0, [3, 9]] = 5.0
+    logits[1, [0, V - 1]] = 2.0
+    params = [SamplingParams(temperature=0)] * 2
+    tokens, _ = sample(logits, params, [p.generator() for p in params])
+    assert tokens == [3, 0]
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=2.0, top_k=1, seed=3),
                                     SamplingParams(temperature=2.0, top_p=1e-6, seed=3)])
 def test_top_k_of_one_and_a_tiny_top_p_leave_only_the_most_likely(params):
