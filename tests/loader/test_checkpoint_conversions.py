@@ -38,6 +38,19 @@ def packed(tmp_path_factory):
             "fp8-block128": build("qwen3_moe", "fp8-block128")}
 
 
+@pytest.fixture(scope="module")
+def fp8_bf16_scales(packed, tmp_path_factory):
+    """The fp8-block128 checkpoint with its weight_scale_inv in BF16 (decodes exactly into fp32 only)."""
+    import shutil
+
+    path = shutil.copytree(packed["fp8-block128"], tmp_path_factory.mktemp("fp8") / "fp8-bf16-scales")
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        save_file({k: v.bfloat16() if k.endswith("weight_scale_inv") else v for k, v in tensors.items()},
+                  str(shard), metadata={"format": "pt"})
+    return path
+
+
 def _load(path, **kw):
     return moerun.load(path, device="cpu", max_context=64, progress=False, **kw)
 
@@ -115,14 +128,8 @@ def test_gptq_experts_decode_exactly_into_float32_slots(packed, tmp_path):
     assert torch.equal(_greedy(as_packed), want) and torch.equal(_greedy(as_float), want)
 
 
-def test_fp8_experts_with_bf16_scales_decode_exactly_into_float32_slots(packed, tmp_path):
-    import shutil
-
-    path = shutil.copytree(packed["fp8-block128"], tmp_path / "fp8-bf16-scales")
-    for shard in path.glob("*.safetensors"):
-        tensors = load_file(str(shard))
-        save_file({k: v.bfloat16() if k.endswith("weight_scale_inv") else v for k, v in tensors.items()},
-                  str(shard), metadata={"format": "pt"})
+def test_fp8_experts_with_bf16_scales_decode_exactly_into_float32_slots(fp8_bf16_scales):
+    path = fp8_bf16_scales
     as_packed = _load(path, dtype=torch.float32)
     as_float = _load(path, dtype=torch.float32, expert_format="float")
     _assert_float_slots_hold_the_decode(as_packed, as_float, torch.float32)
@@ -164,13 +171,27 @@ def test_an_inexact_conversion_is_refused_before_any_large_allocation(packed, no
         moerun.memory_plan(packed[fmt], device="cpu", max_context=64, **kw)
 
 
-def test_the_host_pool_itself_refuses_an_inexact_decode(packed):
+def test_fp8_experts_with_bf16_scales_are_refused_in_bfloat16_before_any_large_allocation(fp8_bf16_scales,
+                                                                                          no_large_allocation):
+    # e4m3 times a BF16 scale needs up to 12 significant bits; bfloat16 holds 8.
+    kw = dict(dtype=torch.bfloat16, expert_format="float")
+    match = (r"fp8-block128 \(fp8-block128\); decoding them into torch.bfloat16 would not be exact: .* up to 12 "
+             r"significant bits.*decode exactly into torch.float32")
+    with pytest.raises(ExpertFormatError, match=match):
+        _load(fp8_bf16_scales, **kw)
+    with pytest.raises(ExpertFormatError, match=match):
+        moerun.memory_plan(fp8_bf16_scales, device="cpu", max_context=64, **kw)
+
+
+def test_the_host_pool_itself_refuses_an_inexact_decode(packed, fp8_bf16_scales):
     """The native reader admits the same conversions as the loader (a caller that skips its checks)."""
     from moerun.models import adapter_for
     from transformers import AutoConfig
 
+    paths = dict(packed, **{"fp8-bf16-scales": fp8_bf16_scales})
+
     def sources(fmt, layer=0):
-        path = packed[fmt]
+        path = paths[fmt]
         adapter = adapter_for(AutoConfig.from_pretrained(path))
         index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
         if adapter.stacked_experts:
@@ -185,7 +206,9 @@ def test_the_host_pool_itself_refuses_an_inexact_decode(packed):
 
     for fmt, encoding, dtype, match in [("mxfp4", "gpt-oss-mxfp4", torch.float16, "cannot be decoded into float16"),
                                         ("int4-g32", "gptq", torch.bfloat16, "cannot be decoded into bfloat16"),
-                                        ("fp8-block128", "fp8-block128", torch.float32, "is F32: e4m3 times an F32")]:
+                                        ("fp8-block128", "fp8-block128", torch.float32, "is F32: e4m3 times an F32"),
+                                        ("fp8-bf16-scales", "fp8-block128", torch.bfloat16,
+                                         "cannot be decoded into bfloat16")]:
         adapter, spec = sources(fmt)
         pool = moerun.native.HostPool(1, adapter.num_experts, adapter.hidden_size, adapter.expert_inter_size, dtype,
                                       pinned=False, bias=adapter.expert_activation.bias)
