@@ -153,12 +153,12 @@ class StepBuffers:
         pe = base.rotary_emb(self.h, self.position_ids)  # rotary (cos, sin) or whatever the model returns
         self.pe = tuple(p.clone() for p in pe) if isinstance(pe, tuple) else pe.clone()  # static
         on_cuda = dev.type == "cuda"
-        if on_cuda:
-            def pinned(like):
-                return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-        else:  # host tensors are the device tensors: nothing to copy
-            def pinned(like):
-                return like
+
+        # Host buffers of their own on the CPU too: each MoE layer keeps its routing in its own ids and
+        # weights (a whole step's accounting reads every layer's after the step), which one shared device
+        # buffer cannot hold.
+        def pinned(like):
+            return torch.empty(like.shape, dtype=like.dtype, pin_memory=on_cuda)
         # x, pred and the CPU partial serve one layer at a time; ids and weights are per layer.
         x_host, pred_host = pinned(self.x), pinned(self.pred)
         cpu_out = torch.empty(t, hidden, dtype=torch.float32, pin_memory=on_cuda)  # [T, H]
@@ -188,14 +188,12 @@ class StepBuffers:
                 device_fn()
                 if override is not None:  # inside the graph: a replay draws anew
                     override.rewrite(self.ids, self.weights)
-                if on_cuda:  # outside the compiled part: device -> pinned host copies
-                    for name in to_host:
-                        getattr(host, name).copy_(getattr(self, name), non_blocking=True)
+                for name in to_host:  # outside the compiled part: device -> pinned host copies
+                    getattr(host, name).copy_(getattr(self, name), non_blocking=on_cuda)
 
             def predict_next(device_fn):
                 device_fn()
-                if on_cuda:
-                    pred_host.copy_(self.pred, non_blocking=True)
+                pred_host.copy_(self.pred, non_blocking=on_cuda)
 
             def experts(block=block):
                 decoder.runtime.moe_kernel(block.moe_index, self.x, self.ids, self.weights, out=self.y)

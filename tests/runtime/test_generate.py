@@ -10,6 +10,7 @@ far above that). The second half runs the same checks through the fast decode pa
 import functools
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -269,6 +270,30 @@ def _load_fast(path, slots=None, **kw):
     budget = _budget_for(path, slots, max_batch=kw.get("max_batch", 1)) if slots else "auto"
     return moerun.load(path, device="cpu", max_context=64, vram_budget=budget, fast_decode=True,
                        progress=False, **kw)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_whole_steps_hand_the_engine_every_layers_own_routing(arch, checkpoints, tmp_path):
+    # A whole step's routing is read after the step, every MoE layer's from its own host buffers: the
+    # trace the engine's accounting writes equals the transformers path's, step for step and layer by layer.
+    from moerun.trace.format import read_trace
+
+    path = checkpoints[arch]
+    model = _load_fast(path, policy=LRU_AUTO)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    with model.moerun.record_trace(tmp_path / "fast.npz"):
+        fast = model.generate(prompt, **kw)
+    decode = model.moerun.stats()["decode"]
+    assert decode["whole_steps"] == decode["fast_steps"] == NEW_TOKENS - 1
+    model.moerun.fast_decode = False
+    with model.moerun.record_trace(tmp_path / "ref.npz"):
+        ref = model.generate(prompt, **kw)
+    assert torch.equal(fast, ref)
+    got, want = read_trace(tmp_path / "fast.npz"), read_trace(tmp_path / "ref.npz")
+    assert got.num_tokens == want.num_tokens == 6 + NEW_TOKENS - 1
+    assert (got.expert_ids == want.expert_ids).all()
+    np.testing.assert_allclose(got.gate_weights, want.gate_weights, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("budget", ["evict_every_step", "resident"])

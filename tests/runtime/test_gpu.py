@@ -147,3 +147,28 @@ def test_gpu_memory_is_flat_across_1000_decode_steps(qwen_bf16):
     # mask) come and go; the caching allocator may add a small segment for them (2 MiB seen on the H100).
     assert torch.cuda.max_memory_allocated() - allocated < 16 << 20
     assert torch.cuda.memory_reserved() - reserved <= 16 << 20
+
+
+def test_whole_step_graphs_hand_the_engine_each_steps_own_routing(qwen_bf16, tmp_path):
+    # Whole-step graphs leave each layer's routing in pinned buffers that the engine reads one step later,
+    # after the step's end event: read any sooner, it would see the previous step's routing (or half of it).
+    # The trace of a resident generation must equal the transformers path's, step for step.
+    from moerun.trace.format import read_trace
+
+    plan = moerun.memory_plan(qwen_bf16, vram_budget=1 << 40, max_context=256)
+    model = moerun.load(qwen_bf16, policy="policy p { cache { eviction = lru } }", vram_budget=plan.fixed_bytes +
+                        plan.num_slots * plan.slot_bytes, max_context=256, progress=False)
+    prompt = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    model.generate(prompt, **kw)  # captures the graphs
+    with model.moerun.record_trace(tmp_path / "fast.npz"):
+        fast = model.generate(prompt, **kw)
+    decode = model.moerun.stats()["decode"]
+    assert decode["whole_steps"] == decode["fast_steps"] > 0
+    model.moerun.fast_decode = False
+    with model.moerun.record_trace(tmp_path / "ref.npz"):
+        ref = model.generate(prompt, **kw)
+    assert torch.equal(fast, ref)
+    got, want = read_trace(tmp_path / "fast.npz"), read_trace(tmp_path / "ref.npz")
+    assert got.num_tokens == want.num_tokens == 24 + 31
+    assert (got.expert_ids == want.expert_ids).all()
