@@ -67,6 +67,11 @@ def test_policy_host_capacity_and_host_budget_the_smaller_wins(ckpt):
     mem = moerun.load(ckpt, policy=policy, device="cpu", max_context=64, host_budget=3 * plan.slot_bytes,
                       progress=False).moerun.memory()
     assert mem["host"]["capacity"] == 3
+    # and the other way: the policy's capacity below what the budget would hold
+    policy = "policy p { cache { eviction = lru } host { capacity = 3  eviction = lfu } }"
+    mem = moerun.load(ckpt, policy=policy, device="cpu", max_context=64, host_budget=5 * plan.slot_bytes,
+                      progress=False).moerun.memory()
+    assert mem["host"]["capacity"] == 3
 
 
 def test_host_budget_below_one_layer_step_names_the_smallest_that_works(ckpt):
