@@ -2,9 +2,11 @@
 import pytest
 import torch
 
+import moerun
 from moerun.models import adapter_for
-from moerun.models.synthetic import synthetic_config
-from moerun.runtime.memory import BudgetError, parse_bytes, plan_memory, slot_elems
+from moerun.models.synthetic import build_checkpoint, synthetic_config
+from moerun.runtime.memory import (WORKSPACE_BASE_BYTES, BudgetError, _activation_bytes_per_token, decode_graph_bytes,
+                                   parse_bytes, plan_memory, slot_elems)
 
 
 @pytest.mark.parametrize("text,expected", [("10GiB", 10 * 2**30), ("512 MB", 512 * 10**6), ("1.5gb", 1_500_000_000),
@@ -36,3 +38,18 @@ def test_plan_fills_the_budget_with_slots_and_reports_the_smallest_budget():
     with pytest.raises(BudgetError, match=f"smallest budget that works is .*\\({probe.min_budget_bytes} bytes\\)"):
         plan_memory(adapter, budget_bytes=probe.min_budget_bytes - 1, **kw)
     assert plan_memory(adapter, budget_bytes=probe.min_budget_bytes, **kw).num_slots == adapter.top_k
+
+
+def test_the_workspace_holds_the_activations_of_each_prefill_token(tmp_path):
+    """Below 1024 tokens, each token of prefill_chunk adds one token's activations to the workspace, on top
+    of the fixed scratch (the base and one fp32 logits row); the decode graphs' part does not depend on it."""
+    config = synthetic_config("qwen3_moe")
+    path = build_checkpoint(config, tmp_path / "ckpt", seed=0)
+    adapter, itemsize, max_context = adapter_for(config), torch.float32.itemsize, 1024
+    per_token = _activation_bytes_per_token(adapter, itemsize)
+    decode = decode_graph_bytes(adapter, itemsize, 1, max_context)
+    for chunk in (1, 2, 600, 1023):
+        plan = moerun.memory_plan(path, device="cpu", dtype=torch.float32, max_context=max_context,
+                                  prefill_chunk=chunk)
+        fixed = WORKSPACE_BASE_BYTES + 4 * config.vocab_size + decode
+        assert plan.workspace_bytes - fixed == chunk * per_token, chunk
